@@ -1,0 +1,259 @@
+"""Activation memory: tensors saved for backward (training) and the forward working set (inference).
+
+Derived the way Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
+Transformer Models", §4) count saved tensors, but op by op over the Hugging Face modules
+rather than Megatron's, and with autograd's rule that an op saves an input only when the
+*other* operand needs a gradient (tools/autograd/derivatives.yaml): `q * cos` saves `cos`
+only, a frozen nn.Linear saves nothing of its input. That rule is what makes LoRA's
+activations smaller than full fine-tuning's.
+
+All functions return bytes per token (and per layer where named so); callers multiply
+by batch × sequence. Sequence lengths may be numpy arrays: only + - * // and abs are used.
+Source of each term: the forward of transformers/models/<family>/modeling_<family>.py (v5).
+"""
+
+from dataclasses import dataclass, field
+
+
+def vmax(a, b):
+    """max() that also works elementwise on numpy arrays."""
+    return (a + b + abs(a - b)) // 2
+
+
+def vmin(a, b):
+    """min() that also works elementwise on numpy arrays."""
+    return (a + b - abs(a - b)) // 2
+
+
+@dataclass(frozen=True)
+class ActContext:
+    """What decides which tensors a training forward saves."""
+
+    b: int  # bytes of matmul outputs (compute dtype: 2 under bf16/fp16 or autocast, 4 in fp32)
+    r: int  # bytes of the residual stream (4 under autocast: embeddings and norms stay fp32)
+    amp: bool  # autocast: every trainable-linear input is cast to the compute dtype (a new tensor)
+    attn: str  # sdpa | eager
+    linears_trainable: bool  # base linear weights need grad (full / freeze) or not (LoRA / QLoRA)
+    norms_trainable: bool  # norm weights need grad
+    lora: dict = field(default_factory=dict)  # target module → (in_features, out_features)
+    lora_rank: int = 0
+    lora_x_bytes: int = 0  # bytes of the input copy peft makes for lora_A (adapter dtype)
+    dropout: bool = True  # training-mode dropout with the config's probabilities
+
+
+def _lora_saved(ctx, module, in_features):
+    """Saved by one LoRA-adapted module: the input cast to the adapter dtype and lora_A's output."""
+    if module not in ctx.lora:
+        return 0
+    return in_features * ctx.lora_x_bytes + ctx.lora_rank * ctx.lora_x_bytes
+
+
+def _linear_input(ctx, in_features, count=1):
+    """Bytes a trainable linear saves of its input; under autocast each linear casts its own copy."""
+    if not ctx.linears_trainable:
+        return 0
+    return in_features * ctx.b * count if ctx.amp else 0
+
+
+def _rms_norm(ctx, dim, in_bytes):
+    """LlamaRMSNorm: saves the fp32 input (a new tensor unless already fp32), rsqrt, and x·rsqrt cast
+    back to the input dtype when the norm weight trains; its output is counted by its consumers."""
+    saved = 4 * dim + 4
+    if ctx.norms_trainable:
+        saved += in_bytes * dim
+    return saved
+
+
+def _sdpa_saved(ctx, n_q, n_kv, qk_dim, v_dim, seq):
+    """Saved by attention: q, k, v as the kernel sees them, its output, and the o_proj input copy."""
+    b = ctx.b
+    out = n_q * v_dim * b  # kernel output (B, nH, S, dv)
+    contiguous = n_q * v_dim * b  # transpose(1, 2).contiguous() that o_proj reads
+    if ctx.attn == "eager":
+        # matmul(q, k_rep^T) saves q and the repeat_kv copies; softmax(fp32) saves its output;
+        # matmul(probs_bf16, v_rep) saves probs and v_rep (transformers eager_attention_forward).
+        return (n_q * qk_dim * b + n_q * qk_dim * b + n_q * v_dim * b + n_q * seq * (4 + b) + contiguous)
+    # Memory-efficient / flash kernels save q, k, v (native GQA, no repeat), out and fp32 logsumexp.
+    return n_q * qk_dim * b + n_kv * qk_dim * b + n_kv * v_dim * b + out + 4 * n_q + contiguous
+
+
+def _gated_mlp_saved(ctx, H, inter, lora_prefix=True):
+    """SwiGLU MLP: silu saves gate, act*up saves both, down_proj saves the product if it trains."""
+    b = ctx.b
+    saved = 3 * inter * b  # gate (silu input), act, up
+    if ctx.linears_trainable:
+        saved += inter * b  # down_proj input
+    saved += _linear_input(ctx, H, 2)  # gate/up casts under autocast
+    saved += _lora_saved(ctx, "gate_proj", H) + _lora_saved(ctx, "up_proj", H) + _lora_saved(ctx, "down_proj", inter)
+    return saved
+
+
+def _llama_attention_saved(ctx, shape, seq):
+    H, hd, nH, nKV = shape.hidden, shape.head_dim, shape.n_heads, shape.n_kv_heads
+    saved = _sdpa_saved(ctx, nH, nKV, hd, hd, seq)
+    saved += _linear_input(ctx, H, 3) + _linear_input(ctx, nH * hd)
+    if shape.qk_norm:  # Qwen3 q_norm / k_norm on the projections, before RoPE
+        saved += _rms_norm(ctx, nH * hd, ctx.b) + _rms_norm(ctx, nKV * hd, ctx.b)
+    for m, fin in (("q_proj", H), ("k_proj", H), ("v_proj", H), ("o_proj", nH * hd)):
+        saved += _lora_saved(ctx, m, fin)
+    return saved
+
+
+def _mla_attention_saved(ctx, shape, seq):
+    H, nH = shape.hidden, shape.n_heads
+    qr, kvr, rope, nope, vd = shape.q_lora_rank, shape.kv_lora_rank, shape.qk_rope_head_dim, shape.qk_nope_head_dim, shape.v_head_dim
+    qk = rope + nope
+    b = ctx.b
+    saved = 0
+    if qr:
+        saved += _rms_norm(ctx, qr, b) + (qr * b if ctx.linears_trainable else 0)  # q_a_layernorm, q_b_proj input
+        saved += _linear_input(ctx, H) + _lora_saved(ctx, "q_a_proj", H) + _lora_saved(ctx, "q_b_proj", qr)
+    else:
+        saved += _linear_input(ctx, H) + _lora_saved(ctx, "q_proj", H)
+    saved += _rms_norm(ctx, kvr, b) + (kvr * b if ctx.linears_trainable else 0)  # kv_a_layernorm, kv_b_proj input
+    saved += _linear_input(ctx, H) + _lora_saved(ctx, "kv_a_proj_with_mqa", H) + _lora_saved(ctx, "kv_b_proj", kvr)
+    # q and k are rebuilt by torch.cat(pass, rot) per head: full-size (nH, qk) copies go to SDPA.
+    saved += _sdpa_saved(ctx, nH, nH, qk, vd, seq)
+    saved += _linear_input(ctx, nH * vd) + _lora_saved(ctx, "o_proj", nH * vd)
+    return saved
+
+
+def _moe_saved(ctx, shape):
+    """Routed experts (transformers v5 fused experts loop) + router + shared expert, per token."""
+    H, b, k = shape.hidden, ctx.b, shape.experts_per_token
+    I = shape.moe_intermediate
+    # Router: F.linear on hidden.float() → saves the fp32 copy when the router trains; softmax/sigmoid output (fp32, E).
+    saved = (4 * H if ctx.linears_trainable else 0) + 4 * shape.n_experts
+    # Per routed copy: gathered input (if experts train), gate_up output (kept alive by the chunk views
+    # silu and mul save), act, product (down input, if experts train), down output (saved by the weighting).
+    per_copy = 2 * I * b + I * b + H * b
+    if ctx.linears_trainable:
+        per_copy += H * b + I * b
+    saved += k * per_copy
+    if shape.shared_intermediate:
+        saved += _gated_mlp_saved(ctx, H, shape.shared_intermediate)
+        if shape.model_type == "qwen2_moe":
+            saved += H * b + 4  # sigmoid(shared_expert_gate(x)) * shared_out saves both
+    return saved
+
+
+def _layer_norm_saved(ctx, dim):
+    """nn.LayerNorm saves its input plus fp32 mean and rstd per token."""
+    return dim * ctx.r + 8
+
+
+def _dropout_mask(ctx, p, elements):
+    """A fused CUDA dropout saves a bool mask per element when p > 0 in training."""
+    return elements if (ctx.dropout and p > 0) else 0
+
+
+def layer_saved_per_token(ctx, shape, seq, moe_layer=False):
+    """Bytes one decoder layer saves for backward, per token (seq matters only for eager attention)."""
+    H, I, b, r = shape.hidden, shape.intermediate, ctx.b, ctx.r
+    fam = shape.family
+    if fam in ("llama", "moe", "mla"):
+        saved = 2 * _rms_norm(ctx, H, r)  # input_layernorm, post_attention_layernorm
+        if ctx.linears_trainable and not ctx.amp:
+            saved += 2 * H * b  # norm outputs, read by the q/k/v and gate/up projections
+        attn = _mla_attention_saved(ctx, shape, seq) if fam == "mla" else _llama_attention_saved(ctx, shape, seq)
+        mlp = _moe_saved(ctx, shape) if moe_layer else _gated_mlp_saved(ctx, H, I)
+        return saved + attn + mlp
+    nH, hd = shape.n_heads, shape.head_dim
+    drop_attn = _dropout_mask(ctx, shape.attn_dropout, nH * seq) if ctx.attn == "eager" else 0
+    if fam == "gpt2" or fam == "gpt_bigcode":
+        kv = 2 * (shape.n_kv_heads * hd)
+        qkv = (H + kv) * b  # c_attn output; q, k, v are views of it
+        attn = qkv + H * b + 4 * nH + H * b  # kernel out, lse, merged heads (c_proj input)
+        if ctx.attn == "eager":
+            attn = qkv + nH * seq * (4 + b) + drop_attn + H * b + H * b
+        # gelu_new (gpt2) is a Python formula that saves x, tanh(.), 0.5x and 1+tanh; gelu_pytorch_tanh saves x.
+        act = 4 * I * b if fam == "gpt2" else I * b
+        saved = 2 * _layer_norm_saved(ctx, H) + 2 * H * b + attn + I * b + act + I * b
+        saved += 2 * _dropout_mask(ctx, shape.resid_dropout, H)
+        saved += _lora_saved(ctx, "c_attn", H) + _lora_saved(ctx, "c_fc", H)
+        return saved
+    if fam == "opt":
+        attn = 3 * H * b + H * b + 4 * nH + H * b
+        if ctx.attn == "eager":
+            attn = 3 * H * b + nH * seq * (4 + b) + drop_attn + H * b + H * b
+        saved = 2 * _layer_norm_saved(ctx, H) + 2 * H * b + attn + I * b + I * b  # fc1 out → relu saves its output = fc2 input
+        saved += 2 * _dropout_mask(ctx, shape.resid_dropout, H)
+        for m, fin in (("q_proj", H), ("k_proj", H), ("v_proj", H), ("out_proj", H), ("fc1", H), ("fc2", I)):
+            saved += _lora_saved(ctx, m, fin)
+        return saved
+    if fam == "gpt_neox":
+        # Parallel residual: both norms read the same input (saved once); q and k are rebuilt by the
+        # partial-rotary cat, v stays a view of the fused qkv output, which therefore stays alive.
+        attn = 3 * H * b + 2 * H * b + H * b + 4 * nH + H * b
+        if ctx.attn == "eager":
+            attn = 3 * H * b + 2 * H * b + nH * seq * (4 + b) + drop_attn + H * b + H * b
+        saved = H * ctx.r + 16 + 2 * H * b + attn + I * b + I * b
+        saved += _lora_saved(ctx, "query_key_value", H) + _lora_saved(ctx, "dense_h_to_4h", H)
+        return saved
+    raise ValueError(f"no activation model for family {fam!r}")
+
+
+def layers_saved_per_token(ctx, shape, seq):
+    """Saved bytes per token over all decoder layers (dense and MoE layers counted apart)."""
+    dense = shape.n_dense_layers * layer_saved_per_token(ctx, shape, seq, False) if shape.n_dense_layers else 0
+    moe = shape.n_moe_layers * layer_saved_per_token(ctx, shape, seq, True) if shape.n_moe_layers else 0
+    return dense + moe
+
+
+def largest_layer_saved_per_token(ctx, shape, seq):
+    """Saved bytes per token of the most expensive single layer (what checkpointing recomputes at once)."""
+    if shape.n_moe_layers and shape.n_dense_layers:
+        return vmax(layer_saved_per_token(ctx, shape, seq, False), layer_saved_per_token(ctx, shape, seq, True))
+    return layer_saved_per_token(ctx, shape, seq, shape.n_moe_layers > 0)
+
+
+def model_saved_per_token(ctx, shape):
+    """Saved outside the layers: final norm, lm_head input, RoPE cos/sin, embedding dropout."""
+    H, b, r = shape.hidden, ctx.b, ctx.r
+    if shape.norm == "rms":
+        saved = _rms_norm(ctx, H, r)
+    else:
+        saved = _layer_norm_saved(ctx, H)
+    saved += H * (b if ctx.amp else r)  # lm_head input (the final-norm output; cast under autocast)
+    if shape.rotary_dim:
+        saved += 2 * shape.rotary_dim * b  # cos and sin, shared by all layers
+    saved += _dropout_mask(ctx, shape.embd_dropout, H)
+    return saved
+
+
+def ckpt_saved_per_token(ctx, shape):
+    """With gradient checkpointing each layer keeps only its input hidden state."""
+    return shape.n_layers * shape.hidden * ctx.r
+
+
+# ---------------------------------------------------------------- inference (no grad)
+
+def prefill_working_set_per_token(shape, b, attn, seq):
+    """Live forward tensors per token at the worst moment inside one layer, beside the residual stream.
+
+    No tensor is saved without grad, so only the working set of the widest op counts:
+    the SwiGLU MLP holds act, up and their product (3·I) beside the residual and the normed
+    input (2·H); RMSNorm briefly holds two fp32 copies; eager attention holds the score matrix
+    in the compute dtype, its fp32 softmax and the cast back (2b + 4 per score) beside a causal mask."""
+    H, I, nH = shape.hidden, shape.intermediate, shape.n_heads
+    if shape.family in ("llama", "moe", "mla"):
+        norm = 2 * H * b + 8 * H
+        width = I if shape.n_dense_layers else 0
+        mlp = 2 * H * b + 3 * width * b
+        if shape.is_moe:
+            k, E, Im = shape.experts_per_token, shape.n_experts, shape.moe_intermediate
+            # final_hidden_states + one_hot int64 (T, k, E+1) + router fp32 logits/scores + one expert's share
+            moe = 3 * H * b + k * (E + 1) * 8 + 3 * 4 * E + k * (2 * Im + 2 * Im + H) * b // E
+            moe = vmax(moe, 2 * H * b + 3 * shape.shared_intermediate * b + H * b)
+            mlp = vmax(mlp, moe)
+        qk = shape.head_dim
+        attn_ws = 2 * H * b + nH * qk * b * 3 + shape.n_kv_heads * qk * b * 2
+        if shape.family == "mla":
+            attn_ws = 2 * H * b + nH * (qk + shape.v_head_dim) * b * 2 + nH * qk * b * 2
+    else:
+        norm = 3 * H * b + 8
+        mlp = 2 * H * b + 2 * I * b
+        attn_ws = 2 * H * b + 3 * H * b + 2 * H * b
+    if attn == "eager":
+        attn_ws = attn_ws + nH * seq * (2 * b + 4) + seq * b  # scores, fp32 softmax, cast; the additive mask
+    return vmax(vmax(norm, mlp), attn_ws)

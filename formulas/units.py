@@ -1,0 +1,37 @@
+"""Bytes are integers everywhere; binary units appear only when printing."""
+
+KiB = 2**10
+MiB = 2**20
+GiB = 2**30
+GB = 10**9  # decimal: used only to explain rules of thumb that mix the two up
+
+_UNITS = {"b": 1, "kib": KiB, "mib": MiB, "gib": GiB, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": GB, "tb": 10**12}
+
+
+def gib(n_bytes):
+    """Bytes → GiB as a float, for display."""
+    return n_bytes / GiB
+
+
+def fmt_bytes(n_bytes, unit="GiB", digits=2):
+    """Format a byte count in a binary unit, e.g. '14.96 GiB'."""
+    div = {"B": 1, "KiB": KiB, "MiB": MiB, "GiB": GiB}[unit]
+    if unit == "B":
+        return f"{int(n_bytes):,} B"
+    return f"{n_bytes / div:,.{digits}f} {unit}"
+
+
+def parse_size(text):
+    """'24GiB', '80 GB', '512MiB', '1024' → bytes (int). Decimal and binary units are kept apart."""
+    s = str(text).strip().lower().replace(" ", "")
+    for suffix in sorted(_UNITS, key=len, reverse=True):
+        if s.endswith(suffix) and suffix != "b" or s.endswith("b") and suffix == "b" and s[:-1].replace(".", "").isdigit():
+            number = s[: -len(suffix)]
+            try:
+                return int(round(float(number) * _UNITS[suffix]))
+            except ValueError:
+                break
+    try:
+        return int(s)
+    except ValueError:
+        raise ValueError(f"cannot read {text!r} as a size: use e.g. 24GiB, 80GB, 512MiB or plain bytes") from None
