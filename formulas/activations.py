@@ -68,7 +68,8 @@ def _sdpa_saved(ctx, n_q, n_kv, qk_dim, v_dim, seq):
     """Saved by attention: q, k, v as the kernel sees them, its output, and the o_proj input copy."""
     b = ctx.b
     out = n_q * v_dim * b  # kernel output (B, nH, S, dv)
-    contiguous = n_q * v_dim * b  # transpose(1, 2).contiguous() that o_proj reads
+    # transpose(1, 2).contiguous() that o_proj reads: saved only when o_proj's weight trains.
+    contiguous = n_q * v_dim * b if ctx.linears_trainable else 0
     if ctx.attn == "eager":
         # matmul(q, k_rep^T) saves q and the repeat_kv copies; softmax(fp32) saves its output;
         # matmul(probs_bf16, v_rep) saves probs and v_rep (transformers eager_attention_forward).

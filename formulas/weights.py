@@ -32,6 +32,8 @@ class WeightStorage:
     quantized_numel: int  # parameters stored quantized
     largest_quantized: int  # elements of the largest single quantized weight (dequantization temporary)
     largest_linear: int  # elements of the largest single nn.Linear weight
+    embed_bytes: int = 0  # input (and position) embeddings
+    head_bytes: int = 0  # untied lm_head
 
 
 def _is_layer(t):
@@ -105,13 +107,17 @@ def weight_storage(shape, dtype, compute_dtype="bf16", double_quant=True, group_
     router, keep theirs). Quantized dtypes store what the scheme quantizes packed and the rest
     at `compute_dtype`. Source: see formulas/dtypes.py per scheme."""
     cb = DTYPE_BYTES[dtype] if dtype in ("fp32", "bf16", "fp16") else DTYPE_BYTES[compute_dtype]
-    weights = qstate = layer = qnumel = largest_q = largest_lin = 0
+    weights = qstate = layer = qnumel = largest_q = largest_lin = embed = head = 0
     for t in shape.tensors:
         w, q, quantized = _tensor_storage(t, dtype, cb, shape.n_layers, double_quant, group_size, shape.tie_embeddings)
         weights += w
         qstate += q
         if _is_layer(t):
             layer += w + q
+        elif t.kind == "embedding":
+            embed += w + q
+        elif t.module == "lm_head":
+            head += w + q
         if quantized:
             qnumel += t.total_numel
             largest_q = max(largest_q, t.numel if t.kind != "experts" else t.numel // t.shape[0])
@@ -121,7 +127,7 @@ def weight_storage(shape, dtype, compute_dtype="bf16", double_quant=True, group_
     for b in shape.buffers:
         bb = DTYPE_BYTES[b.dtype] if b.dtype else cb
         buffers += bb * b.numel * b.count
-    return WeightStorage(weights, qstate, buffers, layer, qnumel, largest_q, largest_lin)
+    return WeightStorage(weights, qstate, buffers, layer, qnumel, largest_q, largest_lin, embed, head)
 
 
 def bits_per_weight(shape, dtype, compute_dtype="bf16", double_quant=True, group_size=128):

@@ -1,0 +1,104 @@
+"""Evaluate many specs at once into a pandas DataFrame.
+
+Specs that differ only in batch, seq and gen share everything but arithmetic, so they
+are grouped and their numeric axes evaluated as numpy arrays through the same formula
+code `predict` uses (the formulas use only + - * // and abs, which broadcast).
+pandas and numpy are imported here only: the rest of `formulas` needs neither.
+"""
+
+from dataclasses import fields
+from itertools import product
+
+from . import categories as C
+from .catalog import get_shape
+from .overhead import DEFAULT_OVERHEADS
+from .predict import _slice_phases, _slices, _static_cached
+from .spec import Spec, SpecError, validate
+
+
+def expand_grid(base=None, **axes):
+    """Specs for the cartesian product of axes, e.g. expand_grid(model=[…], batch=[1, 8], seq=[512, 4096])."""
+    base = dict(base or {})
+    names = list(axes)
+    return [Spec(**{**base, **dict(zip(names, values))}) for values in product(*(axes[n] for n in names))]
+
+
+_NUMERIC = ("batch", "seq", "gen")
+
+
+def _check_numeric(name, values, minimum):
+    """Vectorised bounds check for one numeric axis; the error names the flag and the first bad value."""
+    bad = values < minimum
+    if bad.any():
+        raise SpecError(f"--{name} {int(values[bad.argmax()])}: must be an integer ≥ {minimum}")
+
+
+def predict_grid(specs, overheads=DEFAULT_OVERHEADS):
+    """One row per spec: its fields, peak_allocated_bytes, peak_device_bytes, peak_phase and per-category bytes."""
+    import numpy as np
+    import pandas as pd
+
+    specs = list(specs)
+    names = [f.name for f in fields(Spec)]
+    i_num = [names.index(x) for x in _NUMERIC]
+    assert i_num == [3, 4, 5], "grid grouping assumes batch, seq, gen are Spec fields 3-5"
+    groups = {}
+    for i, s in enumerate(specs):
+        k = tuple(s.__dict__.values())
+        groups.setdefault(k[:3] + k[6:], []).append(i)
+    n = len(specs)
+    alloc = np.zeros(n, dtype=np.int64)
+    device = np.zeros(n, dtype=np.int64)
+    phase = np.empty(n, dtype=object)
+    cats = {c: np.zeros(n, dtype=np.int64) for c in C.ALL_CATEGORIES}
+    spec_cols = {name: np.empty(n, dtype=object) for name in names if name not in _NUMERIC}
+    B_all = np.fromiter((s.batch for s in specs), dtype=np.int64, count=n)
+    S_all = np.fromiter((s.seq for s in specs), dtype=np.int64, count=n)
+    N_all = np.fromiter((s.gen for s in specs), dtype=np.int64, count=n)
+    _check_numeric("batch", B_all, 1)
+    _check_numeric("seq", S_all, 1)
+    _check_numeric("gen", N_all, 0)
+    for key, idx in groups.items():
+        first = specs[idx[0]]
+        shape = get_shape(first.model)
+        vkey = validate(first.replace(batch=1, seq=1, gen=0), shape)
+        st = _static_cached(vkey)
+        idx = np.asarray(idx)
+        B, S, N = B_all[idx], S_all[idx], N_all[idx]
+        best = np.full(len(idx), -1, dtype=np.int64)
+        best_phase = np.empty(len(idx), dtype=object)
+        best_bd = {c: np.zeros(len(idx), dtype=np.int64) for c in C.TENSOR_CATEGORIES}
+        for sl in _slices(st):
+            for ph, bd in _slice_phases(st, sl, B, S, N).items():
+                arrs = {c: np.broadcast_to(np.asarray(v, dtype=np.int64), B.shape) for c, v in bd.items()}
+                tot = sum(arrs.values())
+                if st.opt_paged:
+                    tot = tot - arrs[C.OPTIMIZER_STATES]
+                better = tot > best
+                best = np.where(better, tot, best)
+                best_phase = np.where(better, ph, best_phase)
+                for c in C.TENSOR_CATEGORIES:
+                    best_bd[c] = np.where(better, arrs[c], best_bd[c])
+        paged = best_bd[C.OPTIMIZER_STATES] if st.opt_paged else 0
+        ctx = overheads.cuda_context_bytes + overheads.workspace_bytes
+        slack = np.maximum((best * overheads.allocator_slack_fraction).astype(np.int64), overheads.allocator_slack_min_bytes)
+        alloc[idx] = best
+        device[idx] = best + paged + ctx + slack
+        phase[idx] = best_phase
+        for c in C.TENSOR_CATEGORIES:
+            cats[c][idx] = best_bd[c]
+        cats[C.CUDA_CONTEXT][idx] = ctx
+        cats[C.ALLOCATOR_SLACK][idx] = slack
+        for name in spec_cols:
+            v = getattr(first, name)
+            spec_cols[name][idx] = ",".join(v) if name == "lora_targets" else v
+    cols = {}
+    for name in names:
+        cols[name] = {"batch": B_all, "seq": S_all, "gen": N_all}[name] if name in _NUMERIC else spec_cols[name]
+    df = pd.DataFrame(cols)
+    df["peak_allocated_bytes"] = alloc
+    df["peak_device_bytes"] = device
+    df["peak_phase"] = phase
+    for c, v in cats.items():
+        df[c] = v
+    return df

@@ -1,0 +1,49 @@
+"""LoRA / QLoRA adapters: which modules they attach to and what they add."""
+
+DEFAULT_TARGETS = ("q_proj", "v_proj")  # peft's default for Llama-style models
+
+
+def linear_modules(shape):
+    """Leaf names of the model's nn.Linear modules (LoRA-targetable), with (in, out, copies)."""
+    mods = {}
+    for t in shape.tensors:
+        if t.kind == "linear" and t.module != "lm_head":
+            out_f, in_f = t.shape
+            prev = mods.get(t.module)
+            if prev and (prev[0], prev[1]) != (in_f, out_f):
+                # Same leaf name, different shape (gpt2 attn.c_proj vs mlp.c_proj): key by full name.
+                mods[t.name.rsplit(".", 1)[0]] = (in_f, out_f, t.count)
+            else:
+                mods[t.module] = (in_f, out_f, t.count + (prev[2] if prev else 0))
+    return mods
+
+
+def resolve_targets(shape, targets):
+    """Map target names (or 'all-linear') to {module: (in, out, copies)}; unknown names are an error."""
+    mods = linear_modules(shape)
+    if targets in ("all-linear", ("all-linear",)):
+        return dict(mods)
+    chosen = {}
+    for name in targets:
+        hits = {k: v for k, v in mods.items() if k == name or k.endswith("." + name)}
+        if not hits:
+            raise ValueError(
+                f"--lora-targets {name}: {shape.name} has no such linear module; "
+                f"available: {', '.join(sorted(mods))} (or all-linear)"
+            )
+        chosen.update(hits)
+    return chosen
+
+
+def lora_params(targets, rank):
+    """Adapter parameters: A (rank × in) and B (out × rank) per adapted module copy."""
+    return sum(rank * (i + o) * c for i, o, c in targets.values())
+
+
+def lora_tensors(targets, rank):
+    """Adapter tensors as (numel, shape, count) for optimizer accounting."""
+    out = []
+    for i, o, c in targets.values():
+        out.append((rank * i, (rank, i), c))
+        out.append((o * rank, (o, rank), c))
+    return out

@@ -1,0 +1,443 @@
+"""Spec → Prediction: the memory breakdown at the peak moment, the peak phase, and two totals.
+
+The workload modelled is the one vramlab's harness runs with transformers:
+- inference: load, prefill of batch × seq tokens (generate-style: logits of the last
+  position, upcast to fp32), then `gen` decode steps with the DynamicCache;
+- training: steps of forward (`loss = model(ids, labels=ids).loss`, the output object
+  dropped at once), backward and optimizer.step(), with `zero_grad(set_to_none=True)`;
+  the optimizer state from step 1 is alive in every later step, which is where the
+  steady-state peak is.
+
+`peak_allocated_bytes` is the sum of tensor categories at the peak moment (what
+torch.cuda.max_memory_allocated reports); `peak_device_bytes` adds CUDA context,
+library workspaces and allocator slack (what NVML reports), from `Overheads`.
+Multi-GPU specs are predicted per GPU, for the GPU that needs the most.
+"""
+
+from dataclasses import dataclass, field, fields
+from functools import lru_cache
+
+from . import categories as C
+from .activations import (
+    ActContext,
+    ckpt_saved_per_token,
+    largest_layer_saved_per_token,
+    layer_saved_per_token,
+    layers_saved_per_token,
+    model_saved_per_token,
+    prefill_working_set_per_token,
+    vmax,
+)
+from .catalog import get_shape
+from .dtypes import DTYPE_BYTES
+from .kv_cache import kv_cache_bytes
+from .lora import lora_params, lora_tensors, resolve_targets
+from .overhead import DEFAULT_OVERHEADS
+from .spec import Spec, SpecError, validate
+from .training import optimizer_memory
+from .weights import weight_storage
+
+
+@dataclass
+class Prediction:
+    """What a workload needs, per GPU, as integer bytes by memory category."""
+
+    spec: Spec  # the validated spec ('auto' fields resolved)
+    model: str  # model name as resolved
+    n_params: int  # parameters of the whole model
+    breakdown: dict  # category → bytes at the peak moment, device categories included
+    peak_allocated_bytes: int  # sum of tensor categories at the peak
+    peak_device_bytes: int  # + CUDA context, workspaces, allocator slack
+    peak_phase: str  # load | prefill | decode | forward | backward | optimizer_step
+    phases: dict  # phase → {tensor category → bytes} at that phase's own peak
+    notes: list = field(default_factory=list)  # assumptions worth reading
+    overheads_source: str = ""  # where the device overheads came from
+    calibrated: bool = False  # True once a calibration table supplied the overheads
+
+    def to_dict(self):
+        """JSON-ready dict; bytes stay integers."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["spec"] = self.spec.to_dict()
+        return d
+
+
+# ------------------------------------------------------------------ static part (no batch/seq)
+
+@dataclass(frozen=True)
+class _Static:
+    shape: object
+    spec: Spec
+    cb: int  # compute bytes
+    kvb: int  # KV cache bytes per element
+    w_layers: int  # weights + quant state of decoder layers (at the stored precision)
+    w_embed: int
+    w_head: int
+    w_other: int  # final norm and other non-layer weights
+    buffers: int
+    quant_temp: int  # dequantization / int8 matmul temporary per matmul, bytes per token or absolute
+    quant_temp_per_token: int
+    n_trainable: int
+    grads: int
+    opt_state: int
+    opt_paged: bool
+    master: int
+    opt_temp: int
+    autocast_copies: int
+    lm_grad: int  # bytes of the lm_head (or tied embedding) gradient, 0 when frozen
+    ctx: object  # ActContext (training) or None
+    saved_layers_trainable: int  # layers whose activations are saved (freeze: the trainable ones)
+    lb: int  # logits dtype bytes
+
+
+def _trainable_copies(t, shape, k):
+    """Copies of tensor t inside the last k decoder layers (freeze tuning)."""
+    L = shape.n_layers
+    c = t.count
+    if not t.name.startswith(("layers.", "h.")):
+        return 0
+    if c >= L:
+        return c * k // L
+    routed = t.kind in ("experts", "router") or "shared_expert" in t.name
+    if routed:  # MoE blocks sit in the last c layers (DeepSeek first_k_dense_replace, Qwen sparse step 1)
+        return min(k, c)
+    return max(0, k - (L - c))  # dense MLPs in the first c layers
+
+
+def _static(spec):
+    shape = get_shape(spec.model)
+    cb = DTYPE_BYTES[spec.compute_dtype]
+    kvb = DTYPE_BYTES[spec.kv_dtype]
+    train = spec.mode == "train"
+    amp = train and spec.precision == "amp"
+    stored = spec.dtype
+    if amp and spec.method == "full":
+        stored = "fp32"  # autocast trains fp32 parameters
+    st = weight_storage(shape, stored, spec.compute_dtype, spec.double_quant, spec.group_size)
+    w_total = st.weight_bytes + st.quant_state_bytes
+    w_other = w_total - st.layer_bytes - st.embed_bytes - st.head_bytes
+
+    quant_temp = quant_temp_tok = 0
+    if spec.dtype in ("nf4", "fp4", "gptq-int4", "awq-int4"):
+        quant_temp = st.largest_quantized * cb  # a whole weight dequantized for a multi-token matmul
+    elif spec.dtype == "int8":
+        quant_temp_tok = shape.intermediate * 4 + shape.hidden  # int32 matmul output + int8 input copy
+
+    n_tr = grads = state = master = opt_temp = copies = lm_grad = 0
+    paged = False
+    ctx = None
+    saved_layers = shape.n_layers
+    lb = cb
+    if train:
+        tb = 4 if amp else cb  # trainable parameter / gradient bytes
+        if spec.method == "full":
+            trainable = [(t.numel, t.shape, t.count) for t in shape.tensors]
+            n_tr = shape.n_params
+            if amp:
+                copies = 2 * sum(t.total_numel for t in shape.tensors if t.kind in ("linear", "experts"))
+                if shape.tie_embeddings:
+                    copies += 2 * next(t.numel for t in shape.tensors if t.kind == "embedding")
+            head = [t for t in shape.tensors if t.module == "lm_head"] or \
+                [t for t in shape.tensors if t.kind == "embedding" and shape.tie_embeddings][:1]
+            lm_grad = head[0].numel * tb if head else 0
+            ctx_kw = dict(linears_trainable=True, norms_trainable=True)
+        elif spec.method == "freeze":
+            k = spec.trainable_layers
+            trainable = []
+            for t in shape.tensors:
+                c = _trainable_copies(t, shape, k)
+                if c:
+                    trainable.append((t.numel, t.shape, c))
+            n_tr = sum(n * c for n, _, c in trainable)
+            w_other += (tb - cb) * n_tr  # trainable layers upcast to fp32 under autocast
+            if amp:
+                copies = 2 * sum(n * c for n, s, c in trainable if len(s) >= 2)
+            saved_layers = k
+            ctx_kw = dict(linears_trainable=True, norms_trainable=True)
+        else:  # lora / qlora
+            try:
+                targets = resolve_targets(shape, spec.lora_targets)
+            except ValueError as e:
+                raise SpecError(str(e)) from None
+            tb = DTYPE_BYTES[spec.lora_dtype]
+            trainable = lora_tensors(targets, spec.lora_rank)
+            n_tr = lora_params(targets, spec.lora_rank)
+            ctx_kw = dict(linears_trainable=False, norms_trainable=False,
+                          lora={m: (i, o) for m, (i, o, _) in targets.items()},
+                          lora_rank=spec.lora_rank, lora_x_bytes=tb)
+        grads = n_tr * tb
+        om = optimizer_memory(trainable, tb, spec.optimizer, spec.optimizer_impl, master=spec.precision == "master")
+        state, master, opt_temp, paged = om.state_bytes, om.master_bytes, om.step_temp_bytes, om.paged
+        ctx = ActContext(b=cb, r=4 if amp else cb, amp=amp, attn=spec.attn, dropout=spec.dropout, **ctx_kw)
+        if spec.method in ("lora", "qlora"):
+            w_other += n_tr * tb  # adapters counted with the weights
+    return _Static(
+        shape=shape, spec=spec, cb=cb, kvb=kvb, w_layers=st.layer_bytes, w_embed=st.embed_bytes,
+        w_head=st.head_bytes, w_other=w_other,
+        buffers=st.buffer_bytes, quant_temp=quant_temp, quant_temp_per_token=quant_temp_tok,
+        n_trainable=n_tr, grads=grads, opt_state=state, opt_paged=paged, master=master, opt_temp=opt_temp,
+        autocast_copies=copies, lm_grad=lm_grad, ctx=ctx, saved_layers_trainable=saved_layers, lb=lb,
+    )
+
+
+@lru_cache(maxsize=4096)
+def _static_cached(spec):
+    return _static(spec)
+
+
+# ------------------------------------------------------------------ GPU slices (parallelism)
+
+@dataclass(frozen=True)
+class _Slice:
+    """What one GPU holds: fractions of layers / embeddings / head, and divisors."""
+
+    layer_frac: float = 1.0  # share of decoder layers (weights, KV cache)
+    act_frac: float = 1.0  # share of per-layer saved activations (1F1B first stage holds pp micro-batches)
+    embed: float = 1.0
+    head: float = 1.0  # lm_head, final norm, logits
+    tp: int = 1
+    kv_div: float = 1.0
+    state_div: int = 1  # ZeRO-1+: optimizer states and master weights
+    grad_div: int = 1  # ZeRO-2+: gradients
+    weight_div: int = 1  # ZeRO-3: weights
+    ddp_bucket: bool = False  # DDP keeps a bucketed copy of the gradients for all-reduce
+    label: str = "gpu"
+
+
+def _slices(st):
+    s, shape = st.spec, st.shape
+    tp, pp = s.tp, s.pp
+    dp = s.gpus // (tp * pp)
+    if shape.is_mla and s.mla_cache == "compressed":
+        kv_div = 1.0  # one latent per token, replicated on every TP rank
+    else:
+        kv_div = min(tp, shape.n_kv_heads) if tp > 1 else 1
+    z = s.zero
+    common = dict(tp=tp, kv_div=kv_div, state_div=dp if z >= 1 else 1, grad_div=dp if z >= 2 else 1,
+                  weight_div=dp if z >= 3 else 1, ddp_bucket=(dp > 1 and z == 0 and s.mode == "train"))
+    if s.layer_split and s.gpus > 1:
+        g = s.gpus
+        per = -(-shape.n_layers // g) / shape.n_layers
+        tied = 1.0 if shape.tie_embeddings else 0.0
+        return [_Slice(layer_frac=per, act_frac=per, embed=1.0, head=0.0, label="first GPU", **common),
+                _Slice(layer_frac=per, act_frac=per, embed=tied, head=1.0, label="last GPU", **common)]
+    if pp > 1:
+        per = -(-shape.n_layers // pp) / shape.n_layers
+        tied = 1.0 if shape.tie_embeddings else 0.0
+        first_acts = min(1.0, per * pp) if s.mode == "train" else per
+        return [_Slice(layer_frac=per, act_frac=first_acts, embed=1.0, head=0.0, label="first stage", **common),
+                _Slice(layer_frac=per, act_frac=per, embed=tied, head=1.0, label="last stage", **common)]
+    return [_Slice(**common)]
+
+
+# ------------------------------------------------------------------ phases
+
+def _pick(cond, a, b):
+    """a where cond else b; works for Python scalars and numpy arrays."""
+    c = cond * 1
+    return a * c + b * (1 - c)
+
+
+def _weights_on(st, sl):
+    s = st.spec
+    w = (st.w_layers * sl.layer_frac + st.w_embed * sl.embed + st.w_head * sl.head + st.w_other) / sl.tp
+    if s.offload == "params":
+        w = 2 * st.w_layers / st.shape.n_layers / sl.tp  # streamed: the running layer and the next
+    if sl.weight_div > 1:
+        w = w / sl.weight_div + 2 * st.w_layers / st.shape.n_layers / sl.tp  # ZeRO-3 gathers two layers
+    return w
+
+
+def _param_share(st, sl):
+    total = st.w_layers + st.w_embed + st.w_head + st.w_other
+    mine = st.w_layers * sl.layer_frac + st.w_embed * sl.embed + st.w_head * sl.head + st.w_other
+    return mine / total / sl.tp if total else 1.0
+
+
+def _phases_inference(st, sl, B, S, N):
+    shape, s, cb = st.shape, st.spec, st.cb
+    weights = _weights_on(st, sl)
+    base = {C.WEIGHTS: weights, C.BUFFERS: st.buffers}
+    T = B * S
+    kv_pf = kv_cache_bytes(shape, B, S, st.kvb, s.mla_cache) * sl.layer_frac / sl.kv_div
+    ws = T * prefill_working_set_per_token(shape, cb, s.attn, S) / sl.tp
+    qtemp = st.quant_temp + T * st.quant_temp_per_token / sl.tp
+    head_act = 2 * T * shape.hidden * cb * sl.head
+    logits = (B * shape.vocab * (cb + 4) if s.logits == "last" else T * shape.vocab * cb) * sl.head / sl.tp
+    in_layer = ws + qtemp
+    at_head = head_act + logits
+    pick = in_layer >= at_head
+    prefill = dict(base)
+    prefill[C.KV_CACHE] = kv_pf
+    prefill[C.ACTIVATIONS] = _pick(pick, ws, head_act)
+    prefill[C.TEMPORARIES] = _pick(pick, qtemp, 0)
+    prefill[C.LOGITS] = _pick(pick, 0, logits)
+    has_dec = (N > 0) * 1
+    total = S + N
+    kv_dec = kv_cache_bytes(shape, B, total, st.kvb, s.mla_cache) * sl.layer_frac / sl.kv_div
+    # DynamicLayer.update: torch.cat builds the grown K (then V) of one layer before freeing the old.
+    cat_temp = kv_cache_bytes(shape, B, total, st.kvb, s.mla_cache) / shape.n_layers / 2 / sl.kv_div
+    step_ws = B * prefill_working_set_per_token(shape, cb, s.attn, total) / sl.tp
+    dec_logits = B * shape.vocab * (cb + 4) * sl.head / sl.tp
+    decode = dict(base)
+    decode[C.KV_CACHE] = kv_dec * has_dec
+    decode[C.ACTIVATIONS] = step_ws * has_dec
+    decode[C.TEMPORARIES] = (cat_temp + B * st.quant_temp_per_token / sl.tp) * has_dec
+    decode[C.LOGITS] = dec_logits * has_dec
+    return {"load": dict(base), "prefill": prefill, "decode": decode}
+
+
+def _phases_train(st, sl, B, S, N):
+    shape, s, cb, ctx = st.shape, st.spec, st.cb, st.ctx
+    H, V = shape.hidden, shape.vocab
+    share = _param_share(st, sl)
+    weights = _weights_on(st, sl)
+    grads = st.grads * share / sl.grad_div
+    bucket = st.grads * share if sl.ddp_bucket else 0
+    offload_opt = s.offload == "optimizer"
+    state = 0 if offload_opt else st.opt_state * share / sl.state_div
+    master = 0 if offload_opt else st.master * share / sl.state_div
+    opt_temp = 0 if offload_opt else st.opt_temp * share / sl.state_div
+    copies = st.autocast_copies * share / sl.weight_div
+    T = B * S
+    frac_layers = st.saved_layers_trainable / shape.n_layers
+    if s.method == "freeze":
+        per_layer = layer_saved_per_token(ctx, shape, S, shape.n_moe_layers > 0)
+        acts = T * per_layer * st.saved_layers_trainable
+    else:
+        acts = T * layers_saved_per_token(ctx, shape, S)
+    # Tensor parallel splits everything in a layer but the norms' inputs (Korthikanti et al. §4.2.2).
+    replicated = T * shape.n_layers * 2 * (4 * H + ctx.r * H) * frac_layers
+    acts = (acts - replicated) / sl.tp + replicated if sl.tp > 1 else acts
+    acts = acts * sl.act_frac
+    model_saved = T * model_saved_per_token(ctx, shape) * sl.head
+    recompute = 0
+    if s.grad_ckpt:
+        acts = T * ckpt_saved_per_token(ctx, shape) * frac_layers * sl.act_frac
+        recompute = T * largest_layer_saved_per_token(ctx, shape, S) / sl.tp
+    qtemp = st.quant_temp
+    layer_transient = T * 4 * H / sl.tp
+    if s.grad_ckpt:
+        layer_transient = T * prefill_working_set_per_token(shape, cb, s.attn, S) / sl.tp
+    lb = st.lb
+    fwd_logits = T * V * (lb + (4 if lb != 4 else 0) + 4) * sl.head / sl.tp
+    bwd_logits = vmax(T * V * 12 * sl.head / sl.tp, T * V * lb * sl.head / sl.tp + st.lm_grad * sl.head / sl.tp)
+    acc_grads = grads * ((s.grad_accum > 1) * 1)
+    persistent = {C.WEIGHTS: weights, C.BUFFERS: st.buffers, C.OPTIMIZER_STATES: state, C.MASTER_WEIGHTS: master}
+
+    fwd = dict(persistent)
+    fwd[C.GRADIENTS] = acc_grads + bucket
+    fwd_tail = vmax(fwd_logits, layer_transient)
+    pick = fwd_logits >= layer_transient
+    fwd[C.ACTIVATIONS] = acts + model_saved + _pick(pick, 0, layer_transient)
+    fwd[C.LOGITS] = _pick(pick, fwd_logits, 0)
+    fwd[C.TEMPORARIES] = copies + qtemp
+    del fwd_tail
+
+    # Backward: the worst of its start (all saved activations + logits gradients), the middle under
+    # checkpointing (a layer recomputed while most gradients exist), and its end (all gradients).
+    start_total = acts + model_saved + bwd_logits + acc_grads + copies
+    end_total = grads + 2 * T * H * ctx.r / sl.tp
+    mid_total = acts + recompute + grads + 2 * T * H * ctx.r / sl.tp + copies if s.grad_ckpt else 0
+    bwd = dict(persistent)
+    p_start = (start_total >= end_total) * (start_total >= mid_total)
+    p_mid = (mid_total > start_total) * (mid_total >= end_total) if s.grad_ckpt else 0
+    p_end = 1 - p_start - p_mid
+    bwd[C.ACTIVATIONS] = p_start * (acts + model_saved) + p_mid * (acts + recompute) + p_end * (2 * T * H * ctx.r / sl.tp) \
+        + p_mid * (2 * T * H * ctx.r / sl.tp)
+    bwd[C.LOGITS] = p_start * bwd_logits
+    bwd[C.GRADIENTS] = p_start * acc_grads + (p_mid + p_end) * grads + bucket
+    bwd[C.TEMPORARIES] = (p_start + p_mid) * copies + qtemp
+
+    opt = dict(persistent)
+    opt[C.GRADIENTS] = grads + bucket
+    opt[C.TEMPORARIES] = opt_temp
+    return {"load": {C.WEIGHTS: weights, C.BUFFERS: st.buffers}, "forward": fwd, "backward": bwd, "optimizer_step": opt}
+
+
+def _paged_bytes(st, phase_bd):
+    """Optimizer state in CUDA unified memory: on the device, but not in the caching allocator."""
+    return phase_bd.get(C.OPTIMIZER_STATES, 0) if st.opt_paged else 0
+
+
+def _to_int(x):
+    try:
+        return int(round(x))
+    except TypeError:  # numpy array
+        return x.round().astype("int64")
+
+
+def _slice_phases(st, sl, B, S, N):
+    raw = _phases_inference(st, sl, B, S, N) if st.spec.mode == "inference" else _phases_train(st, sl, B, S, N)
+    out = {}
+    for phase, bd in raw.items():
+        full = {c: 0 for c in C.TENSOR_CATEGORIES}
+        full.update(bd)
+        out[phase] = {c: _to_int(v) for c, v in full.items()}
+    return out
+
+
+def _notes(st):
+    s, shape = st.spec, st.shape
+    notes = []
+    if s.mode == "train":
+        notes.append(f"precision {s.precision}: " + {
+            "amp": "fp32 parameters, gradients and optimizer states; autocast to "
+                   f"{s.compute_dtype} with cached weight copies",
+            "pure": f"parameters, gradients and optimizer states in {s.dtype if s.method not in ('lora', 'qlora') else s.lora_dtype}",
+            "master": "low-precision parameters and gradients, fp32 master weights and optimizer states",
+        }[s.precision])
+        if st.opt_paged:
+            notes.append("paged optimizer state lives in CUDA unified memory: counted on the device, not in peak_allocated")
+        if s.method in ("lora", "qlora"):
+            notes.append(f"LoRA r={s.lora_rank} on {', '.join(s.lora_targets)}: {st.n_trainable:,} trainable parameters in {s.lora_dtype}")
+        if s.method == "freeze":
+            notes.append(f"freeze: last {s.trainable_layers} of {shape.n_layers} layers train ({st.n_trainable:,} parameters)")
+        if s.dtype in ("int8", "nf4", "fp4") and shape.is_moe:
+            notes.append("bitsandbytes via transformers quantizes nn.Linear only: fused MoE expert tensors stay in the compute dtype")
+    else:
+        if shape.is_mla:
+            notes.append(f"MLA KV cache {s.mla_cache}" + (" (transformers caches per-head K/V)" if s.mla_cache == "expanded"
+                                                          else " (latent cache as in vLLM/SGLang)"))
+        if shape.sliding_window:
+            notes.append(f"sliding window: KV cache capped at {shape.sliding_window} tokens per layer")
+        if s.dtype in ("int8", "nf4", "fp4") and shape.is_moe:
+            notes.append("bitsandbytes via transformers quantizes nn.Linear only: fused MoE expert tensors stay in the compute dtype")
+        if s.dtype.startswith("q") and "_" in s.dtype:
+            notes.append("GGUF: weights as llama.cpp stores them; activations and KV cache as transformers would hold them")
+    if s.gpus > 1:
+        notes.append(f"per-GPU figures for {s.gpus} GPUs (tp={s.tp}, pp={s.pp}, zero={s.zero}"
+                     f"{', layer split' if s.layer_split else ''}{', offload ' + s.offload if s.offload != 'none' else ''})")
+    return notes
+
+
+def _finish(st, slices_phases, overheads):
+    """Pick the worst GPU and phase; add device overheads."""
+    best = None
+    for phases in slices_phases:
+        for phase, bd in phases.items():
+            alloc = sum(bd.values()) - _paged_bytes(st, bd)
+            if best is None or alloc > best[0]:
+                best = (alloc, phase, bd, phases)
+    alloc, phase, bd, phases = best
+    breakdown = dict(bd)
+    paged = _paged_bytes(st, bd)
+    breakdown[C.CUDA_CONTEXT] = overheads.cuda_context_bytes + overheads.workspace_bytes
+    breakdown[C.ALLOCATOR_SLACK] = overheads.allocator_slack(alloc)
+    device = alloc + paged + breakdown[C.CUDA_CONTEXT] + breakdown[C.ALLOCATOR_SLACK]
+    return breakdown, alloc, device, phase, phases
+
+
+def predict(spec, overheads=DEFAULT_OVERHEADS):
+    """Predict the per-GPU memory of one workload. Raises SpecError / UnknownModelError on bad input."""
+    shape = get_shape(spec.model)
+    spec = validate(spec, shape)
+    st = _static_cached(spec.replace(batch=1, seq=1, gen=0))
+    per_slice = [_slice_phases(st, sl, spec.batch, spec.seq, spec.gen) for sl in _slices(st)]
+    breakdown, alloc, device, phase, phases = _finish(st, per_slice, overheads)
+    if spec.mode == "inference" and spec.gen == 0:
+        phases = {k: v for k, v in phases.items() if k != "decode"}
+    return Prediction(
+        spec=spec, model=shape.name, n_params=shape.n_params, breakdown=breakdown,
+        peak_allocated_bytes=alloc, peak_device_bytes=device, peak_phase=phase, phases=phases,
+        notes=_notes(st), overheads_source=overheads.source, calibrated=False,
+    )

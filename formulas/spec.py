@@ -1,0 +1,161 @@
+"""Spec: one workload to predict — model, precision, shape of the work, method, parallelism.
+
+Validated at the edge: a bad value raises SpecError naming the CLI flag, the value and
+what is allowed, before any arithmetic runs.
+"""
+
+from dataclasses import dataclass, fields, replace
+
+from .dtypes import BNB_DTYPES, FLOAT_DTYPES, GGUF_DTYPES, INT4_DTYPES, KV_DTYPES, WEIGHT_DTYPES
+from .training import OPTIMIZER_IMPLS, OPTIMIZERS
+
+MODES = ("inference", "train")
+METHODS = ("full", "freeze", "lora", "qlora")
+ATTNS = ("sdpa", "eager")
+PRECISIONS = ("auto", "pure", "amp", "master")
+OFFLOADS = ("none", "optimizer", "params")
+MLA_CACHES = ("expanded", "compressed")
+LOGITS = ("last", "all")
+
+
+class SpecError(ValueError):
+    """A spec value that is not allowed; the message names the flag."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One workload. Field comments give the CLI flag's meaning; defaults are the CLI's."""
+
+    model: str  # catalog name, HF id, config.json path or model directory
+    mode: str = "inference"  # inference | train
+    dtype: str = "bf16"  # weight precision; with --method qlora the compute dtype (base is nf4)
+    batch: int = 1  # concurrent sequences (inference) / micro-batch (training)
+    seq: int = 2048  # prompt tokens (inference) / sequence length (training)
+    gen: int = 0  # decode steps after the prompt (inference)
+    method: str = "full"  # full | freeze | lora | qlora (training)
+    compute_dtype: str = "bf16"  # dtype of unquantized parts and compute when dtype is quantized
+    lora_rank: int = 16  # LoRA rank r
+    lora_targets: tuple = ("q_proj", "v_proj")  # module leaf names, or ("all-linear",)
+    lora_dtype: str = "fp32"  # adapter dtype (peft upcasts adapters to fp32 by default)
+    trainable_layers: int = 2  # --method freeze: train the last N decoder layers
+    optimizer: str = "adamw"
+    optimizer_impl: str = "foreach"  # foreach (torch default on GPU) | fused | forloop
+    precision: str = "auto"  # auto | pure | amp (autocast, fp32 params) | master (fp32 master in optimizer)
+    grad_ckpt: bool = False  # gradient checkpointing per decoder layer
+    attn: str = "sdpa"  # sdpa | eager
+    grad_accum: int = 1  # micro-batches per optimizer step (batch is the micro-batch)
+    kv_dtype: str = ""  # KV cache dtype; "" = compute dtype
+    mla_cache: str = "expanded"  # MLA models: expanded (transformers) | compressed (vLLM/SGLang)
+    logits: str = "last"  # inference prefill keeps logits of the last position (generate) or all
+    double_quant: bool = True  # bitsandbytes 4-bit double quantization
+    group_size: int = 128  # GPTQ/AWQ group size
+    dropout: bool = True  # training-mode dropout masks where the config has p > 0
+    gpus: int = 1  # GPUs in total
+    zero: int = 0  # ZeRO stage 0-3 over the data-parallel GPUs (3 = FSDP full shard)
+    tp: int = 1  # tensor-parallel degree
+    pp: int = 1  # pipeline-parallel degree
+    layer_split: bool = False  # split layers over the GPUs like device_map="auto" (no data parallel)
+    offload: str = "none"  # none | optimizer (ZeRO-Offload) | params (weights streamed from CPU)
+
+    def replace(self, **changes):
+        """A copy with some fields changed."""
+        return replace(self, **changes)
+
+    def to_dict(self):
+        """Plain dict (tuples as lists) for JSON."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["lora_targets"] = list(d["lora_targets"])
+        return d
+
+
+def _choice(flag, value, allowed):
+    if value not in allowed:
+        raise SpecError(f"--{flag} {value}: not allowed; choose one of {', '.join(map(str, allowed))}")
+
+
+def _positive(flag, value, zero_ok=False):
+    if not isinstance(value, int) or isinstance(value, bool) or value < (0 if zero_ok else 1):
+        bound = "≥ 0" if zero_ok else "≥ 1"
+        raise SpecError(f"--{flag} {value}: must be an integer {bound}")
+
+
+def validate(spec, shape):
+    """Check `spec` against itself and the model; return it with 'auto' fields resolved."""
+    _choice("mode", spec.mode, MODES)
+    _choice("dtype", spec.dtype, WEIGHT_DTYPES)
+    for flag, v in (("batch", spec.batch), ("seq", spec.seq), ("lora-rank", spec.lora_rank),
+                    ("grad-accum", spec.grad_accum), ("gpus", spec.gpus), ("tp", spec.tp), ("pp", spec.pp),
+                    ("group-size", spec.group_size)):
+        _positive(flag, v)
+    _positive("gen", spec.gen, zero_ok=True)
+    _positive("trainable-layers", spec.trainable_layers)
+    _choice("method", spec.method, METHODS)
+    _choice("compute-dtype", spec.compute_dtype, ("bf16", "fp16", "fp32"))
+    _choice("lora-dtype", spec.lora_dtype, FLOAT_DTYPES)
+    _choice("optimizer", spec.optimizer, OPTIMIZERS)
+    _choice("optimizer-impl", spec.optimizer_impl, OPTIMIZER_IMPLS)
+    _choice("precision", spec.precision, PRECISIONS)
+    _choice("attn", spec.attn, ATTNS)
+    _choice("mla-cache", spec.mla_cache, MLA_CACHES)
+    _choice("logits", spec.logits, LOGITS)
+    _choice("zero", spec.zero, (0, 1, 2, 3))
+    _choice("offload", spec.offload, OFFLOADS)
+    if spec.kv_dtype:
+        _choice("kv-dtype", spec.kv_dtype, KV_DTYPES)
+    dtype, compute = spec.dtype, spec.compute_dtype
+    if dtype in FLOAT_DTYPES:
+        compute = dtype
+    if spec.mode == "train":
+        if dtype in GGUF_DTYPES:
+            raise SpecError(f"--dtype {dtype}: GGUF files are for llama.cpp inference; training needs a float or bitsandbytes base")
+        if spec.method == "qlora":
+            if dtype == "fp32":
+                raise SpecError("--dtype fp32 with --method qlora: QLoRA keeps the base in nf4 and computes in bf16 or fp16; "
+                                "for an fp32 base use --method lora --dtype fp32")
+            if dtype in ("bf16", "fp16"):
+                compute, dtype = dtype, "nf4"
+            elif dtype not in ("nf4", "fp4"):
+                raise SpecError(f"--dtype {dtype} with --method qlora: give the compute dtype (bf16 or fp16), or nf4/fp4")
+        elif spec.method in ("full", "freeze") and dtype not in FLOAT_DTYPES:
+            raise SpecError(f"--dtype {dtype} with --method {spec.method}: quantized weights cannot be trained; "
+                            "use --method lora (frozen quantized base) or qlora")
+        elif spec.method == "lora" and dtype in INT4_DTYPES + ("fp8",):
+            pass  # adapters over a frozen GPTQ/AWQ/fp8 base are a supported peft setup
+        if spec.trainable_layers > shape.n_layers:
+            raise SpecError(f"--trainable-layers {spec.trainable_layers}: {shape.name} has {shape.n_layers} layers")
+    else:
+        if spec.zero:
+            raise SpecError(f"--zero {spec.zero}: ZeRO shards training state; inference uses --tp, --pp or --layer-split")
+    precision = spec.precision
+    if precision == "auto":
+        # Single GPU / DDP: PyTorch autocast. ZeRO (DeepSpeed bf16/fp16, FSDP mixed precision):
+        # low-precision parameters with an fp32 master copy owned by the optimizer.
+        mixed = spec.mode == "train" and spec.method in ("full", "freeze") and dtype in ("bf16", "fp16")
+        precision = ("master" if spec.zero else "amp") if mixed else "pure"
+    if precision in ("amp", "master") and dtype == "fp32":
+        raise SpecError(f"--precision {precision} with --dtype fp32: mixed precision needs a bf16 or fp16 compute dtype")
+    # parallelism
+    if spec.gpus % (spec.tp * spec.pp):
+        raise SpecError(f"--gpus {spec.gpus}: must be a multiple of --tp × --pp = {spec.tp * spec.pp}")
+    if spec.tp > 1:
+        if shape.n_heads % spec.tp:
+            raise SpecError(f"--tp {spec.tp}: does not divide the {shape.n_heads} attention heads of {shape.name}")
+        kv = shape.n_kv_heads
+        if kv % spec.tp and spec.tp % kv:
+            raise SpecError(f"--tp {spec.tp}: neither divides nor is divided by the {kv} KV heads of {shape.name}")
+    if spec.pp > shape.n_layers:
+        raise SpecError(f"--pp {spec.pp}: more pipeline stages than the {shape.n_layers} layers of {shape.name}")
+    if spec.layer_split and (spec.tp > 1 or spec.pp > 1 or spec.zero):
+        raise SpecError("--layer-split: splits layers over --gpus by itself; do not combine with --tp, --pp or --zero")
+    if spec.layer_split and spec.gpus > shape.n_layers:
+        raise SpecError(f"--gpus {spec.gpus} with --layer-split: more GPUs than the {shape.n_layers} layers")
+    if spec.zero and spec.gpus // (spec.tp * spec.pp) < 2:
+        raise SpecError(f"--zero {spec.zero}: needs at least 2 data-parallel GPUs (--gpus / (--tp × --pp))")
+    if spec.offload == "optimizer" and spec.mode != "train":
+        raise SpecError("--offload optimizer: only applies to --mode train")
+    return replace(spec, dtype=dtype, compute_dtype=compute, precision=precision, kv_dtype=spec.kv_dtype or compute)
+
+
+def is_quantized(dtype):
+    """True for dtypes whose weights are stored packed."""
+    return dtype in BNB_DTYPES + INT4_DTYPES + GGUF_DTYPES + ("fp8",)

@@ -1,0 +1,170 @@
+"""`vramlab` command line: argument parsing and dispatch only.
+
+argparse (not a third-party CLI library) keeps `vramlab predict` free of heavy imports:
+it must answer in well under half a second and never imports torch.
+"""
+
+import argparse
+import json
+import sys
+
+from formulas import categories as C
+from formulas.units import GiB
+
+
+def _targets(text):
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def add_spec_arguments(p):
+    """Flags shared by predict (and, later, trace/run/plan). Names are kept stable for scripts."""
+    p.add_argument("--model", required=True, help="catalog name (e.g. Llama-3.1-8B), HF id, config.json path or model dir")
+    p.add_argument("--mode", default="inference", help="inference | train")
+    p.add_argument("--dtype", default="bf16",
+                   help="fp32 | bf16 | fp16 | fp8 | int8 | nf4 | fp4 | gptq-int4 | awq-int4 | q8_0 | q6_k | q5_k_m | "
+                        "q4_k_m | q4_0 | q3_k_m | q2_k (with --method qlora: the compute dtype)")
+    p.add_argument("--compute-dtype", default="bf16", help="compute dtype of quantized models (bf16 | fp16 | fp32)")
+    p.add_argument("--batch", type=int, default=1, help="concurrent sequences (inference) or micro-batch (training)")
+    p.add_argument("--users", type=int, default=None, help="alias of --batch for inference: concurrent users")
+    p.add_argument("--seq", type=int, default=2048, help="prompt / sequence length in tokens")
+    p.add_argument("--gen", type=int, default=0, help="tokens generated after the prompt (decode steps)")
+    p.add_argument("--method", default="full", help="full | freeze | lora | qlora")
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-targets", type=_targets, default=("q_proj", "v_proj"), help="comma list, or all-linear")
+    p.add_argument("--lora-dtype", default="fp32", help="adapter dtype (peft default fp32)")
+    p.add_argument("--trainable-layers", type=int, default=2, help="--method freeze: last N layers train")
+    p.add_argument("--optimizer", default="adamw",
+                   help="adamw | adamw8bit | paged_adamw8bit | sgd | sgd_momentum | lion | adafactor")
+    p.add_argument("--optimizer-impl", default="foreach", help="foreach | fused | forloop (AdamW)")
+    p.add_argument("--precision", default="auto", help="auto | pure | amp | master (training)")
+    p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--attn", default="sdpa", help="sdpa | eager")
+    p.add_argument("--kv-dtype", default="", help="KV cache dtype (default: compute dtype)")
+    p.add_argument("--mla-cache", default="expanded", help="MLA models: expanded (transformers) | compressed (vLLM/SGLang)")
+    p.add_argument("--logits", default="last", help="inference: last (generate) | all positions")
+    p.add_argument("--no-double-quant", action="store_true", help="bitsandbytes 4-bit without double quantization")
+    p.add_argument("--group-size", type=int, default=128, help="GPTQ/AWQ group size")
+    p.add_argument("--no-dropout", action="store_true", help="train without dropout masks")
+    p.add_argument("--gpus", type=int, default=1)
+    p.add_argument("--zero", type=int, default=0, help="ZeRO stage 0-3 (3 = FSDP full shard)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree")
+    p.add_argument("--layer-split", action="store_true", help='split layers over --gpus like device_map="auto"')
+    p.add_argument("--offload", default="none", help="none | optimizer | params")
+
+
+def spec_from_args(a):
+    """Build a Spec from parsed flags."""
+    from formulas.spec import Spec
+
+    batch = a.users if a.users is not None else a.batch
+    return Spec(
+        model=a.model, mode=a.mode, dtype=a.dtype.lower(), batch=batch, seq=a.seq, gen=a.gen, method=a.method,
+        compute_dtype=a.compute_dtype, lora_rank=a.lora_rank, lora_targets=a.lora_targets, lora_dtype=a.lora_dtype,
+        trainable_layers=a.trainable_layers, optimizer=a.optimizer, optimizer_impl=a.optimizer_impl,
+        precision=a.precision, grad_ckpt=a.grad_ckpt, attn=a.attn, grad_accum=a.grad_accum, kv_dtype=a.kv_dtype,
+        mla_cache=a.mla_cache, logits=a.logits, double_quant=not a.no_double_quant, group_size=a.group_size,
+        dropout=not a.no_dropout, gpus=a.gpus, zero=a.zero, tp=a.tp, pp=a.pp, layer_split=a.layer_split,
+        offload=a.offload,
+    )
+
+
+def _g(n):
+    if 0 < n < GiB / 200:
+        return f"{'<0.01':>10}"
+    return f"{n / GiB:10.2f}"
+
+
+def render_prediction(pred, gpu=None):
+    """The readable table `vramlab predict` prints (GiB, binary)."""
+    s = pred.spec
+    head = f"{pred.model} · {s.mode} · {s.dtype}"
+    if s.mode == "train":
+        head += f" · {s.method} · {s.optimizer}" + (" · grad-ckpt" if s.grad_ckpt else "")
+        head += f" · batch {s.batch} × seq {s.seq}" + (f" × accum {s.grad_accum}" if s.grad_accum > 1 else "")
+    else:
+        head += f" · batch {s.batch} · prompt {s.seq}" + (f" + gen {s.gen}" if s.gen else "")
+    lines = [head, f"{pred.n_params:,} parameters · attention {s.attn}" + (f" · per GPU of {s.gpus}" if s.gpus > 1 else ""), ""]
+    lines.append(f"{'category':<22}{'GiB':>10}")
+    for c in C.TENSOR_CATEGORIES:
+        v = pred.breakdown.get(c, 0)
+        if v:
+            lines.append(f"{c:<22}{_g(v)}")
+    lines.append(f"{'peak allocated':<22}{_g(pred.peak_allocated_bytes)}   at {pred.peak_phase}   (torch max_memory_allocated)")
+    lines.append(f"{'cuda context + ws':<22}{_g(pred.breakdown[C.CUDA_CONTEXT])}")
+    lines.append(f"{'allocator slack':<22}{_g(pred.breakdown[C.ALLOCATOR_SLACK])}")
+    lines.append(f"{'peak device':<22}{_g(pred.peak_device_bytes)}   (what nvidia-smi shows)")
+    phases = " · ".join(f"{ph} {sum(bd.values()) / GiB:.2f}" for ph, bd in pred.phases.items())
+    lines.append("")
+    lines.append(f"phases (GiB allocated): {phases}")
+    for n in pred.notes:
+        lines.append(f"note: {n}")
+    lines.append(f"uncalibrated: device overheads are {pred.overheads_source}" if not pred.calibrated
+                 else f"calibrated: {pred.overheads_source}")
+    if gpu:
+        name, cap = gpu
+        margin = cap - pred.peak_device_bytes
+        verdict = "fits" if margin >= 0 else "does not fit"
+        lines.append(f"{name} ({cap / GiB:.2f} GiB nominal): {verdict}, margin {margin / GiB:+.2f} GiB")
+    return "\n".join(lines)
+
+
+def cmd_predict(a):
+    from formulas.catalog import UnknownModelError
+    from formulas.gpus import gpu_memory_bytes
+    from formulas.predict import predict
+    from formulas.shapes import UnsupportedModelError
+    from formulas.spec import SpecError
+
+    try:
+        gpu = gpu_memory_bytes(a.gpu) if a.gpu else None
+        pred = predict(spec_from_args(a))
+    except (SpecError, UnknownModelError, UnsupportedModelError, ValueError) as e:
+        print(f"vramlab predict: {e}", file=sys.stderr)
+        return 2
+    if a.json:
+        d = pred.to_dict()
+        if gpu:
+            d["gpu"] = {"name": gpu[0], "memory_bytes": gpu[1], "fits": pred.peak_device_bytes <= gpu[1],
+                        "margin_bytes": gpu[1] - pred.peak_device_bytes}
+        print(json.dumps(d, indent=2))
+    else:
+        print(render_prediction(pred, gpu))
+    return 0
+
+
+def cmd_models(a):
+    from formulas.catalog import catalog_names, get_shape
+
+    for name in catalog_names():
+        if a.params:
+            s = get_shape(name)
+            print(f"{name:<48} {s.model_type:<12} {s.n_params:>18,}")
+        else:
+            print(name)
+    return 0
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="vramlab", description="How much GPU memory an LLM needs — predicted, traced, measured.")
+    sub = p.add_subparsers(dest="command", required=True)
+    pp = sub.add_parser("predict", help="analytic memory prediction (no GPU, no torch)")
+    add_spec_arguments(pp)
+    pp.add_argument("--gpu", default=None, help="GPU name: say whether the workload fits its memory")
+    pp.add_argument("--json", action="store_true", help="print the prediction as JSON (bytes)")
+    pp.set_defaults(func=cmd_predict)
+    pm = sub.add_parser("models", help="list the shipped model configs")
+    pm.add_argument("--params", action="store_true", help="with model type and parameter count")
+    pm.set_defaults(func=cmd_models)
+    return p
+
+
+def main(argv=None):
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    return a.func(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
