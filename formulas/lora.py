@@ -1,6 +1,21 @@
 """LoRA / QLoRA adapters: which modules they attach to and what they add."""
 
-DEFAULT_TARGETS = ("q_proj", "v_proj")  # peft's default for Llama-style models
+# peft's defaults (peft/utils/constants.py TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING);
+# peft has none for the MoE/MLA types, which get their query and value projections here.
+DEFAULT_TARGETS = {
+    "gpt2": ("c_attn",),
+    "gpt_bigcode": ("c_attn",),
+    "gpt_neox": ("query_key_value",),
+    "deepseek_v2": ("q_proj", "kv_b_proj"),
+    "deepseek_v3": ("q_b_proj", "kv_b_proj"),
+}
+
+
+def default_targets(shape):
+    """LoRA target modules peft picks for this model type when none are given."""
+    if shape.model_type == "deepseek_v2" and shape.q_lora_rank:
+        return ("q_b_proj", "kv_b_proj")
+    return DEFAULT_TARGETS.get(shape.model_type, ("q_proj", "v_proj"))
 
 
 def linear_modules(shape):
@@ -21,6 +36,8 @@ def linear_modules(shape):
 def resolve_targets(shape, targets):
     """Map target names (or 'all-linear') to {module: (in, out, copies)}; unknown names are an error."""
     mods = linear_modules(shape)
+    if not targets:
+        targets = default_targets(shape)
     if targets in ("all-linear", ("all-linear",)):
         return dict(mods)
     chosen = {}

@@ -31,7 +31,7 @@ from .activations import (
 from .catalog import get_shape
 from .dtypes import DTYPE_BYTES
 from .kv_cache import kv_cache_bytes
-from .lora import lora_params, lora_tensors, resolve_targets
+from .lora import default_targets, lora_params, lora_tensors, resolve_targets
 from .overhead import DEFAULT_OVERHEADS
 from .spec import Spec, SpecError, validate
 from .training import optimizer_memory
@@ -310,10 +310,8 @@ def _phases_train(st, sl, B, S, N):
     acts = (acts - replicated) / sl.tp + replicated if sl.tp > 1 else acts
     acts = acts * sl.act_frac
     model_saved = T * model_saved_per_token(ctx, shape) * sl.head
-    recompute = 0
     if s.grad_ckpt:
         acts = T * ckpt_saved_per_token(ctx, shape) * frac_layers * sl.act_frac
-        recompute = T * largest_layer_saved_per_token(ctx, shape, S) / sl.tp
     qtemp = st.quant_temp
     layer_transient = T * 4 * H / sl.tp
     if s.grad_ckpt:
@@ -333,19 +331,22 @@ def _phases_train(st, sl, B, S, N):
     fwd[C.TEMPORARIES] = copies + qtemp
     del fwd_tail
 
-    # Backward: the worst of its start (all saved activations + logits gradients), the middle under
-    # checkpointing (a layer recomputed while most gradients exist), and its end (all gradients).
+    # Backward, three moments: its start (all saved activations + logits gradients); under checkpointing,
+    # the last layer recomputed while the checkpointed inputs are still held; its end (nearly all
+    # gradients while the first layer's activations — saved or recomputed — are consumed).
+    one_layer = T * largest_layer_saved_per_token(ctx, shape, S) / sl.tp
+    grad_buf = 2 * T * H * ctx.r / sl.tp  # gradient of the hidden state flowing back, and its successor
+    early_grads = acc_grads if s.grad_accum > 1 else st.lm_grad * sl.head / sl.tp
     start_total = acts + model_saved + bwd_logits + acc_grads + copies
-    end_total = grads + 2 * T * H * ctx.r / sl.tp
-    mid_total = acts + recompute + grads + 2 * T * H * ctx.r / sl.tp + copies if s.grad_ckpt else 0
-    bwd = dict(persistent)
+    mid_total = (acts + one_layer + grad_buf + early_grads + copies) if s.grad_ckpt else 0
+    end_total = grads + grad_buf + one_layer
     p_start = (start_total >= end_total) * (start_total >= mid_total)
-    p_mid = (mid_total > start_total) * (mid_total >= end_total) if s.grad_ckpt else 0
+    p_mid = ((mid_total > start_total) * (mid_total >= end_total)) if s.grad_ckpt else 0
     p_end = 1 - p_start - p_mid
-    bwd[C.ACTIVATIONS] = p_start * (acts + model_saved) + p_mid * (acts + recompute) + p_end * (2 * T * H * ctx.r / sl.tp) \
-        + p_mid * (2 * T * H * ctx.r / sl.tp)
+    bwd = dict(persistent)
+    bwd[C.ACTIVATIONS] = p_start * (acts + model_saved) + p_mid * (acts + one_layer + grad_buf) + p_end * (one_layer + grad_buf)
     bwd[C.LOGITS] = p_start * bwd_logits
-    bwd[C.GRADIENTS] = p_start * acc_grads + (p_mid + p_end) * grads + bucket
+    bwd[C.GRADIENTS] = p_start * acc_grads + p_mid * early_grads + p_end * grads + bucket
     bwd[C.TEMPORARIES] = (p_start + p_mid) * copies + qtemp
 
     opt = dict(persistent)
@@ -389,7 +390,8 @@ def _notes(st):
         if st.opt_paged:
             notes.append("paged optimizer state lives in CUDA unified memory: counted on the device, not in peak_allocated")
         if s.method in ("lora", "qlora"):
-            notes.append(f"LoRA r={s.lora_rank} on {', '.join(s.lora_targets)}: {st.n_trainable:,} trainable parameters in {s.lora_dtype}")
+            targets = ", ".join(s.lora_targets or default_targets(shape))
+            notes.append(f"LoRA r={s.lora_rank} on {targets}: {st.n_trainable:,} trainable parameters in {s.lora_dtype}")
         if s.method == "freeze":
             notes.append(f"freeze: last {s.trainable_layers} of {shape.n_layers} layers train ({st.n_trainable:,} parameters)")
         if s.dtype in ("int8", "nf4", "fp4") and shape.is_moe:

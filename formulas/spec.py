@@ -35,7 +35,7 @@ class Spec:
     method: str = "full"  # full | freeze | lora | qlora (training)
     compute_dtype: str = "bf16"  # dtype of unquantized parts and compute when dtype is quantized
     lora_rank: int = 16  # LoRA rank r
-    lora_targets: tuple = ("q_proj", "v_proj")  # module leaf names, or ("all-linear",)
+    lora_targets: tuple = ()  # module leaf names, ("all-linear",), or () for peft's default per model type
     lora_dtype: str = "fp32"  # adapter dtype (peft upcasts adapters to fp32 by default)
     trainable_layers: int = 2  # --method freeze: train the last N decoder layers
     optimizer: str = "adamw"

@@ -30,7 +30,8 @@ def add_spec_arguments(p):
     p.add_argument("--gen", type=int, default=0, help="tokens generated after the prompt (decode steps)")
     p.add_argument("--method", default="full", help="full | freeze | lora | qlora")
     p.add_argument("--lora-rank", type=int, default=16)
-    p.add_argument("--lora-targets", type=_targets, default=("q_proj", "v_proj"), help="comma list, or all-linear")
+    p.add_argument("--lora-targets", type=_targets, default=(),
+                   help="comma list of module names, or all-linear (default: peft's choice for the model type)")
     p.add_argument("--lora-dtype", default="fp32", help="adapter dtype (peft default fp32)")
     p.add_argument("--trainable-layers", type=int, default=2, help="--method freeze: last N layers train")
     p.add_argument("--optimizer", default="adamw",
