@@ -67,10 +67,14 @@ class GGUFRecipe:
     attn_output: str = ""  # attn_output override
     rule: str = "none"  # which layers get the attn_v/ffn_down override: none | more_bits | q3_k_m
 
-    def layer_type(self, role, i, n_layers):
+    def layer_type(self, role, i, n_layers, is_70b=False):
         """GGML type of a weight with role attn_v/ffn_down/attn_output/other in layer i."""
         if role == "attn_output" and self.attn_output:
             return self.attn_output
+        if role == "attn_v" and is_70b:
+            # llama-quant.cpp: "In the 70B model we have 8 heads sharing the same attn_v weights" → Q3_K/Q4_K become Q5_K.
+            t = self.layer_type(role, i, n_layers)
+            return "Q5_K" if t in ("Q3_K", "Q4_K") else t
         if role in ("attn_v", "ffn_down"):
             over = self.attn_v if role == "attn_v" else self.ffn_down
             if not over:

@@ -384,7 +384,8 @@ def _notes(st):
         notes.append(f"precision {s.precision}: " + {
             "amp": "fp32 parameters, gradients and optimizer states; autocast to "
                    f"{s.compute_dtype} with cached weight copies",
-            "pure": f"parameters, gradients and optimizer states in {s.dtype if s.method not in ('lora', 'qlora') else s.lora_dtype}",
+            "pure": f"trainable parameters, gradients and optimizer states in "
+                    f"{s.dtype if s.method not in ('lora', 'qlora') else s.lora_dtype}",
             "master": "low-precision parameters and gradients, fp32 master weights and optimizer states",
         }[s.precision])
         if st.opt_paged:

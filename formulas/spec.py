@@ -39,7 +39,7 @@ class Spec:
     lora_dtype: str = "fp32"  # adapter dtype (peft upcasts adapters to fp32 by default)
     trainable_layers: int = 2  # --method freeze: train the last N decoder layers
     optimizer: str = "adamw"
-    optimizer_impl: str = "foreach"  # foreach (torch default on GPU) | fused | forloop
+    optimizer_impl: str = "auto"  # auto (foreach on one GPU/DDP, fused under ZeRO) | foreach | fused | forloop
     precision: str = "auto"  # auto | pure | amp (autocast, fp32 params) | master (fp32 master in optimizer)
     grad_ckpt: bool = False  # gradient checkpointing per decoder layer
     attn: str = "sdpa"  # sdpa | eager
@@ -93,7 +93,7 @@ def validate(spec, shape):
     _choice("compute-dtype", spec.compute_dtype, ("bf16", "fp16", "fp32"))
     _choice("lora-dtype", spec.lora_dtype, FLOAT_DTYPES)
     _choice("optimizer", spec.optimizer, OPTIMIZERS)
-    _choice("optimizer-impl", spec.optimizer_impl, OPTIMIZER_IMPLS)
+    _choice("optimizer-impl", spec.optimizer_impl, ("auto",) + OPTIMIZER_IMPLS)
     _choice("precision", spec.precision, PRECISIONS)
     _choice("attn", spec.attn, ATTNS)
     _choice("mla-cache", spec.mla_cache, MLA_CACHES)
@@ -153,7 +153,11 @@ def validate(spec, shape):
         raise SpecError(f"--zero {spec.zero}: needs at least 2 data-parallel GPUs (--gpus / (--tp × --pp))")
     if spec.offload == "optimizer" and spec.mode != "train":
         raise SpecError("--offload optimizer: only applies to --mode train")
-    return replace(spec, dtype=dtype, compute_dtype=compute, precision=precision, kv_dtype=spec.kv_dtype or compute)
+    impl = spec.optimizer_impl
+    if impl == "auto":  # torch picks foreach on CUDA; DeepSpeed/FSDP setups use a fused Adam
+        impl = "fused" if spec.zero else "foreach"
+    return replace(spec, dtype=dtype, compute_dtype=compute, precision=precision, kv_dtype=spec.kv_dtype or compute,
+                   optimizer_impl=impl)
 
 
 def is_quantized(dtype):

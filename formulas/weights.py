@@ -57,7 +57,7 @@ def _bnb_quantizes(t):
     return t.kind == "linear" and t.module != "lm_head"
 
 
-def _tensor_storage(t, dtype, cb, n_layers, double_quant, group_size, tied=False):
+def _tensor_storage(t, dtype, cb, n_layers, double_quant, group_size, tied=False, is_70b=False):
     """(weight bytes, quant_state bytes, quantized?) of all copies of one inventory tensor."""
     n = t.numel
     forced = DTYPE_BYTES[t.dtype] if t.dtype else None
@@ -95,7 +95,7 @@ def _tensor_storage(t, dtype, cb, n_layers, double_quant, group_size, tied=False
         per_layer = t.count // n_layers if t.count > n_layers else 1
         total = 0
         for i in range(first, first + min(t.count, n_layers)):
-            total += ggml_tensor_bytes(n, recipe.layer_type(role, i, n_layers)) * per_layer
+            total += ggml_tensor_bytes(n, recipe.layer_type(role, i, n_layers, is_70b)) * per_layer
         return total, 0, True
     return plain, 0, False
 
@@ -108,8 +108,10 @@ def weight_storage(shape, dtype, compute_dtype="bf16", double_quant=True, group_
     at `compute_dtype`. Source: see formulas/dtypes.py per scheme."""
     cb = DTYPE_BYTES[dtype] if dtype in ("fp32", "bf16", "fp16") else DTYPE_BYTES[compute_dtype]
     weights = qstate = layer = qnumel = largest_q = largest_lin = embed = head = 0
+    # llama.cpp classifies an 80-layer Llama with 8 query heads per KV head as LLM_TYPE_70B.
+    is_70b = shape.family == "llama" and shape.n_layers == 80 and shape.n_heads == 8 * shape.n_kv_heads
     for t in shape.tensors:
-        w, q, quantized = _tensor_storage(t, dtype, cb, shape.n_layers, double_quant, group_size, shape.tie_embeddings)
+        w, q, quantized = _tensor_storage(t, dtype, cb, shape.n_layers, double_quant, group_size, shape.tie_embeddings, is_70b)
         weights += w
         qstate += q
         if _is_layer(t):

@@ -36,7 +36,7 @@ def add_spec_arguments(p):
     p.add_argument("--trainable-layers", type=int, default=2, help="--method freeze: last N layers train")
     p.add_argument("--optimizer", default="adamw",
                    help="adamw | adamw8bit | paged_adamw8bit | sgd | sgd_momentum | lion | adafactor")
-    p.add_argument("--optimizer-impl", default="foreach", help="foreach | fused | forloop (AdamW)")
+    p.add_argument("--optimizer-impl", default="auto", help="auto | foreach | fused | forloop (AdamW)")
     p.add_argument("--precision", default="auto", help="auto | pure | amp | master (training)")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")

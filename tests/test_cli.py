@@ -1,0 +1,67 @@
+"""`vramlab predict`: output contract, clear one-line errors, and no torch import."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from harness.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_json_contract(capsys):
+    code, out, _ = run(capsys, "predict", "--model", "Llama-3.1-8B", "--seq", "4096", "--gen", "100", "--json")
+    assert code == 0
+    d = json.loads(out)
+    for key in ("peak_allocated_bytes", "peak_device_bytes", "peak_phase", "breakdown"):
+        assert key in d
+    assert d["breakdown"]["weights"] == 8_030_261_248 * 2
+    assert isinstance(d["peak_device_bytes"], int)
+    assert d["peak_allocated_bytes"] == sum(v for k, v in d["breakdown"].items()
+                                            if k not in ("cuda_context", "allocator_slack"))
+
+
+def test_table_in_gib_with_phase_and_totals(capsys):
+    code, out, _ = run(capsys, "predict", "--model", "Qwen2.5-7B", "--mode", "train", "--method", "qlora",
+                       "--dtype", "bf16", "--seq", "1024", "--gpu", "RTX 4090")
+    assert code == 0
+    assert "GiB" in out and "peak allocated" in out and "peak device" in out and "RTX 4090" in out
+    assert "uncalibrated" in out
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--model", "Llama-3.1-8", "--json"], "--model"),
+    (["--model", "Llama-3.1-8B", "--batch", "0"], "--batch"),
+    (["--model", "Llama-3.1-8B", "--mode", "train", "--method", "qlora", "--dtype", "fp32"], "--dtype fp32"),
+    (["--model", "Llama-3.1-8B", "--gpus", "3", "--tp", "3"], "--tp 3"),
+    (["--model", "Llama-3.1-8B", "--dtype", "int3"], "--dtype int3"),
+    (["--model", "Llama-3.1-8B", "--mode", "train", "--dtype", "nf4"], "--dtype nf4"),
+    (["--model", "Llama-3.1-8B", "--gpu", "GTX 9090"], "--gpu"),
+])
+def test_bad_input_is_one_line_naming_the_flag(capsys, argv, flag):
+    code, out, err = run(capsys, "predict", *argv)
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and flag in lines[0]
+
+
+def test_predict_does_not_import_torch():
+    code = ("import sys; from harness.cli import main; "
+            "main(['predict', '--model', 'Llama-3.1-70B', '--mode', 'train', '--method', 'qlora', '--json']); "
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules and 'pandas' not in sys.modules")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_models_lists_catalog(capsys):
+    code, out, _ = run(capsys, "models")
+    assert code == 0 and "deepseek-ai/DeepSeek-R1" in out.splitlines()
