@@ -195,15 +195,17 @@ def _embed_and_head(t, V, H, tie, with_final_norm=True, norm_bias=False, names=(
         t.append(Tensor(f"{names[2]}.weight", "linear", (V, H), 1, "lm_head"))
 
 
-def _build_llama(cfg, name, mt):
+def _llama_dims(cfg):
+    """hidden, heads, KV heads, head dim (explicit head_dim wins), layers, vocab, tied — shared by Llama-style and MoE."""
     H = cfg["hidden_size"]
     nH = cfg["num_attention_heads"]
-    nKV = _get(cfg, "num_key_value_heads", default=nH)
-    hd = _get(cfg, "head_dim", default=H // nH)
-    L = cfg["num_hidden_layers"]
-    V = cfg["vocab_size"]
+    return (H, nH, _get(cfg, "num_key_value_heads", default=nH), _get(cfg, "head_dim", default=H // nH),
+            cfg["num_hidden_layers"], cfg["vocab_size"], bool(_get(cfg, "tie_word_embeddings", default=False)))
+
+
+def _build_llama(cfg, name, mt):
+    H, nH, nKV, hd, L, V, tie = _llama_dims(cfg)
     I = cfg["intermediate_size"]
-    tie = bool(_get(cfg, "tie_word_embeddings", default=False))
     t = []
     _llama_attention(t, cfg, H, nH, nKV, hd, L, mt)
     _gated_mlp(t, "layers.mlp", H, I, L, bias=bool(_get(cfg, "mlp_bias", default=False)) and mt == "llama")
@@ -225,14 +227,8 @@ def _build_llama(cfg, name, mt):
 
 
 def _build_moe(cfg, name, mt):
-    H = cfg["hidden_size"]
-    nH = cfg["num_attention_heads"]
-    nKV = _get(cfg, "num_key_value_heads", default=nH)
-    hd = _get(cfg, "head_dim", default=H // nH)
-    L = cfg["num_hidden_layers"]
-    V = cfg["vocab_size"]
+    H, nH, nKV, hd, L, V, tie = _llama_dims(cfg)
     I = _get(cfg, "intermediate_size", default=0)
-    tie = bool(_get(cfg, "tie_word_embeddings", default=False))
     t = []
     _llama_attention(t, cfg, H, nH, nKV, hd, L, mt)
     if mt == "mixtral":
@@ -328,15 +324,19 @@ def _build_mla(cfg, name, mt):
 
 
 def _build_gpt2(cfg, name, mt):
+    """GPT-2 and GPTBigCode: the same block; GPTBigCode's c_attn is narrower under multi-query."""
     H = _get(cfg, "n_embd", "hidden_size")
     L = _get(cfg, "n_layer", "num_hidden_layers")
     nH = _get(cfg, "n_head", "num_attention_heads")
     V = cfg["vocab_size"]
     P = _get(cfg, "n_positions", "max_position_embeddings")
     I = _get(cfg, "n_inner", default=None) or 4 * H
+    hd = H // nH
+    mq = mt == "gpt_bigcode" and bool(_get(cfg, "multi_query", default=True))
+    kv_dim = hd if mq else H
     t = []
-    # Conv1D keeps weights as (in, out); listed here as (out, in) like nn.Linear, same numel.
-    _lin(t, "h.attn.c_attn", "c_attn", 3 * H, H, L, True)
+    # Conv1D (gpt2) keeps weights as (in, out); listed here as (out, in) like nn.Linear, same numel.
+    _lin(t, "h.attn.c_attn", "c_attn", H + 2 * kv_dim, H, L, True)
     _lin(t, "h.attn.c_proj", "c_proj", H, H, L, True)
     _lin(t, "h.mlp.c_fc", "c_fc", I, H, L, True)
     _lin(t, "h.mlp.c_proj", "c_proj", H, I, L, True)
@@ -345,11 +345,15 @@ def _build_gpt2(cfg, name, mt):
     t.append(Tensor("wpe.weight", "embedding", (P, H), 1, "wpe"))
     tie = bool(_get(cfg, "tie_word_embeddings", default=True))
     _embed_and_head(t, V, H, tie, norm_bias=True, names=("wte", "ln_f", "lm_head"))
+    buffers = ()
+    if mt == "gpt_bigcode":
+        # Causal mask buffer: bool (P, P), persistent=False (modeling_gpt_bigcode.py GPTBigCodeModel).
+        buffers = (Tensor("bias", "buffer", (P, P), 1, dtype="bool"),)
     return dict(
-        family="gpt2", hidden=H, n_layers=L, n_heads=nH, n_kv_heads=nH, head_dim=H // nH, v_head_dim=H // nH,
+        family=mt, hidden=H, n_layers=L, n_heads=nH, n_kv_heads=1 if mq else nH, head_dim=hd, v_head_dim=hd,
         intermediate=I, vocab=V, tie_embeddings=tie, mlp_gated=False, norm="layer", max_positions=P,
         attn_dropout=float(_get(cfg, "attn_pdrop", default=0.1)), resid_dropout=float(_get(cfg, "resid_pdrop", default=0.1)),
-        embd_dropout=float(_get(cfg, "embd_pdrop", default=0.1)), tensors=t, buffers=(),
+        embd_dropout=float(_get(cfg, "embd_pdrop", default=0.1)), tensors=t, buffers=buffers,
     )
 
 
@@ -418,36 +422,6 @@ def _build_gpt_neox(cfg, name, mt):
     )
 
 
-def _build_gpt_bigcode(cfg, name, mt):
-    H = _get(cfg, "n_embd", "hidden_size")
-    L = _get(cfg, "n_layer", "num_hidden_layers")
-    nH = _get(cfg, "n_head", "num_attention_heads")
-    V = cfg["vocab_size"]
-    P = _get(cfg, "n_positions", "max_position_embeddings")
-    I = _get(cfg, "n_inner", default=None) or 4 * H
-    hd = H // nH
-    mq = bool(_get(cfg, "multi_query", default=True))
-    kv_dim = hd if mq else H
-    t = []
-    _lin(t, "h.attn.c_attn", "c_attn", H + 2 * kv_dim, H, L, True)
-    _lin(t, "h.attn.c_proj", "c_proj", H, H, L, True)
-    _lin(t, "h.mlp.c_fc", "c_fc", I, H, L, True)
-    _lin(t, "h.mlp.c_proj", "c_proj", H, I, L, True)
-    _norm(t, "h.ln_1", H, L, True)
-    _norm(t, "h.ln_2", H, L, True)
-    t.append(Tensor("wpe.weight", "embedding", (P, H), 1, "wpe"))
-    tie = bool(_get(cfg, "tie_word_embeddings", default=True))
-    _embed_and_head(t, V, H, tie, norm_bias=True, names=("wte", "ln_f", "lm_head"))
-    # Causal mask buffer: bool (P, P), persistent=False (modeling_gpt_bigcode.py GPTBigCodeModel).
-    buffers = (Tensor("bias", "buffer", (P, P), 1, dtype="bool"),)
-    return dict(
-        family="gpt_bigcode", hidden=H, n_layers=L, n_heads=nH, n_kv_heads=1 if mq else nH, head_dim=hd,
-        v_head_dim=hd, intermediate=I, vocab=V, tie_embeddings=tie, mlp_gated=False, norm="layer", max_positions=P,
-        attn_dropout=float(_get(cfg, "attn_pdrop", default=0.1)), resid_dropout=float(_get(cfg, "resid_pdrop", default=0.1)),
-        embd_dropout=float(_get(cfg, "embd_pdrop", default=0.1)), tensors=t, buffers=buffers,
-    )
-
-
 _BUILDERS = {
     "llama": _build_llama,
     "moe": _build_moe,
@@ -455,7 +429,7 @@ _BUILDERS = {
     "gpt2": _build_gpt2,
     "opt": _build_opt,
     "gpt_neox": _build_gpt_neox,
-    "gpt_bigcode": _build_gpt_bigcode,
+    "gpt_bigcode": _build_gpt2,
 }
 
 
