@@ -156,8 +156,9 @@ def validate(spec, shape):
     impl = spec.optimizer_impl
     if impl == "auto":  # torch picks foreach on CUDA; DeepSpeed/FSDP setups use a fused Adam
         impl = "fused" if spec.zero else "foreach"
-    return replace(spec, dtype=dtype, compute_dtype=compute, precision=precision, kv_dtype=spec.kv_dtype or compute,
-                   optimizer_impl=impl)
+    # The model by its canonical name (catalog id or config path), so spellings hash alike.
+    return replace(spec, model=shape.name, dtype=dtype, compute_dtype=compute, precision=precision,
+                   kv_dtype=spec.kv_dtype or compute, optimizer_impl=impl)
 
 
 def is_quantized(dtype):

@@ -6,6 +6,7 @@ it must answer in well under half a second and never imports torch.
 
 import argparse
 import json
+import os
 import sys
 
 from formulas import categories as C
@@ -147,6 +148,86 @@ def cmd_models(a):
     return 0
 
 
+def _shard(text):
+    try:
+        k, n = (int(x) for x in text.split("/"))
+        if not 1 <= k <= n:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard {text}: expected K/N with 1 ≤ K ≤ N, e.g. 2/3") from None
+    return k, n
+
+
+def cmd_run(a):
+    from . import nvml
+    from .launcher import default_out_dir, run_sweep
+    from .spec import SweepError, load_sweep
+
+    try:
+        name, exps = load_sweep(a.sweep)
+    except SweepError as e:
+        print(f"vramlab run: {e}", file=sys.stderr)
+        return 2
+    if a.shard:
+        k, n = a.shard
+        exps = exps[k - 1::n]
+    mode = a.mode
+    if mode == "auto":
+        mode = "measure" if nvml.device_count() > 0 else "trace"
+        if mode == "trace" and not a.dry_run:
+            print("vramlab run: no NVIDIA GPU found — tracing the experiments on fake tensors instead of measuring",
+                  file=sys.stderr)
+    if a.dry_run:
+        from formulas.predict import predict
+
+        print(f"{name}: {len(exps)} experiments ({mode})")
+        for e in exps:
+            p = predict(e.spec)
+            print(f"{e.spec_hash}  {e.label():70s} {p.peak_allocated_bytes / GiB:8.2f} GiB alloc "
+                  f"{p.peak_device_bytes / GiB:8.2f} GiB device  {p.peak_phase}")
+        return 0
+    if mode == "measure" and not nvml.available():
+        print("vramlab run: --mode measure needs an NVIDIA GPU and driver (NVML not available)", file=sys.stderr)
+        return 2
+    gpus = [int(x) for x in a.gpus.split(",")] if a.gpus else None
+    out = a.out or default_out_dir(name, mode)
+    print(f"{name}: {len(exps)} experiments → {out}", file=sys.stderr)
+    s = run_sweep(exps, out, gpus=gpus, mode=mode, retry=a.retry, progress=not a.no_progress)
+    parts = ", ".join(f"{k} {v}" for k, v in sorted(s.outcomes.items()))
+    print(f"{name}: ran {s.ran}, skipped {s.skipped} already recorded" + (f" ({parts})" if parts else "")
+          + (f"; moved {len(s.corrupt_moved)} unreadable record(s) aside" if s.corrupt_moved else ""))
+    if s.interrupted:
+        print("vramlab run: interrupted — records written so far are kept; run the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def cmd_results(a):
+    from .records import iter_records, records_frame
+
+    bad = []
+    recs = list(iter_records(a.path, on_error=lambda p, e: bad.append(str(e))))
+    for b in bad:
+        print(f"vramlab results: skipped {b}", file=sys.stderr)
+    if not recs:
+        print(f"vramlab results: no records under {a.path}", file=sys.stderr)
+        return 2
+    df = records_frame(recs)
+    if a.csv:
+        df.to_csv(a.csv if a.csv != "-" else sys.stdout, index=False)
+        if a.csv != "-":
+            print(f"{len(df)} records → {a.csv}", file=sys.stderr)
+    else:
+        cols = ["spec_hash", "model", "mode", "method", "dtype", "batch", "seq", "outcome",
+                "predicted_peak_allocated_bytes", "measured_peak_allocated_bytes"]
+        view = df[cols].copy()
+        for c in cols[-2:]:
+            view[c] = (view[c] / GiB).round(2)
+        view.columns = [c.replace("_bytes", "_GiB") for c in cols]
+        print(view.to_string(index=False))
+    return 0
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="vramlab", description="How much GPU memory an LLM needs — predicted, traced, measured.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -155,6 +236,20 @@ def build_parser():
     pp.add_argument("--gpu", default=None, help="GPU name: say whether the workload fits its memory")
     pp.add_argument("--json", action="store_true", help="print the prediction as JSON (bytes)")
     pp.set_defaults(func=cmd_predict)
+    pr = sub.add_parser("run", help="run a sweep: measure on GPUs, or trace without one")
+    pr.add_argument("sweep", help="experiments/NAME.yaml")
+    pr.add_argument("--gpus", default=None, help="comma list of GPU indices to run on in parallel (default: GPU 0)")
+    pr.add_argument("--out", default=None, help="record folder (default results/runs/<sweep>/<gpu-driver>)")
+    pr.add_argument("--mode", default="auto", choices=("auto", "measure", "trace"))
+    pr.add_argument("--dry-run", action="store_true", help="list the experiments and their predictions; run nothing")
+    pr.add_argument("--shard", type=_shard, default=None, help="run every N-th experiment starting at K (K/N)")
+    pr.add_argument("--retry", action="store_true", help="rerun experiments whose record is an error/timeout/crash")
+    pr.add_argument("--no-progress", action="store_true")
+    pr.set_defaults(func=cmd_run)
+    prs = sub.add_parser("results", help="records as a table or CSV")
+    prs.add_argument("path", help="a record file or a folder of records")
+    prs.add_argument("--csv", default=None, help="write CSV to this file (- for stdout)")
+    prs.set_defaults(func=cmd_results)
     pm = sub.add_parser("models", help="list the shipped model configs")
     pm.add_argument("--params", action="store_true", help="with model type and parameter count")
     pm.set_defaults(func=cmd_models)
@@ -164,7 +259,11 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     a = parser.parse_args(argv)
-    return a.func(a)
+    try:
+        return a.func(a)
+    except BrokenPipeError:  # `vramlab … | head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,235 @@
+"""Experiment sweeps: YAML schema, validation, expansion, and a stable hash per experiment.
+
+A sweep file (`experiments/*.yaml`) has a base spec and sweep axes:
+
+    name: smoke
+    description: a few tiny experiments
+    defaults:                 # any formulas.spec.Spec field, plus the run fields below
+      model: Qwen/Qwen2.5-0.5B
+      seq: 256
+    groups:                   # each group: overrides (`set`), a cartesian `grid`, and/or `zip`ped lists
+      - set: {mode: inference}
+        grid: {dtype: [bf16, nf4], batch: [1, 4]}
+      - set: {mode: train, method: lora}
+        zip: {seq: [256, 1024], batch: [4, 1]}
+
+Without `groups`, top-level `grid`/`zip` form the single group. Every expanded experiment is
+validated (the Spec against its model, the run fields by type) before anything runs; an error
+names the file, where in it, the field, the value and what is allowed. An experiment's hash is
+stable: it depends only on its resolved fields, not on file order or formatting.
+"""
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field, fields
+from itertools import product
+
+from formulas.catalog import UnknownModelError, get_shape
+from formulas.shapes import UnsupportedModelError
+from formulas.spec import Spec, SpecError, validate
+
+SCHEMA_VERSION = 1
+
+# Run fields: how the experiment is run, not what is predicted.
+RUN_FIELDS = {
+    "steps": (int, 2, "training steps (the first allocates the optimizer state)"),
+    "timeout_s": (int, 600, "seconds before the experiment's process is killed"),
+    "sample_interval_ms": (float, 1.0, "NVML sampling interval"),
+    "real_model_dir": (str, "", "load real weights from this local directory instead of a shape-matched model"),
+}
+SPEC_FIELDS = {f.name: f for f in fields(Spec)}
+TOP_KEYS = {"name", "description", "defaults", "groups", "grid", "zip"}
+GROUP_KEYS = {"name", "set", "grid", "zip"}
+
+
+class SweepError(ValueError):
+    """A sweep file that cannot run; the message names file, place, field, value and what is allowed."""
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One experiment: what to predict and measure, and how to run it."""
+
+    spec: Spec  # validated, 'auto' fields resolved
+    steps: int = 2
+    timeout_s: int = 600
+    sample_interval_ms: float = 1.0
+    real_model_dir: str = ""
+    group: str = ""  # the group it came from, for display
+    run: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def spec_hash(self):
+        """Stable 12-hex-digit hash of the resolved spec and run fields."""
+        return spec_hash(self.spec, self.run_fields())
+
+    def run_fields(self):
+        return {k: getattr(self, k) for k in RUN_FIELDS}
+
+    def to_dict(self):
+        return {"spec": self.spec.to_dict(), **self.run_fields(), "group": self.group, "spec_hash": self.spec_hash}
+
+    @classmethod
+    def from_dict(cls, d):
+        spec = dict(d["spec"])
+        spec["lora_targets"] = tuple(spec.get("lora_targets", ()))
+        return cls(spec=Spec(**spec), group=d.get("group", ""), **{k: d[k] for k in RUN_FIELDS if k in d})
+
+    def label(self):
+        """One line describing the experiment."""
+        s = self.spec
+        core = f"{s.model} {s.mode} {s.dtype} b{s.batch} s{s.seq}"
+        if s.mode == "inference":
+            core += f" g{s.gen}"
+        else:
+            core += f" {s.method} {s.optimizer} {s.precision}" + (" ckpt" if s.grad_ckpt else "")
+        return core + ("" if s.attn == "sdpa" else f" {s.attn}")
+
+
+def spec_hash(spec, run_fields):
+    """sha256 over canonical JSON of the spec and run fields (sorted keys), first 12 hex digits."""
+    payload = {"schema": SCHEMA_VERSION, "spec": spec.to_dict(), "run": run_fields}
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _coerce(path, where, key, value):
+    """Check one field's type; lists become tuples for lora_targets."""
+    if key in RUN_FIELDS:
+        typ = RUN_FIELDS[key][0]
+        if typ is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, typ) or isinstance(value, bool):
+            raise SweepError(f"{path}: {where}: {key}: {value!r} is not a {typ.__name__} ({RUN_FIELDS[key][2]})")
+        return value
+    if key not in SPEC_FIELDS:
+        allowed = ", ".join(sorted(set(SPEC_FIELDS) | set(RUN_FIELDS)))
+        raise SweepError(f"{path}: {where}: unknown field {key!r}; allowed: {allowed}")
+    if key == "lora_targets":
+        if isinstance(value, str):
+            value = tuple(v.strip() for v in value.split(",") if v.strip())
+        elif isinstance(value, (list, tuple)):
+            value = tuple(value)
+        return value
+    default = SPEC_FIELDS[key].default
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise SweepError(f"{path}: {where}: {key}: {value!r} must be true or false")
+    elif isinstance(default, int):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise SweepError(f"{path}: {where}: {key}: {value!r} must be an integer")
+    elif isinstance(default, str) or key == "model":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str):
+            raise SweepError(f"{path}: {where}: {key}: {value!r} must be a string")
+    return value
+
+
+def _axes(path, where, kind, block):
+    if block is None:
+        return {}
+    if not isinstance(block, dict):
+        raise SweepError(f"{path}: {where}.{kind}: must be a mapping of field → list of values")
+    out = {}
+    for k, v in block.items():
+        if not isinstance(v, list) or not v:
+            raise SweepError(f"{path}: {where}.{kind}.{k}: must be a non-empty list, got {v!r}")
+        out[k] = [_coerce(path, f"{where}.{kind}", k, x) for x in v]
+    if kind == "zip":
+        lengths = {k: len(v) for k, v in out.items()}
+        if len(set(lengths.values())) > 1:
+            raise SweepError(f"{path}: {where}.zip: lists must have equal lengths, got {lengths}")
+    return out
+
+
+def _rows(grid, zipped):
+    grid_keys = list(grid)
+    grid_rows = [dict(zip(grid_keys, vals)) for vals in product(*(grid[k] for k in grid_keys))] or [{}]
+    if zipped:
+        n = len(next(iter(zipped.values())))
+        zip_rows = [{k: zipped[k][i] for k in zipped} for i in range(n)]
+    else:
+        zip_rows = [{}]
+    return [{**g, **z} for g in grid_rows for z in zip_rows]
+
+
+def _check_keys(path, where, d, allowed):
+    extra = set(d) - allowed
+    if extra:
+        raise SweepError(f"{path}: {where}: unknown key(s) {', '.join(sorted(extra))}; allowed: {', '.join(sorted(allowed))}")
+
+
+def expand_sweep(doc, path="<sweep>"):
+    """Expand a parsed sweep document into validated Experiments, in file order, without duplicates."""
+    if not isinstance(doc, dict):
+        raise SweepError(f"{path}: the top level must be a mapping with 'defaults' and 'groups' (or 'grid'/'zip')")
+    _check_keys(path, "top level", doc, TOP_KEYS)
+    defaults = doc.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        raise SweepError(f"{path}: defaults: must be a mapping of field → value")
+    base = {k: _coerce(path, "defaults", k, v) for k, v in defaults.items()}
+    groups = doc.get("groups")
+    if groups is None:
+        groups = [{"grid": doc.get("grid"), "zip": doc.get("zip")}]
+    elif doc.get("grid") or doc.get("zip"):
+        raise SweepError(f"{path}: top level: give axes inside 'groups', or top-level 'grid'/'zip', not both")
+    if not isinstance(groups, list) or not groups:
+        raise SweepError(f"{path}: groups: must be a non-empty list")
+    out, seen = [], set()
+    for gi, g in enumerate(groups):
+        where = f"groups[{gi}]"
+        if not isinstance(g, dict):
+            raise SweepError(f"{path}: {where}: must be a mapping with set/grid/zip")
+        _check_keys(path, where, g, GROUP_KEYS)
+        gname = str(g.get("name", gi))
+        sets = g.get("set") or {}
+        if not isinstance(sets, dict):
+            raise SweepError(f"{path}: {where}.set: must be a mapping of field → value")
+        overrides = {k: _coerce(path, f"{where}.set", k, v) for k, v in sets.items()}
+        for ri, row in enumerate(_rows(_axes(path, where, "grid", g.get("grid")), _axes(path, where, "zip", g.get("zip")))):
+            fields_ = {**base, **overrides, **row}
+            run = {k: fields_.pop(k) for k in list(fields_) if k in RUN_FIELDS}
+            if "model" not in fields_:
+                raise SweepError(f"{path}: {where}: experiment {ri}: no model given (set it in defaults, set or an axis)")
+            exp = _make(path, f"{where} experiment {ri}", fields_, run, gname)
+            if exp.spec_hash not in seen:
+                seen.add(exp.spec_hash)
+                out.append(exp)
+    return out
+
+
+def _make(path, where, spec_fields, run, group):
+    try:
+        spec = Spec(**spec_fields)
+        shape = get_shape(spec.model)
+        spec = validate(spec, shape)
+    except (SpecError, UnknownModelError, UnsupportedModelError) as e:
+        desc = ", ".join(f"{k}={v}" for k, v in spec_fields.items() if k in ("model", "mode", "dtype", "method", "batch", "seq"))
+        msg = str(e).replace("--", "", 1) if str(e).startswith("--") else str(e)
+        raise SweepError(f"{path}: {where} ({desc}): {msg}") from None
+    return Experiment(spec=spec, group=group, **run)
+
+
+def load_sweep(path):
+    """Read and expand a sweep YAML file; invalid YAML or content is a SweepError naming the file."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise SweepError(f"{path}: no such sweep file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SweepError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
+    return sweep_name(path, doc), expand_sweep(doc, path)
+
+
+def sweep_name(path, doc=None):
+    """The sweep's name: its `name:` field, else the file's stem."""
+    if isinstance(doc, dict) and doc.get("name"):
+        return str(doc["name"])
+    return os.path.splitext(os.path.basename(path))[0]
