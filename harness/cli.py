@@ -253,6 +253,9 @@ def build_parser():
     pm = sub.add_parser("models", help="list the shipped model configs")
     pm.add_argument("--params", action="store_true", help="with model type and parameter count")
     pm.set_defaults(func=cmd_models)
+    from .plan_cli import add_plan_parser  # here, not at the top: plan_cli imports this module
+
+    add_plan_parser(sub)
     return p
 
 

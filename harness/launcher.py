@@ -157,6 +157,7 @@ def run_sweep(experiments, out_dir, gpus=None, mode="trace", worker_cmd=None, re
                 env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
                 if slot is not None:
                     env["CUDA_VISIBLE_DEVICES"] = str(slot)
+                env["VRAMLAB_LAUNCHED_AT"] = repr(time.time())
                 err_path = os.path.join(logs, f"{exp.spec_hash}.stderr")
                 with open(err_path, "wb") as err:
                     proc = subprocess.Popen(cmd + [json.dumps(exp.to_dict())], cwd=ROOT, env=env,

@@ -1,0 +1,341 @@
+"""`vramlab plan`: argument parsing and rendering for the planner (logic in harness/plan.py).
+
+Shares the workload flags of `vramlab predict` (harness.cli.add_spec_arguments) and adds the
+GPU, the safety margin and the time questions. Bad input is one line on stderr naming the
+flag, exit status 2. No torch, no pandas.
+"""
+
+import json
+import sys
+
+from formulas.units import GiB
+
+from .cli import add_spec_arguments, spec_from_args
+
+
+def add_plan_parser(subparsers):
+    """Register `vramlab plan` on an argparse subparsers object."""
+    p = subparsers.add_parser(
+        "plan", help="which GPUs, how many, how long: fit, fewest GPUs, largest batch/context, time, fine-tuning table",
+        description="Plan a workload on a GPU type: does it fit, the fewest GPUs and the strategy, the largest batch "
+                    "and context, prefill/decode bounds, fine-tuning time and the GPUs a deadline needs. "
+                    "--table prints a seeds-style fine-tuning table (--model seeds, or a comma list).")
+    add_spec_arguments(p)
+    p.add_argument("--gpu", default=None, help="GPU type from the hardware catalog, e.g. 'RTX 4090', 'A100 80GB', H100")
+    p.add_argument("--margin", default="0%", help="safety margin kept free on each GPU, e.g. 5%% or 0.05 (default 0%%)")
+    p.add_argument("--max-gpus", type=int, default=1024, help="how far the fewest-GPU search looks (default 1024)")
+    p.add_argument("--tokens", default=None, help="training tokens for the time question, e.g. 2B, 500M")
+    p.add_argument("--data", default=None, help="bytes of training text instead of --tokens, e.g. 1GB, 100G")
+    p.add_argument("--tokens-per-byte", type=float, default=0.25,
+                   help="tokens per byte of text when --data is given (assumption; default 0.25 ≈ 4 bytes per token)")
+    p.add_argument("--mfu", default="0.4", help="model-FLOPs utilisation for training time, e.g. 0.4 or 40%% (default 0.4)")
+    p.add_argument("--deadline", default=None, help="finish training within this time, e.g. 1d, 24h, 90m")
+    p.add_argument("--table", action="store_true",
+                   help="fine-tuning table: models (--model seeds or a comma list) × data sizes × deadline")
+    p.add_argument("--data-sizes", default="1K,1M,1G,10G,100G,1T", help="--table: bytes of text per column (decimal)")
+    p.add_argument("--json", action="store_true", help="print the answer as JSON (bytes as integers)")
+    p.set_defaults(func=cmd_plan)
+    return p
+
+
+# ------------------------------------------------------------------ formatting
+
+def _gib(n):
+    return f"{n / GiB:.2f} GiB"
+
+
+def _dur(s):
+    if s < 1:
+        return f"{s * 1000:.0f} ms"
+    if s < 120:
+        return f"{s:.1f} s"
+    if s < 7200:
+        return f"{s / 60:.1f} min"
+    if s < 86400:
+        return f"{s / 3600:.1f} h"
+    d = s / 86400
+    return f"{d:,.3g} day" if d == 1 else f"{d:,.3g} days"
+
+
+def _count(n):
+    for div, suf in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.3g}{suf}"
+    return f"{n:.3g}"
+
+
+def _size(n):
+    for div, suf in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "KB")):
+        if n >= div:
+            return f"{n / div:.3g} {suf}"
+    return f"{n:.0f} B"
+
+
+def _head(ans, spec):
+    s = spec
+    if s.mode == "inference":
+        work = f"inference · {s.dtype} · {s.batch} {'user' if s.batch == 1 else 'users'} × prompt {s.seq:,}" + \
+               (f" + gen {s.gen:,}" if s.gen else "")
+    else:
+        work = f"train · {s.method} · {s.dtype} · batch {s.batch} × seq {s.seq:,}" + \
+            (" · grad-ckpt" if s.grad_ckpt else "")
+    g = ans["gpu"]
+    base = "nvidia-smi's reported total" if g["reported_total_bytes"] else "nominal"
+    usable = f"usable {_gib(g['usable_bytes'])} ({base}, {ans['safety_margin']:.0%} safety margin)"
+    return f"{ans['model']} · {work}\non {g['name']}: {_gib(g['memory_bytes'])} nominal, {usable}"
+
+
+def render(ans, spec):
+    """The readable answer `vramlab plan` prints."""
+    L = [_head(ans, spec), ""]
+    f = ans["fit"]
+    verdict = "fits" if f["fits"] else "does not fit"
+    L.append(f"fit as given ({f['strategy']}): {verdict}, {_gib(f['per_gpu_bytes'])} per GPU at {f['peak_phase']}, "
+             f"margin {(f['margin_bytes']) / GiB:+.2f} GiB   [binds: memory]")
+    if not f["fits"]:
+        c = f["longest_context"]
+        if c["seq"] > 0:
+            what = f"prompt {c['seq']:,}" + (f" + gen {spec.gen:,}" if spec.mode == "inference" and spec.gen else "") \
+                if spec.mode == "inference" else f"seq {c['seq']:,}"
+            L.append(f"  {f['strategy']} holds at most {what} at batch {spec.batch}   [binds: {c['binds']}]")
+        else:
+            L.append(f"  {f['strategy']} does not fit even a 1-token sequence at batch {spec.batch}")
+    fw = ans["fewest"]
+    if fw["gpus"] is None:
+        L.append(f"fewest GPUs: {fw['note']}   [binds: memory]")
+    else:
+        L.append(f"fewest GPUs: {fw['gpus']} × {ans['gpu']['name']} — {fw['strategy']}, {_gib(fw['per_gpu_bytes'])} "
+                 f"per GPU at {fw['peak_phase']}   [binds: memory]")
+        others = [c for c in ans["candidates"] if c["strategy"] != fw["strategy"]]
+        if others:
+            L.append("  also tried on " + f"{fw['gpus']}: " + " · ".join(
+                f"{c['strategy']} {c['per_gpu_bytes'] / GiB:.2f} GiB {'fits' if c['fits'] else 'no'}" for c in others))
+    if ans["largest_batch"] is not None:
+        on = ans["limits_on"]
+        b = ans["largest_batch"]
+        if spec.mode == "inference":
+            shape_txt = f"prompt {spec.seq:,}" + (f" + gen {spec.gen:,}" if spec.gen else "")
+            L.append(f"most concurrent sequences on {on}: {b['value']:,} ({shape_txt})   [binds: {b['binds']}]")
+        else:
+            L.append(f"largest micro-batch on {on}: {b['value']:,} (seq {spec.seq:,})   [binds: {b['binds']}]")
+        c = ans["longest_context"]
+        extra = f" (prompt {c['seq']:,} + gen {spec.gen:,})" if spec.mode == "inference" and spec.gen else ""
+        L.append(f"longest context on {on}: {c['context']:,} tokens{extra} at batch {spec.batch}   [binds: {c['binds']}]")
+    t = ans["time"]
+    if t and spec.mode == "inference":
+        peak = t["peak_flops_per_gpu"] / 1e12
+        L.append(f"time on {t['on']} (bounds from peak throughput, not measurements):")
+        L.append(f"  prefill {spec.batch} × {spec.seq:,} tokens ≥ {_dur(t['prefill_seconds_min'])}   "
+                 f"[binds: compute; {t['prefill_flops']:.3g} FLOPs at {peak:g} TFLOP/s {t['matmul_path']} per GPU]")
+        L.append(f"  decode ≤ {t['decode_tokens_per_s_per_sequence_max']:,.1f} tokens/s per sequence, "
+                 f"≤ {t['decode_tokens_per_s_total_max']:,.1f} tokens/s in total   [binds: {t['decode_binds']}; "
+                 f"{_gib(t['decode_bytes_per_step_per_gpu'])} read per step per GPU at "
+                 f"{ans['gpu']['bandwidth_bytes_per_s'] / 1e9:,.0f} GB/s]")
+        if "request_seconds_min" in t:
+            L.append(f"  one request (prefill + {spec.gen:,} decode steps) ≥ {_dur(t['request_seconds_min'])}")
+    elif t:
+        src = (f" ({_size(t['data_bytes'])} of text × {t['tokens_per_byte']:g} tokens/byte)" if "data_bytes" in t else "")
+        L.append(f"fine-tuning {_count(t['tokens'])} tokens{src}: {t['flops']:.3g} FLOPs "
+                 f"({t['flops_per_token']:.3g} per token), at {t['peak_flops_per_gpu'] / 1e12:g} TFLOP/s "
+                 f"{t['matmul_path']} × MFU {t['mfu']:.0%} per GPU:")
+        L.append(f"  on the fewest plan ({fw['gpus']} GPU{'s' if fw['gpus'] > 1 else ''}): "
+                 f"{_dur(t['seconds_on_fewest'])}   [binds: compute]")
+        if "gpus_for_deadline" in t:
+            L.append(f"  within {_dur(t['deadline_seconds'])}: {t['gpus_for_deadline']} × {ans['gpu']['name']} — "
+                     f"{ans['strategy']}, {_gib(ans['per_gpu_bytes'])} per GPU, done in "
+                     f"{_dur(t['seconds_on_deadline_plan'])}   [binds: {ans['binds']}; compute alone needs "
+                     f"{t['gpus_for_compute']}, memory {fw['gpus']}]")
+    L.append("")
+    L.append(f"{'calibrated' if ans['calibrated'] else 'uncalibrated'}: device overheads are {ans['overheads_source']}")
+    L.append("assumptions:")
+    L += [f"  - {a}" for a in ans["assumptions"]]
+    return "\n".join(L)
+
+
+def render_compare(answers, spec):
+    """One line per GPU type: fewest GPUs, strategy, per-GPU memory, a speed bound, price."""
+    a0 = answers[0]
+    L = [_head(a0, spec).split("\n")[0],
+         "on each GPU type: the GPUs needed (memory, or the deadline when one is given); speeds are bounds", ""]
+    speed = "decode tok/s/seq ≤" if spec.mode == "inference" else "time ≥"
+    head = f"{'GPU':<21} {'GiB':>6} {'fits on 1?':>13} {'GPUs':>6}  {'strategy':<22} {'GiB/GPU':>7} {speed:>19}  price"
+    L += [head, "-" * len(head)]
+    for ans in answers:
+        g, f, fw = ans["gpu"], ans["fit"], ans["fewest"]
+        one = f"{'fits' if f['fits'] else 'no'} {f['margin_bytes'] / GiB:+.1f}"
+        t = ans["time"] or {}
+        if spec.mode == "inference":
+            sp = f"{t['decode_tokens_per_s_per_sequence_max']:,.1f}" if t else "—"
+        else:
+            secs = t.get("seconds_on_deadline_plan", t.get("seconds_on_fewest"))
+            sp = _dur(secs) if secs else "—"
+        price = _price(ans["gpu"]["name"])
+        if fw["gpus"] is None:
+            L.append(f"{g['name']:<21} {g['memory_bytes'] / GiB:>6.0f} {one:>13} {'—':>6}  {'no fit':<22} "
+                     f"{'—':>7} {'—':>19}  {price}")
+            continue
+        L.append(f"{g['name']:<21} {g['memory_bytes'] / GiB:>6.0f} {one:>13} {ans['gpus_needed']:>6}  {ans['strategy']:<22} "
+                 f"{ans['per_gpu_bytes'] / GiB:>7.2f} {sp:>19}  {price}")
+    L.append("")
+    L.append(f"{'calibrated' if a0['calibrated'] else 'uncalibrated'}: device overheads are {a0['overheads_source']}")
+    L.append("assumptions:")
+    L += [f"  - {x}" for x in a0["assumptions"] if not x.startswith("usable memory")]
+    L.append("  - usable memory: nvidia-smi's reported total where the catalog has one, else the nominal capacity")
+    return "\n".join(L)
+
+
+def _price(name):
+    from formulas.hardware import get_hardware
+
+    p = get_hardware(name).price
+    if not p:
+        return "—"
+    sym = {"USD": "$", "CNY": "¥"}.get(p["currency"], p["currency"] + " ")
+    est = " (est.)" if "estimate" in p.get("kind", "") else ""
+    return f"{sym}{p['amount']:,}{est}"
+
+
+def render_table(rows, gpu_label, deadline_s, assumptions):
+    """The seeds-style fine-tuning table."""
+    seeds = any(r.get("seed_gpus") for r in rows)
+    L = [f"Fine-tuning within {_dur(deadline_s)} on {gpu_label}: GPUs needed (memory or compute, whichever binds)", ""]
+    head = (f"{'model':<29} {'method':<6} {'GPU':<10} {'data':>7} {'tokens':>7} {'GPUs':>6}"
+            + (f" {'seed':>5}" if seeds else "") + f" {'GiB/GPU':>8} {'time':>10}  {'binds':<7} strategy")
+    L += [head, "-" * len(head)]
+    for r in rows:
+        name = r["model"].split("/")[-1]
+        gpus = f"{r['gpus']:,}" if r["gpus"] else "—"
+        mem = f"{r['per_gpu_bytes'] / GiB:.1f}" if r["per_gpu_bytes"] else "—"
+        took = _dur(r["seconds"]) if r["seconds"] is not None else "—"
+        seed = (f" {r['seed_gpus'] if r.get('seed_gpus') else '—':>5}") if seeds else ""
+        L.append(f"{name:<29} {r['method']:<6} {r['gpu']:<10} {_size(r['data_bytes']):>7} {_count(r['tokens']):>7} "
+                 f"{gpus:>6}{seed} {mem:>8} {took:>10}  {r['binds']:<7} {r['strategy']}")
+    L.append("")
+    if seeds:
+        L.append("seed: the GPU count the seed table (../shared/seeds/003) gives for that row and data size")
+    L.append("assumptions:")
+    L += [f"  - {a}" for a in assumptions]
+    return "\n".join(L)
+
+
+# ------------------------------------------------------------------ command
+
+def _gpu_list(text):
+    """--gpu NAME, a comma list, or 'all'."""
+    from formulas.hardware import get_hardware, hardware_names
+
+    if text.strip().lower() == "all":
+        return hardware_names()
+    names = [g.strip() for g in text.split(",") if g.strip()]
+    for g in names:
+        get_hardware(g)  # fail early, naming --gpu
+    return names
+
+
+def _fail(msg):
+    print(f"vramlab plan: {msg}", file=sys.stderr)
+    return 2
+
+
+def _mfu(text):
+    from formulas.spec import SpecError
+
+    t = str(text).strip()
+    try:
+        v = float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        v = -1
+    if not 0 < v <= 1:
+        raise SpecError(f"--mfu {text}: give a fraction in (0, 1] or a percentage, e.g. 0.4 or 40%")
+    return v
+
+
+def cmd_plan(a):
+    from formulas.catalog import UnknownModelError
+    from formulas.shapes import UnsupportedModelError
+    from formulas.spec import SpecError
+
+    from . import plan as P
+
+    try:
+        if not a.gpu and not a.table:
+            from formulas.hardware import hardware_names
+            raise SpecError(f"--gpu: name a GPU type; known: {', '.join(hardware_names())}")
+        margin = P.parse_fraction(a.margin, "--margin")
+        mfu = _mfu(a.mfu)
+        if not 0 < a.tokens_per_byte <= 10:
+            raise SpecError(f"--tokens-per-byte {a.tokens_per_byte:g}: must be in (0, 10]")
+        if a.tokens and a.data:
+            raise SpecError("--data: give --tokens or --data, not both")
+        deadline = P.parse_duration(a.deadline) if a.deadline else None
+        if a.table:
+            return _cmd_table(a, P, margin, mfu, deadline)
+        spec = spec_from_args(a)
+        data_bytes = P.parse_bytes(a.data) if a.data else None
+        tokens = P.parse_count(a.tokens) if a.tokens else (int(data_bytes * a.tokens_per_byte) if data_bytes else None)
+        if spec.mode != "train":
+            for flag, v in (("--deadline", a.deadline), ("--tokens", a.tokens), ("--data", a.data)):
+                if v:
+                    raise SpecError(f"{flag} {v}: fine-tuning time applies to --mode train")
+        if deadline and not tokens:
+            raise SpecError(f"--deadline {a.deadline}: also give --tokens or --data (how much to train on)")
+        if tokens is not None and tokens < 1:
+            raise SpecError(f"--data {a.data}: less than one token at --tokens-per-byte {a.tokens_per_byte:g}")
+        gpus = _gpu_list(a.gpu)
+        answers = []
+        for g in gpus:
+            planner = P.Planner(spec, g, margin, a.max_gpus)
+            answers.append(planner.answer(tokens=tokens, deadline_s=deadline, mfu=mfu,
+                                          tokens_per_byte=a.tokens_per_byte if data_bytes else None,
+                                          data_bytes=data_bytes))
+    except (SpecError, UnknownModelError, UnsupportedModelError, ValueError) as e:
+        return _fail(e)
+    if len(answers) > 1:
+        print(json.dumps(answers, indent=2) if a.json else render_compare(answers, planner.spec))
+        return 0
+    ans = answers[0]
+    if a.json:
+        print(json.dumps(ans, indent=2))
+    else:
+        print(render(ans, planner.spec))
+    return 0
+
+
+def _cmd_table(a, P, margin, mfu, deadline):
+    from formulas.spec import SpecError
+
+    deadline = deadline or P.parse_duration("1d")
+    if a.model.strip().lower() == "seeds":
+        rows = P.SEED_ROWS
+    else:
+        rows = tuple(dict(model=m.strip(), method=a.method, dtype=a.dtype.lower()) for m in a.model.split(",") if m.strip())
+    if not rows:
+        raise SpecError(f"--model {a.model}: give 'seeds' or a comma list of models")
+    if not a.gpu and a.model.strip().lower() != "seeds":
+        from formulas.hardware import hardware_names
+        raise SpecError(f"--gpu: name a GPU type for the table; known: {', '.join(hardware_names())}")
+    sizes = tuple(P.parse_bytes(x, "--data-sizes") for x in a.data_sizes.split(",") if x.strip())
+    if not sizes:
+        raise SpecError(f"--data-sizes {a.data_sizes}: give a comma list, e.g. 1K,1M,1G")
+    base = spec_from_args(a).replace(mode="train")
+    rows_out = P.finetune_table(rows, sizes, deadline, base, a.gpu, a.tokens_per_byte, mfu, margin, a.max_gpus)
+    r0 = rows[0]
+    first = P.Planner(base.replace(model=r0["model"], method=r0["method"], dtype=r0["dtype"]),
+                      a.gpu or r0.get("gpu") or "A100 80GB", margin, a.max_gpus)
+    assumptions = first.assumptions(mfu, a.tokens_per_byte, True)[:1] + first.assumptions(mfu, a.tokens_per_byte, True)[2:]
+    s = first.spec
+    assumptions.insert(1, f"usable memory: nvidia-smi's reported total where the catalog has one, else the nominal "
+                          f"capacity, less a {margin:.0%} safety margin")
+    assumptions.append(f"each row: micro-batch {s.batch} × seq {s.seq:,}, {'with' if s.grad_ckpt else 'without'} "
+                       f"gradient checkpointing, optimizer {s.optimizer}, LoRA r={s.lora_rank} on peft's default targets; "
+                       "GPUs added for speed take the simplest strategy that fits (DDP, then ZeRO-1/2/3, then TP)")
+    assumptions.append(f"{'calibrated' if first.calibrated else 'uncalibrated'}: device overheads are "
+                       f"{first.overheads.source}")
+    gpu_label = first.hw.name if a.gpu else "the seed table's GPU per row"
+    if a.json:
+        print(json.dumps({"gpu": a.gpu and first.hw.name, "deadline_seconds": deadline, "mfu": mfu,
+                          "tokens_per_byte": a.tokens_per_byte, "calibrated": first.calibrated, "rows": rows_out,
+                          "assumptions": assumptions}, indent=2))
+    else:
+        print(render_table(rows_out, gpu_label, deadline, assumptions))
+    return 0
