@@ -64,12 +64,16 @@ def _rms_norm(ctx, dim, in_bytes):
     return saved
 
 
-def _sdpa_saved(ctx, n_q, n_kv, qk_dim, v_dim, seq):
+def _sdpa_saved(ctx, n_q, n_kv, qk_dim, v_dim, seq, q_is_fresh=False):
     """Saved by attention: q, k, v as the kernel sees them, its output, and the o_proj input copy."""
     b = ctx.b
     out = n_q * v_dim * b  # kernel output (B, nH, S, dv)
-    # transpose(1, 2).contiguous() that o_proj reads: saved only when o_proj's weight trains.
-    contiguous = n_q * v_dim * b if ctx.linears_trainable else 0
+    # transpose(1, 2).contiguous() that o_proj reads, saved when o_proj trains. Flash / efficient
+    # kernels lay their output out like q: for q = q_proj(x).view(B, S, H, D).transpose(1, 2) that is
+    # (B, S, H, D) in memory and .contiguous() is a view; eager's matmul output and MLA's cat-built q
+    # are (B, H, S, D), so there it is a real copy (docs/trace_findings.md #6).
+    copies = ctx.attn == "eager" or q_is_fresh
+    contiguous = n_q * v_dim * b if ctx.linears_trainable and copies else 0
     if ctx.attn == "eager":
         # matmul(q, k_rep^T) saves q and the repeat_kv copies; softmax(fp32) saves its output;
         # matmul(probs_bf16, v_rep) saves probs and v_rep (transformers eager_attention_forward).
@@ -114,7 +118,7 @@ def _mla_attention_saved(ctx, shape, seq):
     saved += _rms_norm(ctx, kvr, b) + (kvr * b if ctx.linears_trainable else 0)  # kv_a_layernorm, kv_b_proj input
     saved += _linear_input(ctx, H) + _lora_saved(ctx, "kv_a_proj_with_mqa", H) + _lora_saved(ctx, "kv_b_proj", kvr)
     # q and k are rebuilt by torch.cat(pass, rot) per head: full-size (nH, qk) copies go to SDPA.
-    saved += _sdpa_saved(ctx, nH, nH, qk, vd, seq)
+    saved += _sdpa_saved(ctx, nH, nH, qk, vd, seq, q_is_fresh=True)
     saved += _linear_input(ctx, nH * vd) + _lora_saved(ctx, "o_proj", nH * vd)
     return saved
 
@@ -123,8 +127,9 @@ def _moe_saved(ctx, shape):
     """Routed experts (transformers v5 fused experts loop) + router + shared expert, per token."""
     H, b, k = shape.hidden, ctx.b, shape.experts_per_token
     I = shape.moe_intermediate
-    # Router: F.linear on hidden.float() → saves the fp32 copy when the router trains; softmax/sigmoid output (fp32, E).
-    saved = (4 * H if ctx.linears_trainable else 0) + 4 * shape.n_experts
+    # Router scores (E). DeepSeek's router runs F.linear on hidden.float(), saving that fp32 copy when it
+    # trains; Mixtral's and Qwen's run in the compute dtype on the input the experts gather anyway (#13).
+    saved = (4 * H if ctx.linears_trainable and shape.is_mla else 0) + 4 * shape.n_experts
     # Per routed copy: gathered input (if experts train), gate_up output (kept alive by the chunk views
     # silu and mul save), act, product (down input, if experts train), down output (saved by the weighting).
     per_copy = 2 * I * b + I * b + H * b
@@ -164,9 +169,13 @@ def layer_saved_per_token(ctx, shape, seq, moe_layer=False):
     if fam == "gpt2" or fam == "gpt_bigcode":
         kv = 2 * (shape.n_kv_heads * hd)
         qkv = (H + kv) * b  # c_attn output; q, k, v are views of it
-        attn = qkv + H * b + 4 * nH + H * b  # kernel out, lse, merged heads (c_proj input)
+        attn = qkv + H * b + 4 * nH  # kernel out, lse (merging heads is a view: #6)
         if ctx.attn == "eager":
-            attn = qkv + nH * seq * (4 + b) + drop_attn + H * b + H * b
+            # softmax saves its output; with attention dropout, the mask and the dropped-out copy (saved by
+            # the matmul) too. GPT-2 keeps the softmax in the compute dtype; GPTBigCode upcasts to fp32.
+            dropped = ctx.dropout and shape.attn_dropout > 0
+            probs = nH * seq * (b if fam == "gpt2" else 4 + b) + (nH * seq * b if dropped else 0)
+            attn = qkv + probs + drop_attn + H * b + H * b
         # gelu_new (gpt2) is a Python formula that saves x, tanh(.), 0.5x and 1+tanh; gelu_pytorch_tanh saves x.
         act = 4 * I * b if fam == "gpt2" else I * b
         saved = 2 * _layer_norm_saved(ctx, H) + 2 * H * b + attn + I * b + act + I * b
@@ -174,7 +183,7 @@ def layer_saved_per_token(ctx, shape, seq, moe_layer=False):
         saved += _lora_saved(ctx, "c_attn", H) + _lora_saved(ctx, "c_fc", H)
         return saved
     if fam == "opt":
-        attn = 3 * H * b + H * b + 4 * nH + H * b
+        attn = 3 * H * b + H * b + 4 * nH
         if ctx.attn == "eager":
             attn = 3 * H * b + nH * seq * (4 + b) + drop_attn + H * b + H * b
         saved = 2 * _layer_norm_saved(ctx, H) + 2 * H * b + attn + I * b + I * b  # fc1 out → relu saves its output = fc2 input
@@ -215,46 +224,76 @@ def model_saved_per_token(ctx, shape):
         saved = _rms_norm(ctx, H, r)
     else:
         saved = _layer_norm_saved(ctx, H)
-    saved += H * (b if ctx.amp else r)  # lm_head input (the final-norm output; cast under autocast)
-    if shape.rotary_dim:
-        saved += 2 * shape.rotary_dim * b  # cos and sin, shared by all layers
+    if ctx.linears_trainable:
+        saved += H * (b if ctx.amp else r)  # lm_head input (the final-norm output; cast under autocast)
+        saved += 8  # int64 input ids, saved by the embedding's backward
     saved += _dropout_mask(ctx, shape.embd_dropout, H)
-    return saved
+    return saved  # RoPE cos/sin are per position: forward_extras_per_position
 
 
-def ckpt_saved_per_token(ctx, shape):
-    """With gradient checkpointing each layer keeps only its input hidden state."""
-    return shape.n_layers * shape.hidden * ctx.r
+def ckpt_saved_per_token(ctx, shape, seq=0):
+    """With gradient checkpointing each layer keeps only its input hidden state (and, with eager
+    attention, the additive mask it was called with, once for all layers: #5)."""
+    return shape.n_layers * shape.hidden * ctx.r + (seq * ctx.b if ctx.attn == "eager" else 0)
 
 
 # ---------------------------------------------------------------- inference (no grad)
 
-def prefill_working_set_per_token(shape, b, attn, seq):
-    """Live forward tensors per token at the worst moment inside one layer, beside the residual stream.
+def prefill_working_set_per_token(shape, b, attn, seq, fp16=False):
+    """Live forward tensors per token at the worst moment inside one layer (no grad: nothing is saved).
 
-    No tensor is saved without grad, so only the working set of the widest op counts:
-    the SwiGLU MLP holds act, up and their product (3·I) beside the residual and the normed
-    input (2·H); RMSNorm briefly holds two fp32 copies; eager attention holds the score matrix
-    in the compute dtype, its fp32 softmax and the cast back (2b + 4 per score) beside a causal mask."""
+    Beside every op of a layer, hidden-size tensors stay bound by the Python code: the model's
+    `inputs_embeds`, the layer's input, the post-attention residual and the normed input (four
+    for Llama-style layers; GPT-2's block also keeps `attn_output`). Then the widest op: SwiGLU
+    holds act, up and their product (3·I); RMSNorm two fp32 copies; MoE runs transformers'
+    `grouped_mm` experts over all T·k routed rows at once; eager attention holds the score matrix,
+    its fp32 softmax and the cast back, the additive mask, and — bound to `_` by the decoder
+    layer — the probabilities until the layer returns.
+    Source: transformers 5 modeling_*.py and integrations/moe.py; checked by the tracer
+    (docs/trace_findings.md #1-#5)."""
     H, I, nH = shape.hidden, shape.intermediate, shape.n_heads
+    eager_held = (nH * seq * b + seq * b) if attn == "eager" else 0  # probabilities bound to `_`, the mask
     if shape.family in ("llama", "moe", "mla"):
-        norm = 2 * H * b + 8 * H
+        beside = 4 * H * b
+        norm = beside + 8 * H + eager_held
         width = I if shape.n_dense_layers else 0
-        mlp = 2 * H * b + 3 * width * b
+        mlp = beside + 3 * width * b + eager_held
         if shape.is_moe:
             k, E, Im = shape.experts_per_token, shape.n_experts, shape.moe_intermediate
-            # final_hidden_states + one_hot int64 (T, k, E+1) + router fp32 logits/scores + one expert's share
-            moe = 3 * H * b + k * (E + 1) * 8 + 3 * 4 * E + k * (2 * Im + 2 * Im + H) * b // E
-            moe = vmax(moe, 2 * H * b + 3 * shape.shared_intermediate * b + H * b)
-            mlp = vmax(mlp, moe)
+            w = 4 if shape.is_mla else b  # DeepSeek routes in fp32
+            # router logits, top-k weights and int64 indices, three int64 permutations; then the wider
+            # of the gate_up moment and the weighting moment over the T·k gathered rows.
+            moe = beside + E * w + k * (w + 8) + 3 * k * 8 + vmax(k * (H + 2 * Im + Im) * b, k * H * (2 * b + 2 * w))
+            moe = vmax(moe, beside + 3 * shape.shared_intermediate * b + H * b)
+            mlp = vmax(mlp, moe + eager_held)
         qk = shape.head_dim
-        attn_ws = 2 * H * b + nH * qk * b * 3 + shape.n_kv_heads * qk * b * 2
+        attn_ws = beside + nH * qk * b * 3 + shape.n_kv_heads * qk * b * 2
         if shape.family == "mla":
-            attn_ws = 2 * H * b + nH * (qk + shape.v_head_dim) * b * 2 + nH * qk * b * 2
+            # the cached latent re-expanded by kv_b_proj and the rebuilt per-head keys, every forward
+            expand = nH * (shape.qk_nope_head_dim + shape.v_head_dim + qk) * b
+            attn_ws = beside + nH * (qk + shape.v_head_dim) * b * 2 + nH * qk * b * 2 + expand
     else:
-        norm = 3 * H * b + 8
-        mlp = 2 * H * b + 2 * I * b
-        attn_ws = 2 * H * b + 3 * H * b + 2 * H * b
+        beside = 5 * H * b
+        act = 4 * I * b if shape.family == "gpt2" else 2 * I * b  # gelu_new is a Python formula
+        norm = beside + 8 + eager_held
+        mlp = beside + act + eager_held
+        attn_ws = beside + 3 * H * b + H * b
     if attn == "eager":
-        attn_ws = attn_ws + nH * seq * (2 * b + 4) + seq * b  # scores, fp32 softmax, cast; the additive mask
+        # softmax(x, dtype=float32): ATen casts x to fp32 first (a copy) and then runs _softmax, except for
+        # fp16 on CUDA, which has a fused half-to-float kernel (aten/src/ATen/native/SoftMax.cpp). So per
+        # score: bf16 scores + fp32 copy + fp32 softmax (2 + 4 + 4); fp16: scores, softmax, cast back
+        # (2 + 4 + 2); fp32: scores and softmax (4 + 4).
+        per_score = 8 if b == 4 or fp16 else b + 8
+        if shape.family == "gpt2":  # GPT-2's eager attention runs softmax in the compute dtype
+            per_score = 2 * b
+        attn_ws = attn_ws + nH * seq * per_score + seq * b
     return vmax(vmax(norm, mlp), attn_ws)
+
+
+def forward_extras_per_position(shape, b):
+    """Alive for a whole forward, per sequence position (not per token): RoPE cos/sin (1, S, rot),
+    int64 position ids, and learned position embeddings (1, S, H) where the model has them."""
+    extra = 2 * shape.rotary_dim * b + 8
+    if shape.family in ("gpt2", "gpt_bigcode"):
+        extra += shape.hidden * b
+    return extra

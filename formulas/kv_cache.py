@@ -8,10 +8,11 @@ def kv_cache_bytes_per_token(shape, kv_bytes, mla_cache="expanded"):
 
     Standard attention: 2 · n_kv_heads · head_dim per layer — grouped-query attention shares
     K/V across n_heads / n_kv_heads query heads, which is what rules of thumb that use
-    n_heads miss. MLA (DeepSeek-V2/V3) as transformers runs it caches the up-projected
-    per-head keys (qk_nope + qk_rope) and values (v_head_dim); engines with MLA kernels
-    (vLLM, SGLang, FlashMLA) cache the compressed latent (kv_lora_rank + qk_rope_head_dim).
-    Source: transformers cache_utils.DynamicLayer.update; DeepSeek-V2 paper §2.1.2."""
+    n_heads miss. MLA (DeepSeek-V2/V3) caches the compressed latent (kv_lora_rank +
+    qk_rope_head_dim) in transformers 5 (`cache.update(kv_nope, k_rot)` before the expansion),
+    vLLM, SGLang and FlashMLA; `expanded` is the per-head keys (qk_nope + qk_rope) and values
+    (v_head_dim) that older remote-code implementations cached.
+    Source: transformers models/deepseek_v3/modeling_deepseek_v3.py; DeepSeek-V2 paper §2.1.2."""
     if shape.is_mla:
         if mla_cache == "compressed":
             per_layer = shape.kv_lora_rank + shape.qk_rope_head_dim

@@ -14,13 +14,14 @@ library workspaces and allocator slack (what NVML reports), from `Overheads`.
 Multi-GPU specs are predicted per GPU, for the GPU that needs the most.
 """
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from functools import lru_cache
 
 from . import categories as C
 from .activations import (
     ActContext,
     ckpt_saved_per_token,
+    forward_extras_per_position,
     largest_layer_saved_per_token,
     layer_saved_per_token,
     layers_saved_per_token,
@@ -34,8 +35,8 @@ from .kv_cache import kv_cache_bytes
 from .lora import default_targets, lora_params, lora_tensors, resolve_targets
 from .overhead import DEFAULT_OVERHEADS
 from .spec import Spec, SpecError, validate
-from .training import optimizer_memory
-from .weights import weight_storage
+from .training import gradient_bytes, optimizer_memory
+from .weights import _TOKEN_EMBEDDINGS, weight_storage
 
 
 @dataclass
@@ -82,9 +83,12 @@ class _Static:
     opt_paged: bool
     master: int
     opt_temp: int
-    autocast_copies: int
+    autocast_copies: int  # bf16 casts of trainable fp32 weights that autocast caches and autograd saves
+    autocast_head: int  # of which lm_head's (or the tied token embedding's)
+    autocast_layer: int  # of which one decoder layer's (what checkpointing keeps at a time)
     lm_grad: int  # bytes of the lm_head (or tied embedding) gradient, 0 when frozen
     ctx: object  # ActContext (training) or None
+    ctx_head: object  # the ActContext of the final norm and lm_head (frozen under freeze)
     saved_layers_trainable: int  # layers whose activations are saved (freeze: the trainable ones)
     lb: int  # logits dtype bytes
 
@@ -122,22 +126,27 @@ def _static(spec):
     elif spec.dtype == "int8":
         quant_temp_tok = shape.intermediate * 4 + shape.hidden  # int32 matmul output + int8 input copy
 
-    n_tr = grads = state = master = opt_temp = copies = lm_grad = 0
+    n_tr = grads = state = master = opt_temp = copies = copies_head = copies_layer = lm_grad = 0
     paged = False
-    ctx = None
+    ctx = ctx_head = None
     saved_layers = shape.n_layers
     lb = cb
     if train:
         tb = 4 if amp else cb  # trainable parameter / gradient bytes
+        pinned = {t.name: DTYPE_BYTES[t.dtype] for t in shape.tensors if t.dtype}  # e.g. DeepSeek's fp32 router
+        head = [t for t in shape.tensors if t.module == "lm_head"] or \
+            [t for t in shape.tensors if t.kind == "embedding" and t.module in _TOKEN_EMBEDDINGS and shape.tie_embeddings]
         if spec.method == "full":
-            trainable = [(t.numel, t.shape, t.count) for t in shape.tensors]
+            trainable = [(t.numel, t.shape, t.count, pinned.get(t.name, tb)) for t in shape.tensors]
             n_tr = shape.n_params
             if amp:
-                copies = 2 * sum(t.total_numel for t in shape.tensors if t.kind in ("linear", "experts"))
+                # autocast casts the weights and biases of every matmul; a tied lm_head casts the token embedding
+                copies = 2 * sum(t.total_numel for t in shape.tensors if t.kind in ("linear", "experts", "bias"))
+                copies_head = 2 * head[0].numel if head else 0
                 if shape.tie_embeddings:
-                    copies += 2 * next(t.numel for t in shape.tensors if t.kind == "embedding")
-            head = [t for t in shape.tensors if t.module == "lm_head"] or \
-                [t for t in shape.tensors if t.kind == "embedding" and shape.tie_embeddings][:1]
+                    copies += copies_head
+                copies_layer = 2 * sum(t.total_numel for t in shape.tensors if t.kind in ("linear", "experts", "bias")
+                                       and t.name.startswith(("layers.", "h."))) // shape.n_layers
             lm_grad = head[0].numel * tb if head else 0
             ctx_kw = dict(linears_trainable=True, norms_trainable=True)
         elif spec.method == "freeze":
@@ -146,11 +155,13 @@ def _static(spec):
             for t in shape.tensors:
                 c = _trainable_copies(t, shape, k)
                 if c:
-                    trainable.append((t.numel, t.shape, c))
-            n_tr = sum(n * c for n, _, c in trainable)
+                    trainable.append((t.numel, t.shape, c, pinned.get(t.name, tb)))
+            n_tr = sum(n * c for n, _, c, _ in trainable)
             w_other += (tb - cb) * n_tr  # trainable layers upcast to fp32 under autocast
             if amp:
-                copies = 2 * sum(n * c for n, s, c in trainable if len(s) >= 2)
+                copies = 2 * sum(t.numel * _trainable_copies(t, shape, k) for t in shape.tensors
+                                 if t.kind in ("linear", "experts", "bias"))
+                copies_layer = copies // k
             saved_layers = k
             ctx_kw = dict(linears_trainable=True, norms_trainable=True)
         else:  # lora / qlora
@@ -164,10 +175,14 @@ def _static(spec):
             ctx_kw = dict(linears_trainable=False, norms_trainable=False,
                           lora={m: (i, o) for m, (i, o, _) in targets.items()},
                           lora_rank=spec.lora_rank, lora_x_bytes=tb)
-        grads = n_tr * tb
+        grads = gradient_bytes(trainable, tb)
         om = optimizer_memory(trainable, tb, spec.optimizer, spec.optimizer_impl, master=spec.precision == "master")
         state, master, opt_temp, paged = om.state_bytes, om.master_bytes, om.step_temp_bytes, om.paged
-        ctx = ActContext(b=cb, r=4 if amp else cb, amp=amp, attn=spec.attn, dropout=spec.dropout, **ctx_kw)
+        # The residual stream is fp32 under autocast when the embeddings are fp32 (full); a frozen
+        # low-precision base keeps it in the compute dtype (freeze, LoRA).
+        r = 4 if amp and spec.method == "full" else cb
+        ctx = ActContext(b=cb, r=r, amp=amp, attn=spec.attn, dropout=spec.dropout, **ctx_kw)
+        ctx_head = ctx if spec.method != "freeze" else replace(ctx, linears_trainable=False, norms_trainable=False)
         if spec.method in ("lora", "qlora"):
             w_other += n_tr * tb  # adapters counted with the weights
     return _Static(
@@ -175,7 +190,8 @@ def _static(spec):
         w_head=st.head_bytes, w_other=w_other,
         buffers=st.buffer_bytes, quant_temp=quant_temp, quant_temp_per_token=quant_temp_tok,
         n_trainable=n_tr, grads=grads, opt_state=state, opt_paged=paged, master=master, opt_temp=opt_temp,
-        autocast_copies=copies, lm_grad=lm_grad, ctx=ctx, saved_layers_trainable=saved_layers, lb=lb,
+        autocast_copies=copies, autocast_head=copies_head, autocast_layer=copies_layer, lm_grad=lm_grad, ctx=ctx,
+        ctx_head=ctx_head, saved_layers_trainable=saved_layers, lb=lb,
     )
 
 
@@ -259,7 +275,8 @@ def _phases_inference(st, sl, B, S, N):
     base = {C.WEIGHTS: weights, C.BUFFERS: st.buffers}
     T = B * S
     kv_pf = kv_cache_bytes(shape, B, S, st.kvb, s.mla_cache) * sl.layer_frac / sl.kv_div
-    ws = T * prefill_working_set_per_token(shape, cb, s.attn, S) / sl.tp
+    # + int64 input ids per token, and cos/sin, position ids (and position embeddings) per position
+    ws = (T * (prefill_working_set_per_token(shape, cb, s.attn, S, s.compute_dtype == "fp16") + 8) + S * forward_extras_per_position(shape, cb)) / sl.tp
     qtemp = st.quant_temp + T * st.quant_temp_per_token / sl.tp
     head_act = 2 * T * shape.hidden * cb * sl.head
     logits = (B * shape.vocab * (cb + 4) if s.logits == "last" else T * shape.vocab * cb) * sl.head / sl.tp
@@ -276,8 +293,14 @@ def _phases_inference(st, sl, B, S, N):
     kv_dec = kv_cache_bytes(shape, B, total, st.kvb, s.mla_cache) * sl.layer_frac / sl.kv_div
     # DynamicLayer.update: torch.cat builds the grown K (then V) of one layer before freeing the old.
     cat_temp = kv_cache_bytes(shape, B, total, st.kvb, s.mla_cache) / shape.n_layers / 2 / sl.kv_div
-    step_ws = B * prefill_working_set_per_token(shape, cb, s.attn, total) / sl.tp
-    dec_logits = B * shape.vocab * (cb + 4) * sl.head / sl.tp
+    step_ws = B * (prefill_working_set_per_token(shape, cb, s.attn, total, s.compute_dtype == "fp16") + 8) + forward_extras_per_position(shape, cb)
+    if shape.is_mla:  # every step re-expands the whole cached latent (kv_b_proj) and rebuilds per-head keys
+        step_ws = step_ws + B * total * shape.n_heads * (shape.qk_nope_head_dim + shape.v_head_dim + shape.head_dim) * cb
+    if s.attn == "eager" and shape.n_kv_heads < shape.n_heads:  # repeat_kv copies K and V of all cached tokens
+        step_ws = step_ws + 2 * B * total * shape.n_heads * shape.head_dim * cb
+    step_ws = step_ws / sl.tp
+    # generate keeps the previous step's fp32 logits while copying the new ones: bf16 + 2 × fp32
+    dec_logits = B * shape.vocab * (cb + 8) * sl.head / sl.tp
     decode = dict(base)
     decode[C.KV_CACHE] = kv_dec * has_dec
     decode[C.ACTIVATIONS] = step_ws * has_dec
@@ -298,24 +321,29 @@ def _phases_train(st, sl, B, S, N):
     master = 0 if offload_opt else st.master * share / sl.state_div
     opt_temp = 0 if offload_opt else st.opt_temp * share / sl.state_div
     copies = st.autocast_copies * share / sl.weight_div
+    if s.grad_ckpt:  # casts inside checkpointed layers are not saved: lm_head's, plus the layer running
+        copies = (st.autocast_head + st.autocast_layer) * share / sl.weight_div
     T = B * S
     frac_layers = st.saved_layers_trainable / shape.n_layers
     if s.method == "freeze":
         per_layer = layer_saved_per_token(ctx, shape, S, shape.n_moe_layers > 0)
-        acts = T * per_layer * st.saved_layers_trainable
+        # the first trainable layer's input comes from frozen layers: its input norm saves no fp32 copy or rsqrt
+        acts = T * (per_layer * st.saved_layers_trainable - (4 * H + 4))
     else:
         acts = T * layers_saved_per_token(ctx, shape, S)
     # Tensor parallel splits everything in a layer but the norms' inputs (Korthikanti et al. §4.2.2).
     replicated = T * shape.n_layers * 2 * (4 * H + ctx.r * H) * frac_layers
     acts = (acts - replicated) / sl.tp + replicated if sl.tp > 1 else acts
     acts = acts * sl.act_frac
-    model_saved = T * model_saved_per_token(ctx, shape) * sl.head
+    # final norm, lm_head input and ids per token; RoPE cos/sin and position ids per position
+    model_saved = (T * model_saved_per_token(st.ctx_head, shape) + S * forward_extras_per_position(shape, cb)) * sl.head
+    ids_fwd = 0 if st.ctx_head.linears_trainable else T * 8  # the input ids, alive during the forward
     if s.grad_ckpt:
-        acts = T * ckpt_saved_per_token(ctx, shape) * frac_layers * sl.act_frac
+        acts = T * ckpt_saved_per_token(ctx, shape, S) * frac_layers * sl.act_frac
     qtemp = st.quant_temp
     layer_transient = T * 4 * H / sl.tp
     if s.grad_ckpt:
-        layer_transient = T * prefill_working_set_per_token(shape, cb, s.attn, S) / sl.tp
+        layer_transient = T * prefill_working_set_per_token(shape, cb, s.attn, S, s.compute_dtype == "fp16") / sl.tp
     lb = st.lb
     fwd_logits = T * V * (lb + (4 if lb != 4 else 0) + 4) * sl.head / sl.tp
     bwd_logits = vmax(T * V * 12 * sl.head / sl.tp, T * V * lb * sl.head / sl.tp + st.lm_grad * sl.head / sl.tp)
@@ -326,7 +354,14 @@ def _phases_train(st, sl, B, S, N):
     fwd[C.GRADIENTS] = acc_grads + bucket
     fwd_tail = vmax(fwd_logits, layer_transient)
     pick = fwd_logits >= layer_transient
-    fwd[C.ACTIVATIONS] = acts + model_saved + _pick(pick, 0, layer_transient)
+    # The final norm's output stays bound while lm_head and the loss run: beside its saved bf16 cast
+    # under autocast (#11), or unsaved when lm_head is frozen (LoRA, freeze: #5).
+    head_hidden = 0
+    if ctx.amp and ctx.r == 4:
+        head_hidden = T * H * 4 * sl.head / sl.tp
+    elif not st.ctx_head.linears_trainable:
+        head_hidden = T * H * ctx.r * sl.head / sl.tp
+    fwd[C.ACTIVATIONS] = acts + model_saved + ids_fwd + _pick(pick, head_hidden, layer_transient)
     fwd[C.LOGITS] = _pick(pick, fwd_logits, 0)
     fwd[C.TEMPORARIES] = copies + qtemp
     del fwd_tail
@@ -399,8 +434,9 @@ def _notes(st):
             notes.append("bitsandbytes via transformers quantizes nn.Linear only: fused MoE expert tensors stay in the compute dtype")
     else:
         if shape.is_mla:
-            notes.append(f"MLA KV cache {s.mla_cache}" + (" (transformers caches per-head K/V)" if s.mla_cache == "expanded"
-                                                          else " (latent cache as in vLLM/SGLang)"))
+            notes.append(f"MLA KV cache {s.mla_cache}" + (" (the latent, as transformers 5, vLLM and SGLang cache it)"
+                                                          if s.mla_cache == "compressed"
+                                                          else " (per-head K/V, as older remote-code DeepSeek models)"))
         if shape.sliding_window:
             notes.append(f"sliding window: KV cache capped at {shape.sliding_window} tokens per layer")
         if s.dtype in ("int8", "nf4", "fp4") and shape.is_moe:

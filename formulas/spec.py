@@ -45,7 +45,7 @@ class Spec:
     attn: str = "sdpa"  # sdpa | eager
     grad_accum: int = 1  # micro-batches per optimizer step (batch is the micro-batch)
     kv_dtype: str = ""  # KV cache dtype; "" = compute dtype
-    mla_cache: str = "expanded"  # MLA models: expanded (transformers) | compressed (vLLM/SGLang)
+    mla_cache: str = "compressed"  # MLA models: compressed latent (transformers 5, vLLM) | expanded per-head K/V
     logits: str = "last"  # inference prefill keeps logits of the last position (generate) or all
     double_quant: bool = True  # bitsandbytes 4-bit double quantization
     group_size: int = 128  # GPTQ/AWQ group size

@@ -45,40 +45,53 @@ def _adafactor_state(numel, shape):
     return 4 * numel
 
 
-def optimizer_memory(trainable, param_bytes, optimizer, impl="foreach", master=False):
-    """State, master copy and step temporaries for `trainable` = [(numel, shape, count), …].
+def _entries(trainable, param_bytes):
+    """(numel, shape, count, bytes) for each trainable tensor; bytes default to param_bytes."""
+    return [(t[0], t[1], t[2], t[3] if len(t) > 3 and t[3] else param_bytes) for t in trainable]
 
-    param_bytes: bytes per element of the trainable parameters (and their grads).
+
+def optimizer_memory(trainable, param_bytes, optimizer, impl="foreach", master=False):
+    """State, master copy and step temporaries for `trainable` = [(numel, shape, count[, bytes]), …].
+
+    param_bytes: bytes per element of trainable parameters (and their grads) unless an entry
+    carries its own (a parameter the model pins to fp32 keeps fp32 grads and Adam state: #8).
     master: keep an fp32 master copy; states are fp32 then (DeepSpeed / Megatron style).
     Source: torch/optim/adamw.py (_multi_tensor_adamw: one exp_avg_sq-sized sqrt buffer
-    over the whole group; _single_tensor_adamw: sqrt and division per tensor; fused: none),
-    torch/optim/sgd.py, bitsandbytes/optim, transformers/optimization.py Adafactor."""
-    n = sum(numel * count for numel, _, count in trainable)
-    largest = max((numel for numel, _, _ in trainable), default=0)
-    sb = 4 if master else param_bytes  # torch keeps Adam/momentum state in the parameter dtype
+    over the whole group; _single_tensor_adamw: sqrt and division per tensor; fused: none, but
+    its `step` counters live on the device), torch/optim/sgd.py, bitsandbytes/optim,
+    transformers/optimization.py Adafactor (an fp32 `RMS` scalar per tensor)."""
+    ents = _entries(trainable, param_bytes)
+    n = sum(numel * count for numel, _, count, _ in ents)
+    n_tensors = sum(count for _, _, count, _ in ents)
+    # torch keeps Adam/momentum state in each parameter's dtype; with a master copy, fp32
+    state_bytes = sum(numel * count * (4 if master else nb) for numel, _, count, nb in ents)
+    largest = max(ents, key=lambda e: e[0] * (4 if master else e[3]), default=(0, (), 0, param_bytes))
     master_bytes = 4 * n if master else 0
     if optimizer == "adamw":
-        state = 2 * sb * n
-        temp = {"foreach": sb * n, "fused": 0, "forloop": 2 * sb * largest}[impl]
-        return OptimizerMemory(state, master_bytes, temp)
+        temp = {"foreach": state_bytes, "fused": 0,
+                "forloop": 2 * largest[0] * (4 if master else largest[3])}[impl]
+        # torch's fused AdamW keeps an fp32 `step` per tensor on the device; DeepSpeed's FusedAdam
+        # (the master-weights layout) counts steps in Python.
+        steps = 4 * n_tensors if impl == "fused" and not master else 0
+        return OptimizerMemory(2 * state_bytes + steps, master_bytes, temp)
     if optimizer in ("adamw8bit", "paged_adamw8bit"):
-        state = sum(_bnb8_state(numel, 2) * count for numel, _, count in trainable)
+        state = sum(_bnb8_state(numel, 2) * count for numel, _, count, _ in ents)
         return OptimizerMemory(state, master_bytes, 0, paged=optimizer.startswith("paged"))
     if optimizer == "sgd":
         return OptimizerMemory(0, master_bytes, 0)
     if optimizer == "sgd_momentum":
-        return OptimizerMemory(sb * n, master_bytes, 0)
+        return OptimizerMemory(state_bytes, master_bytes, 0)
     if optimizer == "lion":
         # bitsandbytes.optim.Lion (32-bit): one fp32 state, fused kernel.
         return OptimizerMemory(4 * n, master_bytes, 0)
     if optimizer == "adafactor":
-        state = sum(_adafactor_state(numel, shape) * count for numel, shape, count in trainable)
+        state = sum(_adafactor_state(numel, shape) * count for numel, shape, count, _ in ents) + 4 * n_tensors
         # Per tensor: grad.float(), p.float() (when not fp32), update, -update, -update*lr (fp32).
-        temp = 4 * largest * (3 + (2 if param_bytes != 4 and not master else 0))
+        temp = 4 * largest[0] * (3 + (2 if largest[3] != 4 and not master else 0))
         return OptimizerMemory(state, master_bytes, temp)
     raise ValueError(f"unknown optimizer {optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
 
 
-def gradient_bytes(n_trainable, grad_bytes):
-    """Gradients: one per trainable parameter, in the parameter dtype."""
-    return n_trainable * grad_bytes
+def gradient_bytes(trainable, param_bytes):
+    """Gradients: one per trainable parameter, in that parameter's dtype."""
+    return sum(numel * count * nb for numel, _, count, nb in _entries(trainable, param_bytes))

@@ -43,7 +43,8 @@ def add_spec_arguments(p):
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--attn", default="sdpa", help="sdpa | eager")
     p.add_argument("--kv-dtype", default="", help="KV cache dtype (default: compute dtype)")
-    p.add_argument("--mla-cache", default="expanded", help="MLA models: expanded (transformers) | compressed (vLLM/SGLang)")
+    p.add_argument("--mla-cache", default="compressed",
+                   help="MLA models: compressed latent (transformers 5, vLLM, SGLang) | expanded per-head K/V")
     p.add_argument("--logits", default="last", help="inference: last (generate) | all positions")
     p.add_argument("--no-double-quant", action="store_true", help="bitsandbytes 4-bit without double quantization")
     p.add_argument("--group-size", type=int, default=128, help="GPTQ/AWQ group size")
@@ -254,8 +255,10 @@ def build_parser():
     pm.add_argument("--params", action="store_true", help="with model type and parameter count")
     pm.set_defaults(func=cmd_models)
     from .plan_cli import add_plan_parser  # here, not at the top: plan_cli imports this module
+    from .trace_cli import add_trace_parser  # likewise
 
     add_plan_parser(sub)
+    add_trace_parser(sub)
     return p
 
 

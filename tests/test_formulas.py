@@ -104,7 +104,7 @@ def test_optimizer_states():
     n = 1000 * 8192 + 300
     m = optimizer_memory(tr, 4, "adamw", "foreach")
     assert (m.state_bytes, m.step_temp_bytes) == (8 * n, 4 * n)
-    assert optimizer_memory(tr, 2, "adamw", "fused").state_bytes == 4 * n
+    assert optimizer_memory(tr, 2, "adamw", "fused").state_bytes == 4 * n + 4 * 4  # + fp32 `step` per tensor on the device
     assert optimizer_memory(tr, 2, "adamw", "fused", master=True).master_bytes == 4 * n
     eight = optimizer_memory(tr, 2, "adamw8bit")
     assert eight.state_bytes == 2 * (1000 * 8192 + 4 * (1000 * 8192 // 256)) + 3 * 2 * 4 * 100  # small → fp32
@@ -112,7 +112,10 @@ def test_optimizer_states():
     assert optimizer_memory(tr, 2, "sgd").state_bytes == 0
     assert optimizer_memory(tr, 2, "sgd_momentum").state_bytes == 2 * n
     assert optimizer_memory(tr, 2, "lion").state_bytes == 4 * n
-    assert optimizer_memory(tr, 4, "adafactor").state_bytes == 4 * (1000 + 8192) + 3 * 4 * 100
+    assert optimizer_memory(tr, 4, "adafactor").state_bytes == 4 * (1000 + 8192) + 3 * 4 * 100 + 4 * 4  # + RMS scalars
+    # A parameter the model pins to fp32 keeps fp32 grads and Adam state in a bf16 model.
+    pinned = [(1000 * 8192, (1000, 8192), 1, 2), (256 * 64, (256, 64), 2, 4)]
+    assert optimizer_memory(pinned, 2, "adamw", "fused").state_bytes == 2 * (2 * 8_192_000 + 4 * 2 * 16384) + 4 * 3
 
 
 def _tiny(**over):
@@ -127,7 +130,8 @@ def test_activation_terms_llama_layer_pure_bf16_sdpa():
     H, I, nH, nKV, hd, b = 64, 176, 4, 2, 16, 2
     ctx = ActContext(b=b, r=b, amp=False, attn="sdpa", linears_trainable=True, norms_trainable=True)
     norms = 2 * (4 * H + 4 + b * H) + 2 * H * b  # fp32 input copy, rsqrt, x·rsqrt cast; the norm outputs
-    attn = nH * hd * b + 2 * nKV * hd * b + nH * hd * b + 4 * nH + nH * hd * b  # q, k, v, out, lse, o_proj input
+    # q, k, v, out, lse; o_proj's input is a view of the kernel output (laid out like q: (B, S, H, D))
+    attn = nH * hd * b + 2 * nKV * hd * b + nH * hd * b + 4 * nH
     mlp = 4 * I * b  # silu input, act, up, down input
     assert layer_saved_per_token(ctx, s, 128) == norms + attn + mlp
 
@@ -138,8 +142,9 @@ def test_activation_eager_adds_quadratic_scores():
     sdpa = layer_saved_per_token(ActContext(attn="sdpa", **ctx), s, 256)
     eager = layer_saved_per_token(ActContext(attn="eager", **ctx), s, 256)
     # eager adds probs (b) + fp32 softmax (4) per score and repeat_kv copies of k and v (4 heads, not 2);
-    # it loses the kernel's saved output and logsumexp (matmul(probs, v)'s output is not saved).
-    assert eager - sdpa == 4 * 256 * (4 + 2) + 2 * (4 - 2) * 16 * 2 - 4 * 16 * 2 - 4 * 4
+    # it loses the kernel's saved output and logsumexp (matmul(probs, v)'s output is not saved), and its
+    # (B, H, S, D) output makes transpose(1, 2).contiguous() a real copy for o_proj.
+    assert eager - sdpa == 4 * 256 * (4 + 2) + 2 * (4 - 2) * 16 * 2 - 4 * 16 * 2 - 4 * 4 + 4 * 16 * 2
 
 
 def test_lora_saves_less_than_full():

@@ -1,0 +1,144 @@
+"""Shape-matched transformers models for a Spec: dtype, attention, LoRA, freezing, checkpointing.
+
+The model is built from the spec's config.json with `AutoModelForCausalLM.from_config`, so
+every module, parameter and buffer is the one transformers runs; its weights are random
+(whatever device or fake-tensor mode is active when `build_model` is called decides where
+they live — the tracer calls it inside a FakeTensorMode, so a 70B model costs no memory).
+
+What the spec decides, mirroring `formulas.predict`:
+
+- parameters: `pure` stores them in `spec.dtype`; `amp` (autocast) stores the trainable ones
+  in fp32 (full: the whole model; freeze: the trainable layers) and the workload runs the
+  forward under `torch.autocast`; `master` (low-precision parameters + fp32 master copy in
+  the optimizer, DeepSpeed/FSDP style) is not built here yet.
+- LoRA through peft with `lora_dropout=0.0`; peft casts bf16/fp16 adapters to fp32 by default
+  (`autocast_adapter_dtype=True`), the adapters are then cast to `spec.lora_dtype`.
+- freeze: only the last `spec.trainable_layers` decoder layers require grad.
+- gradient checkpointing with `use_reentrant=False` (`activation_checkpointing_enable`, the name
+  transformers 5.2x uses; `gradient_checkpointing_enable` is its deprecated alias).
+
+`build_model` = config → float model → `prepare_for_training`; GPU measurement builds its own
+(bitsandbytes) models and applies the same `prepare_for_training`.
+
+Quantized dtypes (bitsandbytes int8/nf4/fp4 and QLoRA, GPTQ/AWQ, GGUF, fp8) are refused: their
+kernels (bitsandbytes' CUDA matmuls, GPTQ/AWQ packers, FineGrainedFP8) need real data on a
+real device and cannot run on fake tensors, and a dequantize-to-float stand-in would trace a
+different model. Their memory is checked by GPU measurement instead.
+"""
+
+from formulas.catalog import get_shape, load_config
+from formulas.lora import default_targets
+from formulas.spec import SpecError, is_quantized, validate
+
+TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+# config.json keys that make transformers build something other than the plain float model.
+_DROPPED_CONFIG_KEYS = ("quantization_config", "auto_map")
+
+
+def torch_dtype(name):
+    """torch dtype for a vramlab float dtype name ('bf16' → torch.bfloat16)."""
+    import torch
+
+    return getattr(torch, TORCH_DTYPES[name])
+
+
+def check_traceable(spec):
+    """Raise SpecError (naming the flag) for what a fake-tensor trace cannot run. `spec` is validated."""
+    if spec.method == "qlora" or is_quantized(spec.dtype):
+        flag = "--method qlora" if spec.method == "qlora" else f"--dtype {spec.dtype}"
+        raise SpecError(f"{flag}: quantized weights cannot be traced on fake tensors (bitsandbytes/GPTQ/AWQ/GGUF/fp8 "
+                        "kernels need real data on a GPU); trace a float dtype (bf16, fp16, fp32) or measure on a GPU")
+    if spec.kv_dtype != spec.compute_dtype:
+        raise SpecError(f"--kv-dtype {spec.kv_dtype}: transformers' DynamicCache keeps K/V in the compute dtype; "
+                        "trace without --kv-dtype")
+    if spec.precision == "master":
+        raise SpecError("--precision master: fp32 master weights in the optimizer (DeepSpeed/FSDP) are not traced "
+                        "yet; trace --precision amp or pure")
+    for flag, value, default in (("gpus", spec.gpus, 1), ("tp", spec.tp, 1), ("pp", spec.pp, 1), ("zero", spec.zero, 0),
+                                 ("offload", spec.offload, "none")):
+        if value != default:
+            raise SpecError(f"--{flag} {value}: the tracer runs one device without parallelism or offload")
+    if spec.layer_split:
+        raise SpecError("--layer-split: the tracer runs one device; trace without --layer-split")
+
+
+def hf_config(spec):
+    """A transformers config for the spec's model, without quantization or remote code."""
+    import transformers
+
+    cfg = dict(load_config(spec.model))
+    for key in _DROPPED_CONFIG_KEYS:
+        cfg.pop(key, None)
+    model_type = cfg.pop("model_type")
+    return transformers.AutoConfig.for_model(model_type, **cfg)
+
+
+def decoder_layers(model):
+    """The ModuleList of decoder layers (model.layers, transformer.h, decoder.layers, gpt_neox.layers)."""
+    import torch
+
+    n = model.config.num_hidden_layers
+    for _, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(f"{type(model).__name__}: no ModuleList of {n} decoder layers found")
+
+
+def param_dtype(spec):
+    """Storage dtype of the base model's parameters."""
+    if spec.mode == "train" and spec.precision == "amp" and spec.method == "full":
+        return "fp32"  # autocast trains fp32 parameters
+    return spec.dtype
+
+
+def build_model(spec):
+    """Build the float model `spec` describes on the current default device / fake mode, set up for its mode.
+
+    `spec` is validated here ('auto' fields resolved) and checked with `check_traceable`."""
+    import transformers
+
+    shape = get_shape(spec.model)
+    spec = validate(spec, shape)
+    check_traceable(spec)
+    model = transformers.AutoModelForCausalLM.from_config(
+        hf_config(spec), dtype=torch_dtype(param_dtype(spec)), attn_implementation=spec.attn)
+    return prepare_for_training(model, spec)
+
+
+def prepare_for_training(model, spec):
+    """Apply the validated spec's mode to a built model and return it (a PeftModel under LoRA).
+
+    inference: eval mode, no parameter requires grad. train: gradient checkpointing, then
+    freeze (last `trainable_layers` layers train, in fp32 under autocast) or LoRA adapters in
+    `lora_dtype` (peft, also over bitsandbytes layers for QLoRA), then train mode (dropout on)."""
+    import torch
+
+    if spec.mode != "train":
+        model.eval()
+        model.requires_grad_(False)
+        return model
+    if spec.grad_ckpt:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.2x name; the old one warns
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if spec.method == "freeze":
+        model.requires_grad_(False)
+        for layer in list(decoder_layers(model))[-spec.trainable_layers:]:
+            if spec.precision == "amp":
+                layer.to(torch.float32)  # the trainable layers train in fp32 under autocast
+            layer.requires_grad_(True)
+    elif spec.method in ("lora", "qlora"):
+        import peft
+
+        targets = list(spec.lora_targets) or list(default_targets(get_shape(spec.model)))
+        if targets == ["all-linear"]:
+            targets = "all-linear"
+        model = peft.get_peft_model(model, peft.LoraConfig(r=spec.lora_rank, target_modules=targets, lora_dropout=0.0))
+        adapter_dtype = torch_dtype(spec.lora_dtype)
+        for name, module in model.named_modules():
+            if name.endswith((".lora_A", ".lora_B")):
+                module.to(adapter_dtype)  # peft made them fp32 (autocast_adapter_dtype); the spec decides
+    model.train()
+    return model

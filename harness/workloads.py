@@ -1,0 +1,110 @@
+"""The workloads vramlab measures: generate-style inference and training steps. No measuring here.
+
+Measurement (the fake-tensor tracer, later the GPU sampler) wraps these functions and learns
+where the workload is from the `mark(phase)` callback, called as each phase begins. Phase
+names are those of `formulas.categories` (PHASES_INFERENCE, PHASES_TRAIN).
+
+inference — what `GenerationMixin._sample` does with a DynamicCache, greedy:
+  load; prefill of batch × seq random tokens with `logits_to_keep=1` (or every position with
+  `spec.logits == "all"`), the last position's logits copied to fp32; then `spec.gen` decode
+  steps of one token each. As in generate, the output object is dropped once its logits are
+  copied, and the previous step's fp32 logits stay alive until the next copy replaces them.
+
+training — `spec.grad_accum` micro-batches of forward (`loss = model(ids, labels=ids).loss`,
+  the output object dropped at once) and backward, then `optimizer.step()` and
+  `zero_grad(set_to_none=True)`; two full steps, because step 1 creates the optimizer state
+  that every later step carries.
+"""
+
+import contextlib
+
+from formulas.spec import SpecError
+
+from .models import torch_dtype
+
+TRAIN_STEPS = 2  # step 1 allocates optimizer state; step 2 is the steady state
+
+
+def _no_mark(phase):
+    pass
+
+
+def random_ids(model, batch, seq, device):
+    """batch × seq random token ids."""
+    import torch
+
+    return torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
+
+
+def run_inference(model, spec, mark=_no_mark, device="cpu"):
+    """Prefill, then `spec.gen` greedy decode steps. Returns the last fp32 logits (batch × vocab)."""
+    import torch
+    from transformers import DynamicCache
+
+    mark("load")
+    with torch.no_grad():  # generate() runs under no_grad
+        mark("prefill")
+        ids = random_ids(model, spec.batch, spec.seq, device)
+        cache = DynamicCache(config=model.config)
+        keep = 1 if spec.logits == "last" else 0
+        out = model(ids, use_cache=True, cache=cache, logits_to_keep=keep)
+        logits = out.logits[:, -1, :].to(copy=True, dtype=torch.float32)
+        del out, ids
+        for _ in range(spec.gen):
+            mark("decode")
+            next_ids = torch.argmax(logits, dim=-1, keepdim=True)
+            out = model(next_ids, use_cache=True, cache=cache, logits_to_keep=1)
+            logits = out.logits[:, -1, :].to(copy=True, dtype=torch.float32)
+            del out, next_ids
+    return logits
+
+
+def make_optimizer(params, spec):
+    """The torch / transformers optimizer the spec names, with the spec's implementation."""
+    import torch
+
+    params = list(params)
+    impl = spec.optimizer_impl
+    if spec.optimizer == "adamw":
+        if impl == "fused":
+            return torch.optim.AdamW(params, lr=1e-4, fused=True)
+        return torch.optim.AdamW(params, lr=1e-4, foreach=impl == "foreach")
+    if spec.optimizer in ("sgd", "sgd_momentum"):
+        momentum = 0.9 if spec.optimizer == "sgd_momentum" else 0.0
+        if impl == "fused":
+            return torch.optim.SGD(params, lr=1e-3, momentum=momentum, fused=True)
+        return torch.optim.SGD(params, lr=1e-3, momentum=momentum, foreach=impl == "foreach")
+    if spec.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, scale_parameter=False, relative_step=False, lr=1e-3)
+    raise SpecError(f"--optimizer {spec.optimizer}: a bitsandbytes optimizer; its CUDA kernels cannot run here "
+                    "(choose adamw, sgd, sgd_momentum or adafactor)")
+
+
+def _autocast(spec, device):
+    import torch
+
+    if spec.precision != "amp":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device, dtype=torch_dtype(spec.compute_dtype))
+
+
+def run_training(model, spec, mark=_no_mark, device="cpu", steps=TRAIN_STEPS, optimizer=None):
+    """`steps` optimizer steps of `spec.grad_accum` micro-batches each. Returns the optimizer."""
+    mark("load")
+    opt = optimizer or make_optimizer((p for p in model.parameters() if p.requires_grad), spec)
+    for _ in range(steps):
+        for _ in range(spec.grad_accum):
+            mark("forward")
+            ids = random_ids(model, spec.batch, spec.seq, device)
+            with _autocast(spec, device):
+                loss = model(input_ids=ids, labels=ids).loss
+            del ids
+            mark("backward")
+            loss.backward()
+            del loss
+        mark("optimizer_step")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return opt
