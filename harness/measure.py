@@ -45,12 +45,14 @@ def _materialize_meta(model, device):
                 data = torch.empty(p.shape, device=device, dtype=p.dtype)
                 torch.nn.init.normal_(data, std=0.02) if data.dim() > 1 else data.fill_(1.0)
                 setattr(module, name, torch.nn.Parameter(data, requires_grad=p.requires_grad))
+        fresh = None
+        if type(module).__name__.endswith("RotaryEmbedding") and any(b.is_meta for b in module.buffers(recurse=False)):
+            fresh = type(module)(module.config)  # tiny: inv_freq is computed from the config in __init__
         for name, b in list(module.named_buffers(recurse=False)):
             if not b.is_meta:
                 continue
-            if hasattr(module, "rope_init_fn") and name in ("inv_freq", "original_inv_freq"):
-                inv_freq, _ = module.rope_init_fn(module.config, device)
-                value = inv_freq.clone()
+            if fresh is not None and hasattr(fresh, name):
+                value = getattr(fresh, name).to(device)
             elif b.dtype == torch.bool and b.dim() == 2:  # causal-mask buffers
                 value = torch.tril(torch.ones(b.shape, dtype=torch.bool, device=device))
             else:
