@@ -352,7 +352,6 @@ def _phases_train(st, sl, B, S, N):
 
     fwd = dict(persistent)
     fwd[C.GRADIENTS] = acc_grads + bucket
-    fwd_tail = vmax(fwd_logits, layer_transient)
     pick = fwd_logits >= layer_transient
     # The final norm's output stays bound while lm_head and the loss run: beside its saved bf16 cast
     # under autocast (#11), or unsaved when lm_head is frozen (LoRA, freeze: #5).
@@ -364,7 +363,6 @@ def _phases_train(st, sl, B, S, N):
     fwd[C.ACTIVATIONS] = acts + model_saved + ids_fwd + _pick(pick, head_hidden, layer_transient)
     fwd[C.LOGITS] = _pick(pick, fwd_logits, 0)
     fwd[C.TEMPORARIES] = copies + qtemp
-    del fwd_tail
 
     # Backward, three moments: its start (all saved activations + logits gradients); under checkpointing,
     # the last layer recomputed while the checkpointed inputs are still held; its end (nearly all
