@@ -6,8 +6,8 @@ capacity (every GDDR/HBM "GB" here is 2^30 bytes, see the file's `memory_gb_base
 `reported_total_bytes` what nvidia-smi/rocm-smi report where a public measurement exists.
 Throughput is dense (not 2:4 sparse) tensor-core FLOP/s with FP32 accumulation.
 
-Device overheads come from `device_overheads(name)`: today always the uncalibrated defaults
-of `overhead.py`; a calibration table per GPU plugs in there and nowhere else.
+Device overheads come from `device_overheads(name, calibration)`: a calibration table fitted
+by `vramlab fit` where the caller found one, else the uncalibrated defaults of `overhead.py`.
 """
 
 import json
@@ -107,6 +107,12 @@ def get_hardware(name):
     return hw
 
 
-def device_overheads(gpu_name):
-    """(Overheads, calibrated) for a GPU. No calibration table exists yet: always the defaults, uncalibrated."""
+def device_overheads(gpu_name, calibration=None):
+    """(Overheads, calibrated): a loaded calibration table's overheads, else the uncalibrated defaults.
+
+    The table (harness.calibrate.Calibration, fitted per environment by `vramlab fit`) is found and
+    read by the caller, so formulas/ stays free of file lookups. Source: measured: results/calibration/.
+    """
+    if calibration is not None:
+        return calibration.overheads, True
     return DEFAULT_OVERHEADS, False

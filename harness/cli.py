@@ -113,6 +113,16 @@ def render_prediction(pred, gpu=None):
     return "\n".join(lines)
 
 
+def _overheads_for(a):
+    """(Overheads, calibrated): --calibration FILE, else the newest table in results/calibration/ for --gpu, else defaults."""
+    from formulas.hardware import device_overheads
+
+    from .calibrate import find_calibration, load_calibration
+
+    cal = load_calibration(a.calibration) if a.calibration else (find_calibration(a.gpu) if a.gpu else None)
+    return device_overheads(a.gpu, cal)
+
+
 def cmd_predict(a):
     from formulas.catalog import UnknownModelError
     from formulas.gpus import gpu_memory_bytes
@@ -122,10 +132,12 @@ def cmd_predict(a):
 
     try:
         gpu = gpu_memory_bytes(a.gpu) if a.gpu else None
-        pred = predict(spec_from_args(a))
-    except (SpecError, UnknownModelError, UnsupportedModelError, ValueError) as e:
+        overheads, calibrated = _overheads_for(a)
+        pred = predict(spec_from_args(a), overheads)
+    except (SpecError, UnknownModelError, UnsupportedModelError, ValueError) as e:  # CalibrationError is a ValueError
         print(f"vramlab predict: {e}", file=sys.stderr)
         return 2
+    pred.calibrated = calibrated  # predict() cannot know; the source string names the table and its held-out error
     if a.json:
         d = pred.to_dict()
         if gpu:
@@ -204,14 +216,10 @@ def cmd_run(a):
 
 
 def cmd_results(a):
-    from .records import iter_records, records_frame
+    from .records import load_records_for, records_frame
 
-    bad = []
-    recs = list(iter_records(a.path, on_error=lambda p, e: bad.append(str(e))))
-    for b in bad:
-        print(f"vramlab results: skipped {b}", file=sys.stderr)
-    if not recs:
-        print(f"vramlab results: no records under {a.path}", file=sys.stderr)
+    recs = load_records_for("results", a.path)
+    if recs is None:
         return 2
     df = records_frame(recs)
     if a.csv:
@@ -236,6 +244,8 @@ def build_parser():
     add_spec_arguments(pp)
     pp.add_argument("--gpu", default=None, help="GPU name: say whether the workload fits its memory")
     pp.add_argument("--json", action="store_true", help="print the prediction as JSON (bytes)")
+    pp.add_argument("--calibration", default=None,
+                    help="calibration table from `vramlab fit` (default: the newest in results/calibration/ for --gpu)")
     pp.set_defaults(func=cmd_predict)
     pr = sub.add_parser("run", help="run a sweep: measure on GPUs, or trace without one")
     pr.add_argument("sweep", help="experiments/NAME.yaml")
@@ -257,8 +267,11 @@ def build_parser():
     from .plan_cli import add_plan_parser  # here, not at the top: plan_cli imports this module
     from .trace_cli import add_trace_parser  # likewise
 
+    from .calib_cli import add_calibration_parsers  # likewise
+
     add_plan_parser(sub)
     add_trace_parser(sub)
+    add_calibration_parsers(sub)
     return p
 
 

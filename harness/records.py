@@ -69,6 +69,21 @@ def iter_records(path, on_error=None):
                 on_error(f, e)
 
 
+def load_records_for(command, path):
+    """Records under `path` for a CLI command: unreadable files are reported on stderr and skipped;
+    None (after saying so) when there are none."""
+    import sys
+
+    bad = []
+    recs = list(iter_records(path, on_error=lambda p, e: bad.append(str(e))))
+    for b in bad:
+        print(f"vramlab {command}: skipped {b}", file=sys.stderr)
+    if not recs:
+        print(f"vramlab {command}: no records under {path}", file=sys.stderr)
+        return None
+    return recs
+
+
 def _get(d, *keys, default=None):
     for k in keys:
         if not isinstance(d, dict) or k not in d:

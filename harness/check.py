@@ -1,0 +1,240 @@
+"""`vramlab check`: compare new records with a baseline, experiment by experiment (as asv and pytest-benchmark do).
+
+Experiments are matched by spec hash. A metric's change counts only if it exceeds *every*
+threshold given for that metric (e.g. `peak_device:3%` and `peak_device:256MiB`) and the
+run-to-run spread (max − min over repeated records of the same experiment, where a folder holds
+repeats). Statuses:
+
+    better | worse | unchanged        both runs ok, compared metric by metric
+    new failure                      baseline ok, now oom/error/timeout/crashed
+    fixed                            baseline failed, now ok
+    still failing                    both failed
+    not comparable                   other record schema, or same experiment label with another spec hash
+    new | missing                    only in the new records / only in the baseline
+
+For a changed experiment the components that moved are named (CUDA context, allocator slack,
+allocated per phase or category, other device memory). A regression is `worse` or `new failure`.
+"""
+
+import glob
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+from formulas.units import MiB, parse_size
+
+from .spec import SCHEMA_VERSION
+
+METRICS = ("peak_device", "peak_allocated", "peak_reserved", "cuda_context")
+DEFAULT_THRESHOLDS = ("peak_device:3%", "peak_device:256MiB", "peak_allocated:3%", "peak_allocated:256MiB",
+                      "peak_reserved:3%", "peak_reserved:256MiB", "cuda_context:3%", "cuda_context:256MiB")
+FAILED = ("oom", "error", "timeout", "crashed")
+COMPONENT_NAMES = {"cuda_context": "CUDA context", "allocator_slack": "allocator slack",
+                   "other_device": "other device memory"}
+REGRESSIONS = ("worse", "new failure")
+
+
+class CheckError(ValueError):
+    """Bad thresholds or unreadable record folders."""
+
+
+def parse_thresholds(items):
+    """['peak_device:3%', 'peak_device:256MiB'] → {metric: [(kind, value)]}, kind 'rel' (fraction) or 'abs' (bytes)."""
+    out = {}
+    for item in items:
+        metric, sep, val = item.partition(":")
+        if not sep or metric not in METRICS:
+            raise CheckError(f"--threshold {item}: expected METRIC:VALUE with METRIC one of {', '.join(METRICS)}")
+        try:
+            if val.strip().endswith("%"):
+                entry = ("rel", float(val.strip()[:-1]) / 100)
+            else:
+                entry = ("abs", parse_size(val))
+        except ValueError:
+            raise CheckError(f"--threshold {item}: {val!r} is neither a percentage (3%) nor a size (256MiB)") from None
+        out.setdefault(metric, []).append(entry)
+    return out
+
+
+def load_runs(path):
+    """{spec_hash: [raw record dicts]} under a file or folder; records of another schema are kept, marked later."""
+    files = [path] if os.path.isfile(path) else sorted(glob.glob(os.path.join(path, "**", "*.json"), recursive=True))
+    if not files:
+        raise CheckError(f"{path}: no record files")
+    out = {}
+    for f in files:
+        base = os.path.basename(f)
+        if base.startswith(".tmp-") or base in ("machine.json", "sweep.json"):
+            continue
+        try:
+            with open(f, encoding="utf-8") as fh:
+                rec = json.load(fh)
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(rec, dict) and "spec_hash" in rec and "outcome" in rec:
+            out.setdefault(rec["spec_hash"], []).append(rec)
+    if not out:
+        raise CheckError(f"{path}: no vramlab records")
+    return out
+
+
+def _label(rec):
+    s = rec.get("spec") or {}
+    return "|".join(str(s.get(k)) for k in ("model", "mode", "method", "dtype", "batch", "seq", "gen", "optimizer",
+                                            "grad_ckpt", "attn")) + f"|{rec.get('group', '')}"
+
+
+def metric_value(rec, metric):
+    """Bytes of one metric in a record, or None."""
+    m = rec.get("measured") or {}
+    return m.get(f"{metric}_bytes")
+
+
+def components(rec):
+    """{component: bytes}: context, allocator slack, other device memory, allocated per phase and per category."""
+    m = rec.get("measured") or {}
+    out = {}
+    if m.get("cuda_context_bytes") is not None:
+        out["cuda_context"] = m["cuda_context_bytes"]
+    if m.get("peak_reserved_bytes") is not None and m.get("peak_allocated_bytes") is not None:
+        out["allocator_slack"] = m["peak_reserved_bytes"] - m["peak_allocated_bytes"]
+    if m.get("peak_device_bytes") is not None and m.get("peak_reserved_bytes") is not None:
+        out["other_device"] = m["peak_device_bytes"] - m["peak_reserved_bytes"] - (m.get("cuda_context_bytes") or 0)
+    for ph, d in (m.get("phases") or {}).items():
+        if isinstance(d, dict) and d.get("max_allocated_bytes") is not None:
+            out[f"allocated at {ph}"] = d["max_allocated_bytes"]
+    for c, v in (m.get("breakdown") or {}).items():
+        out[c] = v
+    return out
+
+
+def _mib(n):
+    return f"{n / MiB:+,.0f} MiB"
+
+
+@dataclass
+class Comparison:
+    """One experiment's verdict."""
+
+    spec_hash: str
+    label: str
+    status: str
+    metrics: dict = field(default_factory=dict)  # metric → (baseline, new, delta, counted)
+    moved: list = field(default_factory=list)  # "CUDA context +300 MiB", largest first
+    detail: str = ""
+
+    def line(self):
+        parts = [f"{self.status:<15} {self.spec_hash}  {self.label}"]
+        for metric, (b, n, d, counted) in self.metrics.items():
+            if counted:
+                parts.append(f"{metric} {_mib(d)} ({d / b:+.1%})" if b else f"{metric} {_mib(d)}")
+        if self.moved:
+            parts.append("moved: " + ", ".join(self.moved))
+        if self.detail:
+            parts.append(self.detail)
+        return "  ".join(parts)
+
+
+def _exceeds(delta, base, spread, rules):
+    if abs(delta) <= spread:
+        return False
+    for kind, val in rules:
+        if kind == "rel" and (not base or abs(delta) / base <= val):
+            return False
+        if kind == "abs" and abs(delta) <= val:
+            return False
+    return True
+
+
+def _spread(recs, metric):
+    vals = [v for r in recs if r.get("outcome") == "ok" and (v := metric_value(r, metric)) is not None]
+    return max(vals) - min(vals) if len(vals) > 1 else 0
+
+
+def _median(vals):
+    vals = sorted(vals)
+    return vals[len(vals) // 2] if len(vals) % 2 else (vals[len(vals) // 2 - 1] + vals[len(vals) // 2]) / 2
+
+
+def compare_experiment(h, base_recs, new_recs, thresholds):
+    """Verdict for one spec hash present on both sides."""
+    b0, n0 = base_recs[0], new_recs[0]
+    s = n0.get("spec") or {}
+    label = f"{s.get('model')} {s.get('mode')} {s.get('dtype')} b{s.get('batch')} s{s.get('seq')}"
+    if b0.get("schema_version") != SCHEMA_VERSION or n0.get("schema_version") != SCHEMA_VERSION:
+        return Comparison(h, label, "not comparable",
+                          detail=f"record schema {b0.get('schema_version')} vs {n0.get('schema_version')}")
+    b_ok = any(r.get("outcome") == "ok" for r in base_recs)
+    n_ok = any(r.get("outcome") == "ok" for r in new_recs)
+    if b_ok and not n_ok:
+        return Comparison(h, label, "new failure", detail=f"now {n0.get('outcome')}: {(n0.get('error') or {}).get('message', '')[:120]}")
+    if not b_ok and n_ok:
+        return Comparison(h, label, "fixed", detail=f"was {b0.get('outcome')}")
+    if not b_ok and not n_ok:
+        return Comparison(h, label, "still failing", detail=f"{b0.get('outcome')} → {n0.get('outcome')}")
+    base_ok = [r for r in base_recs if r.get("outcome") == "ok"]
+    new_ok = [r for r in new_recs if r.get("outcome") == "ok"]
+    cmp = Comparison(h, label, "unchanged")
+    worse = better = False
+    for metric, rules in thresholds.items():
+        bv = [v for r in base_ok if (v := metric_value(r, metric)) is not None]
+        nv = [v for r in new_ok if (v := metric_value(r, metric)) is not None]
+        if not bv or not nv:
+            continue
+        b, n = _median(bv), _median(nv)
+        spread = max(_spread(base_ok, metric), _spread(new_ok, metric))
+        counted = _exceeds(n - b, b, spread, rules)
+        cmp.metrics[metric] = (b, n, n - b, counted)
+        worse |= counted and n > b
+        better |= counted and n < b
+    cmp.status = "worse" if worse else "better" if better else "unchanged"
+    if cmp.status != "unchanged":
+        cb, cn = components(base_ok[0]), components(new_ok[0])
+        abs_floor = min([v for rules in thresholds.values() for k, v in rules if k == "abs"] or [256 * MiB]) / 4
+        moved = [(cn[k] - cb[k], k) for k in cb if k in cn and abs(cn[k] - cb[k]) >= abs_floor]
+        moved.sort(key=lambda t: -abs(t[0]))
+        cmp.moved = [f"{COMPONENT_NAMES.get(k, k)} {_mib(d)}" for d, k in moved]
+    return cmp
+
+
+def check(baseline_path, new_path, thresholds=None):
+    """[Comparison] for every experiment in either set, baseline order first."""
+    thresholds = parse_thresholds(thresholds or DEFAULT_THRESHOLDS)
+    base, new = load_runs(baseline_path), load_runs(new_path)
+    out = []
+    base_labels = {_label(v[0]): h for h, v in base.items()}
+    new_labels = {_label(v[0]): h for h, v in new.items()}
+    for h in sorted(base):
+        if h in new:
+            out.append(compare_experiment(h, base[h], new[h], thresholds))
+        elif _label(base[h][0]) in new_labels:
+            out.append(Comparison(h, _label(base[h][0]).replace("|", " "), "not comparable",
+                                  detail=f"spec hash changed to {new_labels[_label(base[h][0])]}"))
+        else:
+            out.append(Comparison(h, _label(base[h][0]).replace("|", " "), "missing"))
+    for h in sorted(new):
+        if h not in base and _label(new[h][0]) not in base_labels:
+            out.append(Comparison(h, _label(new[h][0]).replace("|", " "), "new"))
+    return out
+
+
+def summarize(comparisons):
+    """Headline lines: counts per status and components that moved in several experiments alike."""
+    counts = {}
+    for c in comparisons:
+        counts[c.status] = counts.get(c.status, 0) + 1
+    lines = [", ".join(f"{k} {v}" for k, v in sorted(counts.items()))]
+    moved = {}
+    for c in comparisons:
+        for m in c.moved:
+            name = re.sub(r" [+-][\d,]+ MiB$", "", m)
+            moved.setdefault(name, []).append(m)
+    for name, ms in sorted(moved.items(), key=lambda t: -len(t[1])):
+        if len(ms) > 1:
+            lines.append(f"{name} moved in {len(ms)} experiments (e.g. {ms[0]})")
+    return lines
+
+
+def is_regression(comparisons):
+    return any(c.status in REGRESSIONS for c in comparisons)
