@@ -43,9 +43,7 @@ def cmd_fit(a):
     from .calibrate import CALIBRATION_DIR, CalibrationError, fit, group_by_environment, write_calibration
     from .records import load_records_for
 
-    recs = load_records_for("fit", a.records)
-    if recs is None:
-        return 2
+    recs = load_records_for("fit", a.records, empty_ok=True)  # "no usable measured records" below says more
     groups = group_by_environment(recs)
     if a.env:
         groups = {k: v for k, v in groups.items() if a.env.lower() in k.lower()}

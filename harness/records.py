@@ -69,16 +69,16 @@ def iter_records(path, on_error=None):
                 on_error(f, e)
 
 
-def load_records_for(command, path):
+def load_records_for(command, path, empty_ok=False):
     """Records under `path` for a CLI command: unreadable files are reported on stderr and skipped;
-    None (after saying so) when there are none."""
+    None (after saying so) when there are none, unless empty_ok (the caller explains instead)."""
     import sys
 
     bad = []
     recs = list(iter_records(path, on_error=lambda p, e: bad.append(str(e))))
     for b in bad:
         print(f"vramlab {command}: skipped {b}", file=sys.stderr)
-    if not recs:
+    if not recs and not empty_ok:
         print(f"vramlab {command}: no records under {path}", file=sys.stderr)
         return None
     return recs
