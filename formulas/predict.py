@@ -90,7 +90,6 @@ class _Static:
     ctx: object  # ActContext (training) or None
     ctx_head: object  # the ActContext of the final norm and lm_head (frozen under freeze)
     saved_layers_trainable: int  # layers whose activations are saved (freeze: the trainable ones)
-    lb: int  # logits dtype bytes
 
 
 def _trainable_copies(t, shape, k):
@@ -130,7 +129,6 @@ def _static(spec):
     paged = False
     ctx = ctx_head = None
     saved_layers = shape.n_layers
-    lb = cb
     if train:
         tb = 4 if amp else cb  # trainable parameter / gradient bytes
         pinned = {t.name: DTYPE_BYTES[t.dtype] for t in shape.tensors if t.dtype}  # e.g. DeepSeek's fp32 router
@@ -191,7 +189,7 @@ def _static(spec):
         buffers=st.buffer_bytes, quant_temp=quant_temp, quant_temp_per_token=quant_temp_tok,
         n_trainable=n_tr, grads=grads, opt_state=state, opt_paged=paged, master=master, opt_temp=opt_temp,
         autocast_copies=copies, autocast_head=copies_head, autocast_layer=copies_layer, lm_grad=lm_grad, ctx=ctx,
-        ctx_head=ctx_head, saved_layers_trainable=saved_layers, lb=lb,
+        ctx_head=ctx_head, saved_layers_trainable=saved_layers,
     )
 
 
@@ -344,7 +342,7 @@ def _phases_train(st, sl, B, S, N):
     layer_transient = T * 4 * H / sl.tp
     if s.grad_ckpt:
         layer_transient = T * prefill_working_set_per_token(shape, cb, s.attn, S, s.compute_dtype == "fp16") / sl.tp
-    lb = st.lb
+    lb = cb  # logits come out of lm_head in the compute dtype
     fwd_logits = T * V * (lb + (4 if lb != 4 else 0) + 4) * sl.head / sl.tp
     bwd_logits = vmax(T * V * 12 * sl.head / sl.tp, T * V * lb * sl.head / sl.tp + st.lm_grad * sl.head / sl.tp)
     acc_grads = grads * ((s.grad_accum > 1) * 1)
@@ -428,8 +426,6 @@ def _notes(st):
             notes.append(f"LoRA r={s.lora_rank} on {targets}: {st.n_trainable:,} trainable parameters in {s.lora_dtype}")
         if s.method == "freeze":
             notes.append(f"freeze: last {s.trainable_layers} of {shape.n_layers} layers train ({st.n_trainable:,} parameters)")
-        if s.dtype in ("int8", "nf4", "fp4") and shape.is_moe:
-            notes.append("bitsandbytes via transformers quantizes nn.Linear only: fused MoE expert tensors stay in the compute dtype")
     else:
         if shape.is_mla:
             notes.append(f"MLA KV cache {s.mla_cache}" + (" (the latent, as transformers 5, vLLM and SGLang cache it)"
@@ -437,10 +433,10 @@ def _notes(st):
                                                           else " (per-head K/V, as older remote-code DeepSeek models)"))
         if shape.sliding_window:
             notes.append(f"sliding window: KV cache capped at {shape.sliding_window} tokens per layer")
-        if s.dtype in ("int8", "nf4", "fp4") and shape.is_moe:
-            notes.append("bitsandbytes via transformers quantizes nn.Linear only: fused MoE expert tensors stay in the compute dtype")
         if s.dtype.startswith("q") and "_" in s.dtype:
             notes.append("GGUF: weights as llama.cpp stores them; activations and KV cache as transformers would hold them")
+    if s.dtype in ("int8", "nf4", "fp4") and shape.is_moe:
+        notes.append("bitsandbytes via transformers quantizes nn.Linear only: fused MoE expert tensors stay in the compute dtype")
     if s.gpus > 1:
         notes.append(f"per-GPU figures for {s.gpus} GPUs (tp={s.tp}, pp={s.pp}, zero={s.zero}"
                      f"{', layer split' if s.layer_split else ''}{', offload ' + s.offload if s.offload != 'none' else ''})")

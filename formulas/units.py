@@ -1,5 +1,7 @@
 """Bytes are integers everywhere; binary units appear only when printing."""
 
+import re
+
 KiB = 2**10
 MiB = 2**20
 GiB = 2**30
@@ -24,14 +26,8 @@ def fmt_bytes(n_bytes, unit="GiB", digits=2):
 def parse_size(text):
     """'24GiB', '80 GB', '512MiB', '1024' → bytes (int). Decimal and binary units are kept apart."""
     s = str(text).strip().lower().replace(" ", "")
-    for suffix in sorted(_UNITS, key=len, reverse=True):
-        if s.endswith(suffix) and suffix != "b" or s.endswith("b") and suffix == "b" and s[:-1].replace(".", "").isdigit():
-            number = s[: -len(suffix)]
-            try:
-                return int(round(float(number) * _UNITS[suffix]))
-            except ValueError:
-                break
-    try:
-        return int(s)
-    except ValueError:
-        raise ValueError(f"cannot read {text!r} as a size: use e.g. 24GiB, 80GB, 512MiB or plain bytes") from None
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([a-z]*)", s)
+    unit = m.group(2) if m else None
+    if m is None or (unit or "b") not in _UNITS or (not unit and "." in m.group(1)):
+        raise ValueError(f"cannot read {text!r} as a size: use e.g. 24GiB, 80GB, 512MiB or plain bytes")
+    return int(round(float(m.group(1)) * _UNITS[unit or "b"]))

@@ -112,6 +112,17 @@ def summary(records):
     return rows, err_alloc, err_target, rule_errors, scores, cats, env_tab, envs
 
 
+def _save(fig, out_dir, name):
+    """Lay out, write <out_dir>/<name>.png and close the figure; returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = os.path.join(out_dir, f"{name}.png")
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def _plots(rows, err_alloc, err_target, rule_errors, cats, envs, out_dir):
     import matplotlib
 
@@ -132,10 +143,7 @@ def _plots(rows, err_alloc, err_target, rule_errors, cats, envs, out_dir):
             a.set_xlabel(f"measured {t} (GiB)")
             a.set_ylabel(f"predicted {t} (GiB)")
             a.set_title(f"{t}: predicted vs measured")
-    fig.tight_layout()
-    paths["predicted_vs_measured"] = os.path.join(out_dir, "predicted_vs_measured.png")
-    fig.savefig(paths["predicted_vs_measured"], dpi=90)
-    plt.close(fig)
+    paths["predicted_vs_measured"] = _save(fig, out_dir, "predicted_vs_measured")
 
     fig, ax = plt.subplots(figsize=(7, 4))
     if cats:
@@ -144,10 +152,7 @@ def _plots(rows, err_alloc, err_target, rule_errors, cats, envs, out_dir):
         ax.tick_params(axis="x", rotation=30)
     ax.set_ylabel("measured / predicted (median)")
     ax.set_title("per category")
-    fig.tight_layout()
-    paths["categories"] = os.path.join(out_dir, "categories.png")
-    fig.savefig(paths["categories"], dpi=90)
-    plt.close(fig)
+    paths["categories"] = _save(fig, out_dir, "categories")
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     series = [("vramlab allocated", err_alloc), ("vramlab device", err_target)] + list(rule_errors.items())
@@ -158,10 +163,7 @@ def _plots(rows, err_alloc, err_target, rule_errors, cats, envs, out_dir):
     ax.set_xlabel("relative error (%), predicted − measured")
     ax.set_ylabel("experiments")
     ax.set_title("error distribution")
-    fig.tight_layout()
-    paths["errors"] = os.path.join(out_dir, "errors.png")
-    fig.savefig(paths["errors"], dpi=90)
-    plt.close(fig)
+    paths["errors"] = _save(fig, out_dir, "errors")
 
     fig, ax = plt.subplots(figsize=(8, 1.5 + 0.5 * max(len(envs), 1)))
     if envs:
@@ -175,10 +177,7 @@ def _plots(rows, err_alloc, err_target, rule_errors, cats, envs, out_dir):
     ax.axvline(0, color="k", lw=0.8)
     ax.set_xlabel("device relative error (%)")
     ax.set_title("across environments")
-    fig.tight_layout()
-    paths["environments"] = os.path.join(out_dir, "environments.png")
-    fig.savefig(paths["environments"], dpi=90)
-    plt.close(fig)
+    paths["environments"] = _save(fig, out_dir, "environments")
     return paths
 
 
