@@ -29,7 +29,7 @@ CASES = {
 
 
 def _child(case):
-    from harness.trace import trace  # cheap: torch and transformers are imported inside trace()
+    from harness.tracing.tracer import trace  # cheap: torch and transformers are imported inside trace()
 
     t0 = time.perf_counter()
     result = trace(CASES[case][0])

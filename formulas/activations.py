@@ -14,15 +14,7 @@ Source of each term: the forward of transformers/models/<family>/modeling_<famil
 
 from dataclasses import dataclass, field
 
-
-def vmax(a, b):
-    """max() that also works elementwise on numpy arrays."""
-    return (a + b + abs(a - b)) // 2
-
-
-def vmin(a, b):
-    """min() that also works elementwise on numpy arrays."""
-    return (a + b - abs(a - b)) // 2
+from .elementwise import vmax
 
 
 @dataclass(frozen=True)
@@ -82,7 +74,7 @@ def _sdpa_saved(ctx, n_q, n_kv, qk_dim, v_dim, seq, q_is_fresh=False):
     return n_q * qk_dim * b + n_kv * qk_dim * b + n_kv * v_dim * b + out + 4 * n_q + contiguous
 
 
-def _gated_mlp_saved(ctx, H, inter, lora_prefix=True):
+def _gated_mlp_saved(ctx, H, inter):
     """SwiGLU MLP: silu saves gate, act*up saves both, down_proj saves the product if it trains."""
     b = ctx.b
     saved = 3 * inter * b  # gate (silu input), act, up

@@ -4,7 +4,8 @@ Every breakdown in vramlab — predicted by `formulas`, traced on fake tensors,
 measured on a GPU — is keyed by these names, so the three line up category by
 category. Tensor categories add up to `peak_allocated_bytes` (what
 `torch.cuda.max_memory_allocated` reports); device categories are what NVML sees
-on top of that.
+on top of that: the context made at CUDA init, the workspaces libraries allocate
+outside the caching allocator, and the allocator's reserved-but-free slack.
 """
 
 WEIGHTS = "weights"  # the model's parameters (LoRA adapters included), at their storage dtype
@@ -17,7 +18,8 @@ ACTIVATIONS = "activations"  # tensors saved for backward (training) or the live
 KV_CACHE = "kv_cache"  # keys and values kept for decoding
 LOGITS = "logits"  # vocabulary logits, their fp32 upcast, log-softmax and loss
 TEMPORARIES = "temporaries"  # short-lived workspace: optimizer foreach buffers, autocast weight copies, dequantization
-CUDA_CONTEXT = "cuda_context"  # CUDA context, kernels and library handles (not via the caching allocator)
+CUDA_CONTEXT = "cuda_context"  # the CUDA context itself: driver state and loaded kernel images, made at CUDA init
+WORKSPACES = "workspaces"  # device memory beyond the context and the caching allocator: cuBLAS/cuDNN workspaces, handles
 ALLOCATOR_SLACK = "allocator_slack"  # reserved by the caching allocator but not holding a live tensor
 
 TENSOR_CATEGORIES = (
@@ -32,15 +34,9 @@ TENSOR_CATEGORIES = (
     LOGITS,
     TEMPORARIES,
 )
-DEVICE_CATEGORIES = (CUDA_CONTEXT, ALLOCATOR_SLACK)
+DEVICE_CATEGORIES = (CUDA_CONTEXT, WORKSPACES, ALLOCATOR_SLACK)
 ALL_CATEGORIES = TENSOR_CATEGORIES + DEVICE_CATEGORIES
 
 # Phases of a workload, in order; a prediction names the one holding its peak.
 PHASES_INFERENCE = ("load", "prefill", "decode")
 PHASES_TRAIN = ("load", "forward", "backward", "optimizer_step")
-ALL_PHASES = ("load", "prefill", "decode", "forward", "backward", "optimizer_step")
-
-
-def empty_breakdown():
-    """A breakdown with every category at zero bytes."""
-    return {name: 0 for name in ALL_CATEGORIES}

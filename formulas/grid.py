@@ -12,7 +12,7 @@ from itertools import product
 from . import categories as C
 from .catalog import get_shape
 from .overhead import DEFAULT_OVERHEADS
-from .predict import _slice_phases, _slices, _static_cached
+from .predict import allocated_bytes, device_totals, per_gpu_phases, workload_static
 from .spec import Spec, SpecError, validate
 
 
@@ -40,12 +40,9 @@ def predict_grid(specs, overheads=DEFAULT_OVERHEADS):
 
     specs = list(specs)
     names = [f.name for f in fields(Spec)]
-    i_num = [names.index(x) for x in _NUMERIC]
-    assert i_num == [3, 4, 5], "grid grouping assumes batch, seq, gen are Spec fields 3-5"
-    groups = {}
+    groups = {}  # the spec without batch/seq/gen → row indices
     for i, s in enumerate(specs):
-        k = tuple(s.__dict__.values())
-        groups.setdefault(k[:3] + k[6:], []).append(i)
+        groups.setdefault(s.replace(batch=1, seq=1, gen=0), []).append(i)
     n = len(specs)
     alloc = np.zeros(n, dtype=np.int64)
     device = np.zeros(n, dtype=np.int64)
@@ -59,38 +56,29 @@ def predict_grid(specs, overheads=DEFAULT_OVERHEADS):
     _check_numeric("seq", S_all, 1)
     _check_numeric("gen", N_all, 0)
     for key, idx in groups.items():
-        first = specs[idx[0]]
-        shape = get_shape(first.model)
-        vkey = validate(first.replace(batch=1, seq=1, gen=0), shape)
-        st = _static_cached(vkey)
+        st = workload_static(validate(key, get_shape(key.model)))
         idx = np.asarray(idx)
         B, S, N = B_all[idx], S_all[idx], N_all[idx]
         best = np.full(len(idx), -1, dtype=np.int64)
         best_phase = np.empty(len(idx), dtype=object)
         best_bd = {c: np.zeros(len(idx), dtype=np.int64) for c in C.TENSOR_CATEGORIES}
-        for sl in _slices(st):
-            for ph, bd in _slice_phases(st, sl, B, S, N).items():
+        for phases in per_gpu_phases(st, B, S, N):
+            for ph, bd in phases.items():
                 arrs = {c: np.broadcast_to(np.asarray(v, dtype=np.int64), B.shape) for c, v in bd.items()}
-                tot = sum(arrs.values())
-                if st.opt_paged:
-                    tot = tot - arrs[C.OPTIMIZER_STATES]
+                tot = allocated_bytes(st, arrs)
                 better = tot > best
                 best = np.where(better, tot, best)
                 best_phase = np.where(better, ph, best_phase)
                 for c in C.TENSOR_CATEGORIES:
                     best_bd[c] = np.where(better, arrs[c], best_bd[c])
-        paged = best_bd[C.OPTIMIZER_STATES] if st.opt_paged else 0
-        ctx = overheads.cuda_context_bytes + overheads.workspace_bytes
-        slack = np.maximum((best * overheads.allocator_slack_fraction).astype(np.int64), overheads.allocator_slack_min_bytes)
+        device_bd, device_total = device_totals(st, best_bd, best, overheads)
         alloc[idx] = best
-        device[idx] = best + paged + ctx + slack
+        device[idx] = device_total
         phase[idx] = best_phase
-        for c in C.TENSOR_CATEGORIES:
-            cats[c][idx] = best_bd[c]
-        cats[C.CUDA_CONTEXT][idx] = ctx
-        cats[C.ALLOCATOR_SLACK][idx] = slack
+        for c, v in {**best_bd, **device_bd}.items():
+            cats[c][idx] = v
         for name in spec_cols:
-            v = getattr(first, name)
+            v = getattr(key, name)
             spec_cols[name][idx] = ",".join(v) if name == "lora_targets" else v
     cols = {}
     for name in names:

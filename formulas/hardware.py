@@ -5,17 +5,12 @@ that file and answers lookups. Bytes are integers: `memory_bytes` is the vendor'
 capacity (every GDDR/HBM "GB" here is 2^30 bytes, see the file's `memory_gb_base`),
 `reported_total_bytes` what nvidia-smi/rocm-smi report where a public measurement exists.
 Throughput is dense (not 2:4 sparse) tensor-core FLOP/s with FP32 accumulation.
-
-Device overheads come from `device_overheads(name, calibration)`: a calibration table fitted
-by `vramlab fit` where the caller found one, else the uncalibrated defaults of `overhead.py`.
 """
 
 import json
 import os
 from dataclasses import dataclass
 from functools import lru_cache
-
-from .overhead import DEFAULT_OVERHEADS
 
 CATALOG_PATH = os.path.join(os.path.dirname(__file__), "catalog", "hardware.json")
 
@@ -105,14 +100,3 @@ def get_hardware(name):
     if hw is None:
         raise UnknownGPUError(f"--gpu {name}: unknown GPU; known: {', '.join(hardware_names())}")
     return hw
-
-
-def device_overheads(gpu_name, calibration=None):
-    """(Overheads, calibrated): a loaded calibration table's overheads, else the uncalibrated defaults.
-
-    The table (harness.calibrate.Calibration, fitted per environment by `vramlab fit`) is found and
-    read by the caller, so formulas/ stays free of file lookups. Source: measured: results/calibration/.
-    """
-    if calibration is not None:
-        return calibration.overheads, True
-    return DEFAULT_OVERHEADS, False

@@ -1,6 +1,6 @@
 """KV cache: keys and values kept per token for decoding."""
 
-from .activations import vmin
+from .elementwise import vmin
 
 
 def kv_cache_bytes_per_token(shape, kv_bytes, mla_cache="expanded"):

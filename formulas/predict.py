@@ -9,9 +9,14 @@ The workload modelled is the one vramlab's harness runs with transformers:
   steady-state peak is.
 
 `peak_allocated_bytes` is the sum of tensor categories at the peak moment (what
-torch.cuda.max_memory_allocated reports); `peak_device_bytes` adds CUDA context,
-library workspaces and allocator slack (what NVML reports), from `Overheads`.
+torch.cuda.max_memory_allocated reports); `peak_device_bytes` adds the device categories —
+CUDA context, workspaces and allocator slack (what NVML reports) — from `Overheads`.
 Multi-GPU specs are predicted per GPU, for the GPU that needs the most.
+
+`predict` answers one spec. The steps it takes are public so that `grid.predict_grid` can run
+the same arithmetic on numpy arrays of batch, seq and gen: `workload_static` (everything that
+does not depend on them, cached), `per_gpu_phases` (the breakdown of every phase on every
+distinct GPU), `allocated_bytes` and `device_totals`.
 """
 
 from dataclasses import dataclass, field, fields, replace
@@ -27,10 +32,11 @@ from .activations import (
     layers_saved_per_token,
     model_saved_per_token,
     prefill_working_set_per_token,
-    vmax,
 )
 from .catalog import get_shape
 from .dtypes import DTYPE_BYTES
+from .elementwise import pick as _pick
+from .elementwise import to_int, vmax
 from .kv_cache import kv_cache_bytes
 from .lora import default_targets, lora_params, lora_tensors, resolve_targets
 from .overhead import DEFAULT_OVERHEADS
@@ -53,7 +59,7 @@ class Prediction:
     phases: dict  # phase → {tensor category → bytes} at that phase's own peak
     notes: list = field(default_factory=list)  # assumptions worth reading
     overheads_source: str = ""  # where the device overheads came from
-    calibrated: bool = False  # True once a calibration table supplied the overheads
+    calibrated: bool = False  # True when the overheads came from a calibration table (measurements)
 
     def to_dict(self):
         """JSON-ready dict; bytes stay integers."""
@@ -198,6 +204,11 @@ def _static_cached(spec):
     return _static(spec)
 
 
+def workload_static(spec):
+    """What a validated spec's prediction needs beyond batch, seq and gen (cached per spec without them)."""
+    return _static_cached(spec.replace(batch=1, seq=1, gen=0))
+
+
 # ------------------------------------------------------------------ GPU slices (parallelism)
 
 @dataclass(frozen=True)
@@ -244,12 +255,6 @@ def _slices(st):
 
 
 # ------------------------------------------------------------------ phases
-
-def _pick(cond, a, b):
-    """a where cond else b; works for Python scalars and numpy arrays."""
-    c = cond * 1
-    return a * c + b * (1 - c)
-
 
 def _weights_on(st, sl):
     s = st.spec
@@ -386,16 +391,20 @@ def _phases_train(st, sl, B, S, N):
     return {"load": {C.WEIGHTS: weights, C.BUFFERS: st.buffers}, "forward": fwd, "backward": bwd, "optimizer_step": opt}
 
 
-def _paged_bytes(st, phase_bd):
+def paged_bytes(st, phase_bd):
     """Optimizer state in CUDA unified memory: on the device, but not in the caching allocator."""
     return phase_bd.get(C.OPTIMIZER_STATES, 0) if st.opt_paged else 0
 
 
-def _to_int(x):
-    try:
-        return int(round(x))
-    except TypeError:  # numpy array
-        return x.round().astype("int64")
+def allocated_bytes(st, phase_bd):
+    """Bytes the caching allocator holds in a phase: its tensor categories less paged optimizer state."""
+    return sum(phase_bd.values()) - paged_bytes(st, phase_bd)
+
+
+def device_totals(st, phase_bd, allocated, overheads):
+    """(device categories, peak device bytes) on top of `allocated`; paged optimizer state counts on the device."""
+    device = overheads.device_breakdown(allocated)
+    return device, allocated + paged_bytes(st, phase_bd) + sum(device.values())
 
 
 def _slice_phases(st, sl, B, S, N):
@@ -404,8 +413,13 @@ def _slice_phases(st, sl, B, S, N):
     for phase, bd in raw.items():
         full = {c: 0 for c in C.TENSOR_CATEGORIES}
         full.update(bd)
-        out[phase] = {c: _to_int(v) for c, v in full.items()}
+        out[phase] = {c: to_int(v) for c, v in full.items()}
     return out
+
+
+def per_gpu_phases(st, batch, seq, gen):
+    """[{phase: {tensor category: bytes}}], one per distinct GPU of the spec's layout (numbers or numpy arrays)."""
+    return [_slice_phases(st, sl, batch, seq, gen) for sl in _slices(st)]
 
 
 def _notes(st):
@@ -443,34 +457,23 @@ def _notes(st):
     return notes
 
 
-def _finish(st, slices_phases, overheads):
-    """Pick the worst GPU and phase; add device overheads."""
-    best = None
-    for phases in slices_phases:
-        for phase, bd in phases.items():
-            alloc = sum(bd.values()) - _paged_bytes(st, bd)
-            if best is None or alloc > best[0]:
-                best = (alloc, phase, bd, phases)
-    alloc, phase, bd, phases = best
-    breakdown = dict(bd)
-    paged = _paged_bytes(st, bd)
-    breakdown[C.CUDA_CONTEXT] = overheads.cuda_context_bytes + overheads.workspace_bytes
-    breakdown[C.ALLOCATOR_SLACK] = overheads.allocator_slack(alloc)
-    device = alloc + paged + breakdown[C.CUDA_CONTEXT] + breakdown[C.ALLOCATOR_SLACK]
-    return breakdown, alloc, device, phase, phases
-
-
 def predict(spec, overheads=DEFAULT_OVERHEADS):
     """Predict the per-GPU memory of one workload. Raises SpecError / UnknownModelError on bad input."""
     shape = get_shape(spec.model)
     spec = validate(spec, shape)
-    st = _static_cached(spec.replace(batch=1, seq=1, gen=0))
-    per_slice = [_slice_phases(st, sl, spec.batch, spec.seq, spec.gen) for sl in _slices(st)]
-    breakdown, alloc, device, phase, phases = _finish(st, per_slice, overheads)
+    st = workload_static(spec)
+    best = None  # the GPU and phase that hold the most
+    for phases in per_gpu_phases(st, spec.batch, spec.seq, spec.gen):
+        for phase, bd in phases.items():
+            alloc = allocated_bytes(st, bd)
+            if best is None or alloc > best[0]:
+                best = (alloc, phase, bd, phases)
+    alloc, phase, bd, phases = best
+    device_bd, device = device_totals(st, bd, alloc, overheads)
     if spec.mode == "inference" and spec.gen == 0:
         phases = {k: v for k, v in phases.items() if k != "decode"}
     return Prediction(
-        spec=spec, model=shape.name, n_params=shape.n_params, breakdown=breakdown,
+        spec=spec, model=shape.name, n_params=shape.n_params, breakdown={**bd, **device_bd},
         peak_allocated_bytes=alloc, peak_device_bytes=device, peak_phase=phase, phases=phases,
-        notes=_notes(st), overheads_source=overheads.source, calibrated=False,
+        notes=_notes(st), overheads_source=overheads.source, calibrated=overheads.calibrated,
     )

@@ -29,9 +29,7 @@ class WeightStorage:
     quant_state_bytes: int  # scales / absmax / zeros
     buffer_bytes: int  # non-parameter module state
     layer_bytes: int  # weight + quant_state of the decoder layers (the part a layer split distributes)
-    quantized_numel: int  # parameters stored quantized
     largest_quantized: int  # elements of the largest single quantized weight (dequantization temporary)
-    largest_linear: int  # elements of the largest single nn.Linear weight
     embed_bytes: int = 0  # input (and position) embeddings
     head_bytes: int = 0  # untied lm_head
 
@@ -107,7 +105,7 @@ def weight_storage(shape, dtype, compute_dtype="bf16", double_quant=True, group_
     router, keep theirs). Quantized dtypes store what the scheme quantizes packed and the rest
     at `compute_dtype`. Source: see formulas/dtypes.py per scheme."""
     cb = DTYPE_BYTES[dtype] if dtype in ("fp32", "bf16", "fp16") else DTYPE_BYTES[compute_dtype]
-    weights = qstate = layer = qnumel = largest_q = largest_lin = embed = head = 0
+    weights = qstate = layer = largest_q = embed = head = 0
     # llama.cpp classifies an 80-layer Llama with 8 query heads per KV head as LLM_TYPE_70B.
     is_70b = shape.family == "llama" and shape.n_layers == 80 and shape.n_heads == 8 * shape.n_kv_heads
     for t in shape.tensors:
@@ -121,18 +119,9 @@ def weight_storage(shape, dtype, compute_dtype="bf16", double_quant=True, group_
         elif t.module == "lm_head":
             head += w + q
         if quantized:
-            qnumel += t.total_numel
             largest_q = max(largest_q, t.numel if t.kind != "experts" else t.numel // t.shape[0])
-        if t.kind == "linear":
-            largest_lin = max(largest_lin, t.numel)
     buffers = 0
     for b in shape.buffers:
         bb = DTYPE_BYTES[b.dtype] if b.dtype else cb
         buffers += bb * b.numel * b.count
-    return WeightStorage(weights, qstate, buffers, layer, qnumel, largest_q, largest_lin, embed, head)
-
-
-def bits_per_weight(shape, dtype, compute_dtype="bf16", double_quant=True, group_size=128):
-    """Average bits per parameter of the stored model (weights + quantization state)."""
-    s = weight_storage(shape, dtype, compute_dtype, double_quant, group_size)
-    return 8 * (s.weight_bytes + s.quant_state_bytes) / shape.n_params
+    return WeightStorage(weights, qstate, buffers, layer, largest_q, embed, head)

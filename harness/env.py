@@ -11,9 +11,9 @@ import subprocess
 import sys
 from importlib import metadata
 
-from . import nvml
+from .gpu import nvml
+from .paths import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("torch", "transformers", "accelerate", "bitsandbytes", "peft", "nvidia-ml-py", "numpy", "pandas")
 
 
@@ -73,3 +73,18 @@ def environment_key(env):
     pk = env.get("packages") or {}
     return "|".join(str(x) for x in (gpu.get("name"), gpu.get("driver"), env.get("torch_cuda"),
                                      pk.get("torch"), pk.get("transformers"), pk.get("bitsandbytes")))
+
+
+def environment_label(env):
+    """The environment as a reader wants it: 'NVIDIA H100 80GB HBM3 · driver 550.54 · CUDA 12.4 · torch 2.5.1 · …'.
+
+    Only what the record has is named; a record made without a GPU says so instead of 'None'."""
+    gpu = env.get("gpu") or {}
+    pk = env.get("packages") or {}
+    parts = [gpu["name"] if gpu.get("name") else "no GPU (CPU)"]
+    if gpu.get("driver"):
+        parts.append(f"driver {gpu['driver']}")
+    if env.get("torch_cuda"):
+        parts.append(f"CUDA {env['torch_cuda']}")
+    parts += [f"{p} {pk[p]}" for p in ("torch", "transformers", "bitsandbytes") if pk.get(p)]
+    return " · ".join(parts)

@@ -1,9 +1,24 @@
-"""Experiment records: one JSON file per experiment, written atomically; export to a DataFrame.
+"""Experiment records: one JSON file per experiment, written atomically, named by source.
 
 A record is written by the experiment's own process (or, if that process died without
 writing one, by the launcher) to `<out>/<spec_hash>.json` through a temporary file and
 `os.replace`, so a reader sees either nothing or a whole record. Its `outcome` is one of
-ok | oom | error | timeout | crashed; an OOM is a result like any other.
+OUTCOMES; an OOM is a result like any other.
+
+Where a number came from is in its key. Schema 2:
+
+    schema_version   2 (this module's SCHEMA_VERSION; not part of the spec hash)
+    spec_hash        the experiment's hash (harness.sweep.schema), formula_hash the predictor's code
+    spec, steps, timeout_s, sample_interval_ms, real_model_dir, group   the experiment
+    source           "measured" (a GPU run) or "traced" (fake tensors on the CPU)
+    outcome          ok | oom | error | timeout | crashed | unsupported
+    predicted        formulas.predict at run time: breakdown (tensor and device categories), peaks, phases
+    traced           the tracer's figures (harness.tracing), or null
+    measured         the GPU's figures (harness.gpu.measure), or null
+    error, timings, env
+
+Records of an older schema are read through `migrate`; one that cannot be migrated without
+guessing is refused as "older schema", never misread.
 """
 
 import glob
@@ -11,9 +26,13 @@ import json
 import os
 import tempfile
 
-from .spec import SCHEMA_VERSION
+from formulas import categories as C
+from formulas.units import MiB
 
+SCHEMA_VERSION = 2
 OUTCOMES = ("ok", "oom", "error", "timeout", "crashed", "unsupported")
+SOURCES = ("measured", "traced")
+_NOT_RECORDS = ("machine.json", "sweep.json")  # what else a record folder may hold
 
 
 class RecordError(ValueError):
@@ -23,6 +42,75 @@ class RecordError(ValueError):
 def record_path(out_dir, spec_hash):
     return os.path.join(out_dir, f"{spec_hash}.json")
 
+
+def new_record(exp, source):
+    """The fields every record starts with: schema, hashes, the experiment, its source and the prediction."""
+    from formulas.predict import predict
+
+    from .env import formula_hash
+
+    try:
+        predicted = predict(exp.spec).to_dict()
+        predicted.pop("spec", None)
+    except Exception as e:  # the prediction must not stop the record
+        predicted = {"error": str(e)}
+    return {"schema_version": SCHEMA_VERSION, "spec_hash": exp.spec_hash, "formula_hash": formula_hash(),
+            **exp.to_dict(), "source": source, "predicted": predicted, "traced": None, "measured": None}
+
+
+def observed(rec):
+    """The record's own observation: its `measured` or its `traced` dict (or {})."""
+    return rec.get(rec.get("source")) or {}
+
+
+def measured_device_breakdown(measured):
+    """{device category: bytes or None} of a GPU measurement, in the predictor's vocabulary.
+
+    cuda_context: device memory CUDA initialisation took; allocator_slack: peak reserved − peak
+    allocated; workspaces: what the device peak holds beyond those and the reserved bytes."""
+    ctx, dev = measured.get("cuda_context_bytes"), measured.get("peak_device_bytes")
+    res, alloc = measured.get("peak_reserved_bytes"), measured.get("peak_allocated_bytes")
+    return {C.CUDA_CONTEXT: ctx,
+            C.WORKSPACES: dev - res - ctx if None not in (ctx, dev, res) else None,
+            C.ALLOCATOR_SLACK: res - alloc if None not in (res, alloc) else None}
+
+
+# ------------------------------------------------------------------ older schemas
+
+# Schema 1 predicted with the uncalibrated defaults of its time and stored context + workspaces
+# as one `cuda_context` figure: 512 MiB + 32 MiB (formulas/overhead.py at schema 1).
+_V1_CONTEXT, _V1_WORKSPACES = 512 * MiB, 32 * MiB
+
+
+def migrate(rec, path="record"):
+    """A record of any known schema in the current one; RecordError where that would mean guessing."""
+    version = rec.get("schema_version")
+    if version == SCHEMA_VERSION:
+        return rec
+    if version != 1:
+        raise RecordError(f"{path}: record schema {version!r}: this vramlab reads schemas 1 and {SCHEMA_VERSION}")
+    rec = dict(rec)
+    predicted = dict(rec.pop("prediction", None) or {})
+    bd = predicted.get("breakdown")
+    if isinstance(bd, dict) and C.CUDA_CONTEXT in bd:
+        if bd[C.CUDA_CONTEXT] != _V1_CONTEXT + _V1_WORKSPACES:
+            raise RecordError(f"{path}: older schema 1: its predicted context and workspaces are one figure that "
+                              "cannot be split; rerun the experiment")
+        predicted["breakdown"] = {**bd, C.CUDA_CONTEXT: _V1_CONTEXT, C.WORKSPACES: _V1_WORKSPACES}
+    rec["predicted"] = predicted
+    source = rec.get("source")
+    if source == "traced":  # schema 1 kept traced figures under "measured"
+        rec["traced"], rec["measured"] = rec.get("measured"), None
+    else:
+        rec["traced"] = None
+        if isinstance(rec.get("measured"), dict):
+            rec["measured"] = {**rec["measured"], "device_breakdown": measured_device_breakdown(rec["measured"])}
+    rec["schema_version"] = SCHEMA_VERSION
+    rec["migrated_from_schema"] = version
+    return rec
+
+
+# ------------------------------------------------------------------ files
 
 def write_record(out_dir, record):
     """Write `record` atomically as <out_dir>/<spec_hash>.json and return the path."""
@@ -43,92 +131,31 @@ def write_record(out_dir, record):
 
 
 def read_record(path):
-    """Load one record; a truncated or foreign file is a RecordError naming it."""
+    """Load one record in the current schema; a truncated, foreign or unmigratable file is a RecordError naming it."""
     try:
         with open(path, encoding="utf-8") as f:
             rec = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RecordError(f"{path}: not a readable record ({e})") from None
     if not isinstance(rec, dict) or "spec_hash" not in rec or "outcome" not in rec:
         raise RecordError(f"{path}: not a vramlab record (no spec_hash/outcome)")
-    if rec.get("schema_version") != SCHEMA_VERSION:
-        raise RecordError(f"{path}: record schema {rec.get('schema_version')} (this vramlab reads {SCHEMA_VERSION})")
-    return rec
+    return migrate(rec, path)
+
+
+def record_files(path):
+    """Record files under a file or folder (recursively), in a stable order; temp files and fingerprints left out."""
+    if os.path.isfile(path):
+        return [path]
+    files = sorted(glob.glob(os.path.join(path, "**", "*.json"), recursive=True))
+    return [f for f in files if not os.path.basename(f).startswith((".tmp-", ".corrupt-"))
+            and os.path.basename(f) not in _NOT_RECORDS]
 
 
 def iter_records(path, on_error=None):
-    """Records under a file or directory (recursively); unreadable ones go to on_error(path, exc)."""
-    files = [path] if os.path.isfile(path) else sorted(glob.glob(os.path.join(path, "**", "*.json"), recursive=True))
-    for f in files:
-        if os.path.basename(f).startswith(".tmp-") or os.path.basename(f) in ("machine.json", "sweep.json"):
-            continue
+    """Records under a file or folder; unreadable ones go to on_error(path, exc)."""
+    for f in record_files(path):
         try:
             yield read_record(f)
         except RecordError as e:
             if on_error:
                 on_error(f, e)
-
-
-def load_records_for(command, path, empty_ok=False):
-    """Records under `path` for a CLI command: unreadable files are reported on stderr and skipped;
-    None (after saying so) when there are none, unless empty_ok (the caller explains instead)."""
-    import sys
-
-    bad = []
-    recs = list(iter_records(path, on_error=lambda p, e: bad.append(str(e))))
-    for b in bad:
-        print(f"vramlab {command}: skipped {b}", file=sys.stderr)
-    if not recs and not empty_ok:
-        print(f"vramlab {command}: no records under {path}", file=sys.stderr)
-        return None
-    return recs
-
-
-def _get(d, *keys, default=None):
-    for k in keys:
-        if not isinstance(d, dict) or k not in d:
-            return default
-        d = d[k]
-    return d
-
-
-def records_frame(records):
-    """One row per experiment, with the columns the issue names plus per-phase peaks."""
-    import pandas as pd
-
-    rows = []
-    for r in records:
-        spec = r.get("spec", {})
-        env = r.get("env", {})
-        m = r.get("measured") or {}
-        row = {
-            "spec_hash": r["spec_hash"],
-            "source": r.get("source", ""),
-            "model": spec.get("model"),
-            "mode": spec.get("mode"),
-            "method": spec.get("method"),
-            "dtype": spec.get("dtype"),
-            "batch": spec.get("batch"),
-            "seq": spec.get("seq"),
-            "gen": spec.get("gen"),
-            "optimizer": spec.get("optimizer"),
-            "grad_ckpt": spec.get("grad_ckpt"),
-            "attn": spec.get("attn"),
-            "gpu_name": _get(env, "gpu", "name"),
-            "driver": _get(env, "gpu", "driver"),
-            "outcome": r["outcome"],
-            "predicted_peak_allocated_bytes": _get(r, "prediction", "peak_allocated_bytes"),
-            "measured_peak_allocated_bytes": m.get("peak_allocated_bytes"),
-            "predicted_peak_device_bytes": _get(r, "prediction", "peak_device_bytes"),
-            "measured_peak_device_bytes": m.get("peak_device_bytes"),
-            "measured_peak_reserved_bytes": m.get("peak_reserved_bytes"),
-            "predicted_peak_phase": _get(r, "prediction", "peak_phase"),
-            "measured_peak_phase": m.get("peak_phase"),
-            "cuda_context_bytes": m.get("cuda_context_bytes"),
-            "seconds": _get(r, "timings", "total_s"),
-            "formula_hash": r.get("formula_hash"),
-            "vramlab_commit": _get(env, "vramlab", "commit"),
-            "error": (r.get("error") or {}).get("message"),
-        }
-        rows.append(row)
-    return pd.DataFrame(rows)

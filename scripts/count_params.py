@@ -4,8 +4,9 @@
 For each ``<org>--<repo>.json`` in ``formulas/catalog/configs/`` (or only the
 files / stems given on the command line) this script
 
-1. builds the transformers config with
-   ``transformers.AutoConfig.for_model(model_type, **fields)``,
+1. builds the transformers config with the harness's
+   ``harness.workload.models.transformers_config`` (``AutoConfig.for_model`` without
+   ``quantization_config`` and ``auto_map``),
 2. instantiates ``AutoModelForCausalLM.from_config(config)`` on the ``meta``
    device (no memory is allocated for the weights), and
 3. prints one TSV line::
@@ -37,20 +38,11 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CATALOG_DIR = REPO_ROOT / "formulas" / "catalog" / "configs"
 
-# Keys present in published config.json files that must not reach
-# ``AutoConfig.for_model`` / ``from_config``:
-#
-# * ``quantization_config`` -- DeepSeek-V3/R1 ship ``{"quant_method": "fp8",
-#   "weight_block_size": [128, 128], ...}``.  When a config carries it,
-#   ``from_config`` tries to set up the fine-grained FP8 quantizer, which wants
-#   an accelerator (and would replace nn.Linear by FP8 modules with extra
-#   ``weight_scale_inv`` tensors).  We want the plain architecture, so drop it.
-# * ``auto_map`` -- points at the ``trust_remote_code`` modelling files of the
-#   Hub repo (``modeling_deepseek.py`` ...).  The architectures in this catalog
-#   all have native transformers implementations; removing ``auto_map`` makes
-#   sure the native class is used and nothing remote is looked up.
-# * ``model_type`` -- passed positionally to ``for_model``.
-DROP_KEYS = ("quantization_config", "auto_map", "model_type")
+sys.path.insert(0, str(REPO_ROOT))
+
+# The config → transformers step is the harness's own (quantization_config and auto_map dropped:
+# the plain architecture, no FP8 modules, no remote code), so this count is what the tests check.
+from harness.workload.models import transformers_config  # noqa: E402
 
 
 def resolve(names: list[str]) -> list[Path]:
@@ -72,23 +64,13 @@ def resolve(names: list[str]) -> list[Path]:
     return out
 
 
-def build_config(fields: dict):
-    import transformers
-
-    fields = dict(fields)
-    model_type = fields["model_type"]
-    for k in DROP_KEYS:
-        fields.pop(k, None)
-    return transformers.AutoConfig.for_model(model_type, **fields)
-
-
 def count(path: Path) -> tuple[str, int, float]:
     import torch
     import transformers
 
     fields = json.loads(path.read_text())
     t0 = time.perf_counter()
-    config = build_config(fields)
+    config = transformers_config(fields)
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config)
     n = sum(p.numel() for p in model.parameters())

@@ -1,4 +1,4 @@
-"""A stand-in for harness.worker in launcher tests: behaves by the experiment's seq.
+"""A stand-in for harness.sweep.worker in launcher tests: behaves by the experiment's seq.
 
 seq 11: hang; 12: SIGKILL itself; 13: exit 1 with no record; 14: die mid-write (temp file only);
 anything else: write an ok record with made-up measurements.
@@ -13,8 +13,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from harness.records import write_record  # noqa: E402
-from harness.spec import SCHEMA_VERSION  # noqa: E402
+from harness.records import SCHEMA_VERSION, write_record  # noqa: E402
 
 
 def main():
@@ -33,8 +32,9 @@ def main():
         os.write(fd, b'{"spec_hash": "trunc')
         os.kill(os.getpid(), signal.SIGKILL)
     write_record(out, {"schema_version": SCHEMA_VERSION, "spec_hash": exp["spec_hash"], "spec": exp["spec"],
-                       "outcome": "ok", "source": "traced", "measured": {"peak_allocated_bytes": 1000 + seq},
-                       "prediction": {"peak_allocated_bytes": 1000}, "env": {}, "started": time.time()})
+                       "outcome": "ok", "source": "traced", "traced": {"peak_allocated_bytes": 1000 + seq},
+                       "measured": None, "predicted": {"peak_allocated_bytes": 1000}, "env": {},
+                       "started": time.time()})
     return 0
 
 

@@ -8,12 +8,12 @@ import pytest
 from formulas.predict import predict
 from formulas.spec import Spec
 from formulas.units import MiB
-from harness.calib_cli import add_calibration_parsers  # noqa: F401  (import check)
-from harness.calibrate import (calibrated_totals, env_slug, find_calibration, fit, is_heldout, load_calibration,
-                               write_calibration)
-from harness.check import check, is_regression, parse_thresholds, CheckError
-from harness.records import write_record
-from harness.spec import SCHEMA_VERSION, expand_sweep
+from harness.analysis.calibrate import (calibrated_totals, env_slug, find_calibration, fit, is_heldout, load_calibration,
+                                        overheads_for, write_calibration)
+from harness.analysis.check import CheckError, check, is_regression, parse_thresholds
+from harness.cli import main
+from harness.records import SCHEMA_VERSION, write_record
+from harness.sweep.schema import expand_sweep
 
 PLANTED_CONTEXT = 437 * MiB
 PLANTED_WORKSPACE = 40 * MiB
@@ -37,7 +37,8 @@ def _record(exp, rng, context=PLANTED_CONTEXT, outcome="ok"):
     pred = predict(exp.spec).to_dict()
     pred.pop("spec")
     rec = {"schema_version": SCHEMA_VERSION, "spec_hash": exp.spec_hash, "formula_hash": "f0", **exp.to_dict(),
-           "prediction": pred, "source": "measured", "outcome": outcome, "env": ENV, "error": None, "measured": None}
+           "predicted": pred, "source": "measured", "outcome": outcome, "env": ENV, "error": None, "measured": None,
+           "traced": None}
     if outcome != "ok":
         rec["error"] = {"type": "OutOfMemoryError", "message": "CUDA out of memory. Tried to allocate 2.00 GiB"}
         return rec
@@ -63,7 +64,7 @@ def test_fit_recovers_planted_overheads(records):
     ov = res["overheads"]
     assert res["fit_quality"]["n_heldout"] >= 3 and res["fit_quality"]["n_fit"] >= 10
     assert ov.cuda_context_bytes == pytest.approx(PLANTED_CONTEXT, rel=RECOVERY_TOLERANCE)
-    assert ov.workspace_bytes == pytest.approx(PLANTED_WORKSPACE, rel=RECOVERY_TOLERANCE)
+    assert ov.workspaces_bytes == pytest.approx(PLANTED_WORKSPACE, rel=RECOVERY_TOLERANCE)
     assert ov.allocator_slack_fraction == pytest.approx(PLANTED_SLACK, rel=RECOVERY_TOLERANCE)
     assert res["corrections"] == {}  # ±0.5% noise is not a systematic error
     dev = res["heldout"]["device"]
@@ -77,7 +78,7 @@ def test_fit_is_robust_to_a_disturbed_record(records):
                                         "peak_device_bytes": bad[i]["measured"]["peak_device_bytes"] + 3000 * MiB}}
     ov = fit(bad)["overheads"]
     assert ov.allocator_slack_fraction == pytest.approx(PLANTED_SLACK, rel=RECOVERY_TOLERANCE)
-    assert ov.workspace_bytes == pytest.approx(PLANTED_WORKSPACE, rel=0.05)
+    assert ov.workspaces_bytes == pytest.approx(PLANTED_WORKSPACE, rel=0.05)
 
 
 def test_systematic_category_error_becomes_a_correction(records):
@@ -108,7 +109,7 @@ def test_table_round_trip_and_lookup(records, tmp_path):
     assert find_calibration("RTX 4090", str(tmp_path)) is None
     # Applied to a prediction, the table reproduces the planted device bytes within the noise.
     r = records[0]
-    _, device = calibrated_totals(r["prediction"], cal.overheads, cal.corrections)
+    _, device = calibrated_totals(r["predicted"], cal.overheads, cal.corrections)
     assert device == pytest.approx(r["measured"]["peak_device_bytes"], rel=2 * NOISE)
 
 
@@ -172,34 +173,23 @@ def test_thresholds_parse_and_reject():
         parse_thresholds(["peak_device:lots"])
 
 
-def test_parsers_register_and_errors_are_one_line(tmp_path, capsys):
-    import argparse
-
-    p = argparse.ArgumentParser(prog="vramlab")
-    add_calibration_parsers(p.add_subparsers(dest="command", required=True))
-    a = p.parse_args(["check", "base", "new", "--threshold", "peak_device:5%"])
-    assert a.threshold == ["peak_device:5%"]
+def test_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "r").mkdir()
-    a = p.parse_args(["check", str(tmp_path / "r"), str(tmp_path / "r"), "--threshold", "peak:5%"])
-    assert a.func(a) == 2
+    assert main(["check", str(tmp_path / "r"), str(tmp_path / "r"), "--threshold", "peak:5%"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--threshold peak:5%" in err  # thresholds are checked before any file is read
-    a = p.parse_args(["fit", str(tmp_path / "r")])
-    assert a.func(a) == 2 and "no usable measured records" in capsys.readouterr().err
+    assert main(["fit", str(tmp_path / "r")]) == 2 and "no usable measured records" in capsys.readouterr().err
 
 
 def test_cli_fit_check_report(tmp_path, capsys, records):
-    from harness.calib_cli import cmd_check, cmd_fit, cmd_report
-    import argparse
-
     src = _write(tmp_path / "recs", records)
-    assert cmd_fit(argparse.Namespace(records=src, out=str(tmp_path / "cal"), env=None)) == 0
+    assert main(["fit", src, "--out", str(tmp_path / "cal")]) == 0
     out = capsys.readouterr().out
-    assert "held-out device" in out and "cuda context 437 MiB" in out
-    assert cmd_check(argparse.Namespace(baseline=src, new=src, threshold=None, all=False)) == 0
-    assert cmd_check(argparse.Namespace(baseline=src, new=str(tmp_path / "nope"), threshold=None, all=False)) == 2
+    assert "held-out device" in out and "cuda context 437 MiB" in out and "workspaces 40 MiB" in out
+    assert main(["check", src, src]) == 0
+    assert main(["check", src, str(tmp_path / "nope")]) == 2
     assert "no record files" in capsys.readouterr().err
-    assert cmd_report(argparse.Namespace(records=src, out=str(tmp_path / "rep"))) == 0
+    assert main(["report", src, "--out", str(tmp_path / "rep")]) == 0
     html = open(tmp_path / "rep" / "report.html", encoding="utf-8").read()
     assert "data:image/png;base64," in html and "16 bytes per parameter" in html
     assert os.path.exists(tmp_path / "rep" / "report.md")

@@ -72,14 +72,10 @@ def test_published_sizes(name, expected):
 def _transformers_count(path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    cfg = json.load(open(path))
-    # quantization_config would make from_config build FP8 modules; auto_map points at remote code.
-    for k in ("quantization_config", "auto_map"):
-        cfg.pop(k, None)
-    mt = cfg.pop("model_type")
-    config = transformers.AutoConfig.for_model(mt, **cfg)
+    from harness.workload.models import transformers_config
+
     with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(config)
+        model = transformers.AutoModelForCausalLM.from_config(transformers_config(json.load(open(path))))
     return sum(p.numel() for p in model.parameters())
 
 

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from formulas.categories import DEVICE_CATEGORIES, TENSOR_CATEGORIES
 from harness.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,8 +27,9 @@ def test_json_contract(capsys):
         assert key in d
     assert d["breakdown"]["weights"] == 8_030_261_248 * 2
     assert isinstance(d["peak_device_bytes"], int)
-    assert d["peak_allocated_bytes"] == sum(v for k, v in d["breakdown"].items()
-                                            if k not in ("cuda_context", "allocator_slack"))
+    assert d["peak_allocated_bytes"] == sum(v for k, v in d["breakdown"].items() if k in TENSOR_CATEGORIES)
+    assert set(d["breakdown"]) == set(TENSOR_CATEGORIES) | {"cuda_context", "workspaces", "allocator_slack"}
+    assert d["peak_device_bytes"] == d["peak_allocated_bytes"] + sum(d["breakdown"][k] for k in DEVICE_CATEGORIES)
 
 
 def test_table_in_gib_with_phase_and_totals(capsys):

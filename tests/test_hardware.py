@@ -6,9 +6,7 @@ import re
 import pytest
 
 from formulas.catalog import get_shape
-from formulas.gpus import gpu_memory_bytes, gpu_names
-from formulas.hardware import CATALOG_PATH, device_overheads, get_hardware, hardware_names
-from formulas.overhead import DEFAULT_OVERHEADS
+from formulas.hardware import CATALOG_PATH, get_hardware, hardware_names
 from formulas.throughput import (
     attention_flops,
     decode_flops_per_token,
@@ -111,20 +109,14 @@ def test_matmul_path_falls_back_to_compute_dtype():
     assert a100.matmul_flops("int8")[1] == "int8"
 
 
-def test_gpus_py_public_api_kept():
-    assert gpu_memory_bytes("RTX 4090") == ("RTX 4090", 24 * GiB)
-    assert gpu_memory_bytes("4090") == ("RTX 4090", 24 * GiB)
-    assert gpu_memory_bytes("h100")[0] == "H100 SXM"
-    assert gpu_memory_bytes("H100 80GB")[0] == "H100 SXM"
-    assert gpu_memory_bytes("a100") == ("A100 80GB", 80 * GiB)
-    assert "H200" in gpu_names() and len(gpu_names()) == len(set(gpu_names()))
+def test_gpu_names_and_aliases():
+    assert (get_hardware("RTX 4090").name, get_hardware("RTX 4090").memory_bytes) == ("RTX 4090", 24 * GiB)
+    assert get_hardware("4090").name == "RTX 4090"
+    assert get_hardware("h100").name == "H100 SXM" == get_hardware("H100 80GB").name
+    assert (get_hardware("a100").name, get_hardware("a100").memory_bytes) == ("A100 80GB", 80 * GiB)
+    assert "H200" in hardware_names() and len(hardware_names()) == len(set(hardware_names()))
     with pytest.raises(ValueError, match="--gpu GTX 9090"):
-        gpu_memory_bytes("GTX 9090")
-
-
-def test_overheads_hook_is_uncalibrated_today():
-    for name in hardware_names():
-        assert device_overheads(name) == (DEFAULT_OVERHEADS, False)
+        get_hardware("GTX 9090")
 
 
 # ------------------------------------------------------------------ throughput formulas, hand-worked

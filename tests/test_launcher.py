@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from harness.launcher import run_sweep
 from harness.records import iter_records, read_record, record_path
-from harness.spec import expand_sweep
+from harness.sweep.launcher import run_sweep
+from harness.sweep.schema import expand_sweep
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STANDIN = [sys.executable, os.path.join(HERE, "standin_worker.py"), "--out"]
@@ -30,7 +30,8 @@ def test_faults_become_records_and_rerun_skips_them(tmp_path):
                 read_record(record_path(tmp_path, e.spec_hash))["outcome"] for e in exps}
     assert outcomes == {32: "ok", 11: "timeout", 12: "crashed", 13: "crashed", 14: "crashed", 64: "ok"}
     crashed = read_record(record_path(tmp_path, exps[3].spec_hash))
-    assert "boom" in crashed["error"]["stderr_tail"] and crashed["prediction"]["peak_allocated_bytes"] > 0
+    assert "boom" in crashed["error"]["stderr_tail"] and crashed["predicted"]["peak_allocated_bytes"] > 0
+    assert crashed["source"] == "traced" and crashed["traced"] is None and crashed["measured"] is None
     assert "SIGKILL" in read_record(record_path(tmp_path, exps[2].spec_hash))["error"]["message"]
     # Resume: nothing runs again, nothing is duplicated.
     again = run_sweep(exps, str(tmp_path), worker_cmd=_cmd(tmp_path), progress=False, poll_s=0.05)
@@ -80,7 +81,7 @@ def test_interrupt_then_resume_loses_and_duplicates_nothing(tmp_path):
 
 def test_results_frame_columns(tmp_path):
     pytest.importorskip("pandas")
-    from harness.records import records_frame
+    from harness.analysis.frame import records_frame
 
     exps = _exps([32, 13])
     run_sweep(exps, str(tmp_path), worker_cmd=_cmd(tmp_path), progress=False, poll_s=0.05)

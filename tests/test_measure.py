@@ -29,8 +29,8 @@ def _path(tmp_path, cfg):
 
 @pytest.mark.parametrize("cfg", [LLAMA, BIGCODE], ids=["llama", "gpt_bigcode"])
 def test_meta_build_materializes_like_a_normal_build(tmp_path, cfg):
-    from harness.measure import _materialize_meta
-    from harness.models import hf_config
+    from harness.gpu.measure import _materialize_meta
+    from harness.workload.models import hf_config
 
     spec = validate(Spec(model=_path(tmp_path, cfg)), get_shape(_path(tmp_path, cfg)))
     ref = transformers.AutoModelForCausalLM.from_config(hf_config(spec), dtype=torch.bfloat16)
@@ -47,7 +47,7 @@ def test_meta_build_materializes_like_a_normal_build(tmp_path, cfg):
 @pytest.mark.parametrize("fields", [dict(), dict(mode="train", method="lora"),
                                     dict(mode="train", method="freeze", trainable_layers=1)])
 def test_build_applies_the_training_setup(tmp_path, fields):
-    from harness.measure import build_on_gpu
+    from harness.gpu.measure import build_on_gpu
 
     path = _path(tmp_path, LLAMA)
     shape = get_shape(path)
@@ -70,8 +70,8 @@ def test_build_applies_the_training_setup(tmp_path, fields):
     dict(model="Qwen/Qwen2.5-0.5B", mode="train", method="lora", seq=512),
 ])
 def test_measured_allocated_peak_against_prediction(tmp_path, fields):
-    from harness.measure import measure
-    from harness.spec import Experiment
+    from harness.gpu.measure import measure
+    from harness.sweep.schema import Experiment
 
     spec = Spec(**fields)
     measured = measure(Experiment(spec=spec, steps=2, timeout_s=300))

@@ -1,11 +1,10 @@
-"""The planner (harness/plan.py) and `vramlab plan` (harness/plan_cli.py).
+"""The planner (formulas/plan.py) and `vramlab plan` (harness/cli/plan.py).
 
 Hand-worked cases for each question — fit, fewest GPUs, largest batch and context, time,
 the fine-tuning table — and the properties a plan must keep: more GPUs never raise per-GPU
 memory under ZeRO-3 or TP; a longer deadline never needs more GPUs.
 """
 
-import argparse
 import json
 import os
 import subprocess
@@ -16,10 +15,11 @@ import pytest
 from formulas.catalog import get_shape
 from formulas.hardware import get_hardware
 from formulas.predict import predict
-from formulas.spec import Spec, SpecError
+from formulas.spec import Spec
+from formulas import plan as P
 from formulas.throughput import prefill_flops, training_flops_per_token
-from harness import plan as P
-from harness.plan_cli import add_plan_parser
+from formulas.units import parse_count, parse_duration, parse_fraction, parse_size
+from harness.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GiB = 2**30
@@ -28,11 +28,8 @@ LLAMA70 = "meta-llama/Llama-3.1-70B"
 
 
 def vramlab(capsys, *argv):
-    """`vramlab plan …` through the subparser harness/cli.py registers (built here, so this works on its own)."""
-    p = argparse.ArgumentParser(prog="vramlab")
-    add_plan_parser(p.add_subparsers(dest="command", required=True))
-    a = p.parse_args(["plan", *argv])
-    code = a.func(a)
+    """`vramlab plan …` as the command line runs it."""
+    code = main(["plan", *argv])
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -263,14 +260,16 @@ def test_seed_table_rows_and_hand_checks():
 # ------------------------------------------------------------------ parsing
 
 def test_parsers():
-    assert P.parse_duration("1d") == 86_400 == P.parse_duration("24h") == P.parse_duration("1440m")
-    assert P.parse_duration("2 weeks") == 14 * 86_400
-    assert P.parse_count("2.5B") == 2_500_000_000 and P.parse_count("1e9") == 10**9
-    assert P.parse_bytes("1GB") == 10**9 == P.parse_bytes("1G") and P.parse_bytes("1GiB") == 2**30
-    assert P.parse_fraction("5%") == pytest.approx(0.05) == P.parse_fraction("0.05")
-    for bad, fn in (("5", P.parse_duration), ("-1d", P.parse_duration), ("lots", P.parse_count),
-                    ("1XB", P.parse_bytes), ("120%", P.parse_fraction)):
-        with pytest.raises(SpecError):
+    assert parse_duration("1d") == 86_400 == parse_duration("24h") == parse_duration("1440m")
+    assert parse_duration("2 weeks") == 14 * 86_400
+    assert parse_count("2.5B") == 2_500_000_000 and parse_count("1e9") == 10**9
+    assert parse_size("1GB") == 10**9 == parse_size("1G") and parse_size("1GiB") == 2**30
+    assert parse_size("256MiB") == 256 * 2**20 and parse_size("80 GB") == 80 * 10**9 and parse_size("1024") == 1024
+    assert parse_fraction("5%") == pytest.approx(0.05) == parse_fraction("0.05")
+    assert parse_fraction("100%", allow_zero=False, allow_one=True) == 1.0
+    for bad, fn in (("5", parse_duration), ("-1d", parse_duration), ("lots", parse_count), ("1XB", parse_size),
+                    ("120%", parse_fraction), ("nan%", parse_fraction), ("0", lambda t: parse_fraction(t, False))):
+        with pytest.raises(ValueError):
             fn(bad)
 
 
@@ -335,10 +334,9 @@ def test_cli_bad_input_is_one_line_naming_the_flag(capsys, argv, flag):
 
 
 def test_plan_does_not_import_torch():
-    code = ("import sys, argparse; from harness.plan_cli import add_plan_parser; "
-            "p = argparse.ArgumentParser(); add_plan_parser(p.add_subparsers(dest='c')); "
-            f"a = p.parse_args(['plan', '--model', '{LLAMA70}', '--mode', 'train', '--method', 'qlora', '--gpu', '4090', "
-            "'--tokens', '1B', '--deadline', '1d', '--json']); a.func(a); "
+    code = ("import sys; from harness.cli import main; "
+            f"main(['plan', '--model', '{LLAMA70}', '--mode', 'train', '--method', 'qlora', '--gpu', '4090', "
+            "'--tokens', '1B', '--deadline', '1d', '--json']); "
             "assert 'torch' not in sys.modules and 'pandas' not in sys.modules and 'numpy' not in sys.modules")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from harness.spec import SweepError, expand_sweep, load_sweep
+from harness.sweep.schema import SweepError, expand_sweep, load_sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

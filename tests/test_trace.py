@@ -15,7 +15,7 @@ pytest.importorskip("transformers")
 
 from formulas.predict import predict  # noqa: E402
 from formulas.spec import Spec, SpecError  # noqa: E402
-from harness import allocator as A  # noqa: E402
+from harness.tracing import allocator as A  # noqa: E402
 
 ACTIVATION_TOLERANCE = 0.10  # |traced / predicted − 1| for activations
 PEAK_TOLERANCE = 0.10  # the same for the overall peak (peak_allocated_bytes)
@@ -94,7 +94,7 @@ _RESULTS = {}
 @pytest.fixture(scope="module")
 def run(config_paths):
     """case id → (TraceResult, Prediction), each traced once per module."""
-    from harness.trace import trace
+    from harness.tracing.tracer import trace
 
     def get(case):
         if case not in _RESULTS:
@@ -188,7 +188,7 @@ def test_step_one_state_counts_as_optimizer_state_from_birth(run):
 
 def test_plot_timeline(run, tmp_path):
     pytest.importorskip("matplotlib")
-    from harness.trace import plot_timeline
+    from harness.tracing.tracer import plot_timeline
 
     t, _ = run("inf-llama-bf16-sdpa")
     path = tmp_path / "timeline.png"
@@ -209,7 +209,7 @@ def test_plot_timeline(run, tmp_path):
     (dict(gpus=2, tp=2), "--gpus 2"),
 ])
 def test_untraceable_specs_are_one_line_errors(config_paths, fields, flag):
-    from harness.trace import trace
+    from harness.tracing.tracer import trace
 
     with pytest.raises(SpecError) as e:
         trace(Spec(model=config_paths["llama"], seq=16, **fields))
@@ -219,20 +219,16 @@ def test_untraceable_specs_are_one_line_errors(config_paths, fields, flag):
 # ------------------------------------------------------------------ CLI
 
 def _cli(*argv):
-    import argparse
+    from harness.cli import main
 
-    from harness.trace_cli import add_trace_parser
-
-    parser = argparse.ArgumentParser(prog="vramlab")
-    add_trace_parser(parser.add_subparsers(dest="command", required=True))
-    a = parser.parse_args(["trace", *argv])
-    return a.func(a)
+    return main(["trace", *argv])
 
 
 def test_cli_table_and_json(config_paths, capsys):
     assert _cli("--model", config_paths["llama"], "--seq", "32", "--gen", "2") == 0
     out = capsys.readouterr().out
-    for word in ("traced GiB", "predicted GiB", "peak allocated", "est. reserved", "kv_cache", "prefill"):
+    for word in ("traced GiB", "predicted GiB", "peak allocated", "kv_cache", "prefill", "cuda context",
+                 "workspaces", "not visible on fake tensors", "allocator slack", "estimated: modelled CUDA caching"):
         assert word in out
     assert _cli("--model", config_paths["llama"], "--mode", "train", "--seq", "32", "--json") == 0
     d = json.loads(capsys.readouterr().out)
@@ -294,7 +290,7 @@ def test_allocator_merges_free_neighbours():
     dict(model="meta-llama/Llama-3.1-8B", mode="train", seq=2048, method="lora"),
 ], ids=["llama8b-eager-prefill", "llama8b-lora-train"])
 def test_full_size_peak_and_activations(fields):
-    from harness.trace import trace
+    from harness.tracing.tracer import trace
 
     spec = Spec(**fields)
     t, p = trace(spec), predict(spec)

@@ -1,17 +1,17 @@
 """Calibration: fit the device overheads the predictor leaves open, from one environment's records.
 
-Why: `formulas/overhead.py` guesses the CUDA context, cuBLAS workspaces and allocator slack. They
-depend on GPU, driver, CUDA, torch and bitsandbytes, so they are fitted per environment
-(`harness.env.environment_key`) from measured records, never mixed across environments.
+Why: `formulas/overhead.py` guesses the CUDA context, workspaces and allocator slack (the device
+categories). They depend on GPU, driver, CUDA, torch and bitsandbytes, so they are fitted per
+environment (`harness.env.environment_key`) from measured records, never mixed across environments.
 
-Model (the predictor's own, `formulas.predict._finish`):
+Model (the predictor's own, `formulas.predict.device_totals`):
 
     measured_device - measured_allocated = overhead_intercept + slack_fraction × measured_allocated
 
 fitted with Theil–Sen (median of pairwise slopes, intercept = median residual): robust to a few
 records disturbed by other processes or fragmentation. The intercept is split into the CUDA
 context (median of the records' own `cuda_context_bytes`, measured right after CUDA init) and
-workspaces/handles (the rest). `allocator_slack_min_bytes` is set to 0: the intercept absorbs it.
+the workspaces (the rest). `allocator_slack_min_bytes` is set to 0: the intercept absorbs it.
 
 Per-category multiplicative corrections (measured/predicted) are kept only where clearly
 systematic (see `_systematic`); categories come from measured breakdowns where a record has one,
@@ -23,6 +23,9 @@ Records are split deterministically by spec hash: sha256(spec_hash) mod 4 == 0 �
 Output contract: `results/calibration/<env-slug>.csv`, columns `parameter,value,note`; rows are
 parameters (bytes as integers), `correction.<category>`, `heldout.<metric>.<stat>_<before|after>`
 (relative errors, fractions) and `provenance.*` (environment, time, records, fit quality).
+
+Lookup: `overheads_for(gpu, path)` is the one way `vramlab predict` and `vramlab plan` find a
+table — the file given, else the newest table fitted on that GPU, else the uncalibrated defaults.
 """
 
 import csv
@@ -32,19 +35,20 @@ import os
 import re
 
 from formulas import categories as C
-from formulas.overhead import Overheads
+from formulas.overhead import DEFAULT_OVERHEADS, Overheads
+
+from ..paths import CALIBRATION_DIR
 
 # numpy and harness.env are imported inside the fitting functions: `vramlab predict` imports this
 # module only to load a table and must stay light.
 
-CALIBRATION_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results", "calibration")
 HELDOUT_MODULUS = 4  # one record in four is held out
 # A category correction is kept only if its median ratio is off by at least this much …
 CORRECTION_MIN_DEVIATION = 0.02
 # … at least this many records have it, and this share of them are off on the same side.
 CORRECTION_MIN_RECORDS = 5
 CORRECTION_SAME_SIDE = 0.9
-PARAMETERS = ("cuda_context_bytes", "workspace_bytes", "allocator_slack_fraction", "allocator_slack_min_bytes")
+PARAMETERS = ("cuda_context_bytes", "workspaces_bytes", "allocator_slack_fraction", "allocator_slack_min_bytes")
 
 
 class CalibrationError(ValueError):
@@ -67,7 +71,7 @@ def usable(rec):
     m = rec.get("measured") or {}
     return (rec.get("outcome") == "ok" and rec.get("source") == "measured"
             and m.get("peak_allocated_bytes") is not None and m.get("peak_device_bytes") is not None
-            and not m.get("device_figures_flagged") and isinstance((rec.get("prediction") or {}).get("breakdown"), dict))
+            and not m.get("device_figures_flagged") and isinstance((rec.get("predicted") or {}).get("breakdown"), dict))
 
 
 def theil_sen(x, y):
@@ -103,15 +107,15 @@ def fit_corrections(records):
     per_cat = {}
     for rec in records:
         mbd = (rec["measured"] or {}).get("breakdown")
-        pbd = rec["prediction"]["breakdown"]
+        pbd = rec["predicted"]["breakdown"]
         if isinstance(mbd, dict):
             for c in C.TENSOR_CATEGORIES:
                 if pbd.get(c) and mbd.get(c) is not None:
                     per_cat.setdefault(c, []).append(mbd[c] / pbd[c])
     out = {c: f for c, r in per_cat.items() if (f := _systematic(r)) is not None}
     if not per_cat:
-        total = [r["measured"]["peak_allocated_bytes"] / r["prediction"]["peak_allocated_bytes"]
-                 for r in records if r["prediction"].get("peak_allocated_bytes")]
+        total = [r["measured"]["peak_allocated_bytes"] / r["predicted"]["peak_allocated_bytes"]
+                 for r in records if r["predicted"].get("peak_allocated_bytes")]
         f = _systematic(total)
         if f is not None:
             out["peak_allocated"] = f
@@ -131,35 +135,26 @@ def calibrated_totals(pred, overheads, corrections):
     """(allocated, device) bytes a stored prediction would have had with this calibration."""
     bd = pred["breakdown"]
     # Paged (unified-memory) optimizer state counts on the device but not as allocated; keep it as predicted.
-    paged = pred["peak_device_bytes"] - pred["peak_allocated_bytes"] - bd.get(C.CUDA_CONTEXT, 0) - bd.get(C.ALLOCATOR_SLACK, 0)
+    paged = pred["peak_device_bytes"] - pred["peak_allocated_bytes"] - sum(bd.get(c, 0) for c in C.DEVICE_CATEGORIES)
     alloc = corrected_allocated(pred, corrections)
-    device = alloc + max(paged, 0) + overheads.cuda_context_bytes + overheads.workspace_bytes + overheads.allocator_slack(alloc)
+    device = alloc + max(paged, 0) + sum(overheads.device_breakdown(alloc).values())
     return alloc, device
-
-
-def error_stats(predicted, measured):
-    """Median and 95th percentile of |relative error|, and the worst (signed) relative error."""
-    import numpy as np
-
-    p, m = np.asarray(predicted, float), np.asarray(measured, float)
-    if len(m) == 0:
-        return {"median": None, "p95": None, "worst": None}
-    err = (p - m) / m
-    a = np.abs(err)
-    return {"median": float(np.median(a)), "p95": float(np.percentile(a, 95)), "worst": float(err[np.argmax(a)])}
 
 
 def heldout_errors(records, overheads, corrections):
     """{metric: {stat_before|stat_after: value}} for allocated and device totals."""
+    from .stats import error_stats, relative_errors
+
     out = {}
     for metric, idx in (("allocated", 0), ("device", 1)):
         meas = [r["measured"][f"peak_{metric}_bytes"] for r in records]
-        before = [r["prediction"][f"peak_{metric}_bytes"] for r in records]
-        after = [calibrated_totals(r["prediction"], overheads, corrections)[idx] for r in records]
+        before = [r["predicted"][f"peak_{metric}_bytes"] for r in records]
+        after = [calibrated_totals(r["predicted"], overheads, corrections)[idx] for r in records]
         stats = {}
         for tag, pred in (("before", before), ("after", after)):
-            for k, v in error_stats(pred, meas).items():
-                stats[f"{k}_{tag}"] = v
+            for k, v in error_stats(relative_errors(pred, meas)).items():
+                if k != "n":
+                    stats[f"{k}_{tag}"] = v
         out[metric] = stats
     return out
 
@@ -168,7 +163,7 @@ def fit(records, now=None):
     """Fit one environment's records → a result dict (parameters, corrections, held-out errors, provenance)."""
     import numpy as np
 
-    from .env import environment_key
+    from ..env import environment_key
 
     recs = [r for r in records if usable(r)]
     if not recs:
@@ -188,8 +183,8 @@ def fit(records, now=None):
     context = min(context, int(round(intercept))) if intercept > 0 else context
     workspace = max(int(round(intercept)) - context, 0)
     resid = (dev - alloc) - (intercept + slope * alloc)
-    overheads = Overheads(cuda_context_bytes=context, workspace_bytes=workspace,
-                          allocator_slack_fraction=slope, allocator_slack_min_bytes=0, source="fit")
+    overheads = Overheads(cuda_context_bytes=context, workspaces_bytes=workspace,
+                          allocator_slack_fraction=slope, allocator_slack_min_bytes=0, source="fit", calibrated=True)
     corrections = fit_corrections(train)
     now = now or datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
     return {
@@ -208,7 +203,7 @@ def fit(records, now=None):
 
 def group_by_environment(records):
     """{environment key: [records]} over usable records."""
-    from .env import environment_key
+    from ..env import environment_key
 
     out = {}
     for r in records:
@@ -222,7 +217,7 @@ def write_calibration(result, out_dir=CALIBRATION_DIR, records_path=""):
     ov = result["overheads"]
     rows = [
         ("cuda_context_bytes", ov.cuda_context_bytes, "median measured context after CUDA init"),
-        ("workspace_bytes", ov.workspace_bytes, "fitted intercept minus context: cuBLAS workspaces, handles"),
+        ("workspaces_bytes", ov.workspaces_bytes, "fitted intercept minus context: cuBLAS/cuDNN workspaces, handles"),
         ("allocator_slack_fraction", f"{ov.allocator_slack_fraction:.6f}", "Theil-Sen slope of (device - allocated) on allocated"),
         ("allocator_slack_min_bytes", ov.allocator_slack_min_bytes, "0: the intercept absorbs the floor"),
     ]
@@ -263,7 +258,7 @@ class Calibration:
         try:
             params = {k: values[k] for k in PARAMETERS}
             self.overheads_params = dict(
-                cuda_context_bytes=int(params["cuda_context_bytes"]), workspace_bytes=int(params["workspace_bytes"]),
+                cuda_context_bytes=int(params["cuda_context_bytes"]), workspaces_bytes=int(params["workspaces_bytes"]),
                 allocator_slack_fraction=float(params["allocator_slack_fraction"]),
                 allocator_slack_min_bytes=int(params["allocator_slack_min_bytes"]))
         except KeyError as e:
@@ -284,7 +279,7 @@ class Calibration:
 
     @property
     def overheads(self):
-        return Overheads(**self.overheads_params,
+        return Overheads(**self.overheads_params, calibrated=True,
                          source=f"calibration {os.path.basename(self.path)}: {self.error_summary()}")
 
 
@@ -312,29 +307,46 @@ def gpu_canonical_name(name):
     return None
 
 
+def _tables(directory):
+    """Every readable table in `directory` (unreadable ones are skipped)."""
+    if not os.path.isdir(directory):
+        return
+    for fn in sorted(os.listdir(directory)):
+        if fn.endswith(".csv"):
+            try:
+                yield load_calibration(os.path.join(directory, fn))
+            except CalibrationError:
+                continue
+
+
+def _newest(tables):
+    return max(tables, key=lambda c: c.provenance.get("fitted_at", ""), default=None)
+
+
 def find_calibration(gpu_name, directory=CALIBRATION_DIR):
     """The newest table whose environment's GPU is `gpu_name` (catalog name or alias), or None.
 
     Names are matched through the hardware catalog where both resolve, else by alphanumeric substring.
     """
-    if not os.path.isdir(directory):
-        return None
     want = gpu_canonical_name(gpu_name)
     want_key = "".join(ch for ch in gpu_name.lower() if ch.isalnum())
-    best = None
-    for fn in sorted(os.listdir(directory)):
-        if not fn.endswith(".csv"):
-            continue
-        try:
-            cal = load_calibration(os.path.join(directory, fn))
-        except CalibrationError:
-            continue
+
+    def matches(cal):
         gpu = cal.provenance.get("environment_key", "").split("|")[0]
         have = gpu_canonical_name(gpu) if gpu else None
         if want and have:
-            match = want == have
-        else:
-            match = bool(want_key) and want_key in "".join(ch for ch in gpu.lower() if ch.isalnum())
-        if match and (best is None or cal.provenance.get("fitted_at", "") > best.provenance.get("fitted_at", "")):
-            best = cal
-    return best
+            return want == have
+        return bool(want_key) and want_key in "".join(ch for ch in gpu.lower() if ch.isalnum())
+
+    return _newest(c for c in _tables(directory) if matches(c))
+
+
+def calibration_for_environment(key, directory=CALIBRATION_DIR):
+    """The newest table fitted in exactly this environment (harness.env.environment_key), or None."""
+    return _newest(c for c in _tables(directory) if c.provenance.get("environment_key") == key)
+
+
+def overheads_for(gpu=None, path=None, directory=CALIBRATION_DIR):
+    """Device overheads for a prediction: the table at `path`, else the newest fitted on `gpu`, else the defaults."""
+    cal = load_calibration(path) if path else (find_calibration(gpu, directory) if gpu else None)
+    return cal.overheads if cal is not None else DEFAULT_OVERHEADS

@@ -29,8 +29,6 @@ from formulas.catalog import UnknownModelError, get_shape
 from formulas.shapes import UnsupportedModelError
 from formulas.spec import Spec, SpecError, validate
 
-SCHEMA_VERSION = 1
-
 # Run fields: how the experiment is run, not what is predicted.
 RUN_FIELDS = {
     "steps": (int, 2, "training steps (the first allocates the optimizer state)"),
@@ -88,8 +86,11 @@ class Experiment:
 
 
 def spec_hash(spec, run_fields):
-    """sha256 over canonical JSON of the spec and run fields (sorted keys), first 12 hex digits."""
-    payload = {"schema": SCHEMA_VERSION, "spec": spec.to_dict(), "run": run_fields}
+    """sha256 over canonical JSON of the spec and run fields (sorted keys), first 12 hex digits.
+
+    Only what the experiment is goes in: the record schema (harness.records) is not part of it,
+    so a change to what records hold keeps every experiment's hash."""
+    payload = {"spec": spec.to_dict(), "run": run_fields}
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

@@ -9,22 +9,22 @@ deadline; and a seeds-style table of GPUs per model × data size × deadline.
 
 Memory comes from `formulas.predict.predict` (per GPU, the worst GPU), compared with the
 GPU's usable memory less a safety margin. Time comes from `formulas.throughput` and the
-catalog's dense peaks. Device overheads come from `formulas.hardware.device_overheads`, the
-one place a calibration table will plug in; until then every answer says "uncalibrated".
-No torch, no pandas: plain predictions, a few hundred microseconds each.
+catalog's dense peaks. Device overheads are the caller's: `vramlab plan` passes the same
+calibration table `vramlab predict` would use for that GPU (harness.analysis.calibrate), or
+the uncalibrated defaults, and every answer says which. Pure like the rest of formulas/: no
+torch, no pandas, no file lookups; plain predictions, a few hundred microseconds each.
 """
 
-import math
 from dataclasses import dataclass
 
-from formulas.catalog import get_shape
-from formulas.dtypes import DTYPE_BYTES
-from formulas.hardware import device_overheads, get_hardware
-from formulas.lora import lora_params, resolve_targets
-from formulas.predict import predict
-from formulas.spec import SpecError, validate
-from formulas.throughput import (
-    SECONDS_PER_DAY,
+from .catalog import get_shape
+from .dtypes import DTYPE_BYTES
+from .hardware import get_hardware
+from .lora import lora_params, resolve_targets
+from .overhead import DEFAULT_OVERHEADS
+from .predict import predict
+from .spec import SpecError, validate
+from .throughput import (
     decode_flops_per_token,
     gpus_for_deadline,
     kv_bytes_read_per_step,
@@ -32,7 +32,7 @@ from formulas.throughput import (
     training_flops_per_token,
     weight_bytes_read_per_step,
 )
-from formulas.weights import weight_storage
+from .weights import weight_storage
 
 DEFAULT_MFU = 0.4  # model-FLOPs utilisation assumed for training time (a flag)
 DEFAULT_TOKENS_PER_BYTE = 0.25  # ~4 bytes of English text per BPE token (an assumption, a flag)
@@ -142,15 +142,18 @@ class Option:
 
 
 class Planner:
-    """Plans one workload on one GPU type. `spec` is the workload; its parallelism flags are the user's own plan."""
+    """Plans one workload on one GPU type. `spec` is the workload; its parallelism flags are the user's own plan.
 
-    def __init__(self, spec, gpu, margin=0.0, max_gpus=DEFAULT_MAX_GPUS):
+    `overheads`: the device overheads for this GPU (a calibration table's, or the uncalibrated defaults)."""
+
+    def __init__(self, spec, gpu, margin=0.0, max_gpus=DEFAULT_MAX_GPUS, overheads=DEFAULT_OVERHEADS):
         if not 0 <= margin < 1:
             raise SpecError(f"--margin {margin:g}: must be a fraction in [0, 1), e.g. 0.05 or 5%")
         if max_gpus < 1:
             raise SpecError(f"--max-gpus {max_gpus}: must be an integer ≥ 1")
         self.hw = get_hardware(gpu)
-        self.overheads, self.calibrated = device_overheads(self.hw.name)
+        self.overheads = overheads
+        self.calibrated = overheads.calibrated
         self.margin = margin
         self.usable_bytes = int(self.hw.usable_bytes * (1 - margin))
         self.max_gpus = max_gpus
@@ -430,16 +433,18 @@ SEED_DATA_BYTES = (10**3, 10**6, 10**9, 10**10, 10**11, 10**12)  # 1K … 1T byt
 
 
 def finetune_table(rows, data_bytes, deadline_s, base_spec, gpu=None, tokens_per_byte=DEFAULT_TOKENS_PER_BYTE,
-                   mfu=DEFAULT_MFU, margin=0.0, max_gpus=DEFAULT_MAX_GPUS):
+                   mfu=DEFAULT_MFU, margin=0.0, max_gpus=DEFAULT_MAX_GPUS, overheads_for=None):
     """One entry per row × data size: GPUs needed to finish within the deadline.
 
     A row is a dict with model, method, dtype and optionally gpu (used when `gpu` is None) and
     seed_gpus (the seed's count per data size, copied into the output for comparison).
+    `overheads_for(gpu name)` gives each GPU's device overheads (default: uncalibrated).
     """
     out = []
     for r in rows:
         spec = base_spec.replace(model=r["model"], method=r["method"], dtype=r["dtype"], mode="train")
-        pl = Planner(spec, gpu or r.get("gpu") or "A100 80GB", margin, max_gpus)
+        name = gpu or r.get("gpu") or "A100 80GB"
+        pl = Planner(spec, name, margin, max_gpus, overheads_for(name) if overheads_for else DEFAULT_OVERHEADS)
         chosen, _ = pl.fewest_gpus()
         for size in data_bytes:
             tokens = size * tokens_per_byte
@@ -463,75 +468,3 @@ def finetune_table(rows, data_bytes, deadline_s, base_spec, gpu=None, tokens_per
                            seconds=t["flops"] / (t["sustained_flops_per_gpu"] * n))
             out.append(row)
     return out
-
-
-def parse_duration(text, flag="--deadline"):
-    """'1d', '24h', '90m', '3600s', '2w' → seconds (float). A bare number is refused: the unit matters."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": SECONDS_PER_DAY, "w": 7 * SECONDS_PER_DAY}
-    t = str(text).strip().lower().replace(" ", "")
-    for suffix in ("min", "hours", "hour", "days", "day", "weeks", "week", "sec"):
-        t = t.replace(suffix, {"min": "m", "sec": "s"}.get(suffix, suffix[0]))
-    if t and t[-1] in units:
-        try:
-            v = float(t[:-1]) * units[t[-1]]
-        except ValueError:
-            v = -1
-        if v > 0 and math.isfinite(v):
-            return v
-    raise SpecError(f"{flag} {text}: give a positive duration with a unit, e.g. 1d, 24h, 90m, 3600s")
-
-
-_COUNT = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
-
-
-def parse_count(text, flag="--tokens"):
-    """'2.5B', '500M', '1T', '1e9' → an integer count (decimal multipliers)."""
-    t = str(text).strip().lower().replace(",", "").replace("_", "")
-    mult = 1
-    if t and t[-1] in _COUNT and not t[-1].isdigit():
-        mult, t = _COUNT[t[-1]], t[:-1]
-    try:
-        v = float(t) * mult
-    except ValueError:
-        v = -1
-    if v < 1 or not math.isfinite(v):
-        raise SpecError(f"{flag} {text}: give a positive count, e.g. 1B, 500M, 2.5e9")
-    return int(round(v))
-
-
-def parse_bytes(text, flag="--data"):
-    """'1GB', '10G', '500MB', '1TiB' → bytes; K/M/G/T without 'iB' are decimal (text sizes are quoted that way)."""
-    t = str(text).strip().replace(" ", "")
-    low = t.lower()
-    binary = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-    decimal = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
-               "b": 1}
-    for table in (binary, decimal):
-        for suf in sorted(table, key=len, reverse=True):
-            if low.endswith(suf):
-                try:
-                    v = float(low[: -len(suf)]) * table[suf]
-                except ValueError:
-                    break
-                if v >= 1 and math.isfinite(v):
-                    return int(round(v))
-                break
-    try:
-        v = float(low)
-        if v >= 1 and math.isfinite(v):
-            return int(round(v))
-    except ValueError:
-        pass
-    raise SpecError(f"{flag} {text}: give a size of text, e.g. 1GB, 500MB, 10G, 1TiB")
-
-
-def parse_fraction(text, flag="--margin"):
-    """'5%' or '0.05' → 0.05."""
-    t = str(text).strip()
-    try:
-        v = float(t[:-1]) / 100 if t.endswith("%") else float(t)
-    except ValueError:
-        v = -1
-    if not 0 <= v < 1:
-        raise SpecError(f"{flag} {text}: give a fraction in [0, 1) or a percentage, e.g. 0.05 or 5%")
-    return v

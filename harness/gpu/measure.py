@@ -1,6 +1,6 @@
 """GPU measurement of one experiment: build the model on the GPU, run the workload, measure around it.
 
-Measurement wraps the workload (harness.workloads knows nothing of it): the workload calls
+Measurement wraps the workload (harness.workload knows nothing of it): the workload calls
 `mark(phase)`; at each phase boundary this module synchronises, records the caching
 allocator's peak allocated and reserved bytes of the phase that ends and resets them, and
 the NVML sampler attributes its samples to the new phase.
@@ -12,6 +12,9 @@ What is recorded:
 - `peak_device_bytes`: the NVML peak minus what the device used before this process
   started CUDA, i.e. this process's footprint as nvidia-smi would show it; flagged when
   other processes used the GPU during the run;
+- `device_breakdown`: the device categories of formulas/categories.py — the context, the
+  workspaces (device peak − peak reserved − context) and the allocator slack (peak reserved −
+  peak allocated), as harness.records.measured_device_breakdown derives them;
 - timings: process start → CUDA ready → model built → workload done, and the sampler's own
   busy time as a fraction of the workload time (its overhead).
 
@@ -28,6 +31,7 @@ import time
 from formulas.catalog import get_shape
 from formulas.spec import validate
 
+from ..records import measured_device_breakdown
 from . import nvml
 from .sampler import NvmlSampler
 
@@ -95,7 +99,7 @@ def build_on_gpu(spec, real_model_dir="", device="cuda"):
     import torch
     import transformers
 
-    from .models import hf_config, param_dtype, prepare_for_training, torch_dtype
+    from ..workload.models import hf_config, param_dtype, prepare_for_training, torch_dtype
 
     if spec.dtype in ("gptq-int4", "awq-int4", "fp8") or spec.dtype.startswith("q"):
         raise NotImplementedError(f"--dtype {spec.dtype}: GPU measurement covers float and bitsandbytes dtypes")
@@ -127,8 +131,8 @@ def build_on_gpu(spec, real_model_dir="", device="cuda"):
 
 
 def make_gpu_optimizer(model, spec):
-    """bitsandbytes optimizers here; the torch/transformers ones from harness.workloads."""
-    from .workloads import make_optimizer
+    """bitsandbytes optimizers here; the torch/transformers ones from harness.workload.steps."""
+    from ..workload.steps import make_optimizer
 
     params = [p for p in model.parameters() if p.requires_grad]
     if spec.optimizer in ("adamw8bit", "paged_adamw8bit", "lion"):
@@ -185,7 +189,7 @@ def measure(exp, device_index=0):
     t_cuda = time.perf_counter()
     context = (after - before - SMALL_SEGMENT) if before is not None and after is not None else None
     spec = validate(exp.spec, get_shape(exp.spec.model))
-    from .workloads import run_inference, run_training
+    from ..workload.steps import run_inference, run_training
 
     sampler = NvmlSampler(device_index, exp.sample_interval_ms / 1000.0)
     stats = _PhaseStats(torch, sampler)
@@ -209,7 +213,7 @@ def measure(exp, device_index=0):
     dev_peak, dev_phase = sampler.peak("device_used_bytes")
     others_during = [p for p, _ in nvml.processes(device_index) if p != os.getpid()]
     workload_s = t_done - t_built
-    return {
+    out = {
         "peak_allocated_bytes": phases[peak_phase]["max_allocated_bytes"],
         "peak_reserved_bytes": max(p.get("max_reserved_bytes", 0) for p in phases.values()),
         "peak_phase": peak_phase,
@@ -230,3 +234,5 @@ def measure(exp, device_index=0):
             "workload_s": round(workload_s, 3),
         },
     }
+    out["device_breakdown"] = measured_device_breakdown(out)  # context, workspaces, allocator slack
+    return out

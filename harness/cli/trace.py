@@ -1,17 +1,17 @@
 """`vramlab trace`: run a workload on fake tensors and print its memory beside the prediction.
 
-Registered by `harness.cli.build_parser` through `add_trace_parser`; takes exactly the flags of
-`vramlab predict` (shared `add_spec_arguments`), plus --json and --plot. torch and
-transformers are imported only when the command runs.
+Takes exactly the flags of `vramlab predict`, plus --json and --plot. torch and transformers
+are imported only when the command runs.
 """
 
 import json
-import sys
+import os
 
 from formulas import categories as C
 from formulas.units import GiB
 
-from .cli import _g, add_spec_arguments, spec_from_args
+from .common import add_spec_arguments, gib_cell, spec_from_args
+from .predict import DEVICE_ROWS
 
 
 def _ratio(traced, predicted):
@@ -35,12 +35,17 @@ def render_trace(result, prediction):
     for c in C.TENSOR_CATEGORIES:
         t, p = result.breakdown.get(c, 0), prediction.breakdown.get(c, 0)
         if t or p:
-            lines.append(f"{c:<22}{_g(t):>12}{_g(p):>15}{_ratio(t, p):>8}")
-    lines.append(f"{'peak allocated':<22}{_g(result.peak_allocated_bytes):>12}{_g(prediction.peak_allocated_bytes):>15}"
+            lines.append(f"{c:<22}{gib_cell(t, 12)}{gib_cell(p, 15)}{_ratio(t, p):>8}")
+    lines.append(f"{'peak allocated':<22}{gib_cell(result.peak_allocated_bytes, 12)}{gib_cell(prediction.peak_allocated_bytes, 15)}"
                  f"{_ratio(result.peak_allocated_bytes, prediction.peak_allocated_bytes):>8}"
                  f"   at {result.peak_phase} (predicted at {prediction.peak_phase})")
-    lines.append(f"{'est. reserved':<22}{_g(result.estimated_reserved_bytes):>12}"
-                 f"{'':>15}{'':>8}   modelled CUDA caching allocator (harness/allocator.py)")
+    traced_device = result.device_breakdown
+    for c, label in DEVICE_ROWS:
+        t = traced_device[c]
+        why = ("   estimated: modelled CUDA caching allocator (harness/tracing/allocator.py)" if t is not None
+               else "   not visible on fake tensors")
+        lines.append(f"{label:<22}{'—' if t is None else gib_cell(t, 12):>12}{gib_cell(prediction.breakdown[c], 15)}"
+                     f"{'':>8}{why}")
     lines.append("")
     lines.append("phases (GiB allocated at each phase's peak, traced / predicted):")
     for ph, bd in result.phases.items():
@@ -52,44 +57,40 @@ def render_trace(result, prediction):
 
 
 def cmd_trace(a):
-    from formulas.catalog import UnknownModelError
     from formulas.predict import predict
-    from formulas.shapes import UnsupportedModelError
-    from formulas.spec import SpecError
 
-    try:
-        spec = spec_from_args(a)
-        prediction = predict(spec)
-        from .trace import plot_timeline, trace
+    if a.plot and not a.plot.lower().endswith(".png"):
+        raise ValueError(f"--plot {a.plot}: give a .png file name")
+    spec = spec_from_args(a)
+    prediction = predict(spec)
+    from ..tracing.tracer import plot_timeline, trace
 
-        result = trace(spec)
-    except (SpecError, UnknownModelError, UnsupportedModelError, ValueError) as e:
-        print(f"vramlab trace: {e}", file=sys.stderr)
-        return 2
-    except ImportError as e:
-        print(f"vramlab trace: needs torch and transformers ({e.name} missing): pip install -e '.[harness]'", file=sys.stderr)
-        return 2
+    result = trace(spec)
     if a.plot:
         try:
             plot_timeline(result, a.plot)
         except OSError as e:
-            print(f"vramlab trace: --plot {a.plot}: {e.strerror or e}", file=sys.stderr)
-            return 2
+            raise ValueError(f"--plot {a.plot}: {e.strerror or e}") from None
     if a.json:
         d = result.to_dict()
         d["predicted"] = {"breakdown": prediction.breakdown, "peak_allocated_bytes": prediction.peak_allocated_bytes,
+                          "peak_device_bytes": prediction.peak_device_bytes,
                           "peak_phase": prediction.peak_phase, "phases": prediction.phases}
         print(json.dumps(d, indent=2))
     else:
         print(render_trace(result, prediction))
+        if a.plot:
+            print(f"memory over time → {os.path.abspath(a.plot)}")
     return 0
 
 
-def add_trace_parser(subparsers):
-    """Register `vramlab trace` (same flags as predict, plus --json and --plot)."""
-    p = subparsers.add_parser("trace", help="run the workload on fake tensors and count bytes per category (CPU, no GPU)")
+def add_parsers(sub):
+    """Register `trace` (the flags of predict, plus --json and --plot)."""
+    p = sub.add_parser("trace", help="run the workload on fake tensors and count bytes per category (CPU, no GPU)",
+                       description="Build the model on fake tensors, run the workload the GPU harness runs, and count "
+                                   "every tensor's bytes per category beside the prediction. Needs torch and "
+                                   "transformers (the harness extra).")
     add_spec_arguments(p)
     p.add_argument("--json", action="store_true", help="print the trace (and the prediction) as JSON (bytes)")
     p.add_argument("--plot", default=None, metavar="PATH", help="write a memory-over-time PNG to PATH")
     p.set_defaults(func=cmd_trace)
-    return p

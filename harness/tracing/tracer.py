@@ -10,7 +10,7 @@ torch preserves for the storage's lifetime) and learns of its death from a
 (`formulas.categories.TENSOR_CATEGORIES`) and checked after every op: the highest total is
 the peak that `torch.cuda.max_memory_allocated` would report (before 512-byte rounding), each phase keeps
 its own peak breakdown, and a timeline records every allocation and free. The sequence is
-replayed through a model of the CUDA caching allocator (`harness/allocator.py`) for an
+replayed through a model of the CUDA caching allocator (`harness/tracing/allocator.py`) for an
 estimate of reserved memory.
 
 Why its own tracker and not `torch.distributed._tools.mem_tracker.MemTracker`: MemTracker was
@@ -76,7 +76,7 @@ from formulas.catalog import get_shape
 from formulas.spec import Spec, SpecError, validate
 
 from .allocator import CachingAllocatorModel
-from .models import build_model, check_traceable
+from ..workload.models import build_model, check_traceable
 
 HOST = "host"  # storages that live on the CPU in a CUDA run: not counted
 PEAK_TENSORS = 16  # how many of the largest transient storages at each peak the result lists
@@ -103,11 +103,18 @@ class TraceResult:
     peak_tensors: list = field(default_factory=list)  # largest storages alive at the peak (weights, buffers, optimizer state left out): category, bytes, op, shape
     phase_tensors: dict = field(default_factory=dict)  # phase → the same list at that phase's own peak
 
+    @property
+    def device_breakdown(self):
+        """Device categories as far as fake tensors tell: allocator slack from the allocator model; no context or workspaces."""
+        return {C.CUDA_CONTEXT: None, C.WORKSPACES: None,
+                C.ALLOCATOR_SLACK: self.estimated_reserved_bytes - self.estimated_max_allocated_bytes}
+
     def to_dict(self):
         """JSON-ready dict; bytes stay integers."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["spec"] = self.spec.to_dict()
         d["timeline"] = [[i, ph, total, dict(cats)] for i, ph, total, cats in self.timeline]
+        d["device_breakdown"] = self.device_breakdown
         return d
 
 
@@ -152,7 +159,6 @@ def _tracker_class():
             self.optimizer_started = 0  # event index where the running optimizer.step began
             self.active = True
             self.ops = 0
-            self.item_calls = 0
             self._sid = WeakIdKeyDictionary()  # storage → sid
 
         def _on_free(self, sid):
@@ -208,7 +214,6 @@ def _tracker_class():
                     return func(*args, **kwargs)
                 except torch._subclasses.fake_tensor.DataDependentOutputException:
                     # .item() on a computed fake value: answer 1 (only Python control flow reads it).
-                    self.item_calls += 1
                     dt = args[0].dtype
                     return True if dt == torch.bool else (1.0 if dt.is_floating_point else 1)
             out = func(*args, **kwargs)
@@ -536,7 +541,7 @@ def trace(spec):
                         "trace adamw, sgd, sgd_momentum or adafactor")
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from .workloads import TRAIN_STEPS, run_inference, run_training
+    from ..workload.steps import TRAIN_STEPS, run_inference, run_training
 
     t0 = time.perf_counter()
     notes = []

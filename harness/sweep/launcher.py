@@ -15,12 +15,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from . import nvml
-from .records import RecordError, read_record, record_path, write_record
-from .spec import SCHEMA_VERSION
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FINAL = ("ok", "oom", "error", "timeout", "crashed", "unsupported")
+from ..gpu import nvml
+from ..paths import ROOT, RUNS_DIR
+from ..records import OUTCOMES, RecordError, new_record, read_record, record_path, write_record
+from .worker import SOURCE
 
 
 @dataclass
@@ -37,8 +35,8 @@ class SweepSummary:
 
 
 def worker_command(out_dir, mode):
-    """The default worker: `python -m harness.worker` from this checkout."""
-    return [sys.executable, "-m", "harness.worker", "--out", out_dir, "--mode", mode]
+    """The default worker: `python -m harness.sweep.worker` from this checkout."""
+    return [sys.executable, "-m", "harness.sweep.worker", "--out", out_dir, "--mode", mode]
 
 
 def is_done(out_dir, exp, retry=False, moved=None):
@@ -58,29 +56,17 @@ def is_done(out_dir, exp, retry=False, moved=None):
         return False
     if retry and rec["outcome"] not in ("ok", "oom", "unsupported"):
         return False
-    return rec["outcome"] in FINAL
+    return rec["outcome"] in OUTCOMES
 
 
 def _fallback_record(exp, outcome, returncode, stderr_tail, seconds, source):
-    from formulas.predict import predict
+    """The record of a worker that died without writing one."""
+    from ..env import fingerprint
 
-    from .env import fingerprint, formula_hash
-
-    try:
-        pred = predict(exp.spec).to_dict()
-        pred.pop("spec", None)
-    except Exception as e:  # the prediction must not stop the record
-        pred = {"error": str(e)}
     sig = -returncode if returncode is not None and returncode < 0 else None
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "spec_hash": exp.spec_hash,
-        "formula_hash": formula_hash(),
-        "source": source,
-        **exp.to_dict(),
-        "prediction": pred,
+    record = new_record(exp, source)
+    record.update({
         "outcome": outcome,
-        "measured": None,
         "error": {
             "message": f"worker {'timed out after %ss' % exp.timeout_s if outcome == 'timeout' else 'died without a record'}"
                        + (f" (signal {signal.Signals(sig).name})" if sig else f" (exit {returncode})"),
@@ -89,7 +75,8 @@ def _fallback_record(exp, outcome, returncode, stderr_tail, seconds, source):
         },
         "timings": {"total_s": round(seconds, 3)},
         "env": fingerprint(),
-    }
+    })
+    return record
 
 
 class _Running:
@@ -147,7 +134,7 @@ def run_sweep(experiments, out_dir, gpus=None, mode="trace", worker_cmd=None, re
     bar = _progress(len(todo)) if progress else None
     logs = os.path.join(out_dir, ".logs")
     os.makedirs(logs, exist_ok=True)
-    source = "measured" if mode == "measure" else "traced"
+    source = SOURCE[mode]
     try:
         while todo or running:
             while todo and free:
@@ -212,4 +199,4 @@ def default_out_dir(sweep, mode):
         slug = "".join(ch if ch.isalnum() or ch in ".-" else "-" for ch in slug)
     else:
         slug = "traced-cpu"
-    return os.path.join(ROOT, "results", "runs", sweep, slug)
+    return os.path.join(RUNS_DIR, sweep, slug)

@@ -18,7 +18,7 @@ What the spec decides, mirroring `formulas.predict`:
   transformers 5.2x uses; `gradient_checkpointing_enable` is its deprecated alias).
 
 `build_model` = config → float model → `prepare_for_training`; GPU measurement builds its own
-(bitsandbytes) models and applies the same `prepare_for_training`.
+(bitsandbytes) models (harness/gpu/measure.py) and applies the same `prepare_for_training`.
 
 Quantized dtypes (bitsandbytes int8/nf4/fp4 and QLoRA, GPTQ/AWQ, GGUF, fp8) are refused: their
 kernels (bitsandbytes' CUDA matmuls, GPTQ/AWQ packers, FineGrainedFP8) need real data on a
@@ -63,15 +63,20 @@ def check_traceable(spec):
         raise SpecError("--layer-split: the tracer runs one device; trace without --layer-split")
 
 
-def hf_config(spec):
-    """A transformers config for the spec's model, without quantization or remote code."""
+def transformers_config(cfg):
+    """A transformers config from a config.json dict, without quantization or remote code."""
     import transformers
 
-    cfg = dict(load_config(spec.model))
+    cfg = dict(cfg)
     for key in _DROPPED_CONFIG_KEYS:
         cfg.pop(key, None)
     model_type = cfg.pop("model_type")
     return transformers.AutoConfig.for_model(model_type, **cfg)
+
+
+def hf_config(spec):
+    """The transformers config of the spec's model (`transformers_config` of its config.json)."""
+    return transformers_config(load_config(spec.model))
 
 
 def decoder_layers(model):

@@ -1,6 +1,6 @@
 """The workloads vramlab measures: generate-style inference and training steps. No measuring here.
 
-Measurement (the fake-tensor tracer, later the GPU sampler) wraps these functions and learns
+Measurement (the fake-tensor tracer, the GPU measurement) wraps these functions and learns
 where the workload is from the `mark(phase)` callback, called as each phase begins. Phase
 names are those of `formulas.categories` (PHASES_INFERENCE, PHASES_TRAIN).
 

@@ -9,29 +9,29 @@ repeats). Statuses:
     new failure                      baseline ok, now oom/error/timeout/crashed
     fixed                            baseline failed, now ok
     still failing                    both failed
-    not comparable                   other record schema, or same experiment label with another spec hash
+    not comparable                   a record of an older schema that cannot be migrated, or the same
+                                     experiment label with another spec hash
     new | missing                    only in the new records / only in the baseline
 
-For a changed experiment the components that moved are named (CUDA context, allocator slack,
-allocated per phase or category, other device memory). A regression is `worse` or `new failure`.
+Each record is compared on its own observation (harness.records.observed): measured records on
+their GPU figures, traced ones on theirs. For a changed experiment the components that moved are
+named in the category vocabulary (CUDA context, workspaces, allocator slack, tensor categories)
+or as allocated per phase. A regression is `worse` or `new failure`.
 """
 
-import glob
 import json
-import os
 import re
 from dataclasses import dataclass, field
 
+from formulas import categories as C
 from formulas.units import MiB, parse_size
 
-from .spec import SCHEMA_VERSION
+from ..records import RecordError, measured_device_breakdown, observed, read_record, record_files
 
 METRICS = ("peak_device", "peak_allocated", "peak_reserved", "cuda_context")
 DEFAULT_THRESHOLDS = ("peak_device:3%", "peak_device:256MiB", "peak_allocated:3%", "peak_allocated:256MiB",
                       "peak_reserved:3%", "peak_reserved:256MiB", "cuda_context:3%", "cuda_context:256MiB")
-FAILED = ("oom", "error", "timeout", "crashed")
-COMPONENT_NAMES = {"cuda_context": "CUDA context", "allocator_slack": "allocator slack",
-                   "other_device": "other device memory"}
+COMPONENT_NAMES = {C.CUDA_CONTEXT: "CUDA context", C.WORKSPACES: "workspaces", C.ALLOCATOR_SLACK: "allocator slack"}
 REGRESSIONS = ("worse", "new failure")
 
 
@@ -58,22 +58,26 @@ def parse_thresholds(items):
 
 
 def load_runs(path):
-    """{spec_hash: [raw record dicts]} under a file or folder; records of another schema are kept, marked later."""
-    files = [path] if os.path.isfile(path) else sorted(glob.glob(os.path.join(path, "**", "*.json"), recursive=True))
+    """{spec_hash: [records]} under a file or folder. A record that cannot be read in the current schema
+    stays as a stand-in {spec_hash, outcome, unreadable: why}, so its experiment is named not comparable."""
+    files = record_files(path)
     if not files:
         raise CheckError(f"{path}: no record files")
     out = {}
     for f in files:
-        base = os.path.basename(f)
-        if base.startswith(".tmp-") or base in ("machine.json", "sweep.json"):
-            continue
         try:
-            with open(f, encoding="utf-8") as fh:
-                rec = json.load(fh)
-        except (OSError, json.JSONDecodeError):
-            continue
-        if isinstance(rec, dict) and "spec_hash" in rec and "outcome" in rec:
-            out.setdefault(rec["spec_hash"], []).append(rec)
+            rec = read_record(f)
+        except RecordError as e:
+            try:
+                with open(f, encoding="utf-8") as fh:
+                    raw = json.load(fh)
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                continue
+            if not (isinstance(raw, dict) and "spec_hash" in raw and "outcome" in raw):
+                continue
+            rec = {"spec_hash": raw["spec_hash"], "spec": raw.get("spec"), "outcome": raw["outcome"],
+                   "group": raw.get("group", ""), "unreadable": str(e)}
+        out.setdefault(rec["spec_hash"], []).append(rec)
     if not out:
         raise CheckError(f"{path}: no vramlab records")
     return out
@@ -86,23 +90,21 @@ def _label(rec):
 
 
 def metric_value(rec, metric):
-    """Bytes of one metric in a record, or None."""
-    m = rec.get("measured") or {}
-    return m.get(f"{metric}_bytes")
+    """Bytes of one metric in a record's own observation, or None."""
+    return observed(rec).get(f"{metric}_bytes")
 
 
 def components(rec):
-    """{component: bytes}: context, allocator slack, other device memory, allocated per phase and per category."""
-    m = rec.get("measured") or {}
-    out = {}
-    if m.get("cuda_context_bytes") is not None:
-        out["cuda_context"] = m["cuda_context_bytes"]
-    if m.get("peak_reserved_bytes") is not None and m.get("peak_allocated_bytes") is not None:
-        out["allocator_slack"] = m["peak_reserved_bytes"] - m["peak_allocated_bytes"]
-    if m.get("peak_device_bytes") is not None and m.get("peak_reserved_bytes") is not None:
-        out["other_device"] = m["peak_device_bytes"] - m["peak_reserved_bytes"] - (m.get("cuda_context_bytes") or 0)
+    """{component: bytes}: the device categories, allocated per phase and the tensor categories at the peak."""
+    m = observed(rec)
+    dev = m.get("device_breakdown") or (measured_device_breakdown(m) if rec.get("source") == "measured" else {})
+    out = {c: v for c, v in dev.items() if v is not None}
     for ph, d in (m.get("phases") or {}).items():
-        if isinstance(d, dict) and d.get("max_allocated_bytes") is not None:
+        if not isinstance(d, dict):
+            continue
+        if rec.get("source") == "traced":  # a traced phase is its breakdown at the phase's peak
+            out[f"allocated at {ph}"] = sum(d.values())
+        elif d.get("max_allocated_bytes") is not None:
             out[f"allocated at {ph}"] = d["max_allocated_bytes"]
     for c, v in (m.get("breakdown") or {}).items():
         out[c] = v
@@ -162,9 +164,9 @@ def compare_experiment(h, base_recs, new_recs, thresholds):
     b0, n0 = base_recs[0], new_recs[0]
     s = n0.get("spec") or {}
     label = f"{s.get('model')} {s.get('mode')} {s.get('dtype')} b{s.get('batch')} s{s.get('seq')}"
-    if b0.get("schema_version") != SCHEMA_VERSION or n0.get("schema_version") != SCHEMA_VERSION:
-        return Comparison(h, label, "not comparable",
-                          detail=f"record schema {b0.get('schema_version')} vs {n0.get('schema_version')}")
+    unreadable = [r["unreadable"] for r in (b0, n0) if "unreadable" in r]
+    if unreadable:
+        return Comparison(h, label, "not comparable", detail=unreadable[0])
     b_ok = any(r.get("outcome") == "ok" for r in base_recs)
     n_ok = any(r.get("outcome") == "ok" for r in new_recs)
     if b_ok and not n_ok:

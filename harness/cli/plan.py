@@ -1,20 +1,20 @@
-"""`vramlab plan`: argument parsing and rendering for the planner (logic in harness/plan.py).
+"""`vramlab plan`: argument parsing and rendering for the planner (logic in formulas/plan.py).
 
-Shares the workload flags of `vramlab predict` (harness.cli.add_spec_arguments) and adds the
-GPU, the safety margin and the time questions. Bad input is one line on stderr naming the
-flag, exit status 2. No torch, no pandas.
+Shares the workload flags of `vramlab predict` (cli/common.py) and adds the GPU, the safety
+margin and the time questions. Device overheads come from the same calibration lookup as
+`vramlab predict` (the newest table fitted on that GPU, else the uncalibrated defaults). Bad
+input is one line on stderr naming the flag, exit status 2. No torch, no pandas.
 """
 
 import json
-import sys
 
-from formulas.units import GiB
+from formulas.units import GiB, fmt_gib, parse_count, parse_duration, parse_fraction, parse_size
 
-from .cli import add_spec_arguments, spec_from_args
+from .common import add_spec_arguments, calibration_line, flag_value, spec_from_args
 
 
-def add_plan_parser(subparsers):
-    """Register `vramlab plan` on an argparse subparsers object."""
+def add_parsers(subparsers):
+    """Register `vramlab plan`."""
     p = subparsers.add_parser(
         "plan", help="which GPUs, how many, how long: fit, fewest GPUs, largest batch/context, time, fine-tuning table",
         description="Plan a workload on a GPU type: does it fit, the fewest GPUs and the strategy, the largest batch "
@@ -33,16 +33,14 @@ def add_plan_parser(subparsers):
     p.add_argument("--table", action="store_true",
                    help="fine-tuning table: models (--model seeds or a comma list) × data sizes × deadline")
     p.add_argument("--data-sizes", default="1K,1M,1G,10G,100G,1T", help="--table: bytes of text per column (decimal)")
+    p.add_argument("--calibration", default=None,
+                   help="calibration table from `vramlab fit` (default: the newest in results/calibration/ per GPU type)")
     p.add_argument("--json", action="store_true", help="print the answer as JSON (bytes as integers)")
     p.set_defaults(func=cmd_plan)
     return p
 
 
 # ------------------------------------------------------------------ formatting
-
-def _gib(n):
-    return f"{n / GiB:.2f} GiB"
-
 
 def _dur(s):
     if s < 1:
@@ -81,8 +79,8 @@ def _head(ans, spec):
             (" · grad-ckpt" if s.grad_ckpt else "")
     g = ans["gpu"]
     base = "nvidia-smi's reported total" if g["reported_total_bytes"] else "nominal"
-    usable = f"usable {_gib(g['usable_bytes'])} ({base}, {ans['safety_margin']:.0%} safety margin)"
-    return f"{ans['model']} · {work}\non {g['name']}: {_gib(g['memory_bytes'])} nominal, {usable}"
+    usable = f"usable {fmt_gib(g['usable_bytes'])} ({base}, {ans['safety_margin']:.0%} safety margin)"
+    return f"{ans['model']} · {work}\non {g['name']}: {fmt_gib(g['memory_bytes'])} nominal, {usable}"
 
 
 def render(ans, spec):
@@ -90,7 +88,7 @@ def render(ans, spec):
     L = [_head(ans, spec), ""]
     f = ans["fit"]
     verdict = "fits" if f["fits"] else "does not fit"
-    L.append(f"fit as given ({f['strategy']}): {verdict}, {_gib(f['per_gpu_bytes'])} per GPU at {f['peak_phase']}, "
+    L.append(f"fit as given ({f['strategy']}): {verdict}, {fmt_gib(f['per_gpu_bytes'])} per GPU at {f['peak_phase']}, "
              f"margin {(f['margin_bytes']) / GiB:+.2f} GiB   [binds: memory]")
     if not f["fits"]:
         c = f["longest_context"]
@@ -104,7 +102,7 @@ def render(ans, spec):
     if fw["gpus"] is None:
         L.append(f"fewest GPUs: {fw['note']}   [binds: memory]")
     else:
-        L.append(f"fewest GPUs: {fw['gpus']} × {ans['gpu']['name']} — {fw['strategy']}, {_gib(fw['per_gpu_bytes'])} "
+        L.append(f"fewest GPUs: {fw['gpus']} × {ans['gpu']['name']} — {fw['strategy']}, {fmt_gib(fw['per_gpu_bytes'])} "
                  f"per GPU at {fw['peak_phase']}   [binds: memory]")
         others = [c for c in ans["candidates"] if c["strategy"] != fw["strategy"]]
         if others:
@@ -129,7 +127,7 @@ def render(ans, spec):
                  f"[binds: compute; {t['prefill_flops']:.3g} FLOPs at {peak:g} TFLOP/s {t['matmul_path']} per GPU]")
         L.append(f"  decode ≤ {t['decode_tokens_per_s_per_sequence_max']:,.1f} tokens/s per sequence, "
                  f"≤ {t['decode_tokens_per_s_total_max']:,.1f} tokens/s in total   [binds: {t['decode_binds']}; "
-                 f"{_gib(t['decode_bytes_per_step_per_gpu'])} read per step per GPU at "
+                 f"{fmt_gib(t['decode_bytes_per_step_per_gpu'])} read per step per GPU at "
                  f"{ans['gpu']['bandwidth_bytes_per_s'] / 1e9:,.0f} GB/s]")
         if "request_seconds_min" in t:
             L.append(f"  one request (prefill + {spec.gen:,} decode steps) ≥ {_dur(t['request_seconds_min'])}")
@@ -142,11 +140,11 @@ def render(ans, spec):
                  f"{_dur(t['seconds_on_fewest'])}   [binds: compute]")
         if "gpus_for_deadline" in t:
             L.append(f"  within {_dur(t['deadline_seconds'])}: {t['gpus_for_deadline']} × {ans['gpu']['name']} — "
-                     f"{ans['strategy']}, {_gib(ans['per_gpu_bytes'])} per GPU, done in "
+                     f"{ans['strategy']}, {fmt_gib(ans['per_gpu_bytes'])} per GPU, done in "
                      f"{_dur(t['seconds_on_deadline_plan'])}   [binds: {ans['binds']}; compute alone needs "
                      f"{t['gpus_for_compute']}, memory {fw['gpus']}]")
     L.append("")
-    L.append(f"{'calibrated' if ans['calibrated'] else 'uncalibrated'}: device overheads are {ans['overheads_source']}")
+    L.append(calibration_line(ans["calibrated"], ans["overheads_source"]))
     L.append("assumptions:")
     L += [f"  - {a}" for a in ans["assumptions"]]
     return "\n".join(L)
@@ -177,7 +175,7 @@ def render_compare(answers, spec):
         L.append(f"{g['name']:<21} {g['memory_bytes'] / GiB:>6.0f} {one:>13} {ans['gpus_needed']:>6}  {ans['strategy']:<22} "
                  f"{ans['per_gpu_bytes'] / GiB:>7.2f} {sp:>19}  {price}")
     L.append("")
-    L.append(f"{'calibrated' if a0['calibrated'] else 'uncalibrated'}: device overheads are {a0['overheads_source']}")
+    L += sorted({calibration_line(a["calibrated"], a["overheads_source"]) for a in answers})
     L.append("assumptions:")
     L += [f"  - {x}" for x in a0["assumptions"] if not x.startswith("usable memory")]
     L.append("  - usable memory: nvidia-smi's reported total where the catalog has one, else the nominal capacity")
@@ -232,64 +230,43 @@ def _gpu_list(text):
     return names
 
 
-def _fail(msg):
-    print(f"vramlab plan: {msg}", file=sys.stderr)
-    return 2
-
-
-def _mfu(text):
-    from formulas.spec import SpecError
-
-    t = str(text).strip()
-    try:
-        v = float(t[:-1]) / 100 if t.endswith("%") else float(t)
-    except ValueError:
-        v = -1
-    if not 0 < v <= 1:
-        raise SpecError(f"--mfu {text}: give a fraction in (0, 1] or a percentage, e.g. 0.4 or 40%")
-    return v
-
-
 def cmd_plan(a):
-    from formulas.catalog import UnknownModelError
-    from formulas.shapes import UnsupportedModelError
+    from formulas import plan as P
+    from formulas.hardware import hardware_names
     from formulas.spec import SpecError
 
-    from . import plan as P
+    from ..analysis.calibrate import overheads_for
 
-    try:
-        if not a.gpu and not a.table:
-            from formulas.hardware import hardware_names
-            raise SpecError(f"--gpu: name a GPU type; known: {', '.join(hardware_names())}")
-        margin = P.parse_fraction(a.margin, "--margin")
-        mfu = _mfu(a.mfu)
-        if not 0 < a.tokens_per_byte <= 10:
-            raise SpecError(f"--tokens-per-byte {a.tokens_per_byte:g}: must be in (0, 10]")
-        if a.tokens and a.data:
-            raise SpecError("--data: give --tokens or --data, not both")
-        deadline = P.parse_duration(a.deadline) if a.deadline else None
-        if a.table:
-            return _cmd_table(a, P, margin, mfu, deadline)
-        spec = spec_from_args(a)
-        data_bytes = P.parse_bytes(a.data) if a.data else None
-        tokens = P.parse_count(a.tokens) if a.tokens else (int(data_bytes * a.tokens_per_byte) if data_bytes else None)
-        if spec.mode != "train":
-            for flag, v in (("--deadline", a.deadline), ("--tokens", a.tokens), ("--data", a.data)):
-                if v:
-                    raise SpecError(f"{flag} {v}: fine-tuning time applies to --mode train")
-        if deadline and not tokens:
-            raise SpecError(f"--deadline {a.deadline}: also give --tokens or --data (how much to train on)")
-        if tokens is not None and tokens < 1:
-            raise SpecError(f"--data {a.data}: less than one token at --tokens-per-byte {a.tokens_per_byte:g}")
-        gpus = _gpu_list(a.gpu)
-        answers = []
-        for g in gpus:
-            planner = P.Planner(spec, g, margin, a.max_gpus)
-            answers.append(planner.answer(tokens=tokens, deadline_s=deadline, mfu=mfu,
-                                          tokens_per_byte=a.tokens_per_byte if data_bytes else None,
-                                          data_bytes=data_bytes))
-    except (SpecError, UnknownModelError, UnsupportedModelError, ValueError) as e:
-        return _fail(e)
+    if not a.gpu and not a.table:
+        raise SpecError(f"--gpu: name a GPU type; known: {', '.join(hardware_names())}")
+    margin = flag_value(parse_fraction, "--margin", a.margin)
+    mfu = flag_value(parse_fraction, "--mfu", a.mfu, False, True)
+    if not 0 < a.tokens_per_byte <= 10:
+        raise SpecError(f"--tokens-per-byte {a.tokens_per_byte:g}: must be in (0, 10]")
+    if a.tokens and a.data:
+        raise SpecError("--data: give --tokens or --data, not both")
+    deadline = flag_value(parse_duration, "--deadline", a.deadline) if a.deadline else None
+    overheads = lambda gpu: overheads_for(gpu, a.calibration)  # noqa: E731  (predict's lookup, per GPU type)
+    if a.table:
+        return _cmd_table(a, P, margin, mfu, deadline, overheads)
+    spec = spec_from_args(a)
+    data_bytes = flag_value(parse_size, "--data", a.data, 1) if a.data else None
+    tokens = flag_value(parse_count, "--tokens", a.tokens) if a.tokens else (
+        int(data_bytes * a.tokens_per_byte) if data_bytes else None)
+    if spec.mode != "train":
+        for flag, v in (("--deadline", a.deadline), ("--tokens", a.tokens), ("--data", a.data)):
+            if v:
+                raise SpecError(f"{flag} {v}: fine-tuning time applies to --mode train")
+    if deadline and not tokens:
+        raise SpecError(f"--deadline {a.deadline}: also give --tokens or --data (how much to train on)")
+    if tokens is not None and tokens < 1:
+        raise SpecError(f"--data {a.data}: less than one token at --tokens-per-byte {a.tokens_per_byte:g}")
+    answers = []
+    for g in _gpu_list(a.gpu):
+        planner = P.Planner(spec, g, margin, a.max_gpus, overheads(g))
+        answers.append(planner.answer(tokens=tokens, deadline_s=deadline, mfu=mfu,
+                                      tokens_per_byte=a.tokens_per_byte if data_bytes else None,
+                                      data_bytes=data_bytes))
     if len(answers) > 1:
         print(json.dumps(answers, indent=2) if a.json else render_compare(answers, planner.spec))
         return 0
@@ -301,10 +278,11 @@ def cmd_plan(a):
     return 0
 
 
-def _cmd_table(a, P, margin, mfu, deadline):
+def _cmd_table(a, P, margin, mfu, deadline, overheads):
+    from formulas.hardware import hardware_names
     from formulas.spec import SpecError
 
-    deadline = deadline or P.parse_duration("1d")
+    deadline = deadline or parse_duration("1d")
     if a.model.strip().lower() == "seeds":
         rows = P.SEED_ROWS
     else:
@@ -312,16 +290,17 @@ def _cmd_table(a, P, margin, mfu, deadline):
     if not rows:
         raise SpecError(f"--model {a.model}: give 'seeds' or a comma list of models")
     if not a.gpu and a.model.strip().lower() != "seeds":
-        from formulas.hardware import hardware_names
         raise SpecError(f"--gpu: name a GPU type for the table; known: {', '.join(hardware_names())}")
-    sizes = tuple(P.parse_bytes(x, "--data-sizes") for x in a.data_sizes.split(",") if x.strip())
+    sizes = tuple(flag_value(parse_size, "--data-sizes", x, 1) for x in a.data_sizes.split(",") if x.strip())
     if not sizes:
         raise SpecError(f"--data-sizes {a.data_sizes}: give a comma list, e.g. 1K,1M,1G")
     base = spec_from_args(a).replace(mode="train")
-    rows_out = P.finetune_table(rows, sizes, deadline, base, a.gpu, a.tokens_per_byte, mfu, margin, a.max_gpus)
+    rows_out = P.finetune_table(rows, sizes, deadline, base, a.gpu, a.tokens_per_byte, mfu, margin, a.max_gpus,
+                                overheads)
     r0 = rows[0]
-    first = P.Planner(base.replace(model=r0["model"], method=r0["method"], dtype=r0["dtype"]),
-                      a.gpu or r0.get("gpu") or "A100 80GB", margin, a.max_gpus)
+    gpu0 = a.gpu or r0.get("gpu") or "A100 80GB"
+    first = P.Planner(base.replace(model=r0["model"], method=r0["method"], dtype=r0["dtype"]), gpu0, margin,
+                      a.max_gpus, overheads(gpu0))
     assumptions = first.assumptions(mfu, a.tokens_per_byte, True)[:1] + first.assumptions(mfu, a.tokens_per_byte, True)[2:]
     s = first.spec
     assumptions.insert(1, f"usable memory: nvidia-smi's reported total where the catalog has one, else the nominal "
@@ -329,8 +308,7 @@ def _cmd_table(a, P, margin, mfu, deadline):
     assumptions.append(f"each row: micro-batch {s.batch} × seq {s.seq:,}, {'with' if s.grad_ckpt else 'without'} "
                        f"gradient checkpointing, optimizer {s.optimizer}, LoRA r={s.lora_rank} on peft's default targets; "
                        "GPUs added for speed take the simplest strategy that fits (DDP, then ZeRO-1/2/3, then TP)")
-    assumptions.append(f"{'calibrated' if first.calibrated else 'uncalibrated'}: device overheads are "
-                       f"{first.overheads.source}")
+    assumptions.append(calibration_line(first.calibrated, first.overheads.source))
     gpu_label = first.hw.name if a.gpu else "the seed table's GPU per row"
     if a.json:
         print(json.dumps({"gpu": a.gpu and first.hw.name, "deadline_seconds": deadline, "mfu": mfu,

@@ -1,0 +1,67 @@
+"""Records → one row per experiment (a pandas DataFrame), every figure's column named by its source.
+
+    predicted_*    formulas.predict at run time (uncalibrated defaults)
+    calibrated_*   the same prediction with the calibration table fitted in the record's environment
+    traced_*       fake-tensor figures (harness.tracing)
+    measured_*     GPU figures (harness.gpu.measure)
+
+A cell is empty where that source has no value: a traced record has no measured_* figures and no
+device peak, a record without a matching calibration table no calibrated_* figures.
+"""
+
+from formulas import categories as C
+
+from ..env import environment_key
+from ..records import measured_device_breakdown
+from .calibrate import calibrated_totals, calibration_for_environment
+
+SPEC_COLUMNS = ("model", "mode", "method", "dtype", "batch", "seq", "gen", "optimizer", "grad_ckpt", "attn")
+TRACED_COLUMNS = ("peak_allocated_bytes", "estimated_reserved_bytes", "peak_phase")
+MEASURED_COLUMNS = ("peak_allocated_bytes", "peak_reserved_bytes", "peak_device_bytes", "peak_phase",
+                    "cuda_context_bytes", "workspaces_bytes")
+
+
+def _get(d, *keys):
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def records_frame(records, calibration_lookup=calibration_for_environment):
+    """One row per record; `calibration_lookup(environment key)` gives the table for calibrated_* (or None)."""
+    import pandas as pd
+
+    tables = {}
+    rows = []
+    for r in records:
+        spec, env, pred = r.get("spec") or {}, r.get("env") or {}, r.get("predicted") or {}
+        traced, measured = r.get("traced") or {}, r.get("measured") or {}
+        row = {"spec_hash": r["spec_hash"], "source": r.get("source", ""),
+               **{k: spec.get(k) for k in SPEC_COLUMNS},
+               "gpu_name": _get(env, "gpu", "name"), "driver": _get(env, "gpu", "driver"), "outcome": r["outcome"],
+               "predicted_peak_allocated_bytes": pred.get("peak_allocated_bytes"),
+               "predicted_peak_device_bytes": pred.get("peak_device_bytes"),
+               "predicted_peak_phase": pred.get("peak_phase"),
+               "calibrated_peak_allocated_bytes": None, "calibrated_peak_device_bytes": None}
+        key = environment_key(env)
+        if key not in tables:
+            tables[key] = calibration_lookup(key) if calibration_lookup else None
+        cal = tables[key]
+        if cal is not None and isinstance(pred.get("breakdown"), dict):
+            alloc, device = calibrated_totals(pred, cal.overheads, cal.corrections)
+            row.update(calibrated_peak_allocated_bytes=alloc, calibrated_peak_device_bytes=device)
+        for c in TRACED_COLUMNS:
+            row[f"traced_{c}"] = traced.get(c)
+        device_bd = measured_device_breakdown(measured)
+        for c in MEASURED_COLUMNS:
+            row[f"measured_{c}"] = device_bd[C.WORKSPACES] if c == "workspaces_bytes" else measured.get(c)
+        row.update(seconds=_get(r, "timings", "total_s"), formula_hash=r.get("formula_hash"),
+                   vramlab_commit=_get(env, "vramlab", "commit"), error=(r.get("error") or {}).get("message"))
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    for c in df.columns:  # byte counts stay integers where a source has no value (nullable Int64)
+        if c.endswith("_bytes"):
+            df[c] = df[c].astype("Int64")
+    return df

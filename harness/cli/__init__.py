@@ -1,0 +1,40 @@
+"""The `vramlab` command: parsing and dispatch only, one module per verb.
+
+    predict, models   cli/predict.py   the analytic prediction (formulas/)
+    plan              cli/plan.py      which GPUs, how many, how long (formulas/plan.py)
+    trace             cli/trace.py     the workload on fake tensors (harness/tracing/)
+    run, results      cli/run.py       sweeps (harness/sweep/) and their records
+    fit, check, report  cli/fit.py, cli/check.py, cli/report.py   what the records say (harness/analysis/)
+
+argparse (not a third-party CLI library) keeps `vramlab predict` free of heavy imports: it must
+answer in well under half a second and never imports torch. Every command runs through
+`common.run_command`: bad input is one line on stderr and exit status 2.
+"""
+
+import argparse
+import os
+import sys
+
+from .. import __version__
+from . import check, fit, plan, predict, report, run, trace
+from .common import run_command
+
+VERBS = (predict, plan, trace, run, fit, check, report)  # each registers its commands with add_parsers
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="vramlab", description="How much GPU memory an LLM needs — predicted, traced, measured.")
+    p.add_argument("--version", action="version", version=f"vramlab {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    for verb in VERBS:
+        verb.add_parsers(sub)
+    return p
+
+
+def main(argv=None):
+    a = build_parser().parse_args(argv)
+    try:
+        return run_command(a.command, a.func, a)
+    except BrokenPipeError:  # `vramlab … | head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

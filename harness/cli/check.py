@@ -1,0 +1,32 @@
+"""`vramlab check`: compare new records with a baseline; exit 1 on a regression (logic in analysis/check.py)."""
+
+import sys
+
+
+def cmd_check(a):
+    from ..analysis.check import check, is_regression, summarize
+
+    comps = check(a.baseline, a.new, a.threshold)
+    for c in comps:
+        if a.all or c.status != "unchanged":
+            print(c.line())
+    for line in summarize(comps):
+        print(line)
+    if is_regression(comps):
+        print("vramlab check: regression", file=sys.stderr)
+        return 1
+    return 0
+
+
+def add_parsers(sub):
+    """Register `check`."""
+    p = sub.add_parser("check", help="compare new records with a baseline; exit 1 on a regression",
+                       description="Compare experiment by experiment; a change counts only if it exceeds every "
+                                   "threshold of its metric and the run-to-run spread.")
+    p.add_argument("baseline", help="baseline record file or folder")
+    p.add_argument("new", help="new record file or folder")
+    p.add_argument("--threshold", action="append", default=None,
+                   help="METRIC:VALUE, repeatable, e.g. peak_device:3%% peak_device:256MiB "
+                        "(metrics: peak_device, peak_allocated, peak_reserved, cuda_context; default 3%% and 256MiB each)")
+    p.add_argument("--all", action="store_true", help="list unchanged experiments too")
+    p.set_defaults(func=cmd_check)

@@ -1,0 +1,134 @@
+"""What the `vramlab` commands share: the workload flags, error handling, loading records, GiB cells.
+
+Every command's bad input ends the same way (`run_command`): one line on stderr naming the
+flag, file or field, exit status 2. A missing optional dependency says which package to
+install instead of a traceback. Nothing here imports torch, transformers or pandas.
+"""
+
+import sys
+
+from formulas.units import fmt_gib
+
+# import name → the package that provides it (all are in the `harness` extra of pyproject.toml)
+OPTIONAL_PACKAGES = {"torch": "torch", "transformers": "transformers", "accelerate": "accelerate", "peft": "peft",
+                     "bitsandbytes": "bitsandbytes", "pynvml": "nvidia-ml-py", "pandas": "pandas", "numpy": "numpy",
+                     "yaml": "pyyaml", "tqdm": "tqdm", "matplotlib": "matplotlib"}
+INSTALL_HINT = "pip install -e '.[harness]'"
+
+
+def _targets(text):
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def add_spec_arguments(p):
+    """The workload flags of predict, trace and plan. Names are kept stable for scripts."""
+    p.add_argument("--model", required=True, help="catalog name (e.g. Llama-3.1-8B), HF id, config.json path or model dir")
+    p.add_argument("--mode", default="inference", help="inference | train")
+    p.add_argument("--dtype", default="bf16",
+                   help="fp32 | bf16 | fp16 | fp8 | int8 | nf4 | fp4 | gptq-int4 | awq-int4 | q8_0 | q6_k | q5_k_m | "
+                        "q4_k_m | q4_0 | q3_k_m | q2_k (with --method qlora: the compute dtype)")
+    p.add_argument("--compute-dtype", default="bf16", help="compute dtype of quantized models (bf16 | fp16 | fp32)")
+    p.add_argument("--batch", type=int, default=1, help="concurrent sequences (inference) or micro-batch (training)")
+    p.add_argument("--users", type=int, default=None, help="alias of --batch for inference: concurrent users")
+    p.add_argument("--seq", type=int, default=2048, help="prompt / sequence length in tokens")
+    p.add_argument("--gen", type=int, default=0, help="tokens generated after the prompt (decode steps)")
+    p.add_argument("--method", default="full", help="full | freeze | lora | qlora")
+    p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank r (default 16)")
+    p.add_argument("--lora-targets", type=_targets, default=(),
+                   help="comma list of module names, or all-linear (default: peft's choice for the model type)")
+    p.add_argument("--lora-dtype", default="fp32", help="adapter dtype (peft default fp32)")
+    p.add_argument("--trainable-layers", type=int, default=2, help="--method freeze: last N layers train")
+    p.add_argument("--optimizer", default="adamw",
+                   help="adamw | adamw8bit | paged_adamw8bit | sgd | sgd_momentum | lion | adafactor")
+    p.add_argument("--optimizer-impl", default="auto", help="auto | foreach | fused | forloop (AdamW)")
+    p.add_argument("--precision", default="auto", help="auto | pure | amp | master (training)")
+    p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--attn", default="sdpa", help="sdpa | eager")
+    p.add_argument("--kv-dtype", default="", help="KV cache dtype (default: compute dtype)")
+    p.add_argument("--mla-cache", default="compressed",
+                   help="MLA models: compressed latent (transformers 5, vLLM, SGLang) | expanded per-head K/V")
+    p.add_argument("--logits", default="last", help="inference: last (generate) | all positions")
+    p.add_argument("--no-double-quant", action="store_true", help="bitsandbytes 4-bit without double quantization")
+    p.add_argument("--group-size", type=int, default=128, help="GPTQ/AWQ group size")
+    p.add_argument("--no-dropout", action="store_true", help="train without dropout masks")
+    p.add_argument("--gpus", type=int, default=1,
+                   help="GPUs the workload is spread over (with --zero, --tp, --pp or --layer-split); figures are per GPU")
+    p.add_argument("--zero", type=int, default=0, help="ZeRO stage 0-3 (3 = FSDP full shard)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree")
+    p.add_argument("--layer-split", action="store_true", help='split layers over --gpus like device_map="auto"')
+    p.add_argument("--offload", default="none", help="none | optimizer | params")
+
+
+def spec_from_args(a):
+    """Build a Spec from parsed flags."""
+    from formulas.spec import Spec
+
+    batch = a.users if a.users is not None else a.batch
+    return Spec(
+        model=a.model, mode=a.mode, dtype=a.dtype.lower(), batch=batch, seq=a.seq, gen=a.gen, method=a.method,
+        compute_dtype=a.compute_dtype, lora_rank=a.lora_rank, lora_targets=a.lora_targets, lora_dtype=a.lora_dtype,
+        trainable_layers=a.trainable_layers, optimizer=a.optimizer, optimizer_impl=a.optimizer_impl,
+        precision=a.precision, grad_ckpt=a.grad_ckpt, attn=a.attn, grad_accum=a.grad_accum, kv_dtype=a.kv_dtype,
+        mla_cache=a.mla_cache, logits=a.logits, double_quant=not a.no_double_quant, group_size=a.group_size,
+        dropout=not a.no_dropout, gpus=a.gpus, zero=a.zero, tp=a.tp, pp=a.pp, layer_split=a.layer_split,
+        offload=a.offload,
+    )
+
+
+def flag_value(parse, flag, text, *args):
+    """parse(text) with a ValueError turned into a SpecError naming the flag and the value."""
+    from formulas.spec import SpecError
+
+    try:
+        return parse(text, *args)
+    except ValueError as e:
+        raise SpecError(f"{flag} {text}: {e}") from None
+
+
+def gib_cell(n, width=10):
+    """A right-aligned GiB table cell ('<0.01' for a positive amount too small to show)."""
+    return f"{fmt_gib(n, suffix=''):>{width}}"
+
+
+def calibration_line(calibrated, source):
+    """'calibrated: …' or 'uncalibrated: device overheads are …', as every answer ends."""
+    return f"calibrated: {source}" if calibrated else f"uncalibrated: device overheads are {source}"
+
+
+def load_records_for(command, path, empty_ok=False):
+    """Records under `path` for a command: unreadable files are named on stderr and skipped.
+
+    None (after saying so) when there are none, unless empty_ok (the caller explains instead)."""
+    import os
+
+    from ..records import iter_records
+
+    if not os.path.exists(path):
+        print(f"vramlab {command}: {path}: no such file or folder", file=sys.stderr)
+        return None
+    bad = []
+    recs = list(iter_records(path, on_error=lambda p, e: bad.append(str(e))))
+    for b in bad:
+        print(f"vramlab {command}: skipped {b}", file=sys.stderr)
+    if not recs and not empty_ok:
+        print(f"vramlab {command}: no records under {path}", file=sys.stderr)
+        return None
+    return recs
+
+
+def run_command(command, func, args):
+    """Run one command; bad input is one line and exit status 2, a missing package names what to install."""
+    try:
+        return func(args)
+    except ValueError as e:  # SpecError, UnknownModelError, SweepError, RecordError, CalibrationError, … are ValueErrors
+        print(f"vramlab {command}: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        top = (e.name or "").split(".")[0]
+        if top not in OPTIONAL_PACKAGES:
+            raise
+        print(f"vramlab {command}: needs {OPTIONAL_PACKAGES[top]}, which is not installed: {INSTALL_HINT}",
+              file=sys.stderr)
+        return 2

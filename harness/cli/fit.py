@@ -1,0 +1,61 @@
+"""`vramlab fit`: fit the device overheads per environment from measured records (logic in analysis/calibrate.py)."""
+
+import sys
+
+from formulas.units import MiB
+
+from .common import load_records_for
+
+
+def _pct(v):
+    return "n/a" if v is None else f"{v:.1%}"
+
+
+def cmd_fit(a):
+    from ..analysis.calibrate import CALIBRATION_DIR, CalibrationError, fit, group_by_environment, write_calibration
+
+    recs = load_records_for("fit", a.records, empty_ok=True)  # "no usable measured records" below says more
+    if recs is None:
+        return 2
+    groups = group_by_environment(recs)
+    if a.env:
+        groups = {k: v for k, v in groups.items() if a.env.lower() in k.lower()}
+    if not groups:
+        print(f"vramlab fit: no usable measured records under {a.records}"
+              + (f" for --env {a.env}" if a.env else "") + " (need outcome ok, source measured, device peaks)",
+              file=sys.stderr)
+        return 2
+    code = 0
+    for key, rs in sorted(groups.items()):
+        try:
+            res = fit(rs)
+        except CalibrationError as e:
+            print(f"vramlab fit: {key}: {e}", file=sys.stderr)
+            code = 2
+            continue
+        path = write_calibration(res, a.out or CALIBRATION_DIR, records_path=a.records)
+        ov, q = res["overheads"], res["fit_quality"]
+        print(f"{key}: {q['n_fit']} fitting + {q['n_heldout']} held-out records → {path}")
+        print(f"  cuda context {ov.cuda_context_bytes / MiB:,.0f} MiB · workspaces {ov.workspaces_bytes / MiB:,.0f} MiB · "
+              f"allocator slack {ov.allocator_slack_fraction:.2%} of allocated · residual MAD {q['residual_mad_bytes'] / MiB:,.1f} MiB")
+        for c, f in sorted(res["corrections"].items()):
+            print(f"  correction {c} × {f:.4f}")
+        if not res["heldout"]:
+            print("  no held-out records: error not measured")
+        for metric, s in sorted(res["heldout"].items()):
+            print(f"  held-out {metric:<9} before: median {_pct(s['median_before'])} p95 {_pct(s['p95_before'])} "
+                  f"worst {s['worst_before']:+.1%} · after: median {_pct(s['median_after'])} p95 {_pct(s['p95_after'])} "
+                  f"worst {s['worst_after']:+.1%}")
+    return code
+
+
+def add_parsers(sub):
+    """Register `fit`."""
+    p = sub.add_parser("fit", help="fit device overheads (context, workspaces, slack, corrections) per environment",
+                       description="Fit the overheads the predictor leaves open from measured records, one "
+                                   "environment at a time; report held-out error before and after; write "
+                                   "results/calibration/<environment>.csv, which predict and plan then use.")
+    p.add_argument("records", help="a record file or a folder of records")
+    p.add_argument("--out", default=None, help="folder for the tables (default results/calibration)")
+    p.add_argument("--env", default=None, help="fit only the environment whose key contains this text")
+    p.set_defaults(func=cmd_fit)

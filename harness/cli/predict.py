@@ -1,0 +1,90 @@
+"""`vramlab predict` and `vramlab models`: the analytic prediction, in well under half a second, without torch."""
+
+import json
+
+from formulas import categories as C
+from formulas.units import GiB
+
+from .common import add_spec_arguments, calibration_line, gib_cell, spec_from_args
+
+# How the device categories are headed in the table, and what each means.
+DEVICE_ROWS = ((C.CUDA_CONTEXT, "cuda context"), (C.WORKSPACES, "workspaces"), (C.ALLOCATOR_SLACK, "allocator slack"))
+
+
+def render_prediction(pred, gpu=None):
+    """The readable table `vramlab predict` prints (GiB, binary). `gpu`: a formulas.hardware.Hardware."""
+    s = pred.spec
+    head = f"{pred.model} · {s.mode} · {s.dtype}"
+    if s.mode == "train":
+        head += f" · {s.method} · {s.optimizer}" + (" · grad-ckpt" if s.grad_ckpt else "")
+        head += f" · batch {s.batch} × seq {s.seq}" + (f" × accum {s.grad_accum}" if s.grad_accum > 1 else "")
+    else:
+        head += f" · batch {s.batch} · prompt {s.seq}" + (f" + gen {s.gen}" if s.gen else "")
+    lines = [head, f"{pred.n_params:,} parameters · attention {s.attn}" + (f" · per GPU of {s.gpus}" if s.gpus > 1 else ""), ""]
+    lines.append(f"{'category':<22}{'GiB':>10}")
+    for c in C.TENSOR_CATEGORIES:
+        v = pred.breakdown.get(c, 0)
+        if v:
+            lines.append(f"{c:<22}{gib_cell(v)}")
+    lines.append(f"{'peak allocated':<22}{gib_cell(pred.peak_allocated_bytes)}   at {pred.peak_phase}   (torch max_memory_allocated)")
+    for c, label in DEVICE_ROWS:
+        lines.append(f"{label:<22}{gib_cell(pred.breakdown[c])}")
+    lines.append(f"{'peak device':<22}{gib_cell(pred.peak_device_bytes)}   (what nvidia-smi shows)")
+    phases = " · ".join(f"{ph} {sum(bd.values()) / GiB:.2f}" for ph, bd in pred.phases.items())
+    lines.append("")
+    lines.append(f"phases (GiB allocated): {phases}")
+    for n in pred.notes:
+        lines.append(f"note: {n}")
+    lines.append(calibration_line(pred.calibrated, pred.overheads_source))
+    if gpu:
+        margin = gpu.memory_bytes - pred.peak_device_bytes
+        verdict = "fits" if margin >= 0 else "does not fit"
+        lines.append(f"{gpu.name} ({gpu.memory_bytes / GiB:.2f} GiB nominal): {verdict}, margin {margin / GiB:+.2f} GiB")
+    return "\n".join(lines)
+
+
+def cmd_predict(a):
+    from formulas.hardware import get_hardware
+    from formulas.predict import predict
+
+    from ..analysis.calibrate import overheads_for
+
+    gpu = get_hardware(a.gpu) if a.gpu else None
+    pred = predict(spec_from_args(a), overheads_for(a.gpu, a.calibration))
+    if a.json:
+        d = pred.to_dict()
+        if gpu:
+            d["gpu"] = {"name": gpu.name, "memory_bytes": gpu.memory_bytes, "fits": pred.peak_device_bytes <= gpu.memory_bytes,
+                        "margin_bytes": gpu.memory_bytes - pred.peak_device_bytes}
+        print(json.dumps(d, indent=2))
+    else:
+        print(render_prediction(pred, gpu))
+    return 0
+
+
+def cmd_models(a):
+    from formulas.catalog import catalog_names, get_shape
+
+    for name in catalog_names():
+        if a.params:
+            s = get_shape(name)
+            print(f"{name:<48} {s.model_type:<12} {s.n_params:>18,}")
+        else:
+            print(name)
+    return 0
+
+
+def add_parsers(sub):
+    """Register `predict` and `models`."""
+    p = sub.add_parser("predict", help="analytic memory prediction (no GPU, no torch)",
+                       description="Predict the GPU memory of one workload from the model's config.json, by category "
+                                   "and phase. Needs only the Python standard library.")
+    add_spec_arguments(p)
+    p.add_argument("--gpu", default=None, help="GPU name: say whether the workload fits its memory")
+    p.add_argument("--json", action="store_true", help="print the prediction as JSON (bytes)")
+    p.add_argument("--calibration", default=None,
+                   help="calibration table from `vramlab fit` (default: the newest in results/calibration/ for --gpu)")
+    p.set_defaults(func=cmd_predict)
+    m = sub.add_parser("models", help="list the shipped model configs")
+    m.add_argument("--params", action="store_true", help="with model type and parameter count")
+    m.set_defaults(func=cmd_models)

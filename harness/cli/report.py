@@ -1,0 +1,24 @@
+"""`vramlab report`: HTML and Markdown report of records (logic in analysis/report.py)."""
+
+from .common import load_records_for
+
+
+def cmd_report(a):
+    from ..analysis.report import write_report
+
+    recs = load_records_for("report", a.records)
+    if recs is None:
+        return 2
+    html, md = write_report(recs, a.out)
+    print(f"{len(recs)} records → {html}, {md}")
+    return 0
+
+
+def add_parsers(sub):
+    """Register `report`."""
+    p = sub.add_parser("report", help="HTML + Markdown report with plots: predicted vs measured or traced, rules of thumb",
+                       description="Self-contained HTML (PNGs embedded) and Markdown report of records: every "
+                                   "prediction scored against what was measured or traced, beside rules of thumb.")
+    p.add_argument("records", help="a record file or a folder of records")
+    p.add_argument("--out", default="results/report", help="output folder (default results/report)")
+    p.set_defaults(func=cmd_report)

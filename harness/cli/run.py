@@ -1,0 +1,132 @@
+"""`vramlab run` and `vramlab results`: run a sweep (measure on GPUs, or trace without one) and read its records."""
+
+import argparse
+import sys
+
+from formulas.units import GiB
+
+from .common import load_records_for
+
+
+def _shard(text):
+    try:
+        k, n = (int(x) for x in text.split("/"))
+        if not 1 <= k <= n:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard {text}: expected K/N with 1 ≤ K ≤ N, e.g. 2/3") from None
+    return k, n
+
+
+def _gpu_indices(text):
+    try:
+        gpus = [int(x) for x in text.split(",")]
+        if any(g < 0 for g in gpus) or len(set(gpus)) != len(gpus):
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--gpus {text}: expected distinct GPU indices, e.g. 0,1") from None
+    return gpus
+
+
+def cmd_run(a):
+    from ..gpu import nvml
+    from ..sweep.launcher import default_out_dir, run_sweep
+    from ..sweep.schema import load_sweep
+
+    name, exps = load_sweep(a.sweep)
+    if a.shard:
+        k, n = a.shard
+        exps = exps[k - 1::n]
+    mode = a.mode
+    if mode == "auto":
+        mode = "measure" if nvml.device_count() > 0 else "trace"
+        if mode == "trace" and not a.dry_run:
+            print("vramlab run: no NVIDIA GPU found — tracing the experiments on fake tensors instead of measuring",
+                  file=sys.stderr)
+    if a.dry_run:
+        from formulas.predict import predict
+
+        print(f"{name}: {len(exps)} experiments ({mode})")
+        for e in exps:
+            p = predict(e.spec)
+            print(f"{e.spec_hash}  {e.label():70s} {p.peak_allocated_bytes / GiB:8.2f} GiB predicted allocated "
+                  f"{p.peak_device_bytes / GiB:8.2f} GiB predicted device  {p.peak_phase}")
+        return 0
+    if mode == "measure" and not nvml.available():
+        raise ValueError("--mode measure: needs an NVIDIA GPU and driver (NVML not available)")
+    out = a.out or default_out_dir(name, mode)
+    print(f"{name}: {len(exps)} experiments → {out}", file=sys.stderr)
+    s = run_sweep(exps, out, gpus=a.gpus, mode=mode, retry=a.retry, progress=not a.no_progress)
+    parts = ", ".join(f"{k} {v}" for k, v in sorted(s.outcomes.items()))
+    print(f"{name}: ran {s.ran}, skipped {s.skipped} already recorded" + (f" ({parts})" if parts else "")
+          + (f"; moved {len(s.corrupt_moved)} unreadable record(s) aside" if s.corrupt_moved else ""))
+    if s.interrupted:
+        print("vramlab run: interrupted — records written so far are kept; run the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+# The table `vramlab results` prints: (column, heading); byte columns are shown in GiB.
+RESULT_COLUMNS = (("spec_hash", "spec_hash"), ("model", "model"), ("mode", "mode"), ("method", "method"),
+                  ("dtype", "dtype"), ("batch", "batch"), ("seq", "seq"), ("source", "source"), ("outcome", "outcome"),
+                  ("predicted_peak_allocated_bytes", "predicted alloc GiB"),
+                  ("traced_peak_allocated_bytes", "traced alloc GiB"),
+                  ("measured_peak_allocated_bytes", "measured alloc GiB"),
+                  ("predicted_peak_device_bytes", "predicted device GiB"),
+                  ("calibrated_peak_device_bytes", "calibrated device GiB"),
+                  ("measured_peak_device_bytes", "measured device GiB"))
+
+
+def cmd_results(a):
+    import pandas as pd
+
+    from ..analysis.calibrate import calibration_for_environment, load_calibration
+    from ..analysis.frame import records_frame
+
+    lookup = calibration_for_environment
+    if a.calibration:
+        cal = load_calibration(a.calibration)
+        lookup = lambda key: cal  # noqa: E731  (one table for every record)
+    recs = load_records_for("results", a.path)
+    if recs is None:
+        return 2
+    df = records_frame(recs, lookup)
+    if a.csv:
+        df.to_csv(a.csv if a.csv != "-" else sys.stdout, index=False)
+        if a.csv != "-":
+            print(f"{len(df)} records → {a.csv}", file=sys.stderr)
+        return 0
+    cols = [c for c, _ in RESULT_COLUMNS if not c.endswith("_bytes") or df[c].notna().any()]
+    view = df[cols].copy()
+    for c in cols:
+        if c.endswith("_bytes"):
+            view[c] = view[c].map(lambda v: "" if pd.isna(v) else f"{v / GiB:.2f}")
+    view.columns = [dict(RESULT_COLUMNS)[c] for c in cols]
+    print(view.to_string(index=False))
+    return 0
+
+
+def add_parsers(sub):
+    """Register `run` and `results`."""
+    p = sub.add_parser("run", help="run a sweep: measure on GPUs, or trace without one",
+                       description="Run every experiment of a sweep file not yet recorded, one process per experiment; "
+                                   "rerun the same command to resume.")
+    p.add_argument("sweep", help="experiments/NAME.yaml")
+    p.add_argument("--gpus", type=_gpu_indices, default=None,
+                   help="comma list of GPU indices to run on in parallel (default: GPU 0)")
+    p.add_argument("--out", default=None, help="record folder (default results/runs/<sweep>/<gpu-driver>)")
+    p.add_argument("--mode", default="auto", choices=("auto", "measure", "trace"),
+                   help="measure on an NVIDIA GPU, trace on fake tensors (CPU), or auto: measure where a GPU is found")
+    p.add_argument("--dry-run", action="store_true", help="list the experiments and their predictions; run nothing")
+    p.add_argument("--shard", type=_shard, default=None, help="run every N-th experiment starting at K (K/N)")
+    p.add_argument("--retry", action="store_true", help="rerun experiments whose record is an error/timeout/crash")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_run)
+    r = sub.add_parser("results", help="records as a table or CSV, every figure named by its source",
+                       description="One row per experiment: predicted_*, calibrated_*, traced_* and measured_* "
+                                   "figures, empty where that source has none.")
+    r.add_argument("path", help="a record file or a folder of records")
+    r.add_argument("--csv", default=None, help="write CSV to this file (- for stdout)")
+    r.add_argument("--calibration", default=None,
+                   help="table for the calibrated_* columns (default: the one fitted in each record's environment)")
+    r.set_defaults(func=cmd_results)
