@@ -35,8 +35,12 @@ def _check_numeric(name, values, minimum):
 
 def predict_grid(specs, overheads=DEFAULT_OVERHEADS):
     """One row per spec: its fields, peak_allocated_bytes, peak_device_bytes, peak_phase and per-category bytes."""
-    import numpy as np
-    import pandas as pd
+    try:
+        import numpy as np
+        import pandas as pd
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError(f"formulas.grid.predict_grid needs {e.name}, which is not installed: "
+                                  "pip install -e '.[harness]'", name=e.name) from None
 
     specs = list(specs)
     names = [f.name for f in fields(Spec)]

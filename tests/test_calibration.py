@@ -193,3 +193,20 @@ def test_cli_fit_check_report(tmp_path, capsys, records):
     html = open(tmp_path / "rep" / "report.html", encoding="utf-8").read()
     assert "data:image/png;base64," in html and "16 bytes per parameter" in html
     assert os.path.exists(tmp_path / "rep" / "report.md")
+
+
+def test_predict_and_plan_use_the_same_table(records, tmp_path, capsys):
+    """The planner's overheads come from the same lookup as predict's: here a table fitted on an H100."""
+    import json
+
+    path = write_calibration(fit(records), str(tmp_path))
+    assert overheads_for("H100 SXM", directory=str(tmp_path)).calibrated  # found by GPU name
+    assert not overheads_for("RTX 4090", directory=str(tmp_path)).calibrated  # another card: the defaults
+    assert main(["predict", "--model", "Llama-3.1-8B", "--gpu", "H100", "--calibration", path, "--json"]) == 0
+    pred = json.loads(capsys.readouterr().out)
+    assert pred["calibrated"] is True and pred["breakdown"]["cuda_context"] == load_calibration(path).overheads.cuda_context_bytes
+    assert main(["plan", "--model", "Llama-3.1-8B", "--gpu", "H100", "--calibration", path, "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["calibrated"] is True and plan["fit"]["per_gpu_bytes"] == pred["peak_device_bytes"]
+    assert main(["plan", "--model", "Llama-3.1-8B", "--gpu", "H100", "--calibration", path]) == 0
+    assert "calibrated: calibration " in capsys.readouterr().out

@@ -67,3 +67,28 @@ def test_predict_does_not_import_torch():
 def test_models_lists_catalog(capsys):
     code, out, _ = run(capsys, "models")
     assert code == 0 and "deepseek-ai/DeepSeek-R1" in out.splitlines()
+
+
+@pytest.mark.parametrize("blocked,argv,package", [
+    ("yaml", ["run", "experiments/smoke.yaml", "--dry-run"], "pyyaml"),
+    ("pandas", ["results", "tests"], "pandas"),
+    ("numpy", ["report", "tests", "--out", "/nonexistent/never-written"], "numpy"),
+    ("torch", ["trace", "--model", "gpt2", "--seq", "8"], "torch"),
+])
+def test_a_missing_package_is_one_line_naming_it(blocked, argv, package):
+    """With only `pip install -e .`, commands that need the harness extra say what to install."""
+    code = (f"import sys; sys.modules[{blocked!r}] = None\n"
+            f"from harness.cli import main; sys.exit(main({argv!r}))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert f"needs {package}" in lines[0] and "pip install -e '.[harness]'" in lines[0]
+
+
+def test_predict_grid_names_what_to_install():
+    code = ("import sys; sys.modules['pandas'] = None\n"
+            "from formulas.grid import expand_grid, predict_grid\n"
+            "try:\n    predict_grid(expand_grid(model=['gpt2']))\n"
+            "except ModuleNotFoundError as e:\n    print(e)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert "needs pandas" in r.stdout and "pip install" in r.stdout, r.stdout + r.stderr

@@ -1,0 +1,116 @@
+"""Records name their source: a traced sweep end to end, the CSV's columns, older schemas, stable hashes."""
+
+import hashlib
+import json
+import os
+
+import pytest
+
+from formulas.units import MiB
+from harness.cli import main
+from harness.records import SCHEMA_VERSION, RecordError, migrate, read_record, write_record
+from harness.sweep.schema import expand_sweep
+
+TINY = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "intermediate_size": 176, "vocab_size": 1000, "max_position_embeddings": 512}
+
+
+def test_experiment_hash_is_stable():
+    """Resuming a sweep depends on it: the hash is of the experiment only, not of the record schema."""
+    (exp,) = expand_sweep({"defaults": {"model": "gpt2", "seq": 64}}, "h.yaml")
+    blob = json.dumps({"spec": exp.spec.to_dict(), "run": exp.run_fields()}, sort_keys=True, separators=(",", ":"))
+    assert exp.spec_hash == hashlib.sha256(blob.encode()).hexdigest()[:12] == "422bb1222bb2"
+
+
+@pytest.fixture(scope="module")
+def traced_sweep(tmp_path_factory):
+    """A two-experiment sweep traced through the real launcher and worker (fake tensors, no GPU)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    pytest.importorskip("yaml")
+    root = tmp_path_factory.mktemp("traced")
+    cfg = root / "config.json"
+    cfg.write_text(json.dumps(TINY))
+    sweep = root / "tiny.yaml"
+    sweep.write_text(f"name: tiny\ndefaults: {{model: '{cfg}', seq: 32, batch: 2}}\n"
+                     "groups:\n  - {set: {gen: 2}}\n  - {set: {mode: train, method: lora}}\n")
+    out = root / "records"
+    assert main(["run", str(sweep), "--mode", "trace", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def test_traced_records_keep_traced_figures_under_traced(traced_sweep):
+    recs = [read_record(os.path.join(traced_sweep, f)) for f in os.listdir(traced_sweep) if f.endswith(".json")]
+    assert len(recs) == 2
+    for r in recs:
+        assert r["outcome"] == "ok" and r["source"] == "traced" and r["measured"] is None
+        assert r["traced"]["peak_allocated_bytes"] > 0 and r["predicted"]["peak_device_bytes"] > 0
+        assert r["traced"]["device_breakdown"]["cuda_context"] is None  # fake tensors have no context
+        assert set(r["predicted"]["breakdown"]) >= {"cuda_context", "workspaces", "allocator_slack"}
+
+
+def test_traced_csv_has_empty_measured_and_filled_traced_columns(traced_sweep, tmp_path, capsys):
+    pd = pytest.importorskip("pandas")
+    csv = tmp_path / "out.csv"
+    assert main(["results", str(traced_sweep), "--csv", str(csv)]) == 0
+    df = pd.read_csv(csv)
+    for col in ("traced_peak_allocated_bytes", "measured_peak_allocated_bytes", "measured_peak_device_bytes",
+                "predicted_peak_allocated_bytes", "predicted_peak_device_bytes", "calibrated_peak_device_bytes"):
+        assert col in df.columns
+    assert df["traced_peak_allocated_bytes"].notna().all() and df["predicted_peak_device_bytes"].notna().all()
+    assert df.filter(like="measured_").isna().all().all()
+    assert df["calibrated_peak_device_bytes"].isna().all()  # no table fitted in a CPU environment
+    capsys.readouterr()
+    assert main(["results", str(traced_sweep)]) == 0
+    out = capsys.readouterr().out
+    assert "traced alloc GiB" in out and "measured" not in out
+
+
+def test_report_on_traced_records_labels_the_source(traced_sweep, tmp_path):
+    pytest.importorskip("matplotlib")
+    assert main(["report", str(traced_sweep), "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert "traced peak allocated" in md and "peak device" not in md.split("## Per category")[0].replace(
+        "measured peak device", "")
+    assert "None" not in md and "no GPU (CPU)" in md
+
+
+# ------------------------------------------------------------------ older schemas
+
+def _v1(source, context=544 * MiB, **extra):
+    figures = {"peak_allocated_bytes": 1000, "peak_reserved_bytes": 1200, "peak_device_bytes": 600 * MiB,
+               "cuda_context_bytes": 500 * MiB}
+    return {"schema_version": 1, "spec_hash": "abc123abc123", "outcome": "ok", "source": source,
+            "spec": {"model": "gpt2"}, "measured": figures if source == "measured" else {"peak_allocated_bytes": 900},
+            "prediction": {"peak_allocated_bytes": 950, "breakdown": {"weights": 950, "cuda_context": context}},
+            **extra}
+
+
+def test_schema_1_traced_record_moves_to_traced():
+    r = migrate(_v1("traced"))
+    assert r["schema_version"] == SCHEMA_VERSION and r["migrated_from_schema"] == 1
+    assert r["traced"] == {"peak_allocated_bytes": 900} and r["measured"] is None and "prediction" not in r
+    assert r["predicted"]["breakdown"]["cuda_context"] == 512 * MiB
+    assert r["predicted"]["breakdown"]["workspaces"] == 32 * MiB
+
+
+def test_schema_1_measured_record_gains_its_device_breakdown():
+    r = migrate(_v1("measured"))
+    assert r["traced"] is None
+    assert r["measured"]["device_breakdown"] == {"cuda_context": 500 * MiB, "workspaces": 600 * MiB - 1200 - 500 * MiB,
+                                                 "allocator_slack": 200}
+
+
+def test_schema_1_with_an_unsplittable_context_is_named_older_schema(tmp_path):
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(_v1("measured", context=700 * MiB)))
+    with pytest.raises(RecordError, match="older schema 1"):
+        read_record(str(path))
+    with pytest.raises(RecordError, match="record schema 9"):
+        migrate({**_v1("traced"), "schema_version": 9}, "x.json")
+
+
+def test_old_and_new_records_read_alike(tmp_path):
+    write_record(str(tmp_path), _v1("traced"))
+    (r,) = [read_record(os.path.join(tmp_path, f)) for f in os.listdir(tmp_path)]
+    assert r["traced"]["peak_allocated_bytes"] == 900
