@@ -9,6 +9,7 @@ repeats). Statuses:
     new failure                      baseline ok, now oom/error/timeout/crashed
     fixed                            baseline failed, now ok
     still failing                    both failed
+    unsupported                      neither side could run it in its mode (e.g. bitsandbytes when traced)
     not comparable                   a record of an older schema that cannot be migrated, or the same
                                      experiment label with another spec hash
     new | missing                    only in the new records / only in the baseline
@@ -174,6 +175,8 @@ def compare_experiment(h, base_recs, new_recs, thresholds):
     if not b_ok and n_ok:
         return Comparison(h, label, "fixed", detail=f"was {b0.get('outcome')}")
     if not b_ok and not n_ok:
+        if b0.get("outcome") == n0.get("outcome") == "unsupported":
+            return Comparison(h, label, "unsupported", detail=(n0.get("error") or {}).get("message", "")[:120])
         return Comparison(h, label, "still failing", detail=f"{b0.get('outcome')} → {n0.get('outcome')}")
     base_ok = [r for r in base_recs if r.get("outcome") == "ok"]
     new_ok = [r for r in new_recs if r.get("outcome") == "ok"]
