@@ -4,9 +4,10 @@
 """
 import os
 import sys, time; sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from formulas.spec import Spec
 from formulas.predict import predict
+from formulas.spec import Spec
 from harness.tracing.tracer import trace
+
 G = 2**30
 cases = [
     dict(model="Llama-3.1-8B", seq=2048, gen=8),

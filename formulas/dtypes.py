@@ -45,12 +45,6 @@ GGML_BLOCKS = {
 }
 
 
-def ggml_bits_per_weight(ggml_type):
-    """Bits per weight of one GGML block type, e.g. Q4_K → 4.5."""
-    nbytes, n = GGML_BLOCKS[ggml_type]
-    return 8 * nbytes / n
-
-
 def _use_more_bits(i, n):
     # llama.cpp src/llama-quant.cpp use_more_bits(): first and last eighth, and every third layer between.
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2

@@ -15,8 +15,6 @@ instead of 4·N — the LoRA/freeze count below follows from the same matmul acc
 
 from .kv_cache import kv_cache_bytes
 
-SECONDS_PER_DAY = 86_400
-
 
 def matmul_params(shape):
     """Parameters multiplied per token: all but embedding lookups (a tied lm_head counts once) and unrouted experts."""

@@ -31,7 +31,6 @@ from formulas.units import MiB
 
 SCHEMA_VERSION = 2
 OUTCOMES = ("ok", "oom", "error", "timeout", "crashed", "unsupported")
-SOURCES = ("measured", "traced")
 _NOT_RECORDS = ("machine.json", "sweep.json")  # what else a record folder may hold
 
 

@@ -6,10 +6,17 @@ import random
 import pytest
 
 from formulas.predict import predict
-from formulas.spec import Spec
 from formulas.units import MiB
-from harness.analysis.calibrate import (calibrated_totals, env_slug, find_calibration, fit, is_heldout, load_calibration,
-                                        overheads_for, write_calibration)
+from harness.analysis.calibrate import (
+    calibrated_totals,
+    env_slug,
+    find_calibration,
+    fit,
+    is_heldout,
+    load_calibration,
+    overheads_for,
+    write_calibration,
+)
 from harness.analysis.check import CheckError, check, is_regression, parse_thresholds
 from harness.cli import main
 from harness.records import SCHEMA_VERSION, write_record

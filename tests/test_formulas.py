@@ -4,7 +4,7 @@ import pytest
 
 from formulas.activations import ActContext, layer_saved_per_token
 from formulas.catalog import get_shape
-from formulas.dtypes import ggml_bits_per_weight
+from formulas.dtypes import GGML_BLOCKS
 from formulas.kv_cache import kv_cache_bytes, kv_cache_bytes_per_token
 from formulas.lora import lora_params, resolve_targets
 from formulas.predict import predict
@@ -61,11 +61,16 @@ def test_gptq_int4_group_128():
     assert st.quant_state_bytes == 32 * s
 
 
+def _bits_per_weight(ggml_type):
+    nbytes, n = GGML_BLOCKS[ggml_type]
+    return 8 * nbytes / n
+
+
 def test_gguf_block_sizes():
-    assert ggml_bits_per_weight("Q8_0") == 8.5
-    assert ggml_bits_per_weight("Q4_K") == 4.5
-    assert ggml_bits_per_weight("Q6_K") == 6.5625
-    assert ggml_bits_per_weight("Q2_K") == 2.625
+    assert _bits_per_weight("Q8_0") == 8.5
+    assert _bits_per_weight("Q4_K") == 4.5
+    assert _bits_per_weight("Q6_K") == 6.5625
+    assert _bits_per_weight("Q2_K") == 2.625
     st = weight_storage(get_shape(L8), "q8_0")
     assert st.weight_bytes == (LIN_PER_LAYER * 32 + 2 * EMBED) // 32 * 34 + 4 * NORMS  # 1-D tensors stay F32
 

@@ -94,8 +94,15 @@ def test_formulas_import_neither_torch_nor_harness():
             assert not {m for m in names if m.split(".")[0] in ("torch", "transformers", "harness")}, name
 
 
-@pytest.mark.parametrize("argv", [["--version"], ["predict", "--model", "gpt2", "--json"]])
+@pytest.mark.parametrize("argv", [
+    ["--version"],
+    ["predict", "--model", "gpt2", "--json"],
+    ["predict", "--model", "Llama-3.1-70B", "--mode", "train", "--method", "qlora", "--json"],
+    ["plan", "--model", "Llama-3.1-70B", "--mode", "train", "--method", "qlora", "--gpu", "4090", "--tokens", "1B",
+     "--deadline", "1d", "--json"],
+], ids=["version", "predict", "predict-qlora", "plan"])
 def test_cheap_commands_import_nothing_heavy(argv):
+    """predict, plan and --version answer without torch, transformers, pandas, numpy or yaml."""
     code = ("import sys; from harness.cli import main\n"
             f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
             "heavy = [m for m in ('torch', 'transformers', 'pandas', 'numpy', 'yaml') if m in sys.modules]\n"

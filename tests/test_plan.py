@@ -6,22 +6,18 @@ memory under ZeRO-3 or TP; a longer deadline never needs more GPUs.
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
+from formulas import plan as P
 from formulas.catalog import get_shape
 from formulas.hardware import get_hardware
 from formulas.predict import predict
 from formulas.spec import Spec
-from formulas import plan as P
 from formulas.throughput import prefill_flops, training_flops_per_token
 from formulas.units import parse_count, parse_duration, parse_fraction, parse_size
 from harness.cli import main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GiB = 2**30
 LLAMA8 = "meta-llama/Llama-3.1-8B"
 LLAMA70 = "meta-llama/Llama-3.1-70B"
@@ -331,12 +327,3 @@ def test_cli_bad_input_is_one_line_naming_the_flag(capsys, argv, flag):
     assert code == 2 and out == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1 and flag in lines[0]
-
-
-def test_plan_does_not_import_torch():
-    code = ("import sys; from harness.cli import main; "
-            f"main(['plan', '--model', '{LLAMA70}', '--mode', 'train', '--method', 'qlora', '--gpu', '4090', "
-            "'--tokens', '1B', '--deadline', '1d', '--json']); "
-            "assert 'torch' not in sys.modules and 'pandas' not in sys.modules and 'numpy' not in sys.modules")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr

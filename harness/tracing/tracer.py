@@ -75,8 +75,8 @@ from formulas import categories as C
 from formulas.catalog import get_shape
 from formulas.spec import Spec, SpecError, validate
 
-from .allocator import CachingAllocatorModel
 from ..workload.models import build_model, check_traceable
+from .allocator import CachingAllocatorModel
 
 HOST = "host"  # storages that live on the CPU in a CUDA run: not counted
 PEAK_TENSORS = 16  # how many of the largest transient storages at each peak the result lists
