@@ -36,24 +36,53 @@ def random_ids(model, batch, seq, device):
     return torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
 
 
+def cache_keyword(model):
+    """The forward keyword that takes the KV cache: `cache` from transformers 5.24, `past_key_values` before.
+
+    Older versions put an unknown `cache=` into **kwargs and drop it without a warning; every decode
+    step would then start a fresh one-token cache. So the name comes from the signature."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    raise ValueError(f"{type(model).__name__}.forward takes neither `cache` nor `past_key_values`")
+
+
+def check_cache_length(cache, expected, step):
+    """The cache must hold every token so far; anything else means the model did not use it."""
+    held = cache.get_seq_length()
+    if held != expected:
+        import transformers
+
+        raise RuntimeError(f"{step}: the KV cache holds {held} tokens, expected {expected} "
+                           f"(transformers {transformers.__version__} did not use the cache passed to it)")
+
+
 def run_inference(model, spec, mark=_no_mark, device="cpu"):
-    """Prefill, then `spec.gen` greedy decode steps. Returns the last fp32 logits (batch × vocab)."""
+    """Prefill, then `spec.gen` greedy decode steps. Returns the last fp32 logits (batch × vocab).
+
+    After every forward the cache must hold seq + steps tokens (`check_cache_length`)."""
     import torch
     from transformers import DynamicCache
 
     mark("load")
+    kw = cache_keyword(model)
     with torch.no_grad():  # generate() runs under no_grad
         mark("prefill")
         ids = random_ids(model, spec.batch, spec.seq, device)
         cache = DynamicCache(config=model.config)
         keep = 1 if spec.logits == "last" else 0
-        out = model(ids, use_cache=True, cache=cache, logits_to_keep=keep)
+        out = model(ids, use_cache=True, logits_to_keep=keep, **{kw: cache})
+        check_cache_length(cache, spec.seq, "prefill")
         logits = out.logits[:, -1, :].to(copy=True, dtype=torch.float32)
         del out, ids
-        for _ in range(spec.gen):
+        for step in range(1, spec.gen + 1):
             mark("decode")
             next_ids = torch.argmax(logits, dim=-1, keepdim=True)
-            out = model(next_ids, use_cache=True, cache=cache, logits_to_keep=1)
+            out = model(next_ids, use_cache=True, logits_to_keep=1, **{kw: cache})
+            check_cache_length(cache, spec.seq + step, f"decode step {step}")
             logits = out.logits[:, -1, :].to(copy=True, dtype=torch.float32)
             del out, next_ids
     return logits
