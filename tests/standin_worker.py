@@ -1,7 +1,9 @@
 """A stand-in for harness.sweep.worker in launcher tests: behaves by the experiment's seq.
 
 seq 11: hang; 12: SIGKILL itself; 13: exit 1 with no record; 14: die mid-write (temp file only);
-anything else: write an ok record with made-up measurements.
+15: (warm) ask for a fresh process unless it is the first experiment of this one; anything else:
+write an ok record with made-up figures. Cold: the experiment is the last argument; warm (--warm):
+one JSON message per line on stdin, one reply per line on stdout, as the real worker does.
 """
 
 import json
@@ -14,11 +16,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from harness.records import SCHEMA_VERSION, write_record  # noqa: E402
+from harness.sweep.worker import die_with_launcher  # noqa: E402
 
 
-def main():
-    out = sys.argv[sys.argv.index("--out") + 1]
-    exp = json.loads(sys.argv[-1])
+def run(out, exp, mode, n, fallback=None):
     seq = exp["spec"]["seq"]
     if seq == 11:
         time.sleep(1000)
@@ -31,10 +32,36 @@ def main():
         fd, _ = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=out)
         os.write(fd, b'{"spec_hash": "trunc')
         os.kill(os.getpid(), signal.SIGKILL)
+    process = {"pid": os.getpid(), "mode": mode, "experiment_in_process": n, "fallback": fallback}
     write_record(out, {"schema_version": SCHEMA_VERSION, "spec_hash": exp["spec_hash"], "spec": exp["spec"],
-                       "outcome": "ok", "source": "traced", "traced": {"peak_allocated_bytes": 1000 + seq},
-                       "measured": None, "predicted": {"peak_allocated_bytes": 1000}, "env": {},
+                       "outcome": "ok", "source": "traced",
+                       "traced": {"peak_allocated_bytes": 1000 + seq, "process": process},
+                       "measured": None, "predicted": {"peak_allocated_bytes": 1000},
+                       "env": {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "VRAMLAB_NVML_INDEX",
+                                                             "CUDA_DEVICE_ORDER", "VRAMLAB_LAUNCHER_PID")},
                        "started": time.time()})
+    return "ok"
+
+
+def main():
+    die_with_launcher()
+    out = sys.argv[sys.argv.index("--out") + 1]
+    if "--warm" not in sys.argv:
+        run(out, json.loads(sys.argv[-1]), "cold", 1)
+        return 0
+    replies = os.fdopen(os.dup(1), "w")
+    n = 0
+    for line in sys.stdin:
+        msg = json.loads(line)
+        exp = msg["experiment"]
+        if exp["spec"]["seq"] == 15 and n:
+            replies.write(json.dumps({"spec_hash": exp["spec_hash"], "restart": True, "reason": "dirty"}) + "\n")
+            replies.flush()
+            return 0
+        n += 1
+        outcome = run(out, exp, "warm", n, msg.get("fallback"))
+        replies.write(json.dumps({"spec_hash": exp["spec_hash"], "outcome": outcome}) + "\n")
+        replies.flush()
     return 0
 
 

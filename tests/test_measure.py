@@ -29,7 +29,7 @@ def _path(tmp_path, cfg):
 
 @pytest.mark.parametrize("cfg", [LLAMA, BIGCODE], ids=["llama", "gpt_bigcode"])
 def test_meta_build_materializes_like_a_normal_build(tmp_path, cfg):
-    from harness.gpu.measure import _materialize_meta
+    from harness.gpu.build import _materialize_meta
     from harness.workload.models import hf_config
 
     spec = validate(Spec(model=_path(tmp_path, cfg)), get_shape(_path(tmp_path, cfg)))
@@ -47,12 +47,12 @@ def test_meta_build_materializes_like_a_normal_build(tmp_path, cfg):
 @pytest.mark.parametrize("fields", [dict(), dict(mode="train", method="lora"),
                                     dict(mode="train", method="freeze", trainable_layers=1)])
 def test_build_applies_the_training_setup(tmp_path, fields):
-    from harness.gpu.measure import build_on_gpu
+    from harness.gpu.build import build_on_device
 
     path = _path(tmp_path, LLAMA)
     shape = get_shape(path)
     spec = validate(Spec(model=path, **fields), shape)
-    model = build_on_gpu(spec, device="cpu")
+    model = build_on_device(spec, device="cpu")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if spec.mode == "inference":
         assert trainable == 0

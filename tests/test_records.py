@@ -16,10 +16,18 @@ TINY = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_a
 
 
 def test_experiment_hash_is_stable():
-    """Resuming a sweep depends on it: the hash is of the experiment only, not of the record schema."""
+    """Resuming a sweep depends on it: the hash is of what the experiment is — the spec and the run fields
+    that change what is measured, each only where it differs from its default — not of the record
+    schema, the timeout, the sampling interval or whether categories are tracked."""
     (exp,) = expand_sweep({"defaults": {"model": "gpt2", "seq": 64}}, "h.yaml")
-    blob = json.dumps({"spec": exp.spec.to_dict(), "run": exp.run_fields()}, sort_keys=True, separators=(",", ":"))
-    assert exp.spec_hash == hashlib.sha256(blob.encode()).hexdigest()[:12] == "422bb1222bb2"
+    spec = {"model": "openai-community/gpt2", "seq": 64, "optimizer_impl": "foreach", "precision": "pure",
+            "kv_dtype": "bf16"}  # the fields that differ from Spec's defaults once validated
+    blob = json.dumps({"spec": spec, "run": {}}, sort_keys=True, separators=(",", ":"))
+    assert exp.spec_hash == hashlib.sha256(blob.encode()).hexdigest()[:12] == "aa58f6973c1a"
+    (same,) = expand_sweep({"defaults": {"model": "gpt2", "seq": 64, "timeout_s": 5, "sample_interval_ms": 10,
+                                         "track_categories": False}}, "h.yaml")
+    (capped,) = expand_sweep({"defaults": {"model": "gpt2", "seq": 64, "cap_gpu": "4090"}}, "h.yaml")
+    assert same.spec_hash == exp.spec_hash != capped.spec_hash and capped.cap_gpu == "RTX 4090"
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,8 @@
 """`vramlab run` and `vramlab results`: run a sweep (measure on GPUs, or trace without one) and read its records."""
 
 import argparse
+import os
+import signal
 import sys
 
 from formulas.units import GiB
@@ -56,13 +58,16 @@ def cmd_run(a):
         raise ValueError("--mode measure: needs an NVIDIA GPU and driver (NVML not available)")
     out = a.out or default_out_dir(name, mode)
     print(f"{name}: {len(exps)} experiments → {out}", file=sys.stderr)
-    s = run_sweep(exps, out, gpus=a.gpus, mode=mode, retry=a.retry, progress=not a.no_progress)
+    s = run_sweep(exps, out, gpus=a.gpus, mode=mode, retry=a.retry, progress=not a.no_progress,
+                  warm=a.process == "warm", jobs=a.jobs or min(4, os.cpu_count() or 1))
     parts = ", ".join(f"{k} {v}" for k, v in sorted(s.outcomes.items()))
     print(f"{name}: ran {s.ran}, skipped {s.skipped} already recorded" + (f" ({parts})" if parts else "")
+          + (f"; {s.fresh_processes} warm reset(s) fell back to a fresh process" if s.fresh_processes else "")
           + (f"; moved {len(s.corrupt_moved)} unreadable record(s) aside" if s.corrupt_moved else ""))
     if s.interrupted:
-        print("vramlab run: interrupted — records written so far are kept; run the same command to resume", file=sys.stderr)
-        return 130
+        print(f"vramlab run: stopped by {s.signal} — records written so far are kept; run the same command to resume",
+              file=sys.stderr)
+        return 128 + getattr(signal, s.signal, signal.SIGINT)
     return 0
 
 
@@ -117,6 +122,11 @@ def add_parsers(sub):
     p.add_argument("--out", default=None, help="record folder (default results/runs/<sweep>/<gpu-driver>)")
     p.add_argument("--mode", default="auto", choices=("auto", "measure", "trace"),
                    help="measure on an NVIDIA GPU, trace on fake tensors (CPU), or auto: measure where a GPU is found")
+    p.add_argument("--process", default="warm", choices=("warm", "cold"),
+                   help="warm: one long-lived worker per GPU, reset and checked between experiments (default); "
+                        "cold: a fresh process per experiment")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="tracing: CPU workers at once (default: the CPU count, at most 4)")
     p.add_argument("--dry-run", action="store_true", help="list the experiments and their predictions; run nothing")
     p.add_argument("--shard", type=_shard, default=None, help="run every N-th experiment starting at K (K/N)")
     p.add_argument("--retry", action="store_true", help="rerun experiments whose record is an error/timeout/crash")

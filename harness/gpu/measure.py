@@ -2,147 +2,126 @@
 
 Measurement wraps the workload (harness.workload knows nothing of it): the workload calls
 `mark(phase)`; at each phase boundary this module synchronises, records the caching
-allocator's peak allocated and reserved bytes of the phase that ends and resets them, and
-the NVML sampler attributes its samples to the new phase.
+allocator's peak allocated and reserved bytes of the phase that ends and resets them, the
+NVML sampler attributes its samples to the new phase, and (unless the experiment turns it off)
+the category tracker of harness/tracing/tracker.py counts the real tensors by category.
 
-What is recorded:
-- `cuda_context_bytes`: NVML device-used after CUDA initialisation minus before it (minus
-  the one small allocator segment the probe tensor takes);
+What is recorded (the record's `measured`):
+- `cuda_context_bytes`: NVML device-used after CUDA initialisation minus before it (minus the
+  one small allocator segment the probe tensor takes), once per process;
 - per phase: max allocated / reserved (torch), peak device-used and process-used (NVML);
-- `peak_device_bytes`: the NVML peak minus what the device used before this process
-  started CUDA, i.e. this process's footprint as nvidia-smi would show it; flagged when
-  other processes used the GPU during the run;
-- `device_breakdown`: the device categories of formulas/categories.py — the context, the
-  workspaces (device peak − peak reserved − context) and the allocator slack (peak reserved −
-  peak allocated), as harness.records.measured_device_breakdown derives them;
-- timings: process start → CUDA ready → model built → workload done, and the sampler's own
-  busy time as a fraction of the workload time (its overhead).
+- `peak_device_bytes`: the NVML peak minus what the device used before this process started
+  CUDA, i.e. this process's footprint as nvidia-smi would show it; flagged when other processes
+  used the GPU during the run;
+- `breakdown` and `tracked`: the tensor categories at the tracker's peak, per phase, and the
+  tracker's own peak (what a traced record has, from real tensors);
+- `device_breakdown`: the device categories — context, workspaces (device peak − peak reserved −
+  context) and allocator slack (peak reserved − peak allocated);
+- `process`: which process measured it — its pid, the NVML pid the driver reports for it (a
+  host pid in a container), `cold` (a fresh process) or `warm` (the k-th experiment of a
+  long-lived one, after `reset_between_experiments`), and what a warm reset left behind;
+- `capped`: the card this run stood in for, when the sweep caps the process to a smaller GPU;
+- timings: process start → CUDA ready → model built → workload done, and the sampler's busy
+  time as a fraction of the workload time (its overhead).
 
-Models are shape-matched and built on the GPU at the target dtype, never materialised on the
-CPU: float models directly under `torch.device("cuda")`; bitsandbytes int8/nf4/fp4 models on
-the meta device first, then each nn.Linear replaced by a bitsandbytes layer quantized from
-random weights generated on the GPU one layer at a time, so the float model never exists in
-full. Real weights load from a local directory (`real_model_dir`, local_files_only).
+An out-of-memory error ends the workload but not the measurement: `MeasuredOOM` carries the
+phases completed before it, the phase that failed, the requested and free bytes and the peaks
+so far, and the worker records them with outcome `oom`.
+
+Which GPU: the launcher runs each worker with CUDA_DEVICE_ORDER=PCI_BUS_ID (CUDA numbers GPUs as
+NVML does), CUDA_VISIBLE_DEVICES=<slot> and VRAMLAB_NVML_INDEX=<slot>; the GPU torch sees is then
+checked against NVML by UUID, and the NVML index corrected if they disagree.
 """
 
+import contextlib
+import gc
 import os
+import re
+import sys
 import time
 
 from formulas.catalog import get_shape
+from formulas.hardware import get_hardware
 from formulas.spec import validate
 
 from ..records import measured_device_breakdown
 from . import nvml
+from .build import build_on_device, make_optimizer_on_device
 from .sampler import NvmlSampler
 
 SMALL_SEGMENT = 2 * 2**20  # kSmallBuffer in c10/cuda/CUDACachingAllocator.cpp: the probe tensor's segment
+_PROCESS = {}  # this process's CUDA state, made by the first measurement (see `_cuda_process`)
 
 
-def _materialize_meta(model, device):
-    """Give every parameter and buffer still on the meta device real storage on `device`."""
-    import torch
+class MeasuredOOM(Exception):
+    """The workload ran out of memory; `measured` holds what was measured up to that moment."""
 
-    for module in model.modules():
-        for name, p in list(module.named_parameters(recurse=False)):
-            if p.is_meta:
-                # p.dtype is what the model chose on meta: the compute dtype, or fp32 where it pins it (routers).
-                data = torch.empty(p.shape, device=device, dtype=p.dtype)
-                torch.nn.init.normal_(data, std=0.02) if data.dim() > 1 else data.fill_(1.0)
-                setattr(module, name, torch.nn.Parameter(data, requires_grad=p.requires_grad))
-        fresh = None
-        if type(module).__name__.endswith("RotaryEmbedding") and any(b.is_meta for b in module.buffers(recurse=False)):
-            fresh = type(module)(module.config)  # tiny: inv_freq is computed from the config in __init__
-        for name, b in list(module.named_buffers(recurse=False)):
-            if not b.is_meta:
-                continue
-            if fresh is not None and hasattr(fresh, name):
-                value = getattr(fresh, name).to(device)
-            elif b.dtype == torch.bool and b.dim() == 2:  # causal-mask buffers
-                value = torch.tril(torch.ones(b.shape, dtype=torch.bool, device=device))
-            else:
-                value = torch.zeros(b.shape, dtype=b.dtype, device=device)
-            module.register_buffer(name, value, persistent=name not in module._non_persistent_buffers_set)
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
+    def __init__(self, measured, details):
+        super().__init__(details.get("message", "out of memory"))
+        self.measured, self.details = measured, details
 
 
-def _bnb_linear(lin, spec, compute_dtype, device):
-    """A bitsandbytes layer with the shape of `lin`, quantized from random weights made on `device`."""
-    import bitsandbytes as bnb
-    import torch
-
-    w = torch.randn(lin.out_features, lin.in_features, device=device, dtype=compute_dtype) * 0.02
-    has_bias = lin.bias is not None
-    if spec.dtype == "int8":
-        new = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=has_bias, has_fp16_weights=False,
-                                  threshold=6.0, device="meta")
-        cb, scb, _ = bnb.functional.int8_vectorwise_quant(w.to(torch.float16))
-        new.weight = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
-    else:
-        new = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=has_bias, compute_dtype=compute_dtype,
-                                compress_statistics=spec.double_quant, quant_type=spec.dtype, device="meta")
-        w4, qs = bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=spec.double_quant,
-                                              quant_type=spec.dtype, quant_storage=torch.uint8)
-        new.weight = bnb.nn.Params4bit(w4, requires_grad=False, quant_state=qs, blocksize=64,
-                                       compress_statistics=spec.double_quant, quant_type=spec.dtype,
-                                       bnb_quantized=True, module=new)
-        new.quant_state = qs
-    del w
-    if has_bias:
-        new.bias = torch.nn.Parameter(torch.zeros(lin.out_features, device=device, dtype=compute_dtype),
-                                      requires_grad=False)
-    return new
+_OOM_REQ = re.compile(r"Tried to allocate ([\d.]+) (GiB|MiB|KiB|B)")
+_UNIT = {"GiB": 2**30, "MiB": 2**20, "KiB": 2**10, "B": 1}
 
 
-def build_on_gpu(spec, real_model_dir="", device="cuda"):
-    """The model for a validated spec, on the GPU, with the spec's training setup applied."""
-    import torch
-    import transformers
-
-    from ..workload.models import hf_config, param_dtype, prepare_for_training, torch_dtype
-
-    if spec.dtype in ("gptq-int4", "awq-int4", "fp8") or spec.dtype.startswith("q"):
-        raise NotImplementedError(f"--dtype {spec.dtype}: GPU measurement covers float and bitsandbytes dtypes")
-    compute = torch_dtype(spec.compute_dtype)
-    if real_model_dir:
-        kw = dict(local_files_only=True, attn_implementation=spec.attn, device_map={"": device})
-        if spec.dtype in ("int8", "nf4", "fp4"):
-            kw["quantization_config"] = transformers.BitsAndBytesConfig(
-                load_in_8bit=spec.dtype == "int8", load_in_4bit=spec.dtype != "int8", bnb_4bit_quant_type=spec.dtype,
-                bnb_4bit_use_double_quant=spec.double_quant, bnb_4bit_compute_dtype=compute)
-        else:
-            kw["dtype"] = torch_dtype(param_dtype(spec))
-        model = transformers.AutoModelForCausalLM.from_pretrained(real_model_dir, **kw)
-    elif spec.dtype in ("int8", "nf4", "fp4"):
-        with torch.device("meta"):
-            model = transformers.AutoModelForCausalLM.from_config(hf_config(spec), dtype=compute,
-                                                                  attn_implementation=spec.attn)
-        out_emb = model.get_output_embeddings()
-        for parent in list(model.modules()):
-            for name, child in list(parent.named_children()):
-                if type(child) is torch.nn.Linear and child is not out_emb:
-                    setattr(parent, name, _bnb_linear(child, spec, compute, device))
-        _materialize_meta(model, device)
-    else:
-        with torch.device(device):
-            model = transformers.AutoModelForCausalLM.from_config(hf_config(spec), dtype=torch_dtype(param_dtype(spec)),
-                                                                  attn_implementation=spec.attn)
-    return prepare_for_training(model, spec)
+def is_oom(e):
+    """True for CUDA's out-of-memory error (and the allocator's message in other exception types)."""
+    return type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower()
 
 
-def make_gpu_optimizer(model, spec):
-    """bitsandbytes optimizers here; the torch/transformers ones from harness.workload.steps."""
-    from ..workload.steps import make_optimizer
+def oom_details(e):
+    """The error's type and first line, the requested bytes parsed from the allocator's message, and the
+    device's free memory now."""
+    d = {"type": type(e).__name__, "message": str(e).splitlines()[0][:500] if str(e) else type(e).__name__}
+    m = _OOM_REQ.search(str(e))
+    if m:
+        d["requested_bytes"] = int(float(m.group(1)) * _UNIT[m.group(2)])
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        try:
+            free, total = torch.cuda.mem_get_info()
+            d["free_bytes"], d["total_bytes"] = int(free), int(total)
+        except Exception:
+            pass
+    return d
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    if spec.optimizer in ("adamw8bit", "paged_adamw8bit", "lion"):
-        import bitsandbytes as bnb
 
-        cls = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw8bit": bnb.optim.PagedAdamW8bit,
-               "lion": bnb.optim.Lion}[spec.optimizer]
-        return cls(params, lr=1e-4)
-    return make_optimizer(params, spec)
+# ------------------------------------------------------------------ which GPU, which process
 
+def nvml_index():
+    """The NVML index of the GPU this process measures (the launcher's VRAMLAB_NVML_INDEX, else 0)."""
+    try:
+        return int(os.environ.get("VRAMLAB_NVML_INDEX", "0"))
+    except ValueError:
+        return 0
+
+
+def _uuid_key(uuid):
+    """NVML says 'GPU-8c2b…', torch '8c2b…': compare the hex digits only."""
+    return "".join(ch for ch in str(uuid).lower().removeprefix("gpu-") if ch in "0123456789abcdef")
+
+
+def reconcile_index(index, torch_uuid, nvml_uuid_of):
+    """(NVML index to measure, corrected?) for the GPU torch sees: `index` if its UUID matches, else the one that does."""
+    want = _uuid_key(torch_uuid)
+    if not want or _uuid_key(nvml_uuid_of(index) or "") == want:
+        return index, False
+    for i in range(nvml.device_count()):
+        if _uuid_key(nvml_uuid_of(i) or "") == want:
+            return i, True
+    return index, False
+
+
+def own_nvml_pids(before, after, pid):
+    """The pids NVML reports for this process: its own pid where the driver sees it, else the pids that
+    appeared when this process made its CUDA context (in a container the driver reports host pids)."""
+    if pid in after:
+        return {pid}
+    return set(after) - set(before)
+
+
+# ------------------------------------------------------------------ per-phase allocator peaks
 
 class _PhaseStats:
     """Per-phase torch allocator peaks, reset at each boundary (repeated phases accumulate their max)."""
@@ -151,7 +130,7 @@ class _PhaseStats:
         self.torch, self.sampler = torch, sampler
         self.current = None
         self.phases = {}
-        self.t_marks = []
+        self.completed = []  # phases whose boundary has passed, in order
 
     def close(self):
         if self.current is None:
@@ -166,73 +145,203 @@ class _PhaseStats:
         if phase == self.current:
             return
         self.close()
+        if self.current is not None and self.current not in self.completed:
+            self.completed.append(self.current)
         self.torch.cuda.reset_peak_memory_stats()
         self.sampler.mark(phase)
         self.current = phase
-        self.t_marks.append((phase, time.perf_counter()))
 
 
-def measure(exp, device_index=0):
-    """Run one experiment on the GPU and return the `measured` part of its record."""
-    launched_at = float(os.environ.get("VRAMLAB_LAUNCHED_AT", "0") or 0)
-    started_wall = time.time()
-    t_start = time.perf_counter()
-    before = nvml.used_bytes(device_index)
-    others = [p for p, _ in nvml.processes(device_index) if p != os.getpid()]
-    import torch
+def run_phases(workload, stats):
+    """Run `workload(stats.mark)`; an out-of-memory error stops it and becomes data.
 
+    Returns (None, None), or (oom_details, the phase that was running) after an OOM: the allocator
+    peaks of the phases so far are closed, the failing phase's included (its max allocated is the
+    moment before the failing request). The exception itself is not kept, so nothing it refers to
+    stays alive."""
+    try:
+        workload(stats.mark)
+    except Exception as e:
+        if not is_oom(e):
+            raise
+        details = oom_details(e)
+    else:
+        stats.close()
+        return None, None
+    with contextlib.suppress(Exception):  # a CUDA error after the OOM must not hide the figures
+        stats.close()
+    return details, stats.current
+
+
+# ------------------------------------------------------------------ the process: cold or warm
+
+def _cuda_process(torch, index):
+    """Make (once) this process's CUDA context and remember what it cost; later calls reuse it (warm)."""
+    if _PROCESS:
+        _PROCESS["experiments"] += 1
+        return _PROCESS
+    t0 = time.perf_counter()
+    before = nvml.used_bytes(index)
+    before_pids = [p for p, _ in nvml.processes(index)]
     if not torch.cuda.is_available():
         raise RuntimeError("CUDA is not available to torch in this process")
     torch.zeros(1, device="cuda")
     torch.cuda.synchronize()
-    after = nvml.used_bytes(device_index)
-    t_cuda = time.perf_counter()
-    context = (after - before - SMALL_SEGMENT) if before is not None and after is not None else None
+    after = nvml.used_bytes(index)
+    after_pids = [p for p, _ in nvml.processes(index)]
+    index, corrected = reconcile_index(index, torch.cuda.get_device_properties(0).uuid, nvml.device_uuid)
+    own = own_nvml_pids(before_pids, after_pids, os.getpid())
+    _PROCESS.update(
+        index=index, index_corrected=corrected, used_before_init=before, used_after_init=after,
+        context=(after - before - SMALL_SEGMENT) if before is not None and after is not None else None,
+        own_pids=own, others_at_start=sorted(set(after_pids) - own), experiments=1,
+        cuda_init_s=round(time.perf_counter() - t0, 3))
+    return _PROCESS
+
+
+def reset_between_experiments():
+    """Free what the last experiment left and check the GPU is back where the process began.
+
+    Returns {"clean": bool, "allocated_bytes", "reserved_bytes", "nvml_residual_bytes"}: the caching
+    allocator must hold nothing (cuBLAS workspaces freed too); NVML's device-used beyond the
+    process's first reading is reported (kernel images loaded by earlier experiments stay)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not _PROCESS:
+        return {"clean": True, "allocated_bytes": 0, "reserved_bytes": 0, "nvml_residual_bytes": 0}
+    gc.collect()
+    torch.cuda.synchronize()
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:
+        clear()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.set_per_process_memory_fraction(1.0)  # undo a cap
+    allocated, reserved = int(torch.cuda.memory_allocated()), int(torch.cuda.memory_reserved())
+    used = nvml.used_bytes(_PROCESS["index"])
+    base = _PROCESS["used_after_init"]
+    residual = (used - base) if used is not None and base is not None else None
+    return {"clean": allocated == 0 and reserved == 0, "allocated_bytes": allocated, "reserved_bytes": reserved,
+            "nvml_residual_bytes": residual}
+
+
+def cap_for(exp):
+    """(card name or '', bytes) the experiment caps this process to, or None."""
+    if exp.cap_gpu:
+        return exp.cap_gpu, get_hardware(exp.cap_gpu).usable_bytes
+    if exp.cap_bytes:
+        return "", exp.cap_bytes
+    return None
+
+
+def cap_fraction(cap_bytes, held_bytes, total_bytes):
+    """The per-process memory fraction that leaves the caching allocator `cap_bytes` − what the process
+    already holds outside it (its context), of a GPU with `total_bytes`."""
+    limit = cap_bytes - max(held_bytes or 0, 0)
+    if limit <= 0:
+        raise ValueError(f"cap {cap_bytes:,} bytes: the CUDA context alone takes {held_bytes:,}")
+    return min(limit / total_bytes, 1.0), limit
+
+
+# ------------------------------------------------------------------ one experiment
+
+def measure(exp, process=None):
+    """Run one experiment on the GPU and return the `measured` part of its record; MeasuredOOM on OOM.
+
+    `process`: what the worker knows of its process (cold or warm, why it is fresh, what a warm
+    reset found); the NVML side is added here."""
+    launched_at = float(os.environ.get("VRAMLAB_LAUNCHED_AT", "0") or 0)
+    started_wall = time.time()
+    import torch
+
+    proc = _cuda_process(torch, nvml_index())
+    index = proc["index"]
     spec = validate(exp.spec, get_shape(exp.spec.model))
     from ..workload.steps import run_inference, run_training
 
-    sampler = NvmlSampler(device_index, exp.sample_interval_ms / 1000.0)
+    capped = None
+    cap = cap_for(exp)
+    if cap:
+        total = torch.cuda.get_device_properties(0).total_memory
+        fraction, limit = cap_fraction(cap[1], proc["context"], total)
+        torch.cuda.set_per_process_memory_fraction(fraction)
+        capped = {"gpu": cap[0] or None, "cap_bytes": cap[1], "allocator_limit_bytes": limit, "fraction": fraction,
+                  "device_total_bytes": int(total)}
+    own = proc["own_pids"]
+    sampler = NvmlSampler(index, exp.sample_interval_ms / 1000.0, pid=next(iter(own)) if len(own) == 1 else None)
     stats = _PhaseStats(torch, sampler)
+    t_cuda = time.perf_counter()
+    built = {}  # the build's time and the tracker, once the model exists
+
+    def workload(mark):
+        model = build_on_device(spec, exp.real_model_dir)
+        torch.cuda.synchronize()
+        built["t"] = time.perf_counter()
+        tracker = None
+        if exp.track_categories:
+            from ..tracing.tracker import CategoryTracker
+
+            tracker = built["tracker"] = CategoryTracker(model, spec, get_shape(spec.model).vocab, device_type="cuda")
+
+        def both(phase):
+            mark(phase)
+            if tracker is not None:
+                tracker.mark(phase)
+
+        with tracker if tracker is not None else contextlib.nullcontext():
+            if spec.mode == "inference":
+                run_inference(model, spec, mark=both, device="cuda")
+            else:
+                opt = make_optimizer_on_device(model, spec)
+                run_training(model, spec, mark=both, device="cuda", steps=exp.steps, optimizer=opt)
+
     with sampler:
         stats.mark("load")
-        model = build_on_gpu(spec, exp.real_model_dir)
-        torch.cuda.synchronize()
-        t_built = time.perf_counter()
-        if spec.mode == "inference":
-            run_inference(model, spec, mark=stats.mark, device="cuda")
-        else:
-            opt = make_gpu_optimizer(model, spec)
-            run_training(model, spec, mark=stats.mark, device="cuda", steps=exp.steps, optimizer=opt)
-        stats.close()
+        oom, failed_phase = run_phases(workload, stats)
         t_done = time.perf_counter()
     phases = stats.phases
     for ph, pk in sampler.peaks.items():
         phases.setdefault(ph, {}).update({"nvml_device_used_bytes": pk["device_used_bytes"],
                                           "nvml_process_used_bytes": pk["process_used_bytes"]})
-    peak_phase = max(phases, key=lambda p: phases[p].get("max_allocated_bytes", 0))
+    with_alloc = [p for p in phases if phases[p].get("max_allocated_bytes") is not None]
+    peak_phase = max(with_alloc, key=lambda p: phases[p]["max_allocated_bytes"]) if with_alloc else None
     dev_peak, dev_phase = sampler.peak("device_used_bytes")
-    others_during = [p for p, _ in nvml.processes(device_index) if p != os.getpid()]
+    others = sorted((set(proc["others_at_start"]) | {p for p, _ in nvml.processes(index)}) - own)
+    before = proc["used_before_init"]
+    t_built = built.get("t", t_done)
     workload_s = t_done - t_built
     out = {
-        "peak_allocated_bytes": phases[peak_phase]["max_allocated_bytes"],
-        "peak_reserved_bytes": max(p.get("max_reserved_bytes", 0) for p in phases.values()),
+        "peak_allocated_bytes": phases[peak_phase]["max_allocated_bytes"] if peak_phase else None,
+        "peak_reserved_bytes": max((p.get("max_reserved_bytes", 0) for p in phases.values()), default=None),
         "peak_phase": peak_phase,
         "peak_device_bytes": (dev_peak - before) if dev_peak is not None and before is not None else None,
         "peak_device_phase": dev_phase,
-        "cuda_context_bytes": context,
+        "cuda_context_bytes": proc["context"],
         "device_used_before_bytes": before,
-        "other_processes": sorted(set(others) | set(others_during)),
-        "device_figures_flagged": bool(others or others_during),
+        "other_processes": others,
+        "device_figures_flagged": bool(others),
         "phases": phases,
+        "process": {"pid": os.getpid(), "mode": "cold", **(process or {}), "nvml_pids": sorted(own),
+                    "experiment_in_process": proc["experiments"], "nvml_index": index,
+                    "nvml_index_corrected": proc["index_corrected"]},
+        "capped": capped,
         "sampler": {"samples": sampler.samples, "interval_ms": exp.sample_interval_ms, "busy_s": round(sampler.busy_s, 4),
                     "overhead_fraction": round(sampler.busy_s / workload_s, 5) if workload_s > 0 else None,
                     "timeline": sampler.timeline},
         "timings": {
-            "launch_to_measure_s": round(started_wall - launched_at, 3) if launched_at else None,  # process start + imports
-            "cuda_init_s": round(t_cuda - t_start, 3),
+            "launch_to_measure_s": round(started_wall - launched_at, 3) if launched_at and proc["experiments"] == 1
+            else None,  # process start + imports
+            "cuda_init_s": proc["cuda_init_s"] if proc["experiments"] == 1 else 0.0,
             "build_s": round(t_built - t_cuda, 3),
             "workload_s": round(workload_s, 3),
         },
     }
-    out["device_breakdown"] = measured_device_breakdown(out)  # context, workspaces, allocator slack
+    tracker = built.get("tracker")
+    if tracker is not None:
+        mem = tracker.result()
+        out["breakdown"] = mem.breakdown
+        out["tracked"] = {"peak_allocated_bytes": mem.peak_allocated_bytes, "peak_phase": mem.peak_phase,
+                          "phases": mem.phases, "n_ops": mem.n_ops, "peak_tensors": mem.peak_tensors}
+    out["device_breakdown"] = measured_device_breakdown(out)
+    if oom is not None:
+        raise MeasuredOOM(out, {**oom, "failed_phase": failed_phase, "completed_phases": list(stats.completed)})
     return out

@@ -5,7 +5,6 @@ the peak of device-used and process-used memory in each phase, and how long its 
 sampling took (its overhead).
 """
 
-import os
 import threading
 import time
 
@@ -18,7 +17,7 @@ class NvmlSampler:
     def __init__(self, device_index=0, interval_s=0.001, pid=None, keep_timeline=2000):
         self.device_index = device_index
         self.interval_s = interval_s
-        self.pid = pid or os.getpid()
+        self.pid = pid  # the pid NVML reports for the measured process (a host pid in a container); None: unknown
         self.phase = "load"
         self.peaks = {}  # phase → {"device_used_bytes": max, "process_used_bytes": max}
         self.samples = 0
@@ -28,7 +27,7 @@ class NvmlSampler:
         self._stop = threading.Event()
         self._thread = None
         self._t0 = None
-        self._process_api = True
+        self._process_api = pid is not None
 
     def mark(self, phase):
         """Start attributing samples to `phase` (and take one sample at the boundary)."""

@@ -1,17 +1,30 @@
-"""Run a sweep: one subprocess per experiment, one GPU per running experiment, resumable.
+"""Run a sweep: worker processes on GPUs (or the CPU), one record per experiment, resumable.
 
-The child writes its own record atomically and its exit code is its status. If it dies
-without a record (SIGKILL, segfault, hang past its timeout), the launcher writes one for
-it (outcome `crashed` or `timeout`, with the exit status and the tail of its stderr), so
-every experiment ends with exactly one record and a rerun skips it. Ctrl-C kills the
-running children and stops; every record already written stays, and the next run resumes.
+Two ways to run (`process`): cold — one fresh process per experiment, whose exit code is its
+status; warm — one long-lived worker per GPU that runs experiment after experiment and checks
+the GPU is back where it began before each (see harness.sweep.worker). A warm worker that cannot
+reset is replaced by a fresh one, and the record says why.
+
+Every experiment ends with exactly one record. The worker writes its own atomically; if it dies
+without one (SIGKILL, segfault, hang past its timeout) the launcher writes one for it (outcome
+`crashed` or `timeout`, with the exit status and the tail of its stderr), so a rerun skips it.
+Ctrl-C, SIGTERM or SIGHUP kill the running workers and stop; SIGKILL of the launcher takes them
+down too (they die with it). Every record already written stays, and the next run resumes.
+
+One launcher per output folder: a lock (`<out>/.lock`, flock) that dies with its holder. Before a
+new worker process starts on a GPU, the launcher waits (up to IDLE_TIMEOUT_S) for the GPU's memory
+to come back to what it was when the sweep began, so a killed worker's memory still being released
+does not shift the next baseline; the record carries what the wait found.
 """
 
+import fcntl
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -19,6 +32,17 @@ from ..gpu import nvml
 from ..paths import ROOT, RUNS_DIR
 from ..records import OUTCOMES, RecordError, new_record, read_record, record_path, write_record
 from .worker import SOURCE
+
+IDLE_TOLERANCE_BYTES = 64 * 2**20  # "back where it began": within this of the GPU's memory at sweep start
+IDLE_TIMEOUT_S = 30.0
+
+
+class SweepLocked(ValueError):
+    """Another launcher is writing to the same output folder."""
+
+
+class _Stop(BaseException):
+    """SIGTERM or SIGHUP: stop like Ctrl-C."""
 
 
 @dataclass
@@ -31,7 +55,9 @@ class SweepSummary:
     ran: int = 0
     outcomes: dict = field(default_factory=dict)
     interrupted: bool = False
+    signal: str = ""  # the signal that stopped it, if one did
     corrupt_moved: list = field(default_factory=list)
+    fresh_processes: int = 0  # warm workers replaced because a reset left memory behind
 
 
 def worker_command(out_dir, mode):
@@ -40,7 +66,7 @@ def worker_command(out_dir, mode):
 
 
 def is_done(out_dir, exp, retry=False, moved=None):
-    """True if a readable record exists (with retry, only an ok/oom record counts).
+    """True if a readable record exists (with retry, only an ok/oom/unsupported record counts).
 
     An unreadable record is moved aside (`.corrupt-<hash>.json`) and the experiment reruns."""
     path = record_path(out_dir, exp.spec_hash)
@@ -79,11 +105,6 @@ def _fallback_record(exp, outcome, returncode, stderr_tail, seconds, source):
     return record
 
 
-class _Running:
-    def __init__(self, exp, proc, slot, started, err_path):
-        self.exp, self.proc, self.slot, self.started, self.err_path = exp, proc, slot, started, err_path
-
-
 def _tail(path, n=4000):
     try:
         with open(path, "rb") as f:
@@ -96,6 +117,7 @@ def _tail(path, n=4000):
 
 
 def _kill(proc):
+    """Kill the worker and its process group, and reap it."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
@@ -112,82 +134,226 @@ def _progress(total):
         return None
 
 
+def lock_out_dir(out_dir):
+    """Hold `<out>/.lock` for this process (released when it exits, however it exits); SweepLocked if taken."""
+    path = os.path.join(out_dir, ".lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise SweepLocked(f"{out_dir}: another vramlab run (pid {holder}) is writing here; wait for it or stop it") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def wait_for_idle(index, baseline, timeout_s=IDLE_TIMEOUT_S, tolerance=IDLE_TOLERANCE_BYTES, poll_s=0.2,
+                  used_bytes=None, sleep=time.sleep, clock=time.monotonic):
+    """Wait until NVML device `index` uses at most `baseline` + `tolerance`; what the wait found, for the record."""
+    used_bytes = used_bytes or nvml.used_bytes
+    t0 = clock()
+    used = used_bytes(index)
+    while used is not None and baseline is not None and used > baseline + tolerance and clock() - t0 < timeout_s:
+        sleep(poll_s)
+        used = used_bytes(index)
+    idle = used is None or baseline is None or used <= baseline + tolerance
+    return {"idle": idle, "waited_s": round(clock() - t0, 3), "used_bytes": used, "baseline_bytes": baseline}
+
+
+class _Slot:
+    """One GPU (or the CPU, gpu None) and the worker process on it."""
+
+    def __init__(self, gpu, name):
+        self.gpu, self.name = gpu, name  # name: gpu<i> or cpu<j>, for log files
+        self.proc = None
+        self.exp = None  # the experiment running now
+        self.started = 0.0
+        self.err_path = ""
+        self.replies = None  # warm: parsed reply lines from the worker
+        self.workers = 0  # processes started on this slot
+
+    def busy(self):
+        return self.exp is not None
+
+
+class _Launcher:
+    def __init__(self, out_dir, mode, cmd, warm, logs):
+        self.out_dir, self.mode, self.cmd, self.warm, self.logs = out_dir, mode, cmd, warm, logs
+        self.source = SOURCE[mode]
+        self.baseline = {}  # GPU → NVML device-used when the sweep began
+
+    def env(self, slot):
+        env = dict(os.environ)
+        env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+        env["VRAMLAB_LAUNCHER_PID"] = str(os.getpid())
+        env["VRAMLAB_LAUNCHED_AT"] = repr(time.time())
+        if slot.gpu is not None:
+            env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # CUDA numbers the GPUs as NVML does
+            env["CUDA_VISIBLE_DEVICES"] = str(slot.gpu)
+            env["VRAMLAB_NVML_INDEX"] = str(slot.gpu)
+            if self.mode == "measure":
+                env["VRAMLAB_IDLE"] = json.dumps(wait_for_idle(slot.gpu, self.baseline.get(slot.gpu)))
+        return env
+
+    def spawn(self, slot, args, err_name, pipes):
+        slot.err_path = os.path.join(self.logs, err_name)
+        with open(slot.err_path, "ab") as err:
+            slot.proc = subprocess.Popen(self.cmd + args, cwd=ROOT, env=self.env(slot), stderr=err,
+                                         stdin=subprocess.PIPE if pipes else subprocess.DEVNULL,
+                                         stdout=subprocess.PIPE if pipes else subprocess.DEVNULL,
+                                         start_new_session=True, text=pipes)
+        slot.workers += 1
+
+    def start(self, slot, exp, fallback=None):
+        slot.exp, slot.started = exp, time.monotonic()
+        if not self.warm:
+            self.spawn(slot, [json.dumps(exp.to_dict())], f"{exp.spec_hash}.stderr", pipes=False)
+            return
+        if slot.proc is None or slot.proc.poll() is not None:
+            self.spawn(slot, ["--warm"], f"worker-{slot.name}-{slot.workers + 1}.stderr", pipes=True)
+            slot.replies = queue.Queue()
+            threading.Thread(target=_read_replies, args=(slot.proc.stdout, slot.replies), daemon=True).start()
+        try:
+            slot.proc.stdin.write(json.dumps({"experiment": exp.to_dict(), "fallback": fallback}) + "\n")
+            slot.proc.stdin.flush()
+        except (BrokenPipeError, OSError):  # it died between experiments: the poll below records the crash
+            pass
+
+    def stop_worker(self, slot):
+        if slot.proc is not None:
+            if slot.proc.stdin:
+                try:
+                    slot.proc.stdin.close()
+                except OSError:
+                    pass
+            _kill(slot.proc)
+        slot.proc, slot.replies = None, None
+
+    def poll(self, slot):
+        """None while the experiment runs; else (outcome or None, restart reason or None)."""
+        exp = slot.exp
+        elapsed = time.monotonic() - slot.started
+        if self.warm:
+            try:
+                reply = slot.replies.get_nowait()
+            except queue.Empty:
+                reply = None
+            if reply is not None:
+                if reply.get("restart"):
+                    self.stop_worker(slot)
+                    return None, reply.get("reason") or "the warm worker could not reset"
+                return self.recorded(exp) or self.fallback(slot, "crashed", elapsed), None
+        rc = slot.proc.poll()
+        if rc is None and elapsed <= exp.timeout_s:
+            return None
+        if rc is None:  # past its timeout
+            self.stop_worker(slot)
+            return self.fallback(slot, "timeout", elapsed, -signal.SIGKILL), None
+        if self.warm:
+            time.sleep(0.05)  # a reply written just before the exit
+            if not slot.replies.empty():
+                return self.poll(slot)
+            slot.proc = None
+            return self.fallback(slot, "crashed", elapsed, rc), None
+        slot.proc = None
+        return self.recorded(exp) or self.fallback(slot, "crashed", elapsed, rc), None
+
+    def recorded(self, exp):
+        path = record_path(self.out_dir, exp.spec_hash)
+        try:
+            return read_record(path)["outcome"] if os.path.exists(path) else None
+        except RecordError:
+            return None
+
+    def fallback(self, slot, outcome, elapsed, rc=None):
+        rc = slot.proc.returncode if rc is None and slot.proc is not None else rc
+        write_record(self.out_dir, _fallback_record(slot.exp, outcome, rc, _tail(slot.err_path), elapsed, self.source))
+        return outcome
+
+
+def _read_replies(stream, replies):
+    for line in stream:
+        try:
+            replies.put(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+
+
+def _raise_stop(signum, frame):
+    raise _Stop(signal.Signals(signum).name)
+
+
 def run_sweep(experiments, out_dir, gpus=None, mode="trace", worker_cmd=None, retry=False, progress=True,
-              poll_s=0.2, on_record=None):
+              poll_s=0.2, on_record=None, warm=False, jobs=1):
     """Run every experiment not yet recorded under out_dir; returns a SweepSummary.
 
-    gpus: device indices to run on in parallel (one experiment per GPU); None = one at a time.
-    worker_cmd: the command that runs one experiment (tests pass a stand-in); the experiment's
-    JSON is appended as the last argument."""
+    gpus: GPU indices to run on in parallel (one experiment per GPU); None = GPU 0 when measuring.
+    jobs: tracing, how many CPU workers run at once. warm: one long-lived worker per GPU (or CPU job)
+    instead of a process per experiment.
+    worker_cmd: the command that runs experiments (tests pass a stand-in); cold workers get the
+    experiment's JSON as the last argument, warm ones `--warm` and the experiments on stdin."""
     os.makedirs(out_dir, exist_ok=True)
+    lock = lock_out_dir(out_dir)
     summary = SweepSummary(out_dir=out_dir, total=len(experiments))
     todo = []
     for e in experiments:
         if is_done(out_dir, e, retry, summary.corrupt_moved):
             summary.skipped += 1
         else:
-            todo.append(e)
-    slots = list(gpus) if gpus else [None]
-    free = list(slots)
-    running = []
-    cmd = worker_cmd or worker_command(out_dir, mode)
-    bar = _progress(len(todo)) if progress else None
+            todo.append((e, None))
     logs = os.path.join(out_dir, ".logs")
     os.makedirs(logs, exist_ok=True)
-    source = SOURCE[mode]
+    launcher = _Launcher(out_dir, mode, worker_cmd or worker_command(out_dir, mode), warm, logs)
+    if gpus or mode == "measure":
+        slots = [_Slot(g, f"gpu{g}") for g in (gpus or [0])]
+    else:
+        slots = [_Slot(None, f"cpu{j}") for j in range(max(1, jobs))]
+    if mode == "measure":
+        launcher.baseline = {s.gpu: nvml.used_bytes(s.gpu) for s in slots}
+    bar = _progress(len(todo)) if progress else None
+    main_thread = threading.current_thread() is threading.main_thread()
+    old = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGHUP)} if main_thread else {}
     try:
-        while todo or running:
-            while todo and free:
-                exp = todo.pop(0)
-                slot = free.pop(0)
-                env = dict(os.environ)
-                env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-                if slot is not None:
-                    env["CUDA_VISIBLE_DEVICES"] = str(slot)
-                env["VRAMLAB_LAUNCHED_AT"] = repr(time.time())
-                err_path = os.path.join(logs, f"{exp.spec_hash}.stderr")
-                with open(err_path, "wb") as err:
-                    proc = subprocess.Popen(cmd + [json.dumps(exp.to_dict())], cwd=ROOT, env=env,
-                                            stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
-                running.append(_Running(exp, proc, slot, time.monotonic(), err_path))
-                if bar is not None:
-                    bar.set_postfix_str(exp.label()[:60])
+        while todo or any(s.busy() for s in slots):
+            for slot in slots:
+                if todo and not slot.busy():
+                    exp, fallback = todo.pop(0)
+                    launcher.start(slot, exp, fallback)
+                    if bar is not None:
+                        bar.set_postfix_str(exp.label()[:60])
             time.sleep(poll_s)
-            for r in list(running):
-                elapsed = time.monotonic() - r.started
-                rc = r.proc.poll()
-                timed_out = rc is None and elapsed > r.exp.timeout_s
-                if rc is None and not timed_out:
+            for slot in slots:
+                if not slot.busy():
                     continue
-                if timed_out:
-                    _kill(r.proc)
-                    rc = r.proc.returncode
-                running.remove(r)
-                free.append(r.slot)
-                path = record_path(out_dir, r.exp.spec_hash)
-                outcome = None
-                if os.path.exists(path) and not timed_out:
-                    try:
-                        outcome = read_record(path)["outcome"]
-                    except RecordError:
-                        outcome = None
-                if outcome is None:
-                    outcome = "timeout" if timed_out else "crashed"
-                    write_record(out_dir, _fallback_record(r.exp, outcome, rc, _tail(r.err_path), elapsed, source))
+                done = launcher.poll(slot)
+                if done is None:
+                    continue
+                outcome, restart = done
+                exp, slot.exp = slot.exp, None
+                if restart:  # run it again in a fresh process, first in line
+                    summary.fresh_processes += 1
+                    todo.insert(0, (exp, restart))
+                    continue
                 summary.ran += 1
                 summary.outcomes[outcome] = summary.outcomes.get(outcome, 0) + 1
                 if on_record:
-                    on_record(r.exp, outcome)
+                    on_record(exp, outcome)
                 if bar is not None:
                     bar.update(1)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Stop) as e:
         summary.interrupted = True
-        for r in running:
-            _kill(r.proc)
-            # A child killed mid-write leaves only its temp file; no partial record is kept.
+        summary.signal = str(e) if isinstance(e, _Stop) else "SIGINT"
+        # A worker killed mid-write leaves only its temp file; no partial record is kept.
     finally:
+        for slot in slots:
+            launcher.stop_worker(slot)
+        for s, h in old.items():
+            signal.signal(s, h)
         if bar is not None:
             bar.close()
+        os.close(lock)
     return summary
 
 

@@ -22,19 +22,24 @@ stable: it depends only on its resolved fields, not on file order or formatting.
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from itertools import product
 
 from formulas.catalog import UnknownModelError, get_shape
 from formulas.shapes import UnsupportedModelError
 from formulas.spec import Spec, SpecError, validate
 
-# Run fields: how the experiment is run, not what is predicted.
+# Run fields: how the experiment is run, not what is predicted: (type, default, hashed, meaning).
+# A hashed field changes what is measured, so it is part of the experiment's hash; the others
+# (how long to wait, how often to sample, whether to count categories) do not.
 RUN_FIELDS = {
-    "steps": (int, 2, "training steps (the first allocates the optimizer state)"),
-    "timeout_s": (int, 600, "seconds before the experiment's process is killed"),
-    "sample_interval_ms": (float, 1.0, "NVML sampling interval"),
-    "real_model_dir": (str, "", "load real weights from this local directory instead of a shape-matched model"),
+    "steps": (int, 2, True, "training steps (the first allocates the optimizer state)"),
+    "real_model_dir": (str, "", True, "load real weights from this local directory instead of a shape-matched model"),
+    "cap_gpu": (str, "", True, "cap the process to this card's memory (a GPU from the hardware catalog, e.g. RTX 4090)"),
+    "cap_bytes": (int, 0, True, "cap the process to this many bytes of device memory"),
+    "timeout_s": (int, 600, False, "seconds before the experiment's process is killed"),
+    "sample_interval_ms": (float, 1.0, False, "NVML sampling interval"),
+    "track_categories": (bool, True, False, "count the measured tensors by memory category (the tracer's tracker)"),
 }
 SPEC_FIELDS = {f.name: f for f in fields(Spec)}
 TOP_KEYS = {"name", "description", "defaults", "groups", "grid", "zip"}
@@ -51,11 +56,13 @@ class Experiment:
 
     spec: Spec  # validated, 'auto' fields resolved
     steps: int = 2
+    real_model_dir: str = ""
+    cap_gpu: str = ""  # the catalog's name of the card this run stands in for ("" = no cap)
+    cap_bytes: int = 0
     timeout_s: int = 600
     sample_interval_ms: float = 1.0
-    real_model_dir: str = ""
+    track_categories: bool = True
     group: str = ""  # the group it came from, for display
-    run: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def spec_hash(self):
@@ -86,11 +93,16 @@ class Experiment:
 
 
 def spec_hash(spec, run_fields):
-    """sha256 over canonical JSON of the spec and run fields (sorted keys), first 12 hex digits.
+    """sha256 over canonical JSON of what the experiment is, first 12 hex digits.
 
-    Only what the experiment is goes in: the record schema (harness.records) is not part of it,
-    so a change to what records hold keeps every experiment's hash."""
-    payload = {"spec": spec.to_dict(), "run": run_fields}
+    The spec's fields and the hashed run fields go in, each only where it differs from its
+    default, so a field added later with a default keeps every existing hash. The record schema
+    (harness.records) is not part of it either."""
+    spec_d = {f.name: v for f, v in ((f, getattr(spec, f.name)) for f in fields(Spec)) if v != f.default}
+    if "lora_targets" in spec_d:
+        spec_d["lora_targets"] = list(spec_d["lora_targets"])
+    run = {k: v for k, v in run_fields.items() if RUN_FIELDS[k][2] and v != RUN_FIELDS[k][1]}
+    payload = {"spec": spec_d, "run": run}
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -98,11 +110,20 @@ def spec_hash(spec, run_fields):
 def _coerce(path, where, key, value):
     """Check one field's type; lists become tuples for lora_targets."""
     if key in RUN_FIELDS:
-        typ = RUN_FIELDS[key][0]
+        typ, _, _, meaning = RUN_FIELDS[key]
         if typ is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if not isinstance(value, typ) or isinstance(value, bool):
-            raise SweepError(f"{path}: {where}: {key}: {value!r} is not a {typ.__name__} ({RUN_FIELDS[key][2]})")
+        if not isinstance(value, typ) or (isinstance(value, bool) and typ is not bool):
+            raise SweepError(f"{path}: {where}: {key}: {value!r} is not a {typ.__name__} ({meaning})")
+        if key == "cap_gpu" and value:
+            from formulas.hardware import UnknownGPUError, get_hardware
+
+            try:
+                value = get_hardware(value).name
+            except UnknownGPUError as e:
+                raise SweepError(f"{path}: {where}: cap_gpu: {str(e).replace('--gpu ', '', 1)}") from None
+        if key == "cap_bytes" and value < 0:
+            raise SweepError(f"{path}: {where}: cap_bytes: {value} must be ≥ 0")
         return value
     if key not in SPEC_FIELDS:
         allowed = ", ".join(sorted(set(SPEC_FIELDS) | set(RUN_FIELDS)))

@@ -1,16 +1,29 @@
-"""One experiment in its own process → one record file. Its exit code is its status.
+"""Experiments in a process of their own → one record file each.
 
-    python -m harness.sweep.worker --out DIR --mode measure|trace '<experiment JSON>'
+    python -m harness.sweep.worker --out DIR --mode measure|trace '<experiment JSON>'   # cold: one experiment
+    python -m harness.sweep.worker --out DIR --mode measure|trace --warm                 # warm: many, one per line
 
 measure: on an NVIDIA GPU (harness.gpu.measure), figures under the record's `measured`;
 trace: fake tensors on the CPU (harness.tracing), figures under `traced`. An out-of-memory
-error is a result (outcome `oom`, with the requested size and the free memory at that
-moment), not a crash. Exit codes: 0 ok, 10 oom, 11 error, 12 unsupported.
+error is a result (outcome `oom`, with what was measured before it), not a crash.
+
+Cold: the experiment is the last argument; the exit code is its status (0 ok, 10 oom, 11 error,
+12 unsupported). Warm: the launcher writes one JSON message per line on stdin,
+{"experiment": {...}, "fallback": why a fresh process was started, or null}, and the worker
+answers each on its protocol stream (the original stdout; everything printed goes to stderr)
+with {"spec_hash", "outcome"} after writing the record. Before every experiment but the first it
+frees the last one's memory and checks the GPU is back where it began
+(`harness.gpu.measure.reset_between_experiments`); if not, it answers {"spec_hash", "restart":
+true, "reason"} and exits, and the launcher runs the experiment in a fresh process, saying so
+in the record. Either way the worker dies with its launcher (Linux: PR_SET_PDEATHSIG).
 """
 
 import argparse
+import ctypes
+import gc
 import json
-import re
+import os
+import signal
 import sys
 import time
 import traceback
@@ -21,36 +34,28 @@ from .schema import Experiment
 
 EXIT = {"ok": 0, "oom": 10, "error": 11, "unsupported": 12}
 SOURCE = {"measure": "measured", "trace": "traced"}  # the mode → the record key its figures go under
-_OOM_REQ = re.compile(r"Tried to allocate ([\d.]+) (GiB|MiB|KiB|B)")
-_UNIT = {"GiB": 2**30, "MiB": 2**20, "KiB": 2**10, "B": 1}
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class Unsupported(Exception):
     """This experiment cannot run in this mode (e.g. bitsandbytes layers under fake tensors)."""
 
 
-def _is_oom(e):
-    name = type(e).__name__
-    return name == "OutOfMemoryError" or "out of memory" in str(e).lower()
+def die_with_launcher():
+    """Ask the kernel to SIGKILL this process when the launcher that started it dies; exit now if it
+    already has. The launcher names itself in VRAMLAB_LAUNCHER_PID; without it, nothing is done."""
+    parent = os.environ.get("VRAMLAB_LAUNCHER_PID")
+    if not parent:
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the launcher's own signal handlers still clean up
+        pass
+    if os.getppid() != int(parent):
+        os._exit(1)
 
 
-def oom_details(e):
-    """Requested bytes parsed from the allocator's message, and free device memory now."""
-    d = {"message": str(e).splitlines()[0][:500]}
-    m = _OOM_REQ.search(str(e))
-    if m:
-        d["requested_bytes"] = int(float(m.group(1)) * _UNIT[m.group(2)])
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        try:
-            free, total = torch.cuda.mem_get_info()
-            d["free_bytes"], d["total_bytes"] = int(free), int(total)
-        except Exception:
-            pass
-    return d
-
-
-def run_one(exp, mode):
+def run_one(exp, mode, process):
     """The figures of one experiment in this mode (the record's `traced` or `measured` part)."""
     if mode == "trace":
         from ..tracing.tracer import trace
@@ -62,40 +67,103 @@ def run_one(exp, mode):
         d = result.to_dict()
         keep = ("peak_allocated_bytes", "peak_phase", "breakdown", "phases", "estimated_reserved_bytes",
                 "estimated_max_allocated_bytes", "device_breakdown", "n_params", "seconds")
-        return {k: d[k] for k in keep}
+        return {**{k: d[k] for k in keep}, "process": process}
     from ..gpu.measure import measure
 
-    return measure(exp)
+    try:
+        return measure(exp, process)
+    except NotImplementedError as e:
+        raise Unsupported(str(e)) from e
+
+
+def run_and_record(exp, out, mode, process):
+    """Run one experiment and write its record; returns the outcome."""
+    from ..gpu.measure import MeasuredOOM, is_oom, oom_details
+
+    t0 = time.perf_counter()
+    source = SOURCE[mode]
+    record = new_record(exp, source)
+    figures = error = None
+    try:
+        figures, outcome = run_one(exp, mode, process), "ok"
+    except Unsupported as e:
+        outcome, error = "unsupported", {"type": "Unsupported", "message": str(e)}
+    except MeasuredOOM as e:  # what was measured before the OOM is kept
+        outcome, figures, error = "oom", e.measured, e.details
+    except Exception as e:  # any other error is recorded too
+        if is_oom(e):
+            outcome, error = "oom", oom_details(e)
+        else:
+            outcome, error = "error", {
+                "type": type(e).__name__, "message": str(e)[:2000], "traceback": traceback.format_exc()[-4000:]}
+    record.update({source: figures, "outcome": outcome, "error": error,
+                   "timings": {"total_s": round(time.perf_counter() - t0, 3), **((figures or {}).get("timings") or {})},
+                   "env": fingerprint(_nvml_index(mode))})
+    write_record(out, record)
+    return outcome
+
+
+def _nvml_index(mode):
+    if mode != "measure":
+        return 0
+    from ..gpu.measure import nvml_index
+
+    return nvml_index()
+
+
+def _process(mode_name, n, fallback=None, reset=None):
+    """Which process ran an experiment: cold or warm, its place in the process, why it is a fresh one."""
+    p = {"pid": os.getpid(), "mode": mode_name, "experiment_in_process": n, "fallback": fallback, "reset": reset}
+    if n == 1 and os.environ.get("VRAMLAB_IDLE"):  # the launcher's wait for an idle GPU before starting it
+        p["idle"] = json.loads(os.environ["VRAMLAB_IDLE"])
+    return p
+
+
+def serve(out, mode, requests, replies):
+    """Warm: run the experiments read from `requests` one by one, answering each on `replies`."""
+    n = 0
+    for line in requests:
+        if not line.strip():
+            continue
+        msg = json.loads(line)
+        exp = Experiment.from_dict(msg["experiment"])
+        reset = None
+        if n:
+            gc.collect()
+            if mode == "measure":
+                from ..gpu.measure import reset_between_experiments
+
+                reset = reset_between_experiments()
+                if not reset["clean"]:
+                    reason = (f"after {n} experiment(s) the caching allocator still held {reset['allocated_bytes']:,} "
+                              f"bytes allocated, {reset['reserved_bytes']:,} reserved")
+                    replies.write(json.dumps({"spec_hash": exp.spec_hash, "restart": True, "reason": reason}) + "\n")
+                    replies.flush()
+                    return 0
+        n += 1
+        outcome = run_and_record(exp, out, mode, _process("warm", n, msg.get("fallback"), reset))
+        replies.write(json.dumps({"spec_hash": exp.spec_hash, "outcome": outcome}) + "\n")
+        replies.flush()
+    return 0
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="harness.sweep.worker")
     ap.add_argument("--out", required=True)
     ap.add_argument("--mode", choices=tuple(SOURCE), required=True)
-    ap.add_argument("experiment", help="experiment as JSON")
+    ap.add_argument("--warm", action="store_true", help="run the experiments sent on stdin, one JSON per line")
+    ap.add_argument("experiment", nargs="?", help="cold: the experiment as JSON")
     a = ap.parse_args(argv)
-    t0 = time.perf_counter()
+    die_with_launcher()
+    if a.warm:
+        replies = os.fdopen(os.dup(sys.stdout.fileno()), "w")  # the protocol keeps stdout; prints go to stderr
+        os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+        sys.stdout = sys.stderr
+        return serve(a.out, a.mode, sys.stdin, replies)
+    if not a.experiment:
+        ap.error("give the experiment as JSON, or --warm")
     exp = Experiment.from_dict(json.loads(a.experiment))
-    source = SOURCE[a.mode]
-    record = new_record(exp, source)
-    figures = error = None
-    try:
-        figures, outcome = run_one(exp, a.mode), "ok"
-    except Unsupported as e:
-        outcome, error = "unsupported", {"type": "Unsupported", "message": str(e)}
-    except BaseException as e:  # an OOM is a result; any other error is recorded too
-        if isinstance(e, KeyboardInterrupt):
-            raise
-        if _is_oom(e):
-            outcome, error = "oom", {"type": type(e).__name__, **oom_details(e)}
-        else:
-            outcome, error = "error", {
-                "type": type(e).__name__, "message": str(e)[:2000], "traceback": traceback.format_exc()[-4000:]}
-    record.update({source: figures, "outcome": outcome, "error": error,
-                   "timings": {"total_s": round(time.perf_counter() - t0, 3), **((figures or {}).get("timings") or {})},
-                   "env": fingerprint()})
-    write_record(a.out, record)
-    return EXIT[outcome]
+    return EXIT[run_and_record(exp, a.out, a.mode, _process("cold", 1))]
 
 
 if __name__ == "__main__":

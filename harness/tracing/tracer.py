@@ -2,46 +2,9 @@
 
 The real transformers model code runs — built and executed inside
 `torch._subclasses.fake_tensor.FakeTensorMode`, so tensors carry shapes, dtypes and strides
-but no data, and a 70B model "fits" in a laptop. A small TorchDispatchMode (`_Tracker`) sees
-every aten op, registers each new storage once (views share their storage; fake tensors
-have no real data_ptr, so the key is the `untyped_storage()` object, whose Python identity
-torch preserves for the storage's lifetime) and learns of its death from a
-`weakref.finalize` on that storage. Live bytes are kept per category
-(`formulas.categories.TENSOR_CATEGORIES`) and checked after every op: the highest total is
-the peak that `torch.cuda.max_memory_allocated` would report (before 512-byte rounding), each phase keeps
-its own peak breakdown, and a timeline records every allocation and free. The sequence is
-replayed through a model of the CUDA caching allocator (`harness/tracing/allocator.py`) for an
-estimate of reserved memory.
-
-Why its own tracker and not `torch.distributed._tools.mem_tracker.MemTracker`: MemTracker was
-tried first and works on CPU fake tensors (with `reset_mod_stats()` between iterations, it
-reports the tiny Llama training step's peak within 36 bytes of this tracer), but its categories
-are fixed (`_MemRefType`: whatever is born in backward is "Temp", the rest "Activation"), so the
-logits, their fp32 gradients, the KV cache and autocast copies cannot be told apart, a storage
-cannot move to another category when the workload hands it to a cache or to `.grad`, and after
-every op it walks the statistics of every module (slow on an 80-layer model). The counting idea
-— storages keyed by identity, weakref finalizers — is the same.
-
-The tracker only logs events (birth, death, re-label, phase mark); `_replay` turns the log into
-live bytes per category after every event, the peaks and the timeline. Replaying after the fact
-lets a storage whose role is learnt later (optimizer state created inside step 1) carry its
-final category from birth.
-
-How a storage gets its category (first match wins; later re-labels move its bytes):
-- parameters → weights (LoRA adapters too), module buffers → buffers (at the start);
-- `_to_copy` of a parameter (autocast's cached weight cast) → temporaries;
-- during optimizer.step → temporaries; after the step the tensors in `optimizer.state` become
-  optimizer_states (`step` counters of foreach/for-loop AdamW and SGD are host tensors on
-  CUDA and are not counted);
-- float outputs of 2 or 3 dims whose last dim is the vocabulary, and everything after the
-  output embedding's forward until the end of the CausalLM's forward (the loss) → logits;
-  in backward the same rule catches the loss and log-softmax gradients;
-- outputs of `Cache.update` (the `torch.cat` that grows K/V) → temporaries while the old
-  tensors are alive, then kv_cache once the cache holds them (inference only: in training
-  transformers fills a DynamicCache with the very K/V tensors SDPA saves, so they stay
-  activations);
-- `.grad` after accumulation → gradients;
-- everything else born in forward/backward/prefill/decode → activations.
+but no data, and a 70B model "fits" in a laptop. The counting is `tracker.CategoryTracker`'s,
+the same that GPU measurement runs on real tensors; the categories and how a storage gets one
+are described there.
 
 Where the CPU run differs from CUDA, and what is done about it (autograd on fake CUDA tensors
 fails without a GPU, "hasPrimaryContext expects a valid device index", so the device is CPU):
@@ -57,7 +20,7 @@ fails without a GPU, "hasPrimaryContext expects a valid device index", so the de
 - autocast runs as CPU autocast, whose op lists (`autocast_mode.cpp`) differ from CUDA's in
   a few fp32-promoted ops; the models here upcast explicitly where it matters (norms, loss).
 - transformers treats fake tensors as graph tracing (`is_tracing`) and would then materialize
-  causal masks that a real run skips; the tracer lets it ask only about compilers, and answers
+  causal masks that a real run skips; the tracker lets it ask only about compilers, and answers
   `.item()` on a fake value with 1 / True ("no padding", "not packed").
 - kernel workspaces (cuBLAS, flash split-KV), CUDA context and allocator slack are invisible
   here; `estimated_reserved_bytes` covers the slack from block rounding and caching only.
@@ -68,7 +31,6 @@ fails without a GPU, "hasPrimaryContext expects a valid device index", so the de
 
 import contextlib
 import time
-import weakref
 from dataclasses import dataclass, field, fields
 
 from formulas import categories as C
@@ -76,10 +38,8 @@ from formulas.catalog import get_shape
 from formulas.spec import Spec, SpecError, validate
 
 from ..workload.models import build_model, check_traceable
-from .allocator import CachingAllocatorModel
+from .tracker import CategoryTracker
 
-HOST = "host"  # storages that live on the CPU in a CUDA run: not counted
-PEAK_TENSORS = 16  # how many of the largest transient storages at each peak the result lists
 _UNTRACEABLE_OPTIMIZERS = ("adamw8bit", "paged_adamw8bit", "lion")
 
 
@@ -116,209 +76,6 @@ class TraceResult:
         d["timeline"] = [[i, ph, total, dict(cats)] for i, ph, total, cats in self.timeline]
         d["device_breakdown"] = self.device_breakdown
         return d
-
-
-_ALLOC, _FREE, _RELABEL, _MARK = range(4)
-_KV_GROWTH = "kv_growth"  # context marker inside Cache.update; its outputs are temporaries until adopted
-
-
-class _Record:
-    """One storage: its size, the category it was born with, the current one, and where it came from."""
-
-    __slots__ = ("nbytes", "birth", "category", "origin", "born_at")
-
-    def __init__(self, nbytes, category, origin, born_at):
-        self.nbytes, self.birth, self.category, self.origin, self.born_at = nbytes, category, category, origin, born_at
-
-
-def _tracker_class():
-    import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_flatten
-    from torch.utils.weak import WeakIdKeyDictionary
-
-    aten = torch.ops.aten
-    to_copy = aten._to_copy.default
-    scalar_dense = aten._local_scalar_dense.default
-
-    class _Tracker(TorchDispatchMode):
-        """Logs every storage's birth, death and re-labelling during a fake-tensor run.
-
-        The log is replayed afterwards (`_replay`), so a storage whose role is only known later
-        — optimizer state created inside step 1 — can carry its final category from birth."""
-
-        def __init__(self, vocab):
-            super().__init__()
-            self.vocab = vocab
-            self.events = []  # (_ALLOC, sid) | (_FREE, sid) | (_RELABEL, sid, category) | (_MARK, phase)
-            self.records = []  # sid → _Record
-            self.retro = {}  # sid → category it carries from birth (decided after the fact)
-            self.context = []  # category overrides pushed by hooks (logits, KV growth)
-            self.kv_pending = {}  # sid of a cached K/V tensor → sid of its grown copy (kv_cache once the old dies)
-            self.in_optimizer = False
-            self.optimizer_started = 0  # event index where the running optimizer.step began
-            self.active = True
-            self.ops = 0
-            self._sid = WeakIdKeyDictionary()  # storage → sid
-
-        def _on_free(self, sid):
-            if self.active:
-                self.events.append((_FREE, sid))
-                grown = self.kv_pending.pop(sid, None)
-                if grown is not None:
-                    self.events.append((_RELABEL, grown, C.KV_CACHE))
-                    self.records[grown].category = C.KV_CACHE
-
-        def register(self, storage, category, origin=("", (), "")):
-            """Log `storage` as born now under `category` unless already known; return its sid."""
-            sid = self._sid.get(storage)
-            if sid is not None:
-                return sid
-            sid = len(self.records)
-            self.records.append(_Record(storage.nbytes(), category, origin, len(self.events)))
-            self._sid[storage] = sid
-            weakref.finalize(storage, self._on_free, sid)
-            self.events.append((_ALLOC, sid))
-            return sid
-
-        def relabel(self, tensor, category, retro=False):
-            """`tensor`'s storage is `category` from now on (from birth if `retro`)."""
-            st = tensor.untyped_storage()
-            sid = self._sid.get(st)
-            if sid is None:
-                self.register(st, category)
-                return
-            rec = self.records[sid]
-            if retro:
-                self.retro[sid] = category
-            elif rec.category != category:
-                self.events.append((_RELABEL, sid, category))
-            rec.category = category
-
-        def born_since(self, tensor, event_index):
-            sid = self._sid.get(tensor.untyped_storage())
-            return sid is not None and self.records[sid].born_at >= event_index
-
-        def category_of(self, tensor):
-            sid = self._sid.get(tensor.untyped_storage())
-            return self.records[sid].category if sid is not None else None
-
-        def mark(self, phase):
-            """Workload callback: `phase` begins."""
-            self.events.append((_MARK, phase))
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            if func is scalar_dense:
-                try:
-                    return func(*args, **kwargs)
-                except torch._subclasses.fake_tensor.DataDependentOutputException:
-                    # .item() on a computed fake value: answer 1 (only Python control flow reads it).
-                    dt = args[0].dtype
-                    return True if dt == torch.bool else (1.0 if dt.is_floating_point else 1)
-            out = func(*args, **kwargs)
-            if not self.active:
-                return out
-            self.ops += 1
-            name = func.overloadpacket.__name__
-            growth = False
-            if func is to_copy and isinstance(args[0], torch.Tensor) and self.category_of(args[0]) == C.WEIGHTS:
-                default = C.TEMPORARIES  # autocast's cached cast of a weight
-            elif self.in_optimizer:
-                default = C.TEMPORARIES
-            elif self.context:
-                default = self.context[-1]
-                growth = default == _KV_GROWTH
-                if growth:
-                    default = C.TEMPORARIES
-            else:
-                default = C.ACTIVATIONS
-            for t in tree_flatten(out)[0]:
-                if isinstance(t, torch.Tensor):
-                    st = t.untyped_storage()
-                    if st not in self._sid:
-                        cat = default
-                        if t.is_floating_point() and t.dim() in (2, 3) and t.shape[-1] == self.vocab:
-                            cat = C.LOGITS  # logits and their gradients, wherever they are made
-                        sid = self.register(st, cat, (name, tuple(t.shape), str(t.dtype).replace("torch.", "")))
-                        if growth and name == "cat" and isinstance(args[0][0], torch.Tensor):
-                            # torch.cat([cached, new]) in DynamicLayer.update: the grown copy is a temporary
-                            # until the cached tensor it replaces dies, then it is the KV cache.
-                            old = self._sid.get(args[0][0].untyped_storage())
-                            if old is not None:
-                                self.kv_pending[old] = sid
-            return out
-
-    return _Tracker
-
-
-def _replay(tracker, allocator, capture=()):
-    """Replay the log: live bytes per category after every event, peaks overall and per phase.
-
-    Returns (peak, phase_peaks, phase_max, timeline, captured) where peak = (total, phase,
-    breakdown, event index), phase_peaks = {phase: (total, breakdown, event index)}, phase_max =
-    {phase: {category: its largest value in the phase}} and captured = {event index: [(sid,
-    category) alive after it]} for the indices in `capture`."""
-    live = dict.fromkeys(C.TENSOR_CATEGORIES, 0)
-    total = 0
-    phase = "load"
-    label = {}
-    peak = (-1, phase, {}, 0)
-    phase_peaks = {}
-    phase_max = {}
-    captured = {}
-    timeline = []
-    records, retro = tracker.records, tracker.retro
-    for i, ev in enumerate(tracker.events):
-        kind = ev[0]
-        if kind == _ALLOC:
-            sid = ev[1]
-            rec = records[sid]
-            cat = retro.get(sid, rec.birth)
-            label[sid] = cat
-            if cat != HOST:
-                live[cat] += rec.nbytes
-                total += rec.nbytes
-                allocator.malloc(sid, rec.nbytes)
-        elif kind == _FREE:
-            sid = ev[1]
-            cat = label.pop(sid)
-            if cat != HOST:
-                live[cat] -= records[sid].nbytes
-                total -= records[sid].nbytes
-                allocator.free(sid)
-        elif kind == _RELABEL:
-            sid, cat = ev[1], ev[2]
-            if sid in retro or sid not in label:
-                continue
-            old = label[sid]
-            n = records[sid].nbytes
-            if old != HOST:
-                live[old] -= n
-                total -= n
-                allocator.free(sid)
-            if cat != HOST:
-                live[cat] += n
-                total += n
-                allocator.malloc(sid, n)
-            label[sid] = cat
-        else:
-            phase = ev[1]
-        timeline.append((i, phase, total, {c: v for c, v in live.items() if v}))
-        if kind != _FREE:
-            # ">=": among equal totals the later moment wins (step 2 over step 1, the end of a plateau).
-            if total >= peak[0]:
-                peak = (total, phase, dict(live), i)
-            best = phase_peaks.get(phase)
-            if best is None or total >= best[0]:
-                phase_peaks[phase] = (total, dict(live), i)
-            mx = phase_max.setdefault(phase, dict(live))
-            for c, v in live.items():
-                if v > mx[c]:
-                    mx[c] = v
-        if i in capture:
-            captured[i] = [(sid, c) for sid, c in label.items() if c != HOST]
-    return peak, phase_peaks, phase_max, timeline, captured
 
 
 # ------------------------------------------------------------------ CUDA-like kernels on the CPU
@@ -417,118 +174,6 @@ def _fake_module_conversions(fake_mode):
         torch.utils.swap_tensors = orig
 
 
-# ------------------------------------------------------------------ instrumentation
-
-def _causal_lm(model):
-    """The transformers *ForCausalLM module inside `model` (a PeftModel wraps one)."""
-    from transformers import PreTrainedModel
-
-    for _, m in model.named_modules():
-        if isinstance(m, PreTrainedModel) and m.get_output_embeddings() is not None:
-            return m
-    raise ValueError(f"{type(model).__name__}: no module with an output embedding")
-
-
-@contextlib.contextmanager
-def _instrument(model, tracker, spec):
-    """Hooks that tell the tracker what a tensor is: logits, gradients, optimizer state, KV cache."""
-    import torch
-    from transformers import cache_utils, masking_utils
-
-    handles = []
-    lm = _causal_lm(model)
-    head = lm.get_output_embeddings()
-
-    # From the output embedding's result to the end of the CausalLM forward (the loss) everything is
-    # logits; inside the output embedding only its result is (the vocabulary rule), so autocast's cast
-    # of its input stays an activation and the cast of its weight a temporary.
-    def head_post(module, args, output):
-        tracker.context.append(C.LOGITS)
-
-    def lm_post(module, args, output):
-        while C.LOGITS in tracker.context:
-            tracker.context.remove(C.LOGITS)
-
-    handles.append(head.register_forward_hook(head_post))
-    handles.append(lm.register_forward_hook(lm_post))
-
-    def grad_hook(p):
-        if p.grad is not None:
-            tracker.relabel(p.grad, C.GRADIENTS)
-
-    for p in model.parameters():
-        if p.requires_grad:
-            handles.append(p.register_post_accumulate_grad_hook(grad_hook))
-
-    def opt_pre(opt, args, kwargs):
-        tracker.in_optimizer = True
-        tracker.optimizer_started = len(tracker.events)
-
-    def opt_post(opt, args, kwargs):
-        tracker.in_optimizer = False
-        # torch keeps AdamW/SGD `step` counters on the host unless fused or capturable.
-        on_device_steps = any(g.get("fused") or g.get("capturable") for g in opt.param_groups)
-        for state in opt.state.values():
-            for key, v in state.items():
-                if isinstance(v, torch.Tensor):
-                    host = key == "step" and v.dim() == 0 and not on_device_steps
-                    # State created inside this step (step 1) is optimizer state from its birth.
-                    retro = tracker.born_since(v, tracker.optimizer_started)
-                    tracker.relabel(v, HOST if host else C.OPTIMIZER_STATES, retro=retro)
-
-    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
-
-    handles.append(register_optimizer_step_pre_hook(opt_pre))
-    handles.append(register_optimizer_step_post_hook(opt_post))
-
-    orig_update = cache_utils.Cache.update
-    inference = spec.mode == "inference"
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        if not inference:
-            return orig_update(self, key_states, value_states, layer_idx, *args, **kwargs)
-        tracker.context.append(_KV_GROWTH)  # the grown copy is a temporary while the old K/V lives
-        try:
-            out = orig_update(self, key_states, value_states, layer_idx, *args, **kwargs)
-        finally:
-            tracker.context.pop()
-        layer = self.layers[layer_idx]
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor) and t.numel():
-                tracker.relabel(t, C.KV_CACHE)
-        return out
-
-    # transformers treats a fake tensor as graph tracing (`is_tracing`) and then materializes the
-    # causal mask instead of checking for padding or packed sequences; a real run finds neither and
-    # passes no mask (flash attention). Ask only whether a compiler or jit is tracing.
-    orig_is_tracing = masking_utils.is_tracing
-
-    def is_tracing(tensor=None):
-        return orig_is_tracing(None)
-
-    cache_utils.Cache.update = update
-    masking_utils.is_tracing = is_tracing
-    try:
-        yield
-    finally:
-        cache_utils.Cache.update = orig_update
-        masking_utils.is_tracing = orig_is_tracing
-        for h in handles:
-            h.remove()
-
-
-def _largest(tracker, alive):
-    """The PEAK_TENSORS largest of `alive` [(sid, category)] that are not weights, buffers or optimizer state, as dicts."""
-    out = []
-    for sid, cat in alive:
-        rec = tracker.records[sid]
-        if cat not in (C.WEIGHTS, C.BUFFERS, C.OPTIMIZER_STATES):
-            op, shp, dt = rec.origin
-            out.append({"category": cat, "bytes": rec.nbytes, "op": op, "shape": list(shp), "dtype": dt})
-    out.sort(key=lambda d: -d["bytes"])
-    return out[:PEAK_TENSORS]
-
-
 # ------------------------------------------------------------------ entry point
 
 def trace(spec):
@@ -545,49 +190,26 @@ def trace(spec):
 
     t0 = time.perf_counter()
     notes = []
-    tracker = _tracker_class()(vocab=shape.vocab)
     fake_mode = FakeTensorMode()
     with fake_mode, _cuda_like_kernels(notes):
         with _fake_module_conversions(fake_mode):
             model = build_model(spec)
         n_params = sum(p.numel() for p in model.parameters())
-        with _instrument(model, tracker, spec), tracker:
-            for p in model.parameters():
-                tracker.register(p.untyped_storage(), C.WEIGHTS, ("parameter", tuple(p.shape), str(p.dtype)))
-            for b in model.buffers():
-                tracker.register(b.untyped_storage(), C.BUFFERS, ("buffer", tuple(b.shape), str(b.dtype)))
+        with CategoryTracker(model, spec, shape.vocab, device_type="cpu") as tracker:
             if spec.mode == "inference":
                 kept = run_inference(model, spec, tracker.mark)
             else:
                 kept = run_training(model, spec, tracker.mark)
-            tracker.active = False  # the workload is over: what its return value and the model free next is not
         del model, kept
-
-    allocator = CachingAllocatorModel()
-    (total, peak_phase, bd, peak_event), phase_peaks, phase_max, timeline, _ = _replay(tracker, allocator)
-    wanted = {peak_event} | {pk[2] for pk in phase_peaks.values()}
-    captured = _replay(tracker, CachingAllocatorModel(), capture=wanted)[-1]
+    memory = tracker.result()
     seconds = time.perf_counter() - t0
-    breakdown = {c: bd.get(c, 0) for c in C.TENSOR_CATEGORIES}
-    phases, category_max = {}, {}
-    for ph in (C.PHASES_INFERENCE if spec.mode == "inference" else C.PHASES_TRAIN):
-        if ph in phase_peaks:
-            phases[ph] = {c: phase_peaks[ph][1].get(c, 0) for c in C.TENSOR_CATEGORIES}
-            category_max[ph] = {c: phase_max[ph].get(c, 0) for c in C.TENSOR_CATEGORIES}
-    peak_tensors = _largest(tracker, captured[peak_event])
-    phase_tensors = {ph: _largest(tracker, captured[phase_peaks[ph][2]]) for ph in phases}
     if shape.is_mla and spec.mode == "inference" and spec.mla_cache == "expanded":
         notes.append("MLA: transformers caches the compressed latent (kv_lora_rank + qk_rope_head_dim per layer), "
                      "whatever --mla-cache says; compare with --mla-cache compressed")
     if spec.mode == "train":
         notes.append(f"{TRAIN_STEPS} optimizer steps of {spec.grad_accum} micro-batch(es); figures are the max over them")
     notes.append("fake tensors on the CPU: CUDA kernel workspaces, context and allocator slack are not in peak_allocated_bytes")
-    return TraceResult(
-        spec=spec, breakdown=breakdown, peak_allocated_bytes=total, peak_phase=peak_phase, phases=phases,
-        timeline=timeline, estimated_reserved_bytes=allocator.peak_reserved_bytes, seconds=seconds,
-        notes=notes, estimated_max_allocated_bytes=allocator.peak_allocated_bytes, n_params=n_params,
-        n_ops=tracker.ops, peak_tensors=peak_tensors, phase_tensors=phase_tensors, category_max=category_max,
-    )
+    return TraceResult(spec=spec, seconds=seconds, notes=notes, n_params=n_params, **vars(memory))
 
 
 def plot_timeline(result, path):
