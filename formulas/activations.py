@@ -27,17 +27,36 @@ class ActContext:
     attn: str  # sdpa | eager
     linears_trainable: bool  # base linear weights need grad (full / freeze) or not (LoRA / QLoRA)
     norms_trainable: bool  # norm weights need grad
+    int8_linears: bool = False  # bitsandbytes int8 layers: they save their input for backward, trainable or not
     lora: dict = field(default_factory=dict)  # target module → (in_features, out_features)
     lora_rank: int = 0
-    lora_x_bytes: int = 0  # bytes of the input copy peft makes for lora_A (adapter dtype)
+    lora_x_bytes: int = 0  # bytes of lora_A's input and output (the adapter dtype)
+    lora_input_copied: bool = True  # peft casts lora_A's input to the adapter dtype (a new tensor per module)
+    # unless it already has it (kbit prep's fp32 stream, bf16 adapters over bf16): then lora_A saves the
+    # very tensor the base module reads, once for all modules that read it
     dropout: bool = True  # training-mode dropout with the config's probabilities
 
 
+def _inputs_saved(ctx):
+    """Whether the base linears keep their inputs for backward: trainable ones do (weight gradient), and
+    bitsandbytes' MatMul8bitLt keeps A whenever A needs a gradient (autograd/_functions.py)."""
+    return ctx.linears_trainable or ctx.int8_linears
+
+
 def _lora_saved(ctx, module, in_features):
-    """Saved by one LoRA-adapted module: the input cast to the adapter dtype and lora_A's output."""
+    """Saved by one LoRA-adapted module: the input cast to the adapter dtype (when peft casts it) and
+    lora_A's output. An input that is not cast is counted once per tensor by `_lora_shared_input`."""
     if module not in ctx.lora:
         return 0
-    return in_features * ctx.lora_x_bytes + ctx.lora_rank * ctx.lora_x_bytes
+    return (in_features * ctx.lora_x_bytes if ctx.lora_input_copied else 0) + ctx.lora_rank * ctx.lora_x_bytes
+
+
+def _lora_shared_input(ctx, modules, elements, saved_already=False):
+    """Bytes of one input tensor several LoRA modules read uncast (`elements` per token at the activation
+    dtype): lora_A saves it for its weight gradient unless something else saves it already."""
+    if ctx.lora_input_copied or saved_already or not any(m in ctx.lora for m in modules):
+        return 0
+    return elements * ctx.b
 
 
 def _linear_input(ctx, in_features, count=1):
@@ -65,11 +84,11 @@ def _sdpa_saved(ctx, n_q, n_kv, qk_dim, v_dim, seq, q_is_fresh=False):
     # (B, S, H, D) in memory and .contiguous() is a view; eager's matmul output and MLA's cat-built q
     # are (B, H, S, D), so there it is a real copy (docs/trace_findings.md #6).
     copies = ctx.attn == "eager" or q_is_fresh
-    contiguous = n_q * v_dim * b if ctx.linears_trainable and copies else 0
+    contiguous = n_q * v_dim * b if _inputs_saved(ctx) and copies else 0
     if ctx.attn == "eager":
         # matmul(q, k_rep^T) saves q and the repeat_kv copies; softmax(fp32) saves its output;
         # matmul(probs_bf16, v_rep) saves probs and v_rep (transformers eager_attention_forward).
-        return (n_q * qk_dim * b + n_q * qk_dim * b + n_q * v_dim * b + n_q * seq * (4 + b) + contiguous)
+        return n_q * qk_dim * b + n_q * qk_dim * b + n_q * v_dim * b + _softmax_probs(ctx, n_q * seq) + contiguous
     # Memory-efficient / flash kernels save q, k, v (native GQA, no repeat), out and fp32 logsumexp.
     return n_q * qk_dim * b + n_kv * qk_dim * b + n_kv * v_dim * b + out + 4 * n_q + contiguous
 
@@ -78,10 +97,12 @@ def _gated_mlp_saved(ctx, H, inter):
     """SwiGLU MLP: silu saves gate, act*up saves both, down_proj saves the product if it trains."""
     b = ctx.b
     saved = 3 * inter * b  # gate (silu input), act, up
-    if ctx.linears_trainable:
+    if _inputs_saved(ctx):
         saved += inter * b  # down_proj input
     saved += _linear_input(ctx, H, 2)  # gate/up casts under autocast
     saved += _lora_saved(ctx, "gate_proj", H) + _lora_saved(ctx, "up_proj", H) + _lora_saved(ctx, "down_proj", inter)
+    saved += _lora_shared_input(ctx, ("gate_proj", "up_proj"), H, saved_already=_inputs_saved(ctx))  # post-attn norm out
+    saved += _lora_shared_input(ctx, ("down_proj",), inter, saved_already=_inputs_saved(ctx))  # act * up
     return saved
 
 
@@ -93,6 +114,9 @@ def _llama_attention_saved(ctx, shape, seq):
         saved += _rms_norm(ctx, nH * hd, ctx.b) + _rms_norm(ctx, nKV * hd, ctx.b)
     for m, fin in (("q_proj", H), ("k_proj", H), ("v_proj", H), ("o_proj", nH * hd)):
         saved += _lora_saved(ctx, m, fin)
+    saved += _lora_shared_input(ctx, ("q_proj", "k_proj", "v_proj"), H, saved_already=_inputs_saved(ctx))  # input norm out
+    # o_proj reads the kernel output through a view (flash / efficient layout), already saved; eager copies it
+    saved += _lora_shared_input(ctx, ("o_proj",), nH * hd, saved_already=ctx.attn != "eager" or _inputs_saved(ctx))
     return saved
 
 
@@ -103,11 +127,11 @@ def _mla_attention_saved(ctx, shape, seq):
     b = ctx.b
     saved = 0
     if qr:
-        saved += _rms_norm(ctx, qr, b) + (qr * b if ctx.linears_trainable else 0)  # q_a_layernorm, q_b_proj input
+        saved += _rms_norm(ctx, qr, b) + (qr * b if _inputs_saved(ctx) else 0)  # q_a_layernorm, q_b_proj input
         saved += _linear_input(ctx, H) + _lora_saved(ctx, "q_a_proj", H) + _lora_saved(ctx, "q_b_proj", qr)
     else:
         saved += _linear_input(ctx, H) + _lora_saved(ctx, "q_proj", H)
-    saved += _rms_norm(ctx, kvr, b) + (kvr * b if ctx.linears_trainable else 0)  # kv_a_layernorm, kv_b_proj input
+    saved += _rms_norm(ctx, kvr, b) + (kvr * b if _inputs_saved(ctx) else 0)  # kv_a_layernorm, kv_b_proj input
     saved += _linear_input(ctx, H) + _lora_saved(ctx, "kv_a_proj_with_mqa", H) + _lora_saved(ctx, "kv_b_proj", kvr)
     # q and k are rebuilt by torch.cat(pass, rot) per head: full-size (nH, qk) copies go to SDPA.
     saved += _sdpa_saved(ctx, nH, nH, qk, vd, seq, q_is_fresh=True)
@@ -140,6 +164,12 @@ def _layer_norm_saved(ctx, dim):
     return dim * ctx.r + 8
 
 
+def _softmax_probs(ctx, scores):
+    """An eager softmax in fp32 saves its output, and the cast back to the activations' dtype saves a copy
+    (none when they are fp32 already: `.to(torch.float32)` of an fp32 tensor is the tensor itself)."""
+    return scores * 4 + (scores * ctx.b if ctx.b != 4 else 0)
+
+
 def _dropout_mask(ctx, p, elements):
     """A fused CUDA dropout saves a bool mask per element when p > 0 in training."""
     return elements if (ctx.dropout and p > 0) else 0
@@ -151,7 +181,7 @@ def layer_saved_per_token(ctx, shape, seq, moe_layer=False):
     fam = shape.family
     if fam in ("llama", "moe", "mla"):
         saved = 2 * _rms_norm(ctx, H, r)  # input_layernorm, post_attention_layernorm
-        if ctx.linears_trainable and not ctx.amp:
+        if _inputs_saved(ctx) and not ctx.amp:
             saved += 2 * H * b  # norm outputs, read by the q/k/v and gate/up projections
         attn = _mla_attention_saved(ctx, shape, seq) if fam == "mla" else _llama_attention_saved(ctx, shape, seq)
         mlp = _moe_saved(ctx, shape) if moe_layer else _gated_mlp_saved(ctx, H, I)
@@ -166,7 +196,7 @@ def layer_saved_per_token(ctx, shape, seq, moe_layer=False):
             # softmax saves its output; with attention dropout, the mask and the dropped-out copy (saved by
             # the matmul) too. GPT-2 keeps the softmax in the compute dtype; GPTBigCode upcasts to fp32.
             dropped = ctx.dropout and shape.attn_dropout > 0
-            probs = nH * seq * (b if fam == "gpt2" else 4 + b) + (nH * seq * b if dropped else 0)
+            probs = (nH * seq * b if fam == "gpt2" else _softmax_probs(ctx, nH * seq)) + (nH * seq * b if dropped else 0)
             attn = qkv + probs + drop_attn + H * b + H * b
         # gelu_new (gpt2) is a Python formula that saves x, tanh(.), 0.5x and 1+tanh; gelu_pytorch_tanh saves x.
         act = 4 * I * b if fam == "gpt2" else I * b
@@ -177,7 +207,7 @@ def layer_saved_per_token(ctx, shape, seq, moe_layer=False):
     if fam == "opt":
         attn = 3 * H * b + H * b + 4 * nH
         if ctx.attn == "eager":
-            attn = 3 * H * b + nH * seq * (4 + b) + drop_attn + H * b + H * b
+            attn = 3 * H * b + _softmax_probs(ctx, nH * seq) + drop_attn + H * b + H * b
         saved = 2 * _layer_norm_saved(ctx, H) + 2 * H * b + attn + I * b + I * b  # fc1 out → relu saves its output = fc2 input
         saved += 2 * _dropout_mask(ctx, shape.resid_dropout, H)
         for m, fin in (("q_proj", H), ("k_proj", H), ("v_proj", H), ("out_proj", H), ("fc1", H), ("fc2", I)):
@@ -188,7 +218,7 @@ def layer_saved_per_token(ctx, shape, seq, moe_layer=False):
         # partial-rotary cat, v stays a view of the fused qkv output, which therefore stays alive.
         attn = 3 * H * b + 2 * H * b + H * b + 4 * nH + H * b
         if ctx.attn == "eager":
-            attn = 3 * H * b + 2 * H * b + nH * seq * (4 + b) + drop_attn + H * b + H * b
+            attn = 3 * H * b + 2 * H * b + _softmax_probs(ctx, nH * seq) + drop_attn + H * b + H * b
         saved = H * ctx.r + 16 + 2 * H * b + attn + I * b + I * b
         saved += _lora_saved(ctx, "query_key_value", H) + _lora_saved(ctx, "dense_h_to_4h", H)
         return saved
@@ -223,10 +253,31 @@ def model_saved_per_token(ctx, shape):
     return saved  # RoPE cos/sin are per position: forward_extras_per_position
 
 
+def _int8_inputs_per_token(ctx, shape, moe_layer=False):
+    """What a layer's bitsandbytes int8 linears keep of their inputs, per token: MatMul8bitLt holds A as a
+    plain ctx attribute, outside autograd's saved-tensor hooks, so checkpointing does not free it.
+    Inputs several linears share (q/k/v, gate/up) are one tensor."""
+    if not ctx.int8_linears or shape.family not in ("llama", "moe", "mla"):
+        return 0
+    H, b = shape.hidden, ctx.b
+    if shape.family == "mla":
+        attn = H + (shape.q_lora_rank or 0) + shape.kv_lora_rank + shape.n_heads * shape.v_head_dim
+    else:
+        attn = H + shape.n_heads * shape.head_dim
+    if moe_layer:  # experts are fused 3-D parameters bitsandbytes leaves alone; the router and shared expert are linears
+        mlp = H + (shape.shared_intermediate if shape.shared_intermediate else 0)
+    else:
+        mlp = H + shape.intermediate
+    return (attn + mlp) * b
+
+
 def ckpt_saved_per_token(ctx, shape, seq=0):
     """With gradient checkpointing each layer keeps only its input hidden state (and, with eager
-    attention, the additive mask it was called with, once for all layers: #5)."""
-    return shape.n_layers * shape.hidden * ctx.r + (seq * ctx.b if ctx.attn == "eager" else 0)
+    attention, the additive mask it was called with, once for all layers: #5) — and what bitsandbytes
+    int8 linears hold outside autograd's hooks (`_int8_inputs_per_token`)."""
+    int8 = shape.n_dense_layers * _int8_inputs_per_token(ctx, shape) + \
+        shape.n_moe_layers * _int8_inputs_per_token(ctx, shape, moe_layer=True)
+    return shape.n_layers * shape.hidden * ctx.r + (seq * ctx.b if ctx.attn == "eager" else 0) + int8
 
 
 # ---------------------------------------------------------------- inference (no grad)

@@ -24,6 +24,9 @@ KV_DTYPES = ("fp32", "bf16", "fp16", "fp8")
 BNB4_BLOCK = 64
 BNB4_NESTED_BLOCK = 256
 BNB4_CODE_BYTES = 16 * 4  # QuantState.code: the 16-entry fp32 NF4/FP4 table, one per tensor
+# Double quantization's state2.code: the 256-entry fp32 dynamic map, copied per tensor
+# (bitsandbytes functional.py quantize_blockwise: `code.to(A.device, copy=True)`).
+BNB4_NESTED_CODE_BYTES = 256 * 4
 
 # DeepSeek-V3 / transformers FineGrainedFP8: fp32 scale per 128×128 weight block.
 # Source: DeepSeek-V3 config.json quantization_config.weight_block_size = [128, 128].
@@ -107,7 +110,7 @@ def bnb4_state_bytes(numel, double_quant=True):
     blocks = -(-numel // BNB4_BLOCK)
     if double_quant:
         nested = -(-blocks // BNB4_NESTED_BLOCK)
-        return blocks * 1 + nested * 4 + 4 + BNB4_CODE_BYTES
+        return blocks * 1 + nested * 4 + 4 + BNB4_CODE_BYTES + BNB4_NESTED_CODE_BYTES
     return blocks * 4 + BNB4_CODE_BYTES
 
 

@@ -42,6 +42,7 @@ from .lora import default_targets, lora_params, lora_tensors, resolve_targets
 from .overhead import DEFAULT_OVERHEADS
 from .spec import Spec, SpecError, validate
 from .training import gradient_bytes, optimizer_memory
+from .dtypes import BNB_DTYPES
 from .weights import _TOKEN_EMBEDDINGS, weight_storage
 
 
@@ -80,6 +81,8 @@ class _Static:
     w_embed: int
     w_head: int
     w_other: int  # final norm and other non-layer weights
+    q_layers: int  # of w_layers, quantization state
+    q_other: int  # of w_other, quantization state
     buffers: int
     quant_temp: int  # dequantization / int8 matmul temporary per matmul, bytes per token or absolute
     quant_temp_per_token: int
@@ -112,18 +115,26 @@ def _trainable_copies(t, shape, k):
     return max(0, k - (L - c))  # dense MLPs in the first c layers
 
 
+def kbit_prepared(spec):
+    """LoRA over a bitsandbytes base with peft's prepare_model_for_kbit_training (validated spec)."""
+    return spec.mode == "train" and spec.kbit_prep and spec.method in ("lora", "qlora") and spec.dtype in BNB_DTYPES
+
+
 def _static(spec):
     shape = get_shape(spec.model)
     cb = DTYPE_BYTES[spec.compute_dtype]
     kvb = DTYPE_BYTES[spec.kv_dtype]
     train = spec.mode == "train"
     amp = train and spec.precision == "amp"
+    kbit = kbit_prepared(spec)
     stored = spec.dtype
     if amp and spec.method == "full":
         stored = "fp32"  # autocast trains fp32 parameters
-    st = weight_storage(shape, stored, spec.compute_dtype, spec.double_quant, spec.group_size)
+    # kbit prep casts every unquantized fp16/bf16 weight (embeddings, norms, lm_head, biases) to fp32
+    st = weight_storage(shape, stored, "fp32" if kbit else spec.compute_dtype, spec.double_quant, spec.group_size)
     w_total = st.weight_bytes + st.quant_state_bytes
     w_other = w_total - st.layer_bytes - st.embed_bytes - st.head_bytes
+    q_other = st.quant_state_bytes - st.layer_quant_state_bytes
 
     quant_temp = quant_temp_tok = 0
     if spec.dtype in ("nf4", "fp4", "gptq-int4", "awq-int4"):
@@ -176,22 +187,25 @@ def _static(spec):
             tb = DTYPE_BYTES[spec.lora_dtype]
             trainable = lora_tensors(targets, spec.lora_rank)
             n_tr = lora_params(targets, spec.lora_rank)
-            ctx_kw = dict(linears_trainable=False, norms_trainable=False,
+            # kbit prep makes the embeddings fp32, so every activation is: bitsandbytes layers compute in
+            # the compute dtype and return their input's dtype (bitsandbytes/nn/modules.py Linear4bit.forward)
+            act_bytes = 4 if kbit else cb
+            ctx_kw = dict(linears_trainable=False, norms_trainable=False, int8_linears=spec.dtype == "int8",
                           lora={m: (i, o) for m, (i, o, _) in targets.items()},
-                          lora_rank=spec.lora_rank, lora_x_bytes=tb)
+                          lora_rank=spec.lora_rank, lora_x_bytes=tb, lora_input_copied=tb != act_bytes)
         grads = gradient_bytes(trainable, tb)
         om = optimizer_memory(trainable, tb, spec.optimizer, spec.optimizer_impl, master=spec.precision == "master")
         state, master, opt_temp, paged = om.state_bytes, om.master_bytes, om.step_temp_bytes, om.paged
         # The residual stream is fp32 under autocast when the embeddings are fp32 (full); a frozen
         # low-precision base keeps it in the compute dtype (freeze, LoRA).
-        r = 4 if amp and spec.method == "full" else cb
-        ctx = ActContext(b=cb, r=r, amp=amp, attn=spec.attn, dropout=spec.dropout, **ctx_kw)
+        r = 4 if (amp and spec.method == "full") or kbit else cb
+        ctx = ActContext(b=4 if kbit else cb, r=r, amp=amp, attn=spec.attn, dropout=spec.dropout, **ctx_kw)
         ctx_head = ctx if spec.method != "freeze" else replace(ctx, linears_trainable=False, norms_trainable=False)
         if spec.method in ("lora", "qlora"):
             w_other += n_tr * tb  # adapters counted with the weights
     return _Static(
         shape=shape, spec=spec, cb=cb, kvb=kvb, w_layers=st.layer_bytes, w_embed=st.embed_bytes,
-        w_head=st.head_bytes, w_other=w_other,
+        w_head=st.head_bytes, w_other=w_other, q_layers=st.layer_quant_state_bytes, q_other=q_other,
         buffers=st.buffer_bytes, quant_temp=quant_temp, quant_temp_per_token=quant_temp_tok,
         n_trainable=n_tr, grads=grads, opt_state=state, opt_paged=paged, master=master, opt_temp=opt_temp,
         autocast_copies=copies, autocast_head=copies_head, autocast_layer=copies_layer, lm_grad=lm_grad, ctx=ctx,
@@ -256,14 +270,20 @@ def _slices(st):
 
 # ------------------------------------------------------------------ phases
 
-def _weights_on(st, sl):
-    s = st.spec
-    w = (st.w_layers * sl.layer_frac + st.w_embed * sl.embed + st.w_head * sl.head + st.w_other) / sl.tp
-    if s.offload == "params":
-        w = 2 * st.w_layers / st.shape.n_layers / sl.tp  # streamed: the running layer and the next
+def _held(st, sl, layers, embed, head, other):
+    """Bytes of stored model state one GPU holds, from its parts in the layers, embeddings, head and elsewhere."""
+    w = (layers * sl.layer_frac + embed * sl.embed + head * sl.head + other) / sl.tp
+    if st.spec.offload == "params":
+        w = 2 * layers / st.shape.n_layers / sl.tp  # streamed: the running layer and the next
     if sl.weight_div > 1:
-        w = w / sl.weight_div + 2 * st.w_layers / st.shape.n_layers / sl.tp  # ZeRO-3 gathers two layers
+        w = w / sl.weight_div + 2 * layers / st.shape.n_layers / sl.tp  # ZeRO-3 gathers two layers
     return w
+
+
+def _weights_on(st, sl):
+    """{weights, quant_state} one GPU holds."""
+    return {C.WEIGHTS: _held(st, sl, st.w_layers - st.q_layers, st.w_embed, st.w_head, st.w_other - st.q_other),
+            C.QUANT_STATE: _held(st, sl, st.q_layers, 0, 0, st.q_other)}
 
 
 def _param_share(st, sl):
@@ -274,8 +294,7 @@ def _param_share(st, sl):
 
 def _phases_inference(st, sl, B, S, N):
     shape, s, cb = st.shape, st.spec, st.cb
-    weights = _weights_on(st, sl)
-    base = {C.WEIGHTS: weights, C.BUFFERS: st.buffers}
+    base = {**_weights_on(st, sl), C.BUFFERS: st.buffers}
     T = B * S
     kv_pf = kv_cache_bytes(shape, B, S, st.kvb, s.mla_cache) * sl.layer_frac / sl.kv_div
     # + int64 input ids per token, and cos/sin, position ids (and position embeddings) per position
@@ -316,7 +335,7 @@ def _phases_train(st, sl, B, S, N):
     shape, s, cb, ctx = st.shape, st.spec, st.cb, st.ctx
     H, V = shape.hidden, shape.vocab
     share = _param_share(st, sl)
-    weights = _weights_on(st, sl)
+    held = {**_weights_on(st, sl), C.BUFFERS: st.buffers}
     grads = st.grads * share / sl.grad_div
     bucket = st.grads * share if sl.ddp_bucket else 0
     offload_opt = s.offload == "optimizer"
@@ -339,19 +358,20 @@ def _phases_train(st, sl, B, S, N):
     acts = (acts - replicated) / sl.tp + replicated if sl.tp > 1 else acts
     acts = acts * sl.act_frac
     # final norm, lm_head input and ids per token; RoPE cos/sin and position ids per position
-    model_saved = (T * model_saved_per_token(st.ctx_head, shape) + S * forward_extras_per_position(shape, cb)) * sl.head
+    ab = ctx.b  # the activations' dtype: the compute dtype, or fp32 after kbit prep
+    model_saved = (T * model_saved_per_token(st.ctx_head, shape) + S * forward_extras_per_position(shape, ab)) * sl.head
     ids_fwd = 0 if st.ctx_head.linears_trainable else T * 8  # the input ids, alive during the forward
     if s.grad_ckpt:
         acts = T * ckpt_saved_per_token(ctx, shape, S) * frac_layers * sl.act_frac
     qtemp = st.quant_temp
     layer_transient = T * 4 * H / sl.tp
     if s.grad_ckpt:
-        layer_transient = T * prefill_working_set_per_token(shape, cb, s.attn, S, s.compute_dtype == "fp16") / sl.tp
-    lb = cb  # logits come out of lm_head in the compute dtype
+        layer_transient = T * prefill_working_set_per_token(shape, ab, s.attn, S, s.compute_dtype == "fp16") / sl.tp
+    lb = ab  # logits come out of lm_head in the compute dtype (fp32 after kbit prep)
     fwd_logits = T * V * (lb + (4 if lb != 4 else 0) + 4) * sl.head / sl.tp
     bwd_logits = vmax(T * V * 12 * sl.head / sl.tp, T * V * lb * sl.head / sl.tp + st.lm_grad * sl.head / sl.tp)
     acc_grads = grads * ((s.grad_accum > 1) * 1)
-    persistent = {C.WEIGHTS: weights, C.BUFFERS: st.buffers, C.OPTIMIZER_STATES: state, C.MASTER_WEIGHTS: master}
+    persistent = {**held, C.OPTIMIZER_STATES: state, C.MASTER_WEIGHTS: master}
 
     fwd = dict(persistent)
     fwd[C.GRADIENTS] = acc_grads + bucket
@@ -388,7 +408,7 @@ def _phases_train(st, sl, B, S, N):
     opt = dict(persistent)
     opt[C.GRADIENTS] = grads + bucket
     opt[C.TEMPORARIES] = opt_temp
-    return {"load": {C.WEIGHTS: weights, C.BUFFERS: st.buffers}, "forward": fwd, "backward": bwd, "optimizer_step": opt}
+    return {"load": dict(held), "forward": fwd, "backward": bwd, "optimizer_step": opt}
 
 
 def paged_bytes(st, phase_bd):
@@ -440,6 +460,9 @@ def _notes(st):
             notes.append(f"LoRA r={s.lora_rank} on {targets}: {st.n_trainable:,} trainable parameters in {s.lora_dtype}")
         if s.method == "freeze":
             notes.append(f"freeze: last {s.trainable_layers} of {shape.n_layers} layers train ({st.n_trainable:,} parameters)")
+        if kbit_prepared(s):
+            notes.append("kbit prep (peft prepare_model_for_kbit_training): unquantized weights, activations and logits "
+                         "in fp32; --no-kbit-prep for a trainer that skips it (TRL ≥ 0.26)")
     else:
         if shape.is_mla:
             notes.append(f"MLA KV cache {s.mla_cache}" + (" (the latent, as transformers 5, vLLM and SGLang cache it)"

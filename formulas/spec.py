@@ -50,6 +50,7 @@ class Spec:
     double_quant: bool = True  # bitsandbytes 4-bit double quantization
     group_size: int = 128  # GPTQ/AWQ group size
     dropout: bool = True  # training-mode dropout masks where the config has p > 0
+    kbit_prep: bool = True  # LoRA over a bitsandbytes base: peft's prepare_model_for_kbit_training (its default recipe)
     gpus: int = 1  # GPUs in total
     zero: int = 0  # ZeRO stage 0-3 over the data-parallel GPUs (3 = FSDP full shard)
     tp: int = 1  # tensor-parallel degree

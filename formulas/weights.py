@@ -29,6 +29,7 @@ class WeightStorage:
     quant_state_bytes: int  # scales / absmax / zeros
     buffer_bytes: int  # non-parameter module state
     layer_bytes: int  # weight + quant_state of the decoder layers (the part a layer split distributes)
+    layer_quant_state_bytes: int  # of which quantization state
     largest_quantized: int  # elements of the largest single quantized weight (dequantization temporary)
     embed_bytes: int = 0  # input (and position) embeddings
     head_bytes: int = 0  # untied lm_head
@@ -105,7 +106,7 @@ def weight_storage(shape, dtype, compute_dtype="bf16", double_quant=True, group_
     router, keep theirs). Quantized dtypes store what the scheme quantizes packed and the rest
     at `compute_dtype`. Source: see formulas/dtypes.py per scheme."""
     cb = DTYPE_BYTES[dtype] if dtype in ("fp32", "bf16", "fp16") else DTYPE_BYTES[compute_dtype]
-    weights = qstate = layer = largest_q = embed = head = 0
+    weights = qstate = layer = layer_q = largest_q = embed = head = 0
     # llama.cpp classifies an 80-layer Llama with 8 query heads per KV head as LLM_TYPE_70B.
     is_70b = shape.family == "llama" and shape.n_layers == 80 and shape.n_heads == 8 * shape.n_kv_heads
     for t in shape.tensors:
@@ -114,6 +115,7 @@ def weight_storage(shape, dtype, compute_dtype="bf16", double_quant=True, group_
         qstate += q
         if _is_layer(t):
             layer += w + q
+            layer_q += q
         elif t.kind == "embedding":
             embed += w + q
         elif t.module == "lm_head":
@@ -124,4 +126,4 @@ def weight_storage(shape, dtype, compute_dtype="bf16", double_quant=True, group_
     for b in shape.buffers:
         bb = DTYPE_BYTES[b.dtype] if b.dtype else cb
         buffers += bb * b.numel * b.count
-    return WeightStorage(weights, qstate, buffers, layer, largest_q, embed, head)
+    return WeightStorage(weights, qstate, buffers, layer, layer_q, largest_q, embed, head)

@@ -45,7 +45,8 @@ def test_bnb_nf4_double_quant():
     per_layer = 0
     for n in (4096 * 4096, 1024 * 4096, 1024 * 4096, 4096 * 4096, 14336 * 4096, 14336 * 4096, 14336 * 4096):
         blocks = n // 64
-        per_layer += blocks + -(-blocks // 256) * 4 + 4 + 64  # uint8 absmax, fp32 nested absmax, offset, code
+        # uint8 absmax, fp32 nested absmax, offset, the NF4 code and the nested dynamic map (fp32 16 and 256)
+        per_layer += blocks + -(-blocks // 256) * 4 + 4 + 64 + 1024
     assert st.quant_state_bytes == per_layer * 32
     no_dq = weight_storage(get_shape(L8), "nf4", double_quant=False)
     assert no_dq.quant_state_bytes == (LIN_PER_LAYER // 64 * 4 + 7 * 64) * 32
@@ -186,10 +187,26 @@ def test_training_master_weights_is_16_bytes_per_param():
 
 
 def test_qlora_base_is_nf4_and_adapters_fp32():
-    p = predict(Spec(model=L8, mode="train", method="qlora", dtype="bf16", seq=512))
+    p = predict(Spec(model=L8, mode="train", method="qlora", dtype="bf16", seq=512, kbit_prep=False))
     st = weight_storage(get_shape(L8), "nf4")
     assert p.spec.dtype == "nf4" and p.spec.compute_dtype == "bf16"
-    assert p.phases["load"]["weights"] == st.weight_bytes + st.quant_state_bytes + 6_815_744 * 4
+    assert p.phases["load"]["weights"] == st.weight_bytes + 6_815_744 * 4
+    assert p.phases["load"]["quant_state"] == st.quant_state_bytes
+
+
+def test_kbit_prep_casts_the_unquantized_weights_to_fp32():
+    """peft's prepare_model_for_kbit_training: embeddings, lm_head and the 65 norms of Llama-3.1-8B go from
+    bf16 to fp32, about 2 GB more weights; the quantized layers and their state stay as they are."""
+    plain = predict(Spec(model=L8, mode="train", method="qlora", seq=512, kbit_prep=False))
+    prepped = predict(Spec(model=L8, mode="train", method="qlora", seq=512))  # the default
+    unquantized = 2 * 128_256 * 4096 + 65 * 4096
+    assert prepped.phases["load"]["weights"] - plain.phases["load"]["weights"] == 2 * unquantized == 2_101_878_784
+    assert prepped.phases["load"]["quant_state"] == plain.phases["load"]["quant_state"]
+    # the residual stream and every activation become fp32: more activations, fp32 logits
+    assert prepped.breakdown["activations"] > plain.breakdown["activations"]
+    assert "kbit" in " ".join(prepped.notes)
+    lora = Spec(model=L8, mode="train", method="lora", seq=512)  # a float base: nothing to prepare
+    assert predict(lora).breakdown == predict(lora.replace(kbit_prep=False)).breakdown
 
 
 def test_paged_optimizer_not_in_allocated():

@@ -267,3 +267,35 @@ def test_the_tracker_counts_real_tensors_as_it_counts_fake_ones(tmp_path, fields
     real, fake = tracker.result(), trace(spec)
     assert real.phases == fake.phases and real.peak_allocated_bytes == fake.peak_allocated_bytes
     assert real.breakdown == fake.breakdown
+
+
+@pytest.mark.parametrize("method,dtype", [("qlora", "nf4"), ("lora", "int8")], ids=["qlora", "int8-lora"])
+@pytest.mark.parametrize("kbit", [True, False], ids=["kbit-prep", "no-kbit-prep"])
+@pytest.mark.parametrize("ckpt", [True, False], ids=["ckpt", "no-ckpt"])
+def test_quantized_lora_prediction_against_real_tensors(tmp_path, method, dtype, kbit, ckpt):
+    """LoRA over bitsandbytes, built as a GPU run builds it (bitsandbytes layers, peft's bitsandbytes LoRA,
+    kbit prep), run on real CPU tensors under the category tracker, against the predictor: the weights to
+    the byte (kbit prep's fp32 embeddings, lm_head and norms included) and so the quantization state, the
+    checkpointed activations to the byte (int8 layers keep their inputs outside checkpointing), the peak
+    within 5%. (bitsandbytes' own
+    dequantization buffers live inside its ops, where the tracker does not look.)"""
+    pytest.importorskip("bitsandbytes")
+    from harness.gpu.build import build_on_device
+    from harness.tracing.tracker import CategoryTracker
+    from harness.workload.steps import run_training
+    from tiny_configs import write
+
+    path = write(tmp_path, "llama", hidden_size=256, intermediate_size=704, num_attention_heads=8,
+                 num_key_value_heads=4, vocab_size=4000)
+    spec = validate(Spec(model=path, mode="train", method=method, dtype=dtype, seq=128, batch=2, kbit_prep=kbit,
+                         grad_ckpt=ckpt, dropout=False, attn="eager"), get_shape(path))
+    model = build_on_device(spec, device="cpu")
+    with CategoryTracker(model, spec, get_shape(path).vocab, device_type="cpu") as tracker:
+        run_training(model, spec, tracker.mark)
+    real, pred = tracker.result(), predict(spec)
+    assert real.phases["load"]["weights"] == pred.phases["load"]["weights"]
+    assert real.phases["load"]["quant_state"] == pred.phases["load"]["quant_state"]
+    if ckpt:
+        assert real.phases["backward"]["activations"] == pytest.approx(pred.phases["backward"]["activations"], abs=8)
+    assert real.peak_phase == pred.peak_phase
+    assert abs(real.peak_allocated_bytes / pred.peak_allocated_bytes - 1) < 0.05

@@ -33,9 +33,9 @@ def vramlab(capsys, *argv):
 # ------------------------------------------------------------------ fit
 
 def test_fit_margin_is_usable_minus_predicted_peak():
-    pl = P.Planner(Spec(model=LLAMA8, mode="train", method="qlora", seq=2048), "RTX 4090")
+    pl = P.Planner(Spec(model=LLAMA8, mode="train", method="qlora", seq=2048, grad_ckpt=True), "RTX 4090")
     f = pl.fit()
-    peak = predict(Spec(model=LLAMA8, mode="train", method="qlora", seq=2048)).peak_device_bytes
+    peak = predict(Spec(model=LLAMA8, mode="train", method="qlora", seq=2048, grad_ckpt=True)).peak_device_bytes
     assert f["per_gpu_bytes"] == peak
     assert f["usable_bytes"] == 24 * GiB  # no measured total for the 4090: nominal
     assert f["margin_bytes"] == 24 * GiB - peak and f["fits"] and f["binds"] == "memory"

@@ -5,6 +5,7 @@ flag, file or field, exit status 2. A missing optional dependency says which pac
 install instead of a traceback. Nothing here imports torch, transformers or pandas.
 """
 
+import argparse
 import sys
 
 from formulas.units import fmt_gib
@@ -52,6 +53,10 @@ def add_spec_arguments(p):
     p.add_argument("--no-double-quant", action="store_true", help="bitsandbytes 4-bit without double quantization")
     p.add_argument("--group-size", type=int, default=128, help="GPTQ/AWQ group size")
     p.add_argument("--no-dropout", action="store_true", help="train without dropout masks")
+    p.add_argument("--kbit-prep", action=argparse.BooleanOptionalAction, default=True,
+                   help="QLoRA and LoRA over int8: peft's prepare_model_for_kbit_training, which casts the unquantized "
+                        "weights (embeddings, norms, lm_head) to fp32 (default, as PEFT's QLoRA recipe; TRL ≥ 0.26 "
+                        "skips it: --no-kbit-prep --lora-dtype bf16)")
     p.add_argument("--gpus", type=int, default=1,
                    help="GPUs the workload is spread over (with --zero, --tp, --pp or --layer-split); figures are per GPU")
     p.add_argument("--zero", type=int, default=0, help="ZeRO stage 0-3 (3 = FSDP full shard)")
@@ -73,7 +78,7 @@ def spec_from_args(a):
         precision=a.precision, grad_ckpt=a.grad_ckpt, attn=a.attn, grad_accum=a.grad_accum, kv_dtype=a.kv_dtype,
         mla_cache=a.mla_cache, logits=a.logits, double_quant=not a.no_double_quant, group_size=a.group_size,
         dropout=not a.no_dropout, gpus=a.gpus, zero=a.zero, tp=a.tp, pp=a.pp, layer_split=a.layer_split,
-        offload=a.offload,
+        offload=a.offload, kbit_prep=a.kbit_prep,
     )
 
 

@@ -75,8 +75,14 @@ def transformers_config(cfg):
 
 
 def hf_config(spec):
-    """The transformers config of the spec's model (`transformers_config` of its config.json)."""
-    return transformers_config(load_config(spec.model))
+    """The transformers config of the spec's model (`transformers_config` of its config.json); with
+    `spec.dropout` off, every dropout probability in it is 0 (the modules read them when built)."""
+    config = transformers_config(load_config(spec.model))
+    if not spec.dropout:
+        for key, value in config.to_dict().items():
+            if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
+                setattr(config, key, 0.0)
+    return config
 
 
 def decoder_layers(model):
@@ -116,7 +122,9 @@ def prepare_for_training(model, spec):
 
     inference: eval mode, no parameter requires grad. train: gradient checkpointing, then
     freeze (last `trainable_layers` layers train, in fp32 under autocast) or LoRA adapters in
-    `lora_dtype` (peft, also over bitsandbytes layers for QLoRA), then train mode (dropout on)."""
+    `lora_dtype` (peft, also over bitsandbytes layers for QLoRA), then train mode (dropout on).
+    LoRA over a bitsandbytes base with `spec.kbit_prep`: peft's `prepare_model_for_kbit_training`
+    first, as PEFT's QLoRA recipe does (every unquantized fp16/bf16 weight cast to fp32)."""
     import torch
 
     if spec.mode != "train":
@@ -137,6 +145,9 @@ def prepare_for_training(model, spec):
     elif spec.method in ("lora", "qlora"):
         import peft
 
+        if spec.kbit_prep and (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
+            model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.grad_ckpt,
+                                                         gradient_checkpointing_kwargs={"use_reentrant": False})
         targets = list(spec.lora_targets) or list(default_targets(get_shape(spec.model)))
         if targets == ["all-linear"]:
             targets = "all-linear"
