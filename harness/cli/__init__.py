@@ -5,6 +5,7 @@
     trace             cli/trace.py     the workload on fake tensors (harness/tracing/)
     run, results      cli/run.py       sweeps (harness/sweep/) and their records
     fit, check, report  cli/fit.py, cli/check.py, cli/report.py   what the records say (harness/analysis/)
+    doctor            cli/doctor.py    is this machine ready to measure (harness/doctor.py)
 
 argparse (not a third-party CLI library) keeps `vramlab predict` free of heavy imports: it must
 answer in well under half a second and never imports torch. Every command runs through
@@ -16,10 +17,10 @@ import os
 import sys
 
 from .. import __version__
-from . import check, fit, plan, predict, report, run, trace
+from . import check, doctor, fit, plan, predict, report, run, trace
 from .common import run_command
 
-VERBS = (predict, plan, trace, run, fit, check, report)  # each registers its commands with add_parsers
+VERBS = (predict, plan, trace, run, fit, check, report, doctor)  # each registers its commands with add_parsers
 
 
 def build_parser():

@@ -75,6 +75,17 @@ def _memory_v2(n, h):
         return None
 
 
+def device_uuid(i=0):
+    """NVML's UUID of device i ('GPU-8c2b…'); None without NVML."""
+    n, h = _handle(i) if device_count() > i else (None, None)
+    if h is None:
+        return None
+    try:
+        return _str(n.nvmlDeviceGetUUID(h))
+    except Exception:
+        return None
+
+
 def used_bytes(i=0):
     """Device memory in use (all processes, as nvidia-smi's Memory-Usage); None without NVML."""
     n, h = _handle(i) if available() else (None, None)
