@@ -34,7 +34,7 @@ from .activations import (
     prefill_working_set_per_token,
 )
 from .catalog import get_shape
-from .dtypes import DTYPE_BYTES
+from .dtypes import BNB_DTYPES, DTYPE_BYTES
 from .elementwise import pick as _pick
 from .elementwise import to_int, vmax
 from .kv_cache import kv_cache_bytes
@@ -42,7 +42,6 @@ from .lora import default_targets, lora_params, lora_tensors, resolve_targets
 from .overhead import DEFAULT_OVERHEADS
 from .spec import Spec, SpecError, validate
 from .training import gradient_bytes, optimizer_memory
-from .dtypes import BNB_DTYPES
 from .weights import _TOKEN_EMBEDDINGS, weight_storage
 
 
@@ -332,7 +331,7 @@ def _phases_inference(st, sl, B, S, N):
 
 
 def _phases_train(st, sl, B, S, N):
-    shape, s, cb, ctx = st.shape, st.spec, st.cb, st.ctx
+    shape, s, ctx = st.shape, st.spec, st.ctx
     H, V = shape.hidden, shape.vocab
     share = _param_share(st, sl)
     held = {**_weights_on(st, sl), C.BUFFERS: st.buffers}

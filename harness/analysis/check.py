@@ -27,7 +27,13 @@ from dataclasses import dataclass, field
 from formulas import categories as C
 from formulas.units import MiB, parse_size
 
-from ..records import RecordError, measured_device_breakdown, observed, read_record, record_files
+from ..records import (
+    RecordError,
+    measured_device_breakdown,
+    observed,
+    read_record,
+    record_files,
+)
 
 METRICS = ("peak_device", "peak_allocated", "peak_reserved", "cuda_context")
 DEFAULT_THRESHOLDS = ("peak_device:3%", "peak_device:256MiB", "peak_allocated:3%", "peak_allocated:256MiB",

@@ -12,7 +12,13 @@ def _pct(v):
 
 
 def cmd_fit(a):
-    from ..analysis.calibrate import CALIBRATION_DIR, CalibrationError, fit, group_by_environment, write_calibration
+    from ..analysis.calibrate import (
+        CALIBRATION_DIR,
+        CalibrationError,
+        fit,
+        group_by_environment,
+        write_calibration,
+    )
 
     recs = load_records_for("fit", a.records, empty_ok=True)  # "no usable measured records" below says more
     if recs is None:

@@ -8,7 +8,14 @@ input is one line on stderr naming the flag, exit status 2. No torch, no pandas.
 
 import json
 
-from formulas.units import GiB, fmt_gib, parse_count, parse_duration, parse_fraction, parse_size
+from formulas.units import (
+    GiB,
+    fmt_gib,
+    parse_count,
+    parse_duration,
+    parse_fraction,
+    parse_size,
+)
 
 from .common import add_spec_arguments, calibration_line, flag_value, spec_from_args
 

@@ -84,7 +84,12 @@ def build_on_device(spec, real_model_dir="", device="cuda"):
     import torch
     import transformers
 
-    from ..workload.models import hf_config, param_dtype, prepare_for_training, torch_dtype
+    from ..workload.models import (
+        hf_config,
+        param_dtype,
+        prepare_for_training,
+        torch_dtype,
+    )
 
     if spec.dtype in ("gptq-int4", "awq-int4", "fp8") or spec.dtype.startswith("q"):
         raise NotImplementedError(f"--dtype {spec.dtype}: GPU measurement covers float and bitsandbytes dtypes")

@@ -30,7 +30,14 @@ from dataclasses import dataclass, field
 
 from ..gpu import nvml
 from ..paths import ROOT, RUNS_DIR
-from ..records import OUTCOMES, RecordError, new_record, read_record, record_path, write_record
+from ..records import (
+    OUTCOMES,
+    RecordError,
+    new_record,
+    read_record,
+    record_path,
+    write_record,
+)
 from .worker import SOURCE
 
 IDLE_TOLERANCE_BYTES = 64 * 2**20  # "back where it began": within this of the GPU's memory at sweep start

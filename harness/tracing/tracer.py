@@ -38,30 +38,19 @@ from formulas.catalog import get_shape
 from formulas.spec import Spec, SpecError, validate
 
 from ..workload.models import build_model, check_traceable
-from .tracker import CategoryTracker
+from .tracker import CategoryTracker, TrackedMemory
 
 _UNTRACEABLE_OPTIMIZERS = ("adamw8bit", "paged_adamw8bit", "lion")
 
 
-@dataclass
-class TraceResult:
-    """Traced memory of one workload, as integer bytes by memory category."""
+@dataclass(kw_only=True)
+class TraceResult(TrackedMemory):
+    """Traced memory of one workload: what the category tracker counted on fake tensors, and the run."""
 
     spec: Spec  # the validated spec
-    breakdown: dict  # tensor category → bytes at the overall peak
-    peak_allocated_bytes: int  # live tensor bytes at the peak (unrounded max_memory_allocated)
-    peak_phase: str  # phase holding the peak
-    phases: dict  # phase → {tensor category → bytes} at that phase's own peak
-    timeline: list  # (event index, phase, total bytes, {category: bytes}) per allocation / free / phase mark
-    estimated_reserved_bytes: int  # peak reserved by a modelled CUDA caching allocator
     seconds: float  # wall time of the trace (build + workload)
     notes: list = field(default_factory=list)  # what the trace assumed or could not do
-    estimated_max_allocated_bytes: int = 0  # peak allocated with the allocator's 512-byte rounding
     n_params: int = 0  # parameters of the built model
-    n_ops: int = 0  # aten ops dispatched
-    category_max: dict = field(default_factory=dict)  # phase → {category → its own largest value in the phase}
-    peak_tensors: list = field(default_factory=list)  # largest storages alive at the peak (weights, buffers, optimizer state left out): category, bytes, op, shape
-    phase_tensors: dict = field(default_factory=dict)  # phase → the same list at that phase's own peak
 
     @property
     def device_breakdown(self):

@@ -327,7 +327,10 @@ def _instrument(model, tracker, spec):
                     retro = tracker.born_since(v, tracker.optimizer_started)
                     tracker.relabel(v, HOST if host else C.OPTIMIZER_STATES, retro=retro)
 
-    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+    from torch.optim.optimizer import (
+        register_optimizer_step_post_hook,
+        register_optimizer_step_pre_hook,
+    )
 
     handles.append(register_optimizer_step_pre_hook(opt_pre))
     handles.append(register_optimizer_step_post_hook(opt_post))
