@@ -13,7 +13,7 @@ from . import categories as C
 from .catalog import get_shape
 from .overhead import DEFAULT_OVERHEADS
 from .predict import allocated_bytes, device_totals, per_gpu_phases, workload_static
-from .spec import Spec, SpecError, validate
+from .spec import MAX_BATCH, MAX_TOKENS, Spec, SpecError, validate
 
 
 def expand_grid(base=None, **axes):
@@ -26,11 +26,14 @@ def expand_grid(base=None, **axes):
 _NUMERIC = ("batch", "seq", "gen")
 
 
-def _check_numeric(name, values, minimum):
+def _check_numeric(name, values, minimum, maximum):
     """Vectorised bounds check for one numeric axis; the error names the flag and the first bad value."""
     bad = values < minimum
     if bad.any():
         raise SpecError(f"--{name} {int(values[bad.argmax()])}: must be an integer ≥ {minimum}")
+    bad = values > maximum
+    if bad.any():
+        raise SpecError(f"--{name} {int(values[bad.argmax()]):,}: must be at most {maximum:,}")
 
 
 def predict_grid(specs, overheads=DEFAULT_OVERHEADS):
@@ -56,9 +59,9 @@ def predict_grid(specs, overheads=DEFAULT_OVERHEADS):
     B_all = np.fromiter((s.batch for s in specs), dtype=np.int64, count=n)
     S_all = np.fromiter((s.seq for s in specs), dtype=np.int64, count=n)
     N_all = np.fromiter((s.gen for s in specs), dtype=np.int64, count=n)
-    _check_numeric("batch", B_all, 1)
-    _check_numeric("seq", S_all, 1)
-    _check_numeric("gen", N_all, 0)
+    _check_numeric("batch", B_all, 1, MAX_BATCH)
+    _check_numeric("seq", S_all, 1, MAX_TOKENS)
+    _check_numeric("gen", N_all, 0, MAX_TOKENS)
     for key, idx in groups.items():
         st = workload_static(validate(key, get_shape(key.model)))
         idx = np.asarray(idx)

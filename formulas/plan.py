@@ -37,6 +37,8 @@ from .weights import weight_storage
 DEFAULT_MFU = 0.4  # model-FLOPs utilisation assumed for training time (a flag)
 DEFAULT_TOKENS_PER_BYTE = 0.25  # ~4 bytes of English text per BPE token (an assumption, a flag)
 DEFAULT_MAX_GPUS = 1024  # how far the fewest-GPU search looks
+MAX_GPUS_LIMIT = 1 << 20  # --max-gpus beyond this is refused
+EXHAUSTIVE_GPUS = 64  # up to this count every GPU count is tried
 BATCH_CAP = 1 << 16  # the largest-batch search stops here
 SEQ_CAP = 1 << 22  # the longest-context search stops here when the model states no window
 
@@ -149,8 +151,8 @@ class Planner:
     def __init__(self, spec, gpu, margin=0.0, max_gpus=DEFAULT_MAX_GPUS, overheads=DEFAULT_OVERHEADS):
         if not 0 <= margin < 1:
             raise SpecError(f"--margin {margin:g}: must be a fraction in [0, 1), e.g. 0.05 or 5%")
-        if max_gpus < 1:
-            raise SpecError(f"--max-gpus {max_gpus}: must be an integer ≥ 1")
+        if not 1 <= max_gpus <= MAX_GPUS_LIMIT:
+            raise SpecError(f"--max-gpus {max_gpus:,}: must be an integer from 1 to {MAX_GPUS_LIMIT:,}")
         self.hw = get_hardware(gpu)
         self.overheads = overheads
         self.calibrated = overheads.calibrated
@@ -203,14 +205,38 @@ class Planner:
         # GPUs are there for speed: the least communication wins.
         return (o.strategy.offload != "none", ORDER.index(o.strategy.kind), o.per_gpu_bytes)
 
+    def _fitting_at(self, n, spec):
+        opts = self.options_at(n, spec)
+        return [o for o in opts if o.fits], opts
+
     def fewest_gpus(self, spec=None):
-        """(chosen Option, all Options at that count) for the fewest GPUs that fit, or (None, []) up to max_gpus."""
-        for n in range(1, self.max_gpus + 1):
-            opts = self.options_at(n, spec)
-            ok = [o for o in opts if o.fits]
+        """(chosen Option, all Options at that count) for the fewest GPUs that fit, or (None, []) up to max_gpus.
+
+        Every count up to EXHAUSTIVE_GPUS is tried (tensor parallelism fits only where the heads divide);
+        beyond, the sharded strategies only get smaller per GPU as GPUs are added, so the count doubles
+        until something fits and the first fitting count is bisected: a few dozen predictions, not max_gpus."""
+        for n in range(1, min(self.max_gpus, EXHAUSTIVE_GPUS) + 1):
+            ok, opts = self._fitting_at(n, spec)
             if ok:
                 return min(ok, key=self._memory_rank), opts
-        return None, []
+        lo = EXHAUSTIVE_GPUS  # the largest count known not to fit
+        hi = lo
+        while hi < self.max_gpus:
+            hi = min(2 * hi, self.max_gpus)
+            ok, opts = self._fitting_at(hi, spec)
+            if ok:
+                break
+            lo = hi
+        else:
+            return None, []
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self._fitting_at(mid, spec)[0]:
+                hi = mid
+            else:
+                lo = mid
+        ok, opts = self._fitting_at(hi, spec)
+        return min(ok, key=self._memory_rank), opts
 
     def at_least(self, n_min, spec=None, limit=None):
         """The simplest fitting plan on the fewest GPUs ≥ n_min (GPUs added for speed), or None."""

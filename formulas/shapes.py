@@ -433,8 +433,39 @@ _BUILDERS = {
 }
 
 
+# Dimension fields of the supported configs: where present (and not null) each must be an integer
+# ≥ its minimum. Anything else (a string, a fraction, a negative number) would give a wrong answer.
+_DIMENSIONS = {
+    1: ("hidden_size", "n_embd", "num_hidden_layers", "n_layer", "num_attention_heads", "n_head",
+        "num_key_value_heads", "head_dim", "intermediate_size", "n_inner", "ffn_dim", "vocab_size",
+        "max_position_embeddings", "n_positions", "moe_intermediate_size", "num_local_experts", "num_experts",
+        "num_experts_per_tok", "n_routed_experts", "shared_expert_intermediate_size", "kv_lora_rank",
+        "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "decoder_sparse_step",
+        "sliding_window", "word_embed_proj_dim", "n_group", "topk_group"),
+    0: ("first_k_dense_replace", "n_shared_experts"),
+}
+
+
+def _check_dimensions(cfg, name):
+    for minimum, keys in _DIMENSIONS.items():
+        for k in keys:
+            v = cfg.get(k)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < minimum):
+                raise UnsupportedModelError(f"{name}: config.json field {k}: {v!r} must be an integer ≥ {minimum}")
+    heads, kv = _get(cfg, "num_attention_heads", "n_head"), cfg.get("num_key_value_heads")
+    if heads and kv and heads % kv:
+        raise UnsupportedModelError(f"{name}: config.json num_attention_heads {heads} is not a multiple of "
+                                    f"num_key_value_heads {kv}")
+    hidden = _get(cfg, "hidden_size", "n_embd")
+    if hidden and heads and not cfg.get("head_dim") and hidden % heads:
+        raise UnsupportedModelError(f"{name}: config.json hidden size {hidden} is not a multiple of the {heads} "
+                                    "attention heads (and no head_dim is given)")
+
+
 def shape_from_config(cfg, name="config"):
-    """Build a ModelShape from a config.json dict; unknown architectures are a clear error."""
+    """Build a ModelShape from a config.json dict; unknown architectures and impossible values are a clear error."""
+    if not isinstance(cfg, dict):
+        raise UnsupportedModelError(f"{name}: config.json must be a JSON object, not {type(cfg).__name__}")
     mt = cfg.get("model_type")
     if mt not in FAMILIES:
         arch = ", ".join(cfg.get("architectures") or []) or "?"
@@ -442,6 +473,8 @@ def shape_from_config(cfg, name="config"):
             f"{name}: model_type {mt!r} (architectures: {arch}) is not supported; "
             f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
+    _check_dimensions(cfg, name)
+    cfg = {k: v for k, v in cfg.items() if v is not None}  # a null field is a missing one
     try:
         fields = _BUILDERS[FAMILIES[mt]](cfg, name, mt)
     except KeyError as e:

@@ -74,21 +74,28 @@ def _choice(flag, value, allowed):
         raise SpecError(f"--{flag} {value}: not allowed; choose one of {', '.join(map(str, allowed))}")
 
 
-def _positive(flag, value, zero_ok=False):
+MAX_TOKENS = 1 << 26  # bound on --seq and --gen (67M tokens): beyond it nothing fits anywhere, and torch's sizes overflow
+MAX_BATCH = 1 << 20
+
+
+def _positive(flag, value, zero_ok=False, maximum=None):
     if not isinstance(value, int) or isinstance(value, bool) or value < (0 if zero_ok else 1):
         bound = "≥ 0" if zero_ok else "≥ 1"
         raise SpecError(f"--{flag} {value}: must be an integer {bound}")
+    if maximum is not None and value > maximum:
+        raise SpecError(f"--{flag} {value:,}: must be at most {maximum:,}")
 
 
 def validate(spec, shape):
     """Check `spec` against itself and the model; return it with 'auto' fields resolved."""
     _choice("mode", spec.mode, MODES)
     _choice("dtype", spec.dtype, WEIGHT_DTYPES)
-    for flag, v in (("batch", spec.batch), ("seq", spec.seq), ("lora-rank", spec.lora_rank),
-                    ("grad-accum", spec.grad_accum), ("gpus", spec.gpus), ("tp", spec.tp), ("pp", spec.pp),
-                    ("group-size", spec.group_size)):
+    for flag, v in (("lora-rank", spec.lora_rank), ("grad-accum", spec.grad_accum), ("gpus", spec.gpus),
+                    ("tp", spec.tp), ("pp", spec.pp), ("group-size", spec.group_size)):
         _positive(flag, v)
-    _positive("gen", spec.gen, zero_ok=True)
+    _positive("batch", spec.batch, maximum=MAX_BATCH)
+    _positive("seq", spec.seq, maximum=MAX_TOKENS)
+    _positive("gen", spec.gen, zero_ok=True, maximum=MAX_TOKENS)
     _positive("trainable-layers", spec.trainable_layers)
     _choice("method", spec.method, METHODS)
     _choice("compute-dtype", spec.compute_dtype, ("bf16", "fp16", "fp32"))
@@ -127,6 +134,8 @@ def validate(spec, shape):
     else:
         if spec.zero:
             raise SpecError(f"--zero {spec.zero}: ZeRO shards training state; inference uses --tp, --pp or --layer-split")
+        if spec.method != "full":
+            raise SpecError(f"--method {spec.method}: applies to --mode train (inference runs the model as it is)")
     precision = spec.precision
     if precision == "auto":
         # Single GPU / DDP: PyTorch autocast. ZeRO (DeepSpeed bf16/fp16, FSDP mixed precision):

@@ -89,7 +89,8 @@ def migrate(rec, path="record"):
     if version != 1:
         raise RecordError(f"{path}: record schema {version!r}: this vramlab reads schemas 1 and {SCHEMA_VERSION}")
     rec = dict(rec)
-    predicted = dict(rec.pop("prediction", None) or {})
+    predicted = rec.pop("prediction", None)
+    predicted = dict(predicted) if isinstance(predicted, dict) else {}
     bd = predicted.get("breakdown")
     if isinstance(bd, dict) and C.CUDA_CONTEXT in bd:
         if bd[C.CUDA_CONTEXT] != _V1_CONTEXT + _V1_WORKSPACES:
@@ -129,16 +130,45 @@ def write_record(out_dir, record):
     return path
 
 
+def _int_bytes(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_record(rec, path="record"):
+    """The record, if its fields have the types the readers rely on; else RecordError naming the field."""
+    def bad(field, why):
+        raise RecordError(f"{path}: field {field}: {why}")
+
+    if not isinstance(rec.get("spec_hash"), str):
+        bad("spec_hash", f"{rec.get('spec_hash')!r} is not a string")
+    if rec.get("outcome") not in OUTCOMES:
+        bad("outcome", f"{rec.get('outcome')!r} is not one of {', '.join(OUTCOMES)}")
+    if not isinstance(rec.get("spec"), dict):
+        bad("spec", f"{rec.get('spec')!r} is not a mapping of the experiment's fields")
+    for part in ("predicted", "traced", "measured", "env", "error", "timings"):
+        if rec.get(part) is not None and not isinstance(rec[part], dict):
+            bad(part, f"{rec[part]!r} is not a mapping (or null)")
+        for k, v in (rec.get(part) or {}).items() if part in ("predicted", "traced", "measured") else ():
+            if k.endswith("_bytes") and v is not None and not _int_bytes(v):
+                bad(f"{part}.{k}", f"{v!r} is not a whole number of bytes")
+    if rec["outcome"] == "ok" and rec.get("source") in ("measured", "traced"):
+        peak = (rec.get(rec["source"]) or {}).get("peak_allocated_bytes")
+        if not (_int_bytes(peak) and peak > 0):
+            bad(f"{rec['source']}.peak_allocated_bytes", f"{peak!r}: an ok record needs a positive peak")
+    return rec
+
+
 def read_record(path):
-    """Load one record in the current schema; a truncated, foreign or unmigratable file is a RecordError naming it."""
+    """Load one record in the current schema; a truncated, foreign, ill-typed or unmigratable file is a
+    RecordError naming it (and the field)."""
     try:
         with open(path, encoding="utf-8") as f:
             rec = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError; so is NaN handling
         raise RecordError(f"{path}: not a readable record ({e})") from None
     if not isinstance(rec, dict) or "spec_hash" not in rec or "outcome" not in rec:
         raise RecordError(f"{path}: not a vramlab record (no spec_hash/outcome)")
-    return migrate(rec, path)
+    return check_record(migrate(rec, path), path)
 
 
 def record_files(path):

@@ -1,8 +1,9 @@
 """A stand-in for harness.sweep.worker in launcher tests: behaves by the experiment's seq.
 
 seq 11: hang; 12: SIGKILL itself; 13: exit 1 with no record; 14: die mid-write (temp file only);
-15: (warm) ask for a fresh process unless it is the first experiment of this one; anything else:
-write an ok record with made-up figures. Cold: the experiment is the last argument; warm (--warm):
+15: (warm) ask for a fresh process unless it is the first experiment of this one; 40-99: take 0.2 s;
+anything else: write an ok record with made-up figures. Every completed run is appended to
+<out>/.completed, so a test can count runs, not records. Cold: the experiment is the last argument; warm (--warm):
 one JSON message per line on stdin, one reply per line on stdout, as the real worker does.
 """
 
@@ -32,6 +33,8 @@ def run(out, exp, mode, n, fallback=None):
         fd, _ = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=out)
         os.write(fd, b'{"spec_hash": "trunc')
         os.kill(os.getpid(), signal.SIGKILL)
+    if 40 <= seq < 100:
+        time.sleep(0.2)
     process = {"pid": os.getpid(), "mode": mode, "experiment_in_process": n, "fallback": fallback}
     write_record(out, {"schema_version": SCHEMA_VERSION, "spec_hash": exp["spec_hash"], "spec": exp["spec"],
                        "outcome": "ok", "source": "traced",
@@ -40,6 +43,8 @@ def run(out, exp, mode, n, fallback=None):
                        "env": {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "VRAMLAB_NVML_INDEX",
                                                              "CUDA_DEVICE_ORDER", "VRAMLAB_LAUNCHER_PID")},
                        "started": time.time()})
+    with open(os.path.join(out, ".completed"), "a") as f:
+        f.write(exp["spec_hash"] + "\n")
     return "ok"
 
 

@@ -74,9 +74,15 @@ def load_config(name):
     path = resolve_config_path(name)
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise UnknownModelError(f"--model {name}: {path} is not valid JSON ({e})") from None
+            cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UnknownModelError(f"--model {name}: {path} is not valid UTF-8 JSON ({e})") from None
+    except OSError as e:
+        raise UnknownModelError(f"--model {name}: cannot read {path} ({e.strerror})") from None
+    if not isinstance(cfg, dict):
+        kind = {"list": "a list", "str": "a string", "NoneType": "null"}.get(type(cfg).__name__, type(cfg).__name__)
+        raise UnknownModelError(f"--model {name}: {path} must hold a JSON object, not {kind}")
+    return cfg
 
 
 @lru_cache(maxsize=256)

@@ -265,8 +265,20 @@ class Calibration:
             raise CalibrationError(f"{path}: missing parameter {e.args[0]}") from None
         except ValueError as e:
             raise CalibrationError(f"{path}: bad parameter value ({e})") from None
-        self.corrections = {k.split(".", 1)[1]: float(v) for k, v in values.items() if k.startswith("correction.")}
-        self.heldout = {k.split(".", 1)[1]: float(v) for k, v in values.items() if k.startswith("heldout.") and v}
+        p = self.overheads_params
+        for k in ("cuda_context_bytes", "workspaces_bytes", "allocator_slack_min_bytes"):
+            if p[k] < 0:
+                raise CalibrationError(f"{path}: {k} {p[k]:,} must be ≥ 0")
+        if not 0 <= p["allocator_slack_fraction"] < 1:
+            raise CalibrationError(f"{path}: allocator_slack_fraction {p['allocator_slack_fraction']} must be in [0, 1)")
+        try:
+            self.corrections = {k.split(".", 1)[1]: float(v) for k, v in values.items() if k.startswith("correction.")}
+            self.heldout = {k.split(".", 1)[1]: float(v) for k, v in values.items() if k.startswith("heldout.") and v}
+        except ValueError as e:
+            raise CalibrationError(f"{path}: bad correction or held-out value ({e})") from None
+        for c, f in self.corrections.items():
+            if not 0 < f < 100:  # NaN fails too
+                raise CalibrationError(f"{path}: correction.{c} {f} must be a positive factor")
         self.provenance = {k.split(".", 1)[1]: v for k, v in values.items() if k.startswith("provenance.")}
 
     def error_summary(self):
@@ -290,6 +302,8 @@ def load_calibration(path):
             rows = list(csv.reader(f))
     except OSError as e:
         raise CalibrationError(f"{path}: cannot read calibration ({e.strerror})") from None
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise CalibrationError(f"{path}: not a calibration table ({e})") from None
     if not rows or rows[0][:2] != ["parameter", "value"]:
         raise CalibrationError(f"{path}: not a calibration table (header parameter,value,note expected)")
     return Calibration(path, {r[0]: r[1] for r in rows[1:] if len(r) >= 2})

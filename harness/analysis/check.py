@@ -53,15 +53,37 @@ def parse_thresholds(items):
         metric, sep, val = item.partition(":")
         if not sep or metric not in METRICS:
             raise CheckError(f"--threshold {item}: expected METRIC:VALUE with METRIC one of {', '.join(METRICS)}")
+        v = val.strip()
+        if not (v.endswith("%") or v[-1:].isalpha()):
+            raise CheckError(f"--threshold {item}: {v!r} has no unit; give a percentage (3%) or a size (256MiB)")
         try:
-            if val.strip().endswith("%"):
-                entry = ("rel", float(val.strip()[:-1]) / 100)
+            if v.endswith("%"):
+                entry = ("rel", float(v[:-1]) / 100)
+                if not 0 < entry[1] <= 10:  # NaN fails too
+                    raise ValueError
             else:
-                entry = ("abs", parse_size(val))
+                entry = ("abs", parse_size(v, minimum=1))
         except ValueError:
-            raise CheckError(f"--threshold {item}: {val!r} is neither a percentage (3%) nor a size (256MiB)") from None
+            raise CheckError(f"--threshold {item}: {v!r} is neither a positive percentage (3%) nor a size "
+                             "(256MiB)") from None
         out.setdefault(metric, []).append(entry)
     return out
+
+
+MIN_OVERLAP = 0.5  # a check compares at least this share of the baseline's experiments, or fails
+
+
+def coverage_problem(comparisons):
+    """Why the two sets do not overlap enough to compare, or None: the new records must hold at least
+    MIN_OVERLAP of the baseline's experiments."""
+    base = [c for c in comparisons if c.status != "new"]
+    missing = sum(c.status in ("missing", "not comparable") for c in base)
+    if not base:
+        return "the baseline holds no experiment"
+    if len(base) - missing < MIN_OVERLAP * len(base):
+        return (f"only {len(base) - missing} of the baseline's {len(base)} experiments can be compared in the new "
+                f"records ({missing} missing or not comparable)")
+    return None
 
 
 def load_runs(path):

@@ -23,8 +23,15 @@ from .common import run_command
 VERBS = (predict, plan, trace, run, fit, check, report, doctor)  # each registers its commands with add_parsers
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad flag reported in one line (and `vramlab COMMAND --help` pointed to) instead of usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser():
-    p = argparse.ArgumentParser(prog="vramlab", description="How much GPU memory an LLM needs — predicted, traced, measured.")
+    p = _Parser(prog="vramlab", description="How much GPU memory an LLM needs — predicted, traced, measured.")
     p.add_argument("--version", action="version", version=f"vramlab {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     for verb in VERBS:

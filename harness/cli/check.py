@@ -4,7 +4,7 @@ import sys
 
 
 def cmd_check(a):
-    from ..analysis.check import check, is_regression, summarize
+    from ..analysis.check import check, coverage_problem, is_regression, summarize
 
     comps = check(a.baseline, a.new, a.threshold)
     for c in comps:
@@ -12,6 +12,10 @@ def cmd_check(a):
             print(c.line())
     for line in summarize(comps):
         print(line)
+    problem = coverage_problem(comps)
+    if problem:
+        print(f"vramlab check: cannot compare: {problem}", file=sys.stderr)
+        return 1
     if is_regression(comps):
         print("vramlab check: regression", file=sys.stderr)
         return 1

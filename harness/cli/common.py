@@ -29,7 +29,8 @@ def add_spec_arguments(p):
                    help="fp32 | bf16 | fp16 | fp8 | int8 | nf4 | fp4 | gptq-int4 | awq-int4 | q8_0 | q6_k | q5_k_m | "
                         "q4_k_m | q4_0 | q3_k_m | q2_k (with --method qlora: the compute dtype)")
     p.add_argument("--compute-dtype", default="bf16", help="compute dtype of quantized models (bf16 | fp16 | fp32)")
-    p.add_argument("--batch", type=int, default=1, help="concurrent sequences (inference) or micro-batch (training)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="concurrent sequences (inference) or micro-batch (training); default 1")
     p.add_argument("--users", type=int, default=None, help="alias of --batch for inference: concurrent users")
     p.add_argument("--seq", type=int, default=2048, help="prompt / sequence length in tokens")
     p.add_argument("--gen", type=int, default=0, help="tokens generated after the prompt (decode steps)")
@@ -68,9 +69,11 @@ def add_spec_arguments(p):
 
 def spec_from_args(a):
     """Build a Spec from parsed flags."""
-    from formulas.spec import Spec
+    from formulas.spec import Spec, SpecError
 
-    batch = a.users if a.users is not None else a.batch
+    if a.users is not None and a.batch is not None and a.users != a.batch:
+        raise SpecError(f"--users {a.users}: --users is --batch under another name; give one (--batch {a.batch} too)")
+    batch = a.users if a.users is not None else (a.batch if a.batch is not None else 1)
     return Spec(
         model=a.model, mode=a.mode, dtype=a.dtype.lower(), batch=batch, seq=a.seq, gen=a.gen, method=a.method,
         compute_dtype=a.compute_dtype, lora_rank=a.lora_rank, lora_targets=a.lora_targets, lora_dtype=a.lora_dtype,
@@ -80,6 +83,17 @@ def spec_from_args(a):
         dropout=not a.no_dropout, gpus=a.gpus, zero=a.zero, tp=a.tp, pp=a.pp, layer_split=a.layer_split,
         offload=a.offload, kbit_prep=a.kbit_prep,
     )
+
+
+def warn_beyond_positions(command, spec):
+    """A legal but suspicious request: more tokens than the model was trained on. One line on stderr."""
+    from formulas.catalog import get_shape
+
+    shape = get_shape(spec.model)
+    tokens = spec.seq + (spec.gen if spec.mode == "inference" else 0)
+    if shape.max_positions and tokens > shape.max_positions:
+        print(f"vramlab {command}: warning: {tokens:,} tokens is more than the {shape.max_positions:,} positions "
+              f"{shape.name} was configured for", file=sys.stderr)
 
 
 def flag_value(parse, flag, text, *args):

@@ -17,7 +17,7 @@ from formulas.units import (
     parse_size,
 )
 
-from .common import add_spec_arguments, calibration_line, flag_value, spec_from_args
+from .common import add_spec_arguments, calibration_line, flag_value, spec_from_args, warn_beyond_positions
 
 
 def add_parsers(subparsers):
@@ -274,6 +274,7 @@ def cmd_plan(a):
         answers.append(planner.answer(tokens=tokens, deadline_s=deadline, mfu=mfu,
                                       tokens_per_byte=a.tokens_per_byte if data_bytes else None,
                                       data_bytes=data_bytes))
+    warn_beyond_positions("plan", planner.spec)  # only once the answer stands: bad input is one line
     if len(answers) > 1:
         print(json.dumps(answers, indent=2) if a.json else render_compare(answers, planner.spec))
         return 0

@@ -5,7 +5,7 @@ import json
 from formulas import categories as C
 from formulas.units import GiB
 
-from .common import add_spec_arguments, calibration_line, gib_cell, spec_from_args
+from .common import add_spec_arguments, calibration_line, gib_cell, spec_from_args, warn_beyond_positions
 
 # How the device categories are headed in the table, and what each means.
 DEVICE_ROWS = ((C.CUDA_CONTEXT, "cuda context"), (C.WORKSPACES, "workspaces"), (C.ALLOCATOR_SLACK, "allocator slack"))
@@ -51,6 +51,7 @@ def cmd_predict(a):
 
     gpu = get_hardware(a.gpu) if a.gpu else None
     pred = predict(spec_from_args(a), overheads_for(a.gpu, a.calibration))
+    warn_beyond_positions("predict", pred.spec)
     if a.json:
         d = pred.to_dict()
         if gpu:

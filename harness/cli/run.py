@@ -16,7 +16,7 @@ def _shard(text):
         if not 1 <= k <= n:
             raise ValueError
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--shard {text}: expected K/N with 1 ≤ K ≤ N, e.g. 2/3") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: expected K/N with 1 ≤ K ≤ N, e.g. 2/3") from None
     return k, n
 
 
@@ -26,16 +26,16 @@ def _gpu_indices(text):
         if any(g < 0 for g in gpus) or len(set(gpus)) != len(gpus):
             raise ValueError
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--gpus {text}: expected distinct GPU indices, e.g. 0,1") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: expected distinct GPU indices, e.g. 0,1") from None
     return gpus
 
 
 def cmd_run(a):
     from ..gpu import nvml
-    from ..sweep.launcher import default_out_dir, run_sweep
-    from ..sweep.schema import load_sweep
+    from ..sweep.launcher import default_out_dir, prepare_out_dir, run_sweep
+    from ..sweep.schema import MAX_EXPERIMENTS, load_sweep
 
-    name, exps = load_sweep(a.sweep)
+    name, exps = load_sweep(a.sweep, limit=None if a.yes else MAX_EXPERIMENTS)
     if a.shard:
         k, n = a.shard
         exps = exps[k - 1::n]
@@ -57,6 +57,7 @@ def cmd_run(a):
     if mode == "measure" and not nvml.available():
         raise ValueError("--mode measure: needs an NVIDIA GPU and driver (NVML not available)")
     out = a.out or default_out_dir(name, mode)
+    prepare_out_dir(out)
     print(f"{name}: {len(exps)} experiments → {out}", file=sys.stderr)
     s = run_sweep(exps, out, gpus=a.gpus, mode=mode, retry=a.retry, progress=not a.no_progress,
                   warm=a.process == "warm", jobs=a.jobs or min(4, os.cpu_count() or 1))
@@ -131,6 +132,7 @@ def add_parsers(sub):
     p.add_argument("--shard", type=_shard, default=None, help="run every N-th experiment starting at K (K/N)")
     p.add_argument("--retry", action="store_true", help="rerun experiments whose record is an error/timeout/crash")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--yes", action="store_true", help="run a sweep of more than 10,000 experiments")
     p.set_defaults(func=cmd_run)
     r = sub.add_parser("results", help="records as a table or CSV, every figure named by its source",
                        description="One row per experiment: predicted_*, calibrated_*, traced_* and measured_* "

@@ -10,7 +10,7 @@ import os
 from formulas import categories as C
 from formulas.units import GiB
 
-from .common import add_spec_arguments, gib_cell, spec_from_args
+from .common import add_spec_arguments, gib_cell, spec_from_args, warn_beyond_positions
 from .predict import DEVICE_ROWS
 
 
@@ -66,6 +66,7 @@ def cmd_trace(a):
     from ..tracing.tracer import plot_timeline, trace
 
     result = trace(spec)
+    warn_beyond_positions("trace", prediction.spec)  # only once the answer stands: bad input is one line
     if a.plot:
         try:
             plot_timeline(result, a.plot)

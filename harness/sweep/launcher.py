@@ -48,6 +48,22 @@ class SweepLocked(ValueError):
     """Another launcher is writing to the same output folder."""
 
 
+class OutDirError(ValueError):
+    """The output folder cannot hold records: a file, not writable, or the disk is full."""
+
+
+def prepare_out_dir(out_dir):
+    """Create the record folder if needed; OutDirError (one line) when it cannot be written."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise OutDirError(f"--out {out_dir}: is a file, not a folder")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise OutDirError(f"--out {out_dir}: cannot create it ({e.strerror})") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise OutDirError(f"--out {out_dir}: not writable")
+
+
 class _Stop(BaseException):
     """SIGTERM or SIGHUP: stop like Ctrl-C."""
 
@@ -276,7 +292,11 @@ class _Launcher:
 
     def fallback(self, slot, outcome, elapsed, rc=None):
         rc = slot.proc.returncode if rc is None and slot.proc is not None else rc
-        write_record(self.out_dir, _fallback_record(slot.exp, outcome, rc, _tail(slot.err_path), elapsed, self.source))
+        try:
+            write_record(self.out_dir, _fallback_record(slot.exp, outcome, rc, _tail(slot.err_path), elapsed, self.source))
+        except OSError as e:  # a full disk, a folder made read-only under us
+            raise OutDirError(f"{self.out_dir}: cannot write the record of {slot.exp.spec_hash} ({e.strerror or e}); "
+                              "the records written so far are kept") from None
         return outcome
 
 
@@ -301,7 +321,7 @@ def run_sweep(experiments, out_dir, gpus=None, mode="trace", worker_cmd=None, re
     instead of a process per experiment.
     worker_cmd: the command that runs experiments (tests pass a stand-in); cold workers get the
     experiment's JSON as the last argument, warm ones `--warm` and the experiments on stdin."""
-    os.makedirs(out_dir, exist_ok=True)
+    prepare_out_dir(out_dir)
     lock = lock_out_dir(out_dir)
     summary = SweepSummary(out_dir=out_dir, total=len(experiments))
     todo = []

@@ -21,7 +21,9 @@ stable: it depends only on its resolved fields, not on file order or formatting.
 
 import hashlib
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, fields
 from itertools import product
 
@@ -41,7 +43,10 @@ RUN_FIELDS = {
     "sample_interval_ms": (float, 1.0, False, "NVML sampling interval"),
     "track_categories": (bool, True, False, "count the measured tensors by memory category (the tracer's tracker)"),
 }
+RUN_MINIMUMS = {"steps": 1, "timeout_s": 1, "sample_interval_ms": 0.01, "cap_bytes": 0}
 SPEC_FIELDS = {f.name: f for f in fields(Spec)}
+MAX_EXPERIMENTS = 10_000  # a bigger sweep needs `vramlab run --yes` (each experiment costs seconds to minutes)
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a sweep's name is a folder name under results/runs
 TOP_KEYS = {"name", "description", "defaults", "groups", "grid", "zip"}
 GROUP_KEYS = {"name", "set", "grid", "zip"}
 
@@ -122,8 +127,9 @@ def _coerce(path, where, key, value):
                 value = get_hardware(value).name
             except UnknownGPUError as e:
                 raise SweepError(f"{path}: {where}: cap_gpu: {str(e).replace('--gpu ', '', 1)}") from None
-        if key == "cap_bytes" and value < 0:
-            raise SweepError(f"{path}: {where}: cap_bytes: {value} must be ≥ 0")
+        minimum = RUN_MINIMUMS.get(key)
+        if minimum is not None and not value >= minimum:  # `not >=`: NaN fails too
+            raise SweepError(f"{path}: {where}: {key}: {value!r} must be ≥ {minimum}")
         return value
     if key not in SPEC_FIELDS:
         allowed = ", ".join(sorted(set(SPEC_FIELDS) | set(RUN_FIELDS)))
@@ -131,8 +137,11 @@ def _coerce(path, where, key, value):
     if key == "lora_targets":
         if isinstance(value, str):
             value = tuple(v.strip() for v in value.split(",") if v.strip())
-        elif isinstance(value, (list, tuple)):
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
             value = tuple(value)
+        else:
+            raise SweepError(f"{path}: {where}: lora_targets: {value!r} must be a list of module names "
+                             "(or a comma-separated string), e.g. [q_proj, v_proj] or all-linear")
         return value
     default = SPEC_FIELDS[key].default
     if isinstance(default, bool):
@@ -183,11 +192,29 @@ def _check_keys(path, where, d, allowed):
         raise SweepError(f"{path}: {where}: unknown key(s) {', '.join(sorted(extra))}; allowed: {', '.join(sorted(allowed))}")
 
 
-def expand_sweep(doc, path="<sweep>"):
-    """Expand a parsed sweep document into validated Experiments, in file order, without duplicates."""
+def _count(path, groups):
+    """How many experiments the groups expand to, before expanding them."""
+    n = 0
+    for g in groups:
+        if isinstance(g, dict):
+            grid = g.get("grid") if isinstance(g.get("grid"), dict) else {}
+            zipped = g.get("zip") if isinstance(g.get("zip"), dict) else {}
+            sizes = [len(v) for v in grid.values() if isinstance(v, list)]
+            z = max((len(v) for v in zipped.values() if isinstance(v, list)), default=1)
+            n += math.prod(sizes) * z
+    return n
+
+
+def expand_sweep(doc, path="<sweep>", limit=MAX_EXPERIMENTS):
+    """Expand a parsed sweep document into validated Experiments, in file order, without duplicates.
+
+    More than `limit` experiments is a SweepError (None: no limit), decided before anything is expanded."""
     if not isinstance(doc, dict):
         raise SweepError(f"{path}: the top level must be a mapping with 'defaults' and 'groups' (or 'grid'/'zip')")
     _check_keys(path, "top level", doc, TOP_KEYS)
+    if doc.get("name") is not None and not (isinstance(doc["name"], str) and NAME.fullmatch(doc["name"])):
+        raise SweepError(f"{path}: name: {doc['name']!r} must be a plain name (letters, digits, . _ -), "
+                         "the folder its records go to under results/runs")
     defaults = doc.get("defaults") or {}
     if not isinstance(defaults, dict):
         raise SweepError(f"{path}: defaults: must be a mapping of field → value")
@@ -199,6 +226,9 @@ def expand_sweep(doc, path="<sweep>"):
         raise SweepError(f"{path}: top level: give axes inside 'groups', or top-level 'grid'/'zip', not both")
     if not isinstance(groups, list) or not groups:
         raise SweepError(f"{path}: groups: must be a non-empty list")
+    n = _count(path, groups)
+    if limit is not None and n > limit:
+        raise SweepError(f"{path}: {n:,} experiments; more than {limit:,} needs `vramlab run --yes`")
     out, seen = [], set()
     for gi, g in enumerate(groups):
         where = f"groups[{gi}]"
@@ -234,7 +264,24 @@ def _make(path, where, spec_fields, run, group):
     return Experiment(spec=spec, group=group, **run)
 
 
-def load_sweep(path):
+def _strict_loader():
+    """yaml's SafeLoader, refusing a key given twice in one mapping (it would silently keep the last)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            keys = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in keys:
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+                keys.add(key)
+            return super().construct_mapping(node, deep)
+
+    return StrictLoader
+
+
+def load_sweep(path, limit=MAX_EXPERIMENTS):
     """Read and expand a sweep YAML file; invalid YAML or content is a SweepError naming the file."""
     import yaml
 
@@ -242,16 +289,21 @@ def load_sweep(path):
         raise SweepError(f"{path}: no such sweep file")
     try:
         with open(path, encoding="utf-8") as f:
-            doc = yaml.safe_load(f)
+            doc = yaml.load(f, Loader=_strict_loader())  # noqa: S506 (a SafeLoader subclass)
+    except UnicodeDecodeError as e:
+        raise SweepError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise SweepError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
-    return sweep_name(path, doc), expand_sweep(doc, path)
+    return sweep_name(path, doc), expand_sweep(doc, path, limit)
 
 
 def sweep_name(path, doc=None):
-    """The sweep's name: its `name:` field, else the file's stem."""
+    """The sweep's name: its `name:` field, else the file's stem (a plain name either way)."""
     if isinstance(doc, dict) and doc.get("name"):
         return str(doc["name"])
-    return os.path.splitext(os.path.basename(path))[0]
+    stem = os.path.splitext(os.path.basename(path))[0]
+    if not NAME.fullmatch(stem):
+        raise SweepError(f"{path}: the file name {stem!r} is not a plain name; give the sweep a `name:`")
+    return stem
