@@ -104,6 +104,11 @@ def _tp_ok(shape, t):
     return shape.n_heads % t == 0 and (kv % t == 0 or t % kv == 0)
 
 
+def _tp_degrees(shape, n):
+    """Tensor-parallel degrees 1 < t < n that divide n and the heads (a divisor of the heads: a short list)."""
+    return [t for t in range(2, min(n, shape.n_heads + 1)) if n % t == 0 and _tp_ok(shape, t)]
+
+
 def candidates(shape, mode, n, for_speed=False):
     """Strategies to try on n GPUs: inference — layer split, TP, TP×PP; training — DDP, ZeRO-1/2/3 (+ offload), TP."""
     if n == 1:
@@ -114,8 +119,8 @@ def candidates(shape, mode, n, for_speed=False):
             out.append(Strategy("layer_split", n))
         if _tp_ok(shape, n):
             out.append(Strategy("tp", n, tp=n))
-        for t in range(2, n):
-            if n % t == 0 and _tp_ok(shape, t) and n // t <= shape.n_layers:
+        for t in _tp_degrees(shape, n):
+            if n // t <= shape.n_layers:
                 out.append(Strategy("tp_pp", n, tp=t, pp=n // t))
     else:
         out += [Strategy("ddp", n), Strategy("zero1", n, zero=1), Strategy("zero2", n, zero=2),
@@ -123,9 +128,7 @@ def candidates(shape, mode, n, for_speed=False):
         if _tp_ok(shape, n):
             out.append(Strategy("tp", n, tp=n))
         if for_speed:
-            for t in range(2, n):
-                if n % t == 0 and _tp_ok(shape, t):
-                    out.append(Strategy("tp_ddp", n, tp=t))
+            out += [Strategy("tp_ddp", n, tp=t) for t in _tp_degrees(shape, n)]
     return out
 
 

@@ -95,6 +95,11 @@ def test_plan_answers_quickly_at_the_largest_search(capsys):
                  "--max-gpus", "1048576", "--json"]) == 0
     assert time.perf_counter() - t0 < 1.0
     assert json.loads(capsys.readouterr().out)["fewest"]["gpus"] is None
+    t0 = time.perf_counter()  # a deadline that needs a million GPUs: the speed search stays short too
+    assert main(["plan", "--model", "DeepSeek-R1", "--mode", "train", "--method", "lora", "--tokens", "10T",
+                 "--deadline", "1h", "--gpu", "H100", "--json"]) == 0
+    assert time.perf_counter() - t0 < 1.0
+    assert json.loads(capsys.readouterr().out)["time"]["gpus_for_deadline"] > 1_000_000
 
 
 # ------------------------------------------------------------------ sweeps
