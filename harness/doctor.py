@@ -156,7 +156,7 @@ def check_tracer():
 
 def measure_pairs(out_dir, progress=None):
     """The experiments, measured with the tracker off and on, each in a fresh process; [(off, on)] records."""
-    from .records import read_record, record_path
+    from .records import RecordError, read_record, record_path
     from .sweep.launcher import run_sweep
     from .sweep.schema import expand_sweep
 
@@ -166,10 +166,20 @@ def measure_pairs(out_dir, progress=None):
                              "groups": [{"set": e} for e in EXPERIMENTS]}, "doctor")
         folder = os.path.join(out_dir, "tracker-on" if track else "tracker-off")
         run_sweep(exps, folder, mode="measure", progress=False)
-        pairs.append([read_record(record_path(folder, e.spec_hash)) for e in exps])
+        recs = []
+        for e in exps:
+            try:
+                recs.append(read_record(record_path(folder, e.spec_hash)))
+            except RecordError as err:
+                recs.append({"spec": e.spec.to_dict(), "outcome": "no record", "error": {"message": str(err)}})
+        pairs.append(recs)
         if progress:
             progress(f"measured {len(exps)} experiments, tracker {'on' if track else 'off'}")
     return list(zip(*pairs))
+
+
+def _mib(n):
+    return "n/a (NVML did not say)" if n is None else f"{n / MiB:,.0f} MiB"
 
 
 def check_measurements(pairs):
@@ -189,8 +199,8 @@ def check_measurements(pairs):
         status = "fail" if abs(moved) > 2 * MiB else ("warn" if flagged else "ok")
         detail = (f"peak allocated {a['peak_allocated_bytes'] / MiB:,.1f} MiB (tracker off) vs "
                   f"{b['peak_allocated_bytes'] / MiB:,.1f} MiB (on), {moved / MiB:+.2f} MiB; workload {ta:.2f} s → "
-                  f"{tb:.2f} s with the tracker; context {a['cuda_context_bytes'] / MiB:,.0f} MiB; device peak "
-                  f"{a['peak_device_bytes'] / MiB:,.0f} MiB" + ("; other processes on the GPU" if flagged else ""))
+                  f"{tb:.2f} s with the tracker; context {_mib(a.get('cuda_context_bytes'))}; device peak "
+                  f"{_mib(a.get('peak_device_bytes'))}" + ("; other processes on the GPU" if flagged else ""))
         checks.append(Check(name, status, detail, {"moved_bytes": moved, "workload_s_off": ta, "workload_s_on": tb}))
     return checks
 
@@ -205,17 +215,16 @@ def run_checks(out_dir=None, progress=None):
 def _run_checks(out_dir, progress):
     checks = [check_packages(), check_nvml()]
     torch_ok = checks[0].data.get("torch") is not None
-    gpu = torch_ok and nvml.device_count() > 0
+    measured = []
+    if torch_ok and nvml.device_count() > 0:
+        # Measured first, while this process has no CUDA context of its own: the workers would see one as
+        # another process on the GPU and flag every figure.
+        measured = check_measurements(measure_pairs(out_dir or tempfile.mkdtemp(prefix="vramlab-doctor-"), progress))
     if torch_ok:
         checks.append(check_cuda())
-        gpu = gpu and checks[-1].status != "skip"
-        device = "cuda" if gpu else "cpu"
+        device = "cuda" if checks[-1].status != "skip" else "cpu"
         checks += [check_bitsandbytes(device), check_peft_wrappers(device), check_tracer()]
-    if gpu:
-        out = out_dir or tempfile.mkdtemp(prefix="vramlab-doctor-")
-        checks += check_measurements(measure_pairs(out, progress))
-    else:
-        checks.append(Check("measurement", "skip", "no NVIDIA GPU: nothing to measure (`vramlab run` traces instead)"))
+    checks += measured or [Check("measurement", "skip", "no NVIDIA GPU: nothing to measure (`vramlab run` traces instead)")]
     return checks
 
 

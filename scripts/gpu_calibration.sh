@@ -6,14 +6,15 @@
 #
 # Steps, each time-boxed so the whole call ends inside BUDGET_S (default 540 s, under the device's
 # 10-minute limit per command) with what it measured packed under $OUT:
-#   1. vramlab doctor (stop if it fails)            4. experiments/rtx4090.yaml, capped to a 24 GB card
+#   1. vramlab doctor (stop if a check fails)       4. experiments/rtx4090.yaml, capped to a 24 GB card
 #   2. experiments/smoke.yaml (stop if any fails)   5. smoke again, cold: `vramlab check` against step 2
 #   3. experiments/reference.yaml, warm, resumable  6. vramlab fit, vramlab report
 # Records go to $RUNS/<sweep>/<gpu-driver>/ (default results/runs, in this checkout: a second call
 # resumes the reference sweep where the first stopped, if the first call's records are in the
-# checkout it runs from) and are packed, with the calibration table, the report and the logs, into
-# $OUT/results.tar.gz; $OUT/summary.txt says what ran. Nothing else is left under $OUT (the device
-# tool brings back at most 8 files).
+# checkout it runs from) and are packed with the workers' logs into $OUT/records.tar.gz as soon as
+# the sweeps end; the calibration table, the report and the check go into $OUT/analysis.tar.gz, and
+# $OUT/summary.txt says what ran. Nothing else is left under $OUT (the device tool brings back at
+# most 8 files, 16 MiB each).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder whose files come back}"
@@ -51,15 +52,22 @@ step() {  # step NAME MAX_S CMD...: run with a timeout of min(MAX_S, time left);
 # $RUNS/<sweep>/<gpu-driver> (or traced-cpu), the folder `vramlab run` would choose under results/runs
 runs_of() { echo "$RUNS/$1/$(python3 -c "import os; from harness.sweep.launcher import default_out_dir; print(os.path.basename(default_out_dir('$1', '$MODE')))")"; }
 
-step doctor 150 "${VRAMLAB[@]}" doctor --out "$WORK/doctor" || { say "doctor failed: stopping"; DOCTOR_FAILED=1; }
+step doctor 240 "${VRAMLAB[@]}" doctor --out "$WORK/doctor"
+case $? in  # 1: a check failed; a timeout (124, 143) only means doctor was slow, and the sweeps say more
+  0|124|143) ;;
+  *) say "doctor failed: stopping"; DOCTOR_FAILED=1 ;;
+esac
 if [ -z "${DOCTOR_FAILED:-}" ]; then
   SMOKE=$(runs_of smoke)
   step smoke 120 "${VRAMLAB[@]}" run experiments/smoke.yaml --mode "$MODE" --no-progress --out "$SMOKE"
   if python3 - "$SMOKE" "$MODE" "$SUMMARY" <<'EOF'
 import sys
 from harness.records import iter_records
+from harness.sweep.schema import load_sweep
 fine = ("ok", "unsupported") if sys.argv[2] == "trace" else ("ok",)  # traced, bitsandbytes is unsupported
-bad = [f"{r['spec_hash']} {r['outcome']}" for r in iter_records(sys.argv[1]) if r["outcome"] not in fine]
+recs = {r["spec_hash"]: r["outcome"] for r in iter_records(sys.argv[1])}
+bad = [f"{h} {recs.get(h, 'no record')}" for h in (e.spec_hash for e in load_sweep("experiments/smoke.yaml")[1])
+       if recs.get(h) not in fine]
 print("smoke failures:", ", ".join(bad) or "none", file=open(sys.argv[3], "a"))
 sys.exit(1 if bad else 0)
 EOF
@@ -75,15 +83,26 @@ EOF
   fi
 fi
 
-# What the records say, on whatever was recorded (the reserve is for these).
-"${VRAMLAB[@]}" fit "$RUNS" --out "$WORK/calibration" > "$WORK/fit.log" 2>&1; say "fit: exit $? ($(tail -n 1 "$WORK/fit.log"))"
-"${VRAMLAB[@]}" report "$RUNS" --out "$WORK/report" > "$WORK/report.log" 2>&1; say "report: exit $? ($(tail -n 1 "$WORK/report.log"))"
-"${VRAMLAB[@]}" results "$RUNS" --csv "$WORK/results.csv" > /dev/null 2>> "$WORK/report.log"
+# The records first, with the workers' logs: whatever happens next, they come back.
+pack() {  # pack NAME DIR...: one archive under $OUT, refused (and said) above the 16 MiB a returned file may have
+  local name=$1; shift
+  tar -czf "$OUT/$name" --exclude='.lock' "$@" 2>> "$SUMMARY"
+  local size; size=$(stat -c %s "$OUT/$name")
+  if [ "$size" -gt $((16 * 1024 * 1024)) ]; then
+    say "$name: $size bytes is over 16 MiB: packing without the workers' logs"
+    tar -czf "$OUT/$name" --exclude='.lock' --exclude='.logs' "$@" 2>> "$SUMMARY"
+  fi
+  say "packed $(du -h "$OUT/$name" | cut -f1) into $name"
+}
+pack records.tar.gz -C "$(dirname "$RUNS")" "$(basename "$RUNS")" -C "$WORK" $(cd "$WORK" && ls -d *.log doctor smoke-again 2>/dev/null)
+# What the records say (the reserve is for these; each is time-boxed too).
+A=30
+timeout $A "${VRAMLAB[@]}" fit "$RUNS" --out "$WORK/calibration" > "$WORK/fit.log" 2>&1; say "fit: exit $? ($(tail -n 1 "$WORK/fit.log"))"
+timeout $A "${VRAMLAB[@]}" report "$RUNS" --out "$WORK/report" > "$WORK/report.log" 2>&1; say "report: exit $? ($(tail -n 1 "$WORK/report.log"))"
+timeout $A "${VRAMLAB[@]}" results "$RUNS" --csv "$WORK/results.csv" > /dev/null 2>> "$WORK/report.log"
 if [ -d "$WORK/smoke-again" ]; then
-  "${VRAMLAB[@]}" check "$(runs_of smoke)" "$WORK/smoke-again" --all > "$WORK/check.log" 2>&1
+  timeout $A "${VRAMLAB[@]}" check "$(runs_of smoke)" "$WORK/smoke-again" --all > "$WORK/check.log" 2>&1
   say "check smoke vs smoke-again (cold): exit $? ($(tail -n 1 "$WORK/check.log"))"
 fi
 cp "$SUMMARY" "$WORK/summary.txt"
-tar -czf "$OUT/results.tar.gz" --exclude='.lock' --exclude='.logs' -C "$(dirname "$RUNS")" "$(basename "$RUNS")" -C "$WORK" . \
-  2>> "$SUMMARY"
-say "packed $(du -h "$OUT/results.tar.gz" | cut -f1) into results.tar.gz"
+pack analysis.tar.gz -C "$WORK" $(cd "$WORK" && ls -d calibration report results.csv fit.log report.log check.log summary.txt 2>/dev/null)

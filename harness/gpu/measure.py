@@ -61,8 +61,8 @@ class MeasuredOOM(Exception):
         self.measured, self.details = measured, details
 
 
-_OOM_REQ = re.compile(r"Tried to allocate ([\d.]+) (GiB|MiB|KiB|B)")
-_UNIT = {"GiB": 2**30, "MiB": 2**20, "KiB": 2**10, "B": 1}
+_OOM_REQ = re.compile(r"Tried to allocate ([\d.]+) (GiB|MiB|KiB|bytes|B)\b")
+_UNIT = {"GiB": 2**30, "MiB": 2**20, "KiB": 2**10, "bytes": 1, "B": 1}
 
 
 def is_oom(e):
@@ -190,6 +190,9 @@ def _cuda_process(torch, index):
     after = nvml.used_bytes(index)
     after_pids = [p for p, _ in nvml.processes(index)]
     index, corrected = reconcile_index(index, torch.cuda.get_device_properties(0).uuid, nvml.device_uuid)
+    if corrected:  # the readings above came from another GPU: keep none of them
+        before = after = None
+        before_pids, after_pids = [], [p for p, _ in nvml.processes(index)]
     own = own_nvml_pids(before_pids, after_pids, os.getpid())
     _PROCESS.update(
         index=index, index_corrected=corrected, used_before_init=before, used_after_init=after,
@@ -213,6 +216,9 @@ def reset_between_experiments():
     clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
     if clear is not None:
         clear()
+    bnb_functional = sys.modules.get("bitsandbytes.functional")
+    if bnb_functional is not None:  # its cached quantization maps live on the device (name2qmap["dynamic"])
+        getattr(bnb_functional, "name2qmap", {}).clear()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     torch.cuda.set_per_process_memory_fraction(1.0)  # undo a cap

@@ -40,8 +40,14 @@ def device_count():
 
 
 def _handle(i):
+    """(pynvml, handle of device i), or (None, None) without NVML or for an index it does not know."""
     n = _nvml()
-    return (n, n.nvmlDeviceGetHandleByIndex(i)) if n is not None else (None, None)
+    if n is None:
+        return None, None
+    try:
+        return n, n.nvmlDeviceGetHandleByIndex(i)
+    except Exception:
+        return None, None
 
 
 def _str(x):

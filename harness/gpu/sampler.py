@@ -10,6 +10,8 @@ import time
 
 from . import nvml
 
+PROCESS_EVERY = 20  # per-process memory is sampled every 20th device sample
+
 
 class NvmlSampler:
     """Sample device i every `interval_s` seconds until stopped; peaks per phase."""
@@ -37,9 +39,12 @@ class NvmlSampler:
     def _sample(self):
         t = time.perf_counter()
         used = nvml.used_bytes(self.device_index)
-        proc = nvml.process_used_bytes(self.device_index, self.pid) if self._process_api else None
-        if proc is None:
-            self._process_api = self._process_api and self.samples < 10  # stop asking a driver that never says
+        # The process list is a millisecond-scale query: ask it every PROCESS_EVERY-th sample only, so the
+        # device-used figure keeps its interval.
+        ask = self._process_api and self.samples % PROCESS_EVERY == 0
+        proc = nvml.process_used_bytes(self.device_index, self.pid) if ask else None
+        if ask and proc is None:
+            self._process_api = self.samples < 10 * PROCESS_EVERY  # stop asking a driver that never says
         self.busy_s += time.perf_counter() - t
         self.samples += 1
         if used is None:

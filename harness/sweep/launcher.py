@@ -211,13 +211,13 @@ class _Launcher:
         env = dict(os.environ)
         env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
         env["VRAMLAB_LAUNCHER_PID"] = str(os.getpid())
-        env["VRAMLAB_LAUNCHED_AT"] = repr(time.time())
         if slot.gpu is not None:
             env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # CUDA numbers the GPUs as NVML does
             env["CUDA_VISIBLE_DEVICES"] = str(slot.gpu)
             env["VRAMLAB_NVML_INDEX"] = str(slot.gpu)
             if self.mode == "measure":
                 env["VRAMLAB_IDLE"] = json.dumps(wait_for_idle(slot.gpu, self.baseline.get(slot.gpu)))
+        env["VRAMLAB_LAUNCHED_AT"] = repr(time.time())  # after the wait: launch_to_measure_s is the process's own
         return env
 
     def spawn(self, slot, args, err_name, pipes):
@@ -271,9 +271,9 @@ class _Launcher:
         rc = slot.proc.poll()
         if rc is None and elapsed <= exp.timeout_s:
             return None
-        if rc is None:  # past its timeout
+        if rc is None:  # past its timeout; a record written just before is the experiment's, not a timeout
             self.stop_worker(slot)
-            return self.fallback(slot, "timeout", elapsed, -signal.SIGKILL), None
+            return self.recorded(exp) or self.fallback(slot, "timeout", elapsed, -signal.SIGKILL), None
         if self.warm:
             time.sleep(0.05)  # a reply written just before the exit
             if not slot.replies.empty():

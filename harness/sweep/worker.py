@@ -104,11 +104,12 @@ def run_and_record(exp, out, mode, process):
 
 
 def _nvml_index(mode):
+    """The NVML index the measurement used (corrected by UUID where it had to be), else the launcher's."""
     if mode != "measure":
         return 0
-    from ..gpu.measure import nvml_index
+    from ..gpu.measure import _PROCESS, nvml_index
 
-    return nvml_index()
+    return _PROCESS.get("index", nvml_index())
 
 
 def _process(mode_name, n, fallback=None, reset=None):
@@ -122,26 +123,36 @@ def _process(mode_name, n, fallback=None, reset=None):
 def serve(out, mode, requests, replies):
     """Warm: run the experiments read from `requests` one by one, answering each on `replies`."""
     n = 0
+    dirty = None  # why the next experiment cannot run in this process
     for line in requests:
         if not line.strip():
             continue
         msg = json.loads(line)
         exp = Experiment.from_dict(msg["experiment"])
         reset = None
-        if n:
+        if n and not dirty:
             gc.collect()
             if mode == "measure":
-                from ..gpu.measure import reset_between_experiments
+                try:
+                    from ..gpu.measure import reset_between_experiments
 
-                reset = reset_between_experiments()
-                if not reset["clean"]:
-                    reason = (f"after {n} experiment(s) the caching allocator still held {reset['allocated_bytes']:,} "
-                              f"bytes allocated, {reset['reserved_bytes']:,} reserved")
-                    replies.write(json.dumps({"spec_hash": exp.spec_hash, "restart": True, "reason": reason}) + "\n")
-                    replies.flush()
-                    return 0
+                    reset = reset_between_experiments()
+                except Exception as e:  # a CUDA error left by the last experiment: this one starts afresh
+                    dirty = f"the reset after {n} experiment(s) failed: {type(e).__name__}: {str(e)[:200]}"
+                else:
+                    if not reset["clean"]:
+                        dirty = (f"after {n} experiment(s) the caching allocator still held "
+                                 f"{reset['allocated_bytes']:,} bytes allocated, {reset['reserved_bytes']:,} reserved")
+        if dirty:
+            replies.write(json.dumps({"spec_hash": exp.spec_hash, "restart": True, "reason": dirty}) + "\n")
+            replies.flush()
+            return 0
         n += 1
         outcome = run_and_record(exp, out, mode, _process("warm", n, msg.get("fallback"), reset))
+        if mode == "measure" and exp.spec.mode == "train" and exp.spec.optimizer == "paged_adamw8bit":
+            # bitsandbytes keeps paged state in CUDA managed memory for the life of the process
+            # (GlobalPageManager), outside the caching allocator: the next experiment needs a fresh process.
+            dirty = "the previous experiment's paged optimizer state (CUDA managed memory) stays until the process ends"
         replies.write(json.dumps({"spec_hash": exp.spec_hash, "outcome": outcome}) + "\n")
         replies.flush()
     return 0
