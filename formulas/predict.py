@@ -60,6 +60,7 @@ class Prediction:
     notes: list = field(default_factory=list)  # assumptions worth reading
     overheads_source: str = ""  # where the device overheads came from
     calibrated: bool = False  # True when the overheads came from a calibration table (measurements)
+    weights_source: str = "formula"  # formula | checkpoint (the safetensors headers' stored bytes)
 
     def to_dict(self):
         """JSON-ready dict; bytes stay integers."""
@@ -119,7 +120,18 @@ def kbit_prepared(spec):
     return spec.mode == "train" and spec.kbit_prep and spec.method in ("lora", "qlora") and spec.dtype in BNB_DTYPES
 
 
-def _static(spec):
+def checkpoint_applies(spec, checkpoint):
+    """Whether a checkpoint's stored weights are the weights of this (validated) spec.
+
+    They are where the spec loads the checkpoint as stored: the same --dtype (or a format the formula
+    does not know, whose stored bytes are the only count there is), not upcast to fp32 parameters
+    for amp full training, and not recast by kbit prep."""
+    if spec.mode == "train" and spec.precision == "amp" and spec.method == "full":
+        return False
+    return (checkpoint.dtype is None or checkpoint.dtype == spec.dtype) and not kbit_prepared(spec)
+
+
+def _static(spec, checkpoint=None):
     shape = get_shape(spec.model)
     cb = DTYPE_BYTES[spec.compute_dtype]
     kvb = DTYPE_BYTES[spec.kv_dtype]
@@ -131,6 +143,12 @@ def _static(spec):
         stored = "fp32"  # autocast trains fp32 parameters
     # kbit prep casts every unquantized fp16/bf16 weight (embeddings, norms, lm_head, biases) to fp32
     st = weight_storage(shape, stored, "fp32" if kbit else spec.compute_dtype, spec.double_quant, spec.group_size)
+    if checkpoint is not None and checkpoint_applies(spec, checkpoint):
+        # the checkpoint's own tensors, as its safetensors headers list them, in place of the formula's
+        st = replace(st, weight_bytes=checkpoint.total_bytes - checkpoint.quant_bytes,
+                     quant_state_bytes=checkpoint.quant_bytes, layer_bytes=checkpoint.layer_bytes,
+                     layer_quant_state_bytes=checkpoint.layer_quant_bytes, embed_bytes=checkpoint.embed_bytes,
+                     head_bytes=checkpoint.head_bytes)
     w_total = st.weight_bytes + st.quant_state_bytes
     w_other = w_total - st.layer_bytes - st.embed_bytes - st.head_bytes
     q_other = st.quant_state_bytes - st.layer_quant_state_bytes
@@ -213,13 +231,16 @@ def _static(spec):
 
 
 @lru_cache(maxsize=4096)
-def _static_cached(spec):
-    return _static(spec)
+def _static_cached(spec, checkpoint):
+    return _static(spec, checkpoint)
 
 
-def workload_static(spec):
-    """What a validated spec's prediction needs beyond batch, seq and gen (cached per spec without them)."""
-    return _static_cached(spec.replace(batch=1, seq=1, gen=0))
+def workload_static(spec, checkpoint=None):
+    """What a validated spec's prediction needs beyond batch, seq and gen (cached per spec without them).
+
+    `checkpoint`: a formulas.checkpoint.StoredWeights whose bytes replace the formula's weights where
+    `checkpoint_applies`."""
+    return _static_cached(spec.replace(batch=1, seq=1, gen=0), checkpoint)
 
 
 # ------------------------------------------------------------------ GPU slices (parallelism)
@@ -479,11 +500,27 @@ def _notes(st):
     return notes
 
 
-def predict(spec, overheads=DEFAULT_OVERHEADS):
-    """Predict the per-GPU memory of one workload. Raises SpecError / UnknownModelError on bad input."""
+def predict(spec, overheads=DEFAULT_OVERHEADS, checkpoint=None):
+    """Predict the per-GPU memory of one workload. Raises SpecError / UnknownModelError on bad input.
+
+    `checkpoint`: the model's stored weights (formulas.checkpoint.StoredWeights, from its safetensors
+    headers), used in place of the formula's weights where they apply (`checkpoint_applies`)."""
     shape = get_shape(spec.model)
     spec = validate(spec, shape)
-    st = workload_static(spec)
+    st = workload_static(spec, checkpoint)
+    notes = _notes(st)
+    source = "formula"
+    if checkpoint is not None:
+        if checkpoint_applies(spec, checkpoint):
+            source = "checkpoint"
+            notes.insert(0, "weights: the checkpoint's stored bytes (its safetensors headers), not the formula")
+        else:
+            why = f"stored at {checkpoint.dtype or 'an unknown format'}, loaded as {spec.dtype}"
+            if spec.dtype == checkpoint.dtype:
+                why = "recast on loading (fp32 parameters for amp training, or kbit prep)"
+            notes.insert(0, f"weights: the formula's, not the checkpoint's: {why}"
+                            + (f" (--dtype {checkpoint.dtype} loads it as stored)"
+                               if checkpoint.dtype and spec.dtype != checkpoint.dtype else ""))
     best = None  # the GPU and phase that hold the most
     for phases in per_gpu_phases(st, spec.batch, spec.seq, spec.gen):
         for phase, bd in phases.items():
@@ -497,5 +534,5 @@ def predict(spec, overheads=DEFAULT_OVERHEADS):
     return Prediction(
         spec=spec, model=shape.name, n_params=shape.n_params, breakdown={**bd, **device_bd},
         peak_allocated_bytes=alloc, peak_device_bytes=device, peak_phase=phase, phases=phases,
-        notes=_notes(st), overheads_source=overheads.source, calibrated=overheads.calibrated,
+        notes=notes, overheads_source=overheads.source, calibrated=overheads.calibrated, weights_source=source,
     )

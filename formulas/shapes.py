@@ -238,7 +238,10 @@ def _build_moe(cfg, name, mt):
         n_moe = L
         shared = 0
     else:
-        E = cfg["num_experts"]
+        # transformers ≥ 5.2x saves Qwen3-MoE's num_experts under its attribute-map name num_local_experts
+        E = _get(cfg, "num_experts", "num_local_experts")
+        if E is None:
+            raise KeyError("num_experts")
         k = cfg["num_experts_per_tok"]
         moe_I = cfg["moe_intermediate_size"]
         step = _get(cfg, "decoder_sparse_step", default=1)
@@ -441,8 +444,9 @@ _DIMENSIONS = {
         "max_position_embeddings", "n_positions", "moe_intermediate_size", "num_local_experts", "num_experts",
         "num_experts_per_tok", "n_routed_experts", "shared_expert_intermediate_size", "kv_lora_rank",
         "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "decoder_sparse_step",
-        "sliding_window", "word_embed_proj_dim", "n_group", "topk_group"),
-    0: ("first_k_dense_replace", "n_shared_experts"),
+        "word_embed_proj_dim", "n_group", "topk_group"),
+    # 0 means none: transformers itself writes sliding_window 0 for a Qwen2-MoE without one
+    0: ("first_k_dense_replace", "n_shared_experts", "sliding_window"),
 }
 
 

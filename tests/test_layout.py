@@ -102,10 +102,11 @@ def test_formulas_import_neither_torch_nor_harness():
      "--deadline", "1d", "--json"],
 ], ids=["version", "predict", "predict-qlora", "plan"])
 def test_cheap_commands_import_nothing_heavy(argv):
-    """predict, plan and --version answer without torch, transformers, pandas, numpy or yaml."""
+    """predict, plan and --version answer without torch, transformers, huggingface_hub, pandas, numpy or yaml."""
     code = ("import sys; from harness.cli import main\n"
             f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
-            "heavy = [m for m in ('torch', 'transformers', 'pandas', 'numpy', 'yaml') if m in sys.modules]\n"
+            "heavy = [m for m in ('torch', 'transformers', 'huggingface_hub', 'pandas', 'numpy', 'yaml')\n"
+            "         if m in sys.modules]\n"
             "assert not heavy, heavy")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

@@ -93,3 +93,14 @@ def get_shape(name):
     if path.startswith(CONFIG_DIR):
         label = os.path.basename(path)[: -len(".json")].replace("--", "/", 1)
     return shape_from_config(load_config(name), label)
+
+
+def hub_cache_label(path):
+    """'org/name' (with '@commit' shortened) for a file in a Hugging Face cache snapshot, else None.
+
+    The cache layout is models--org--name/snapshots/<commit>/config.json."""
+    parts = os.path.normpath(os.path.abspath(path)).split(os.sep)
+    if len(parts) >= 4 and parts[-3] == "snapshots" and parts[-4].startswith("models--"):
+        repo = parts[-4][len("models--"):].replace("--", "/", 1)
+        return f"{repo}@{parts[-2][:12]}"
+    return None

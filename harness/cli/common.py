@@ -23,7 +23,8 @@ def _targets(text):
 
 def add_spec_arguments(p):
     """The workload flags of predict, trace and plan. Names are kept stable for scripts."""
-    p.add_argument("--model", required=True, help="catalog name (e.g. Llama-3.1-8B), HF id, config.json path or model dir")
+    p.add_argument("--model", required=True, help="catalog name (e.g. Llama-3.1-8B), config.json path, model dir, or Hub id "
+                        "org/name[@revision] (from the Hugging Face cache, else the Hub: config.json only)")
     p.add_argument("--mode", default="inference", help="inference | train")
     p.add_argument("--dtype", default="bf16",
                    help="fp32 | bf16 | fp16 | fp8 | int8 | nf4 | fp4 | gptq-int4 | awq-int4 | q8_0 | q6_k | q5_k_m | "
@@ -67,15 +68,17 @@ def add_spec_arguments(p):
     p.add_argument("--offload", default="none", help="none | optimizer | params")
 
 
-def spec_from_args(a):
-    """Build a Spec from parsed flags."""
+def spec_from_args(a, resolve=True):
+    """Build a Spec from parsed flags; resolve: a Hub id's config.json from the cache or the Hub (harness/hub.py)."""
     from formulas.spec import Spec, SpecError
 
     if a.users is not None and a.batch is not None and a.users != a.batch:
         raise SpecError(f"--users {a.users}: --users is --batch under another name; give one (--batch {a.batch} too)")
     batch = a.users if a.users is not None else (a.batch if a.batch is not None else 1)
+    from ..hub import resolve_model
+
     return Spec(
-        model=a.model, mode=a.mode, dtype=a.dtype.lower(), batch=batch, seq=a.seq, gen=a.gen, method=a.method,
+        model=resolve_model(a.model) if resolve else a.model, mode=a.mode, dtype=a.dtype.lower(), batch=batch, seq=a.seq, gen=a.gen, method=a.method,
         compute_dtype=a.compute_dtype, lora_rank=a.lora_rank, lora_targets=a.lora_targets, lora_dtype=a.lora_dtype,
         trainable_layers=a.trainable_layers, optimizer=a.optimizer, optimizer_impl=a.optimizer_impl,
         precision=a.precision, grad_ckpt=a.grad_ckpt, attn=a.attn, grad_accum=a.grad_accum, kv_dtype=a.kv_dtype,

@@ -294,7 +294,10 @@ def _cmd_table(a, P, margin, mfu, deadline, overheads):
     if a.model.strip().lower() == "seeds":
         rows = P.SEED_ROWS
     else:
-        rows = tuple(dict(model=m.strip(), method=a.method, dtype=a.dtype.lower()) for m in a.model.split(",") if m.strip())
+        from ..hub import resolve_model
+
+        rows = tuple(dict(model=resolve_model(m.strip()), method=a.method, dtype=a.dtype.lower())
+                     for m in a.model.split(",") if m.strip())
     if not rows:
         raise SpecError(f"--model {a.model}: give 'seeds' or a comma list of models")
     if not a.gpu and a.model.strip().lower() != "seeds":
@@ -302,7 +305,7 @@ def _cmd_table(a, P, margin, mfu, deadline, overheads):
     sizes = tuple(flag_value(parse_size, "--data-sizes", x, 1) for x in a.data_sizes.split(",") if x.strip())
     if not sizes:
         raise SpecError(f"--data-sizes {a.data_sizes}: give a comma list, e.g. 1K,1M,1G")
-    base = spec_from_args(a).replace(mode="train")
+    base = spec_from_args(a, resolve=False).replace(mode="train")
     rows_out = P.finetune_table(rows, sizes, deadline, base, a.gpu, a.tokens_per_byte, mfu, margin, a.max_gpus,
                                 overheads)
     r0 = rows[0]

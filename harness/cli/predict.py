@@ -1,6 +1,7 @@
 """`vramlab predict` and `vramlab models`: the analytic prediction, in well under half a second, without torch."""
 
 import json
+import os
 
 from formulas import categories as C
 from formulas.units import GiB
@@ -14,7 +15,9 @@ DEVICE_ROWS = ((C.CUDA_CONTEXT, "cuda context"), (C.WORKSPACES, "workspaces"), (
 def render_prediction(pred, gpu=None):
     """The readable table `vramlab predict` prints (GiB, binary). `gpu`: a formulas.hardware.Hardware."""
     s = pred.spec
-    head = f"{pred.model} · {s.mode} · {s.dtype}"
+    from formulas.catalog import hub_cache_label
+
+    head = f"{hub_cache_label(pred.model) or pred.model} · {s.mode} · {s.dtype}"
     if s.mode == "train":
         head += f" · {s.method} · {s.optimizer}" + (" · grad-ckpt" if s.grad_ckpt else "")
         head += f" · batch {s.batch} × seq {s.seq}" + (f" × accum {s.grad_accum}" if s.grad_accum > 1 else "")
@@ -43,6 +46,43 @@ def render_prediction(pred, gpu=None):
     return "\n".join(lines)
 
 
+def checkpoint_of(model_arg, spec):
+    """(StoredWeights, where read) of the model's checkpoint, from its safetensors headers."""
+    from formulas.catalog import CONFIG_DIR, get_shape, load_config, resolve_config_path
+    from formulas.checkpoint import stored_weights
+
+    from ..hub import checkpoint_tensors
+
+    path = resolve_config_path(spec.model)
+    # a shipped config stands for its Hub repo (the file is named org--name.json)
+    source = os.path.basename(path)[:-len(".json")].replace("--", "/", 1) if path.startswith(CONFIG_DIR) else path
+    tensors, where = checkpoint_tensors(source)
+    return stored_weights(tensors, get_shape(spec.model), load_config(spec.model)), where
+
+
+def render_checkpoint(stored, where, applied):
+    """Lines on what the checkpoint stores and whether the prediction used it."""
+    dtypes = ", ".join(f"{d} {n / GiB:.2f}" for d, n in stored.by_dtype)
+    lines = [f"checkpoint: {stored.n_tensors:,} tensors, {stored.stored_bytes / GiB:.2f} GiB stored ({dtypes}) "
+             f"· read from {where}",
+             f"  as weights {stored.total_bytes / GiB:.2f} GiB: layers {stored.layer_bytes / GiB:.2f}, embeddings "
+             f"{stored.embed_bytes / GiB:.2f}, lm_head {stored.head_bytes / GiB:.2f}, other {stored.other_bytes / GiB:.2f}"
+             f"; quantization state {stored.quant_bytes / GiB:.2f} · stored as {stored.dtype or 'an unknown format'}"]
+    for why, n, k in stored.unused:
+        lines.append(f"  not counted: {why}: {k:,} tensors, {n / GiB:.2f} GiB")
+    lines.append("weights source: " + ("the checkpoint's safetensors headers" if applied else
+                                        "the formula (see the note on weights)"))
+    return lines
+
+
+def checkpoint_dict(stored, where, applied):
+    return {"read_from": where, "dtype": stored.dtype, "n_tensors": stored.n_tensors, "stored_bytes": stored.stored_bytes,
+            "by_dtype": dict(stored.by_dtype), "weights_bytes": stored.total_bytes, "layer_bytes": stored.layer_bytes,
+            "embed_bytes": stored.embed_bytes, "head_bytes": stored.head_bytes, "other_bytes": stored.other_bytes,
+            "quant_state_bytes": stored.quant_bytes, "used": applied,
+            "not_counted": [{"why": w, "bytes": n, "tensors": k} for w, n, k in stored.unused]}
+
+
 def cmd_predict(a):
     from formulas.hardware import get_hardware
     from formulas.predict import predict
@@ -50,16 +90,25 @@ def cmd_predict(a):
     from ..analysis.calibrate import overheads_for
 
     gpu = get_hardware(a.gpu) if a.gpu else None
-    pred = predict(spec_from_args(a), overheads_for(a.gpu, a.calibration))
+    spec = spec_from_args(a)
+    stored = where = None
+    if a.weights_from_checkpoint:
+        stored, where = checkpoint_of(a.model, spec)
+    pred = predict(spec, overheads_for(a.gpu, a.calibration), checkpoint=stored)
     warn_beyond_positions("predict", pred.spec)
+    applied = pred.weights_source == "checkpoint"
     if a.json:
         d = pred.to_dict()
+        if stored is not None:
+            d["checkpoint"] = checkpoint_dict(stored, where, applied)
         if gpu:
             d["gpu"] = {"name": gpu.name, "memory_bytes": gpu.memory_bytes, "fits": pred.peak_device_bytes <= gpu.memory_bytes,
                         "margin_bytes": gpu.memory_bytes - pred.peak_device_bytes}
         print(json.dumps(d, indent=2))
     else:
         print(render_prediction(pred, gpu))
+        if stored is not None:
+            print("\n".join(render_checkpoint(stored, where, applied)))
     return 0
 
 
@@ -83,6 +132,10 @@ def add_parsers(sub):
     add_spec_arguments(p)
     p.add_argument("--gpu", default=None, help="GPU name: say whether the workload fits its memory")
     p.add_argument("--json", action="store_true", help="print the prediction as JSON (bytes)")
+    p.add_argument("--weights-from-checkpoint", action="store_true",
+                   help="weights as the checkpoint stores them, from its safetensors headers (local files, the "
+                        "Hugging Face cache, or range requests of the first bytes of each file on the Hub), in place "
+                        "of the formula where the checkpoint is loaded as stored")
     p.add_argument("--calibration", default=None,
                    help="calibration table from `vramlab fit` (default: the newest in results/calibration/ for --gpu)")
     p.set_defaults(func=cmd_predict)
