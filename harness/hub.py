@@ -104,10 +104,9 @@ def _huggingface_hub(repo, what):
     except ImportError:
         raise HubError(f"--model {repo}: {what} is not in the Hugging Face cache {cache_dir()}, and reaching the Hub "
                        "needs huggingface_hub (pip install 'vramlab[hub]'); or pass a path to its config.json") from None
-    try:  # its retry warnings would break the one-line error
-        huggingface_hub.utils.logging.set_verbosity_error()
-    except AttributeError:
-        pass
+    import logging
+
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # its retry warnings would break the one line
     return huggingface_hub
 
 
@@ -122,7 +121,8 @@ def _hub_error(e, repo, revision, filename):
     if "RevisionNotFoundError" in names:
         return HubError(f"--model {repo}@{revision}: the Hub has no revision {revision!r}")
     if "RepositoryNotFoundError" in names:
-        return HubError(f"--model {repo}: no such model on {endpoint()} (or it is private: set HF_TOKEN)")
+        return HubError(f"--model {repo}: not a local path, and no such model on {endpoint()} (or it is private: "
+                        "set HF_TOKEN)")
     if names & {"RemoteEntryNotFoundError", "EntryNotFoundError"} and "LocalEntryNotFoundError" not in names:
         return FileNotFoundError(filename)
     reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
