@@ -56,6 +56,7 @@ class StoredWeights:
     unused: tuple  # ((why, bytes, tensors), ...) stored but not counted as weights
     n_tensors: int  # every stored tensor
     dtype: object = None  # the --dtype the checkpoint is stored at (checkpoint_dtype), None when unknown
+    quant_method: str = ""  # config.json's quantization_config.quant_method, when it has one
 
     @property
     def total_bytes(self):
@@ -150,17 +151,24 @@ def stored_weights(tensors, shape=None, config=None):
                        head_bytes=sums["head"], other_bytes=sums["other"], other_quant_bytes=quant["other"],
                        by_dtype=tuple(sorted(dtypes.items(), key=lambda kv: -kv[1])),
                        unused=tuple((why, b, k) for why, (b, k) in unused.items()), n_tensors=len(tensors))
-    return replace(sw, dtype=checkpoint_dtype(config or {}, sw))
+    qc = (config or {}).get("quantization_config")
+    method = str(qc.get("quant_method", "")).lower() if isinstance(qc, dict) else ""
+    return replace(sw, dtype=checkpoint_dtype(config or {}, sw), quant_method=method)
 
 
 def checkpoint_dtype(config, stored):
-    """The --dtype a checkpoint is stored at: its quantization method, else its float dtype by most bytes."""
+    """The --dtype a checkpoint is stored at: its quantization method, else its float dtype by most bytes.
+
+    None for a quantization the predictor does not model (compressed-tensors, MXFP4, GPTQ at other
+    than 4 bits, …): its stored bytes are then the only count there is."""
     qc = config.get("quantization_config") if isinstance(config, dict) else None
     if isinstance(qc, dict):
         method = str(qc.get("quant_method", "")).lower()
         if method == "bitsandbytes":
             return "nf4" if qc.get("load_in_4bit") and qc.get("bnb_4bit_quant_type", "fp4") == "nf4" else \
                 "fp4" if qc.get("load_in_4bit") else "int8"
+        if method in ("gptq", "awq") and qc.get("bits", 4) != 4:
+            return None
         return _QUANT_METHODS.get(method)
     for dtype, _ in stored.by_dtype:
         if dtype in _FLOAT_DTYPES:

@@ -17,7 +17,7 @@ torch, no pandas, no file lookups; plain predictions, a few hundred microseconds
 
 from dataclasses import dataclass
 
-from .catalog import get_shape
+from .catalog import get_shape, model_label
 from .dtypes import DTYPE_BYTES
 from .hardware import get_hardware
 from .lora import lora_params, resolve_targets
@@ -366,7 +366,7 @@ class Planner:
             # what the user's own plan can hold instead: the longest sequence at their batch
             fit["longest_context"] = self.longest_context(self.user_spec)
         ans = {
-            "model": self.shape.name, "mode": s.mode, "method": s.method if s.mode == "train" else None,
+            "model": model_label(self.shape.name), "mode": s.mode, "method": s.method if s.mode == "train" else None,
             "gpu": {"name": self.hw.name, "memory_bytes": self.hw.memory_bytes, "memory_gb_base": self.hw.memory_gb_base,
                     "reported_total_bytes": self.hw.reported_total_bytes or None, "usable_bytes": self.usable_bytes,
                     "bandwidth_bytes_per_s": self.hw.bandwidth_bytes_per_s},
@@ -477,7 +477,7 @@ def finetune_table(rows, data_bytes, deadline_s, base_spec, gpu=None, tokens_per
         chosen, _ = pl.fewest_gpus()
         for size in data_bytes:
             tokens = size * tokens_per_byte
-            row = {"model": pl.shape.name, "method": r["method"], "dtype": pl.spec.dtype, "gpu": pl.hw.name,
+            row = {"model": model_label(pl.shape.name), "method": r["method"], "dtype": pl.spec.dtype, "gpu": pl.hw.name,
                    "data_bytes": size, "tokens": tokens, "seed_gpus": (r.get("seed_gpus") or {}).get(size)}
             if chosen is None:
                 row.update(gpus=None, strategy=f"no fit on ≤ {max_gpus}", per_gpu_bytes=None, seconds=None,

@@ -123,12 +123,20 @@ def kbit_prepared(spec):
 def checkpoint_applies(spec, checkpoint):
     """Whether a checkpoint's stored weights are the weights of this (validated) spec.
 
-    They are where the spec loads the checkpoint as stored: the same --dtype (or a format the formula
-    does not know, whose stored bytes are the only count there is), not upcast to fp32 parameters
-    for amp full training, and not recast by kbit prep."""
-    if spec.mode == "train" and spec.precision == "amp" and spec.method == "full":
+    They are where the spec loads the checkpoint as stored: the same --dtype, not upcast to fp32
+    parameters for amp full training, and not recast by kbit prep. A quantization the formula does not
+    model (checkpoint.dtype None) is loaded as stored when --dtype names no other quantization (a float
+    --dtype is then its compute dtype): its stored bytes are the only count there is."""
+    if _recast(spec):
         return False
-    return (checkpoint.dtype is None or checkpoint.dtype == spec.dtype) and not kbit_prepared(spec)
+    if checkpoint.dtype is None:
+        return spec.dtype in ("fp32", "bf16", "fp16")
+    return checkpoint.dtype == spec.dtype
+
+
+def _recast(spec):
+    """Whether loading recasts stored weights: fp32 parameters under amp full training, or kbit prep."""
+    return (spec.mode == "train" and spec.precision == "amp" and spec.method == "full") or kbit_prepared(spec)
 
 
 def _static(spec, checkpoint=None):
@@ -511,16 +519,18 @@ def predict(spec, overheads=DEFAULT_OVERHEADS, checkpoint=None):
     notes = _notes(st)
     source = "formula"
     if checkpoint is not None:
+        stored_as = checkpoint.dtype or f"{checkpoint.quant_method or 'a format'} (not modelled by the formula)"
         if checkpoint_applies(spec, checkpoint):
             source = "checkpoint"
-            notes.insert(0, "weights: the checkpoint's stored bytes (its safetensors headers), not the formula")
+            notes.insert(0, f"weights: the checkpoint's stored bytes (its safetensors headers, {stored_as}), "
+                            "not the formula")
+        elif _recast(spec):
+            notes.insert(0, "weights: the formula's, not the checkpoint's: recast on loading (fp32 parameters for "
+                            "amp full training, or kbit prep)")
         else:
-            why = f"stored at {checkpoint.dtype or 'an unknown format'}, loaded as {spec.dtype}"
-            if spec.dtype == checkpoint.dtype:
-                why = "recast on loading (fp32 parameters for amp training, or kbit prep)"
-            notes.insert(0, f"weights: the formula's, not the checkpoint's: {why}"
-                            + (f" (--dtype {checkpoint.dtype} loads it as stored)"
-                               if checkpoint.dtype and spec.dtype != checkpoint.dtype else ""))
+            notes.insert(0, f"weights: the formula's, not the checkpoint's: stored as {stored_as}, loaded as "
+                            f"{spec.dtype}" + (f" (--dtype {checkpoint.dtype} loads it as stored)" if checkpoint.dtype
+                                               else " (a float --dtype loads it as stored)"))
     best = None  # the GPU and phase that hold the most
     for phases in per_gpu_phases(st, spec.batch, spec.seq, spec.gen):
         for phase, bd in phases.items():

@@ -100,7 +100,7 @@ def build_cache(hf_home, repo, files, revision="main"):
     for name, body in files.items():
         with open(os.path.join(snap, name), "wb") as f:
             f.write(body)
-    os.makedirs(os.path.join(root, "refs"), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.join(root, "refs", revision)), exist_ok=True)  # refs/pr/1 nests
     with open(os.path.join(root, "refs", revision), "w") as f:
         f.write(commit)
     return snap
@@ -109,8 +109,11 @@ def build_cache(hf_home, repo, files, revision="main"):
 class HubServer:
     """A local Hub: repos = {'org/name': {file name: bytes | VirtualSafetensors}}; gated = repo ids needing a token."""
 
-    def __init__(self, repos, gated=(), token="hf_test_token", stall=False):
+    def __init__(self, repos, gated=(), token="hf_test_token", stall=False, status=None, ignore_range=False):
+        """stall: accept connections and never answer; status: answer every request with it (e.g. 503);
+        ignore_range: answer a range request with the whole file, as a server without range support does."""
         self.repos, self.gated, self.token, self.stall = repos, set(gated), token, stall
+        self.status, self.ignore_range = status, ignore_range
         self.requests = []  # (method, path, Range header, bytes sent)
         self.lock = threading.Lock()
         server = self
@@ -162,6 +165,8 @@ class HubServer:
         if self.stall:  # a Hub that accepts the connection and never answers
             threading.Event().wait(60)
             return
+        if self.status:
+            return self._send(h, self.status, [("Retry-After", "1")], b"test Hub: unavailable", head=head)
         m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", h.path.split("?")[0])
         if not m:
             return self._send(h, 404, [("X-Error-Code", "RepoNotFound")], head=head)
@@ -191,12 +196,52 @@ class HubServer:
             with self.lock:
                 self.requests.append(("HEAD", h.path, rng, 0))
             return None
-        if rng:
+        if rng and not self.ignore_range:
             a, _, b = rng.split("=", 1)[1].partition("-")
             start, end = int(a), (int(b) if b else size - 1)
             body = f.read(start, end) if isinstance(f, VirtualSafetensors) else f[start:end + 1]
             return self._send(h, 206, common + [("Content-Range", f"bytes {start}-{start + len(body) - 1}/{size}")],
                               body)
         if isinstance(f, VirtualSafetensors):
+            if self.ignore_range:  # what such a server would send: the file, here cut at 1 MiB
+                return self._send(h, 200, common, f.read(0, 2**20 - 1))
             return self._send(h, 500, [("X-Error-Message", "test Hub: a whole safetensors file was asked for")])
         return self._send(h, 200, common, f)
+
+
+class NotHttpServer:
+    """A TCP server on 127.0.0.1 that answers like an SSH server: not HTTP at all."""
+
+    def __init__(self):
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.sock.close()
+
+
+def write_sparse_safetensors(path, tensors):
+    """A safetensors file with a real header and a hole for the data (no disk used for the weights)."""
+    v = VirtualSafetensors(tensors)
+    with open(path, "wb") as f:
+        f.write(v.head)
+        f.truncate(v.size)
+    return v

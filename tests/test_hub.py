@@ -19,7 +19,16 @@ from formulas.catalog import load_config, resolve_config_path
 from formulas.checkpoint import CheckpointError, stored_weights
 from formulas.predict import predict
 from formulas.spec import Spec
-from hub_fixtures import HubServer, VirtualSafetensors, build_cache, commit_of, meta_checkpoint, split_shards
+from hub_fixtures import (
+    HubServer,
+    NotHttpServer,
+    VirtualSafetensors,
+    build_cache,
+    commit_of,
+    meta_checkpoint,
+    split_shards,
+    write_sparse_safetensors,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Five catalog models the formula counts exactly at bf16: untied (Llama, Mistral), tied with biases
@@ -31,7 +40,8 @@ CATALOG = ["meta-llama/Llama-3.1-8B", "Qwen/Qwen2.5-0.5B", "mistralai/Mistral-7B
 
 def vramlab(*argv, env=None, timeout=60):
     """Run the CLI in a fresh process with a clean Hugging Face environment plus `env`."""
-    e = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    e = {k: v for k, v in os.environ.items()
+         if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "XDG_CACHE", "VRAMLAB_"))}
     e.update({"HF_HUB_DISABLE_TELEMETRY": "1", "VRAMLAB_HUB_TIMEOUT": "3", "PYTHONPATH": ROOT, **(env or {})})
     e.setdefault("HF_HOME", os.path.join(ROOT, ".no-such-hf-home"))
     return subprocess.run([sys.executable, "-m", "harness", *argv], cwd=ROOT, env=e, capture_output=True, text=True,
@@ -86,9 +96,8 @@ def test_not_a_hub_id_keeps_the_catalog_error():
 def test_cached_snapshot_checkpoint_is_read_locally(tmp_path):
     """A snapshot that holds its safetensors is read from disk, offline."""
     cfg = load_config("Qwen2.5-0.5B")
-    tensors = meta_checkpoint(cfg)
-    build_cache(str(tmp_path), "acme/qwen", {"config.json": json.dumps(cfg).encode(),
-                                             "model.safetensors": VirtualSafetensors(tensors).read(0, 10**12)})
+    snap = build_cache(str(tmp_path), "acme/qwen", {"config.json": json.dumps(cfg).encode()})
+    write_sparse_safetensors(os.path.join(snap, "model.safetensors"), meta_checkpoint(cfg))
     r = vramlab("predict", "--model", "acme/qwen", "--weights-from-checkpoint", "--json",
                 env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)})
     assert r.returncode == 0, r.stderr
@@ -175,7 +184,11 @@ def test_gated_repo_needs_a_token(hub, tmp_path):
     r = vramlab("predict", "--model", "acme/gated-llama", env=env)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "gated" in r.stderr and "HF_TOKEN" in r.stderr
     wrong = vramlab("predict", "--model", "acme/gated-llama", env={**env, "HF_TOKEN": "hf_wrong"})
-    assert wrong.returncode == 2 and "HF_TOKEN does not give access" in wrong.stderr
+    assert wrong.returncode == 2 and "your token does not give access" in wrong.stderr
+    with open(tmp_path / "token", "w") as f:  # a saved token (`hf auth login`) counts as a token too
+        f.write("hf_saved_but_wrong")
+    saved = vramlab("predict", "--model", "acme/gated-llama", env=env)
+    assert saved.returncode == 2 and "your token does not give access" in saved.stderr
     ok = vramlab("predict", "--model", "acme/gated-llama", "--json", env={**env, "HF_TOKEN": hub.token})
     assert ok.returncode == 0, ok.stderr
     assert weights_of(ok.stdout) == formula_weights("Llama-3.2-1B")
@@ -335,7 +348,7 @@ def test_prediction_uses_the_checkpoint_only_as_loaded():
     nf4 = predict(Spec(model="Qwen2.5-0.5B", dtype="nf4"), checkpoint=doubled)
     assert nf4.weights_source == "formula" and nf4.breakdown["weights"] == predict(
         Spec(model="Qwen2.5-0.5B", dtype="nf4")).breakdown["weights"]
-    assert "stored at bf16, loaded as nf4 (--dtype bf16 loads it as stored)" in nf4.notes[0]
+    assert "stored as bf16, loaded as nf4 (--dtype bf16 loads it as stored)" in nf4.notes[0]
     amp = predict(Spec(model="Qwen2.5-0.5B", dtype="bf16", mode="train", precision="amp"), checkpoint=doubled)
     assert amp.weights_source == "formula" and "recast on loading" in amp.notes[0]
 
@@ -356,3 +369,130 @@ def test_configs_as_newer_transformers_save_them():
     assert shape_from_config(renamed, "a").n_params == shape_from_config(qwen3, "b").n_params
     no_window = shape_from_config({**TINY["qwen2_moe"], "sliding_window": 0, "use_sliding_window": False}, "c")
     assert no_window.sliding_window == 0
+
+
+# ------------------------------------------------------------------ what a review of this module found
+
+def test_a_failing_hub_is_one_line_without_retries(tmp_path):
+    """A Hub answering 503 (an outage, a proxy): one line at once, not minutes of huggingface_hub's backoff."""
+    with HubServer({}, status=503) as down:
+        t0 = time.monotonic()
+        r = vramlab("predict", "--model", "acme/anything", env={"HF_HOME": str(tmp_path), "HF_ENDPOINT": down.url})
+        took = time.monotonic() - t0
+        asked = len(down.requests)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "answered 503 for config.json; try again later" in r.stderr
+    assert asked == 1 and took < 15
+
+
+def test_an_endpoint_that_is_not_http_is_one_line(tmp_path):
+    with NotHttpServer() as ssh:
+        r = vramlab("predict", "--model", "acme/anything", env={"HF_HOME": str(tmp_path), "HF_ENDPOINT": ssh.url})
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "cannot reach" in r.stderr, r.stderr
+
+
+def test_a_server_that_ignores_ranges_is_refused(tmp_path):
+    pytest.importorskip("transformers")
+    repo = _repo("Qwen2.5-0.5B", 1)
+    single = {"config.json": repo["config.json"],
+              "model.safetensors": next(v for k, v in repo.items() if k.endswith(".safetensors"))}
+    with HubServer({"acme/q": single}, ignore_range=True) as hub:
+        r = vramlab("predict", "--model", "acme/q", "--weights-from-checkpoint",
+                    env={"HF_HOME": str(tmp_path), "HF_ENDPOINT": hub.url})
+    assert r.returncode == 2 and "ignored the byte range" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+@pytest.mark.parametrize("env", [{"TRANSFORMERS_OFFLINE": "1"}, {"HF_HUB_OFFLINE": "yes"}])
+def test_offline_as_huggingface_hub_reads_it(tmp_path, env):
+    r = vramlab("predict", "--model", "acme/unknown", env={"HF_HOME": str(tmp_path), **env,
+                                                           "HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}"})
+    assert r.returncode == 2 and "offline" in r.stderr and "cannot reach" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("var", ["HUGGINGFACE_HUB_CACHE", "HF_HOME"])
+def test_the_cache_is_found_as_huggingface_hub_finds_it(tmp_path, var):
+    """The legacy HUGGINGFACE_HUB_CACHE, and $VARIABLES inside the paths, as huggingface_hub expands them."""
+    build_cache(str(tmp_path), "acme/llama-8b", {"config.json": config_bytes("Llama-3.1-8B")})
+    value = "$VRAMLAB_TEST_ROOT/hub" if var == "HUGGINGFACE_HUB_CACHE" else "$VRAMLAB_TEST_ROOT"
+    r = vramlab("predict", "--model", "acme/llama-8b", "--json",
+                env={var: value, "VRAMLAB_TEST_ROOT": str(tmp_path), "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr
+    assert weights_of(r.stdout) == formula_weights("Llama-3.1-8B")
+    assert json.loads(r.stdout)["model_label"] == f"acme/llama-8b@{commit_of('acme/llama-8b')[:12]}"
+
+
+def test_revisions_are_commits_refs_or_branches_never_paths(tmp_path):
+    snap = build_cache(str(tmp_path), "acme/llama-8b", {"config.json": config_bytes("Llama-3.1-8B")}, "refs/pr/1")
+    env = {"HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    for rev in ("refs/pr/1", commit_of("acme/llama-8b")):
+        assert vramlab("predict", "--model", f"acme/llama-8b@{rev}", env=env).returncode == 0
+    for rev in ("..", "../../x", "/etc"):
+        r = vramlab("predict", "--model", f"acme/llama-8b@{rev}", env=env)
+        assert r.returncode == 2 and "not in the catalog and not a path" in r.stderr, r.stderr
+    assert os.path.isdir(snap)
+
+
+def test_a_local_folder_without_config_is_not_a_hub_id(tmp_path):
+    os.makedirs(tmp_path / "acme" / "q")
+    r = subprocess.run([sys.executable, "-m", "harness", "predict", "--model", "acme/q"], cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "", "HF_ENDPOINT": "http://127.0.0.1:9"},
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "directory has no config.json" in r.stderr, r.stderr
+
+
+def test_a_bad_timeout_setting_is_one_line_and_spares_the_catalog(tmp_path):
+    env = {"VRAMLAB_HUB_TIMEOUT": "abc", "HF_HOME": str(tmp_path)}
+    assert vramlab("predict", "--model", "Llama-3.1-8B", env=env).returncode == 0
+    r = vramlab("predict", "--model", "acme/anything", env=env)
+    assert r.returncode == 2 and "VRAMLAB_HUB_TIMEOUT=abc" in r.stderr and r.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("header, why", [
+    (b"[1, 2]", "not a JSON object"),
+    (b'{"a": 5}', "needs a dtype string"),
+    (b'{"a": {"dtype": "F32"}}', "needs a dtype string"),
+    (b'{"a": {"dtype": "F32", "shape": null}}', "needs a dtype string"),
+    (b'{"a": {"dtype": "F32", "shape": "12"}}', "needs a dtype string"),
+    (b'{"a": {"dtype": "F32", "shape": [-1000000000, 1]}}', "non-negative integers"),
+    (b'{"a": {"dtype": "F32", "shape": [1.5]}}', "non-negative integers"),
+    (b'{"a": {"dtype": "F9", "shape": [1]}}', "'F9' is not one this reader knows"),
+    (b"\xff\xfe", "not JSON"),
+])
+def test_malformed_local_headers_are_one_line(tmp_path, header, why):
+    with open(tmp_path / "config.json", "wb") as f:
+        f.write(config_bytes("Qwen2.5-0.5B"))
+    with open(tmp_path / "model.safetensors", "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header)
+    r = vramlab("predict", "--model", str(tmp_path), "--weights-from-checkpoint")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and why in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("index, why", [
+    (b'{"weight_map": {"a": 5}}', "not a file inside the checkpoint"),
+    (b'{"weight_map": {"a": "/etc/passwd"}}', "not a file inside the checkpoint"),
+    (b'{"weight_map": {"a": "../x.safetensors"}}', "not a file inside the checkpoint"),
+    (b'{"weights": {}}', "without a weight_map"),
+])
+def test_malformed_indexes_are_one_line(tmp_path, index, why):
+    with open(tmp_path / "config.json", "wb") as f:
+        f.write(config_bytes("Qwen2.5-0.5B"))
+    with open(tmp_path / "model.safetensors.index.json", "wb") as f:
+        f.write(index)
+    r = vramlab("predict", "--model", str(tmp_path), "--weights-from-checkpoint")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and why in r.stderr, r.stderr
+
+
+def test_a_quantization_the_formula_does_not_model_is_used_as_stored_only_for_a_float_dtype():
+    t = meta_checkpoint_or_skip("Qwen2.5-0.5B")
+    from formulas.catalog import get_shape
+
+    cfg = {**load_config("Qwen2.5-0.5B"), "quantization_config": {"quant_method": "compressed-tensors"}}
+    sw = stored_weights(t, get_shape("Qwen2.5-0.5B"), cfg)
+    assert sw.dtype is None and sw.quant_method == "compressed-tensors"
+    bf16 = predict(Spec(model="Qwen2.5-0.5B", dtype="bf16"), checkpoint=sw)
+    assert bf16.weights_source == "checkpoint" and "compressed-tensors (not modelled by the formula)" in bf16.notes[0]
+    nf4 = predict(Spec(model="Qwen2.5-0.5B", dtype="nf4"), checkpoint=sw)
+    assert nf4.weights_source == "formula" and "a float --dtype loads it as stored" in nf4.notes[0]
+    amp = predict(Spec(model="Qwen2.5-0.5B", dtype="bf16", mode="train", precision="amp"), checkpoint=sw)
+    assert amp.weights_source == "formula" and "recast on loading" in amp.notes[0]
+    assert stored_weights(t, None, {"quantization_config": {"quant_method": "gptq", "bits": 8}}).dtype is None

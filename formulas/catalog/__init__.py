@@ -104,3 +104,8 @@ def hub_cache_label(path):
         repo = parts[-4][len("models--"):].replace("--", "/", 1)
         return f"{repo}@{parts[-2][:12]}"
     return None
+
+
+def model_label(name):
+    """How a model is named to people: 'org/name@commit' for a Hugging Face cache snapshot, else as given."""
+    return hub_cache_label(name) or name

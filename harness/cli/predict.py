@@ -15,9 +15,9 @@ DEVICE_ROWS = ((C.CUDA_CONTEXT, "cuda context"), (C.WORKSPACES, "workspaces"), (
 def render_prediction(pred, gpu=None):
     """The readable table `vramlab predict` prints (GiB, binary). `gpu`: a formulas.hardware.Hardware."""
     s = pred.spec
-    from formulas.catalog import hub_cache_label
+    from formulas.catalog import model_label
 
-    head = f"{hub_cache_label(pred.model) or pred.model} · {s.mode} · {s.dtype}"
+    head = f"{model_label(pred.model)} · {s.mode} · {s.dtype}"
     if s.mode == "train":
         head += f" · {s.method} · {s.optimizer}" + (" · grad-ckpt" if s.grad_ckpt else "")
         head += f" · batch {s.batch} × seq {s.seq}" + (f" × accum {s.grad_accum}" if s.grad_accum > 1 else "")
@@ -84,6 +84,7 @@ def checkpoint_dict(stored, where, applied):
 
 
 def cmd_predict(a):
+    from formulas.catalog import model_label
     from formulas.hardware import get_hardware
     from formulas.predict import predict
 
@@ -99,6 +100,7 @@ def cmd_predict(a):
     applied = pred.weights_source == "checkpoint"
     if a.json:
         d = pred.to_dict()
+        d["model_label"] = model_label(pred.model)  # 'org/name@commit' for a Hugging Face cache snapshot
         if stored is not None:
             d["checkpoint"] = checkpoint_dict(stored, where, applied)
         if gpu:

@@ -23,7 +23,9 @@ def _ratio(traced, predicted):
 def render_trace(result, prediction):
     """The readable table `vramlab trace` prints: traced and predicted GiB per category, then totals."""
     s = result.spec
-    head = f"{prediction.model} · {s.mode} · {s.dtype}"
+    from formulas.catalog import model_label
+
+    head = f"{model_label(prediction.model)} · {s.mode} · {s.dtype}"
     if s.mode == "train":
         head += f" · {s.method} · {s.optimizer} ({s.optimizer_impl}) · precision {s.precision}"
         head += (" · grad-ckpt" if s.grad_ckpt else "") + f" · batch {s.batch} × seq {s.seq}"
