@@ -14,7 +14,7 @@ weights — and returns (name, dtype, shape) per stored tensor; formulas.checkpo
 bytes per category.
 
 The cache is looked up without importing huggingface_hub; it is imported only to reach the Hub (an
-optional dependency: `pip install 'vramlab[hub]'`). Every request has a timeout
+optional dependency: `pip install huggingface_hub`, or the `hub` extra). Every request has a timeout
 (VRAMLAB_HUB_TIMEOUT, 10 s) and none is retried: a file's metadata is asked for first, without
 huggingface_hub's retries (which back off for minutes on an unreachable or failing Hub), and the
 download follows only when that answered. Every failure is a HubError: one line saying what could
@@ -114,7 +114,8 @@ def _huggingface_hub(repo, what, instead):
         from huggingface_hub import utils
     except ImportError:
         raise HubError(f"--model {repo}: {what} not in the Hugging Face cache {cache_dir()}, and reaching the Hub "
-                       f"needs huggingface_hub (pip install 'vramlab[hub]'); or {instead}") from None
+                       "needs huggingface_hub (pip install huggingface_hub, or the checkout's '.[hub]' extra); "
+                       f"or {instead}") from None
     # Quiet: its retry warnings and progress bars would break the one line. Its logging module resets
     # the level when first loaded, so it is loaded (through the attribute) before the level is set.
     try:
