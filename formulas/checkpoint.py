@@ -72,10 +72,6 @@ class StoredWeights:
         """Every tensor in the files."""
         return sum(n for _, n in self.by_dtype)
 
-    def by_category(self):
-        """{weights, quant_state} bytes, as a prediction's categories name them."""
-        return {"weights": self.total_bytes - self.quant_bytes, "quant_state": self.quant_bytes}
-
 
 def tensor_bytes(dtype, shape):
     """Stored bytes of one tensor."""

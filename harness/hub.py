@@ -330,25 +330,25 @@ def checkpoint_tensors(model):
     `model`: a model directory or a config.json inside one (a cached snapshot included), or a Hub id.
     Local files are read where the folder has all of them; a cached snapshot without its weights
     reads them from the Hub at the snapshot's commit."""
+    from formulas.catalog import hub_snapshot
+
     folder = model if os.path.isdir(model) else os.path.dirname(os.path.abspath(model)) \
         if os.path.isfile(model) else None
-    if folder is None and split_id(model):
-        folder = cached_snapshot(*split_id(model))  # the cache first, the Hub for what it lacks
+    parsed = split_id(model) if folder is None else None
+    if parsed:
+        folder = cached_snapshot(*parsed)  # the cache first, the Hub for what it lacks
     if folder is not None:
         shards = _local_shards(folder)
         if shards is not None:
             where = f"{folder} ({_plural(len(shards), 'file')})"
             return _flatten(_local_header(os.path.join(folder, s)) for s in shards), where
-        repo = _repo_of_snapshot(folder)
-        if repo is None:
+        parsed = hub_snapshot(folder)  # a cached snapshot without its weights: the Hub at its commit
+        if parsed is None:
             raise HubError(f"{folder}: no safetensors weights here (model.safetensors, or its index and every "
                            "shard); drop --weights-from-checkpoint")
-        revision = os.path.basename(os.path.normpath(folder))
-    else:
-        parsed = split_id(model)
-        if parsed is None:
-            raise HubError(f"--model {model}: --weights-from-checkpoint needs a model directory or a Hub id")
-        repo, revision = parsed
+    elif parsed is None:
+        raise HubError(f"--model {model}: --weights-from-checkpoint needs a model directory or a Hub id")
+    repo, revision = parsed
     if offline():
         raise HubError(f"--model {repo}: its safetensors are not in the Hugging Face cache and the Hub is off "
                        "(HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE); drop --weights-from-checkpoint or pass a model "
@@ -365,14 +365,6 @@ def checkpoint_tensors(model):
         raise HubError(f"--model {repo}@{revision}: the Hub has no {e.args[0]} (not a safetensors checkpoint); "
                        "drop --weights-from-checkpoint") from None
     return tensors, f"{endpoint()}/{repo}@{revision} (range requests of {_plural(len(shards), 'header')})"
-
-
-def _repo_of_snapshot(folder):
-    """'org/name' when folder is a snapshot of the Hugging Face cache layout, else None."""
-    parts = os.path.normpath(folder).split(os.sep)
-    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
-        return parts[-3][len("models--"):].replace("--", "/", 1)
-    return None
 
 
 def _flatten(headers):

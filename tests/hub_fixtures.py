@@ -16,9 +16,10 @@ import re
 import struct
 import threading
 
+from formulas.checkpoint import tensor_bytes
+
 ST_DTYPES = {"torch.float32": "F32", "torch.bfloat16": "BF16", "torch.float16": "F16", "torch.int64": "I64",
              "torch.bool": "BOOL", "torch.int8": "I8", "torch.uint8": "U8", "torch.float8_e4m3fn": "F8_E4M3"}
-ST_BITS = {"F32": 32, "BF16": 16, "F16": 16, "I64": 64, "BOOL": 8, "I8": 8, "U8": 8, "F8_E4M3": 8, "I32": 32}
 
 
 class VirtualSafetensors:
@@ -27,10 +28,7 @@ class VirtualSafetensors:
     def __init__(self, tensors):
         header, offset = {}, 0
         for name, dtype, shape in tensors:
-            n = 1
-            for d in shape:
-                n *= d
-            size = -(-n * ST_BITS[dtype] // 8)
+            size = tensor_bytes(dtype, shape)
             header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
             offset += size
         header["__metadata__"] = {"format": "pt"}

@@ -447,6 +447,15 @@ def test_a_bad_timeout_setting_is_one_line_and_spares_the_catalog(tmp_path):
     assert r.returncode == 2 and "VRAMLAB_HUB_TIMEOUT=abc" in r.stderr and r.stderr.count("\n") == 1
 
 
+def _predict_from_checkpoint_file(folder, name, body):
+    """`predict --weights-from-checkpoint` on a model folder holding a config.json and one checkpoint file."""
+    with open(folder / "config.json", "wb") as f:
+        f.write(config_bytes("Qwen2.5-0.5B"))
+    with open(folder / name, "wb") as f:
+        f.write(body)
+    return vramlab("predict", "--model", str(folder), "--weights-from-checkpoint")
+
+
 @pytest.mark.parametrize("header, why", [
     (b"[1, 2]", "not a JSON object"),
     (b'{"a": 5}', "needs a dtype string"),
@@ -459,11 +468,7 @@ def test_a_bad_timeout_setting_is_one_line_and_spares_the_catalog(tmp_path):
     (b"\xff\xfe", "not JSON"),
 ])
 def test_malformed_local_headers_are_one_line(tmp_path, header, why):
-    with open(tmp_path / "config.json", "wb") as f:
-        f.write(config_bytes("Qwen2.5-0.5B"))
-    with open(tmp_path / "model.safetensors", "wb") as f:
-        f.write(len(header).to_bytes(8, "little") + header)
-    r = vramlab("predict", "--model", str(tmp_path), "--weights-from-checkpoint")
+    r = _predict_from_checkpoint_file(tmp_path, "model.safetensors", len(header).to_bytes(8, "little") + header)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and why in r.stderr, r.stderr
 
 
@@ -474,11 +479,7 @@ def test_malformed_local_headers_are_one_line(tmp_path, header, why):
     (b'{"weights": {}}', "without a weight_map"),
 ])
 def test_malformed_indexes_are_one_line(tmp_path, index, why):
-    with open(tmp_path / "config.json", "wb") as f:
-        f.write(config_bytes("Qwen2.5-0.5B"))
-    with open(tmp_path / "model.safetensors.index.json", "wb") as f:
-        f.write(index)
-    r = vramlab("predict", "--model", str(tmp_path), "--weights-from-checkpoint")
+    r = _predict_from_checkpoint_file(tmp_path, "model.safetensors.index.json", index)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and why in r.stderr, r.stderr
 
 

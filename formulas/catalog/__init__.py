@@ -95,15 +95,20 @@ def get_shape(name):
     return shape_from_config(load_config(name), label)
 
 
-def hub_cache_label(path):
-    """'org/name' (with '@commit' shortened) for a file in a Hugging Face cache snapshot, else None.
+def hub_snapshot(folder):
+    """('org/name', commit) when folder is a snapshot of the Hugging Face cache, else None.
 
-    The cache layout is models--org--name/snapshots/<commit>/config.json."""
-    parts = os.path.normpath(os.path.abspath(path)).split(os.sep)
-    if len(parts) >= 4 and parts[-3] == "snapshots" and parts[-4].startswith("models--"):
-        repo = parts[-4][len("models--"):].replace("--", "/", 1)
-        return f"{repo}@{parts[-2][:12]}"
+    The cache layout is models--org--name/snapshots/<commit>/."""
+    parts = os.path.normpath(os.path.abspath(folder)).split(os.sep)
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return parts[-3][len("models--"):].replace("--", "/", 1), parts[-1]
     return None
+
+
+def hub_cache_label(path):
+    """'org/name@commit' (commit shortened) for a file in a Hugging Face cache snapshot, else None."""
+    snap = hub_snapshot(os.path.dirname(os.path.abspath(path)))
+    return f"{snap[0]}@{snap[1][:12]}" if snap else None
 
 
 def model_label(name):
