@@ -179,7 +179,7 @@ def layer_saved_per_token(ctx, shape, seq, moe_layer=False):
     """Bytes one decoder layer saves for backward, per token (seq matters only for eager attention)."""
     H, I, b, r = shape.hidden, shape.intermediate, ctx.b, ctx.r
     fam = shape.family
-    if fam in ("llama", "moe", "mla"):
+    if fam in ("llama", "moe", "mla", "generic"):  # generic: the Llama-style rule on the inventory's sizes
         saved = 2 * _rms_norm(ctx, H, r)  # input_layernorm, post_attention_layernorm
         if _inputs_saved(ctx) and not ctx.amp:
             saved += 2 * H * b  # norm outputs, read by the q/k/v and gate/up projections
@@ -257,7 +257,7 @@ def _int8_inputs_per_token(ctx, shape, moe_layer=False):
     """What a layer's bitsandbytes int8 linears keep of their inputs, per token: MatMul8bitLt holds A as a
     plain ctx attribute, outside autograd's saved-tensor hooks, so checkpointing does not free it.
     Inputs several linears share (q/k/v, gate/up) are one tensor."""
-    if not ctx.int8_linears or shape.family not in ("llama", "moe", "mla"):
+    if not ctx.int8_linears or shape.family not in ("llama", "moe", "mla", "generic"):
         return 0
     H, b = shape.hidden, ctx.b
     if shape.family == "mla":
@@ -296,7 +296,7 @@ def prefill_working_set_per_token(shape, b, attn, seq, fp16=False):
     (docs/trace_findings.md #1-#5)."""
     H, I, nH = shape.hidden, shape.intermediate, shape.n_heads
     eager_held = (nH * seq * b + seq * b) if attn == "eager" else 0  # probabilities bound to `_`, the mask
-    if shape.family in ("llama", "moe", "mla"):
+    if shape.family in ("llama", "moe", "mla", "generic"):
         beside = 4 * H * b
         norm = beside + 8 * H + eager_held
         width = I if shape.n_dense_layers else 0

@@ -37,7 +37,7 @@ from .catalog import get_shape
 from .dtypes import BNB_DTYPES, DTYPE_BYTES
 from .elementwise import pick as _pick
 from .elementwise import to_int, vmax
-from .kv_cache import kv_cache_bytes
+from .kv_cache import cache_summary, kv_cache_bytes
 from .lora import default_targets, lora_params, lora_tensors, resolve_targets
 from .overhead import DEFAULT_OVERHEADS
 from .spec import Spec, SpecError, validate
@@ -324,7 +324,7 @@ def _phases_inference(st, sl, B, S, N):
     shape, s, cb = st.shape, st.spec, st.cb
     base = {**_weights_on(st, sl), C.BUFFERS: st.buffers}
     T = B * S
-    kv_pf = kv_cache_bytes(shape, B, S, st.kvb, s.mla_cache) * sl.layer_frac / sl.kv_div
+    kv_pf = kv_cache_bytes(shape, B, S, st.kvb, s.mla_cache, prefill=True) * sl.layer_frac / sl.kv_div
     # + int64 input ids per token, and cos/sin, position ids (and position embeddings) per position
     ws = (T * (prefill_working_set_per_token(shape, cb, s.attn, S, s.compute_dtype == "fp16") + 8) + S * forward_extras_per_position(shape, cb)) / sl.tp
     qtemp = st.quant_temp + T * st.quant_temp_per_token / sl.tp
@@ -424,13 +424,25 @@ def _phases_train(st, sl, B, S, N):
     start_total = acts + model_saved + bwd_logits + acc_grads + copies
     mid_total = (acts + one_layer + grad_buf + early_grads + copies) if s.grad_ckpt else 0
     end_total = grads + grad_buf + one_layer
+    # A trained tied embedding gets two gradients, lm_head's and the embedding's (a dense (V, H) tensor,
+    # aten embedding_dense_backward), which autograd sums before AccumulateGrad: at the very end of the
+    # backward, the two and their sum are alive beside every other gradient (docs/trace_findings.md #18).
+    tied_grad = st.lm_grad * sl.head * sl.embed / sl.tp if (shape.tie_embeddings and s.method == "full") else 0
+    end_acts = one_layer + grad_buf
+    end_grads = grads
+    if tied_grad:
+        tied_total = grads - tied_grad + 3 * tied_grad + grad_buf
+        tied_wins = tied_total > end_total
+        end_total = vmax(end_total, tied_total)
+        end_acts = _pick(tied_wins, 3 * tied_grad + grad_buf, end_acts)
+        end_grads = _pick(tied_wins, grads - tied_grad, grads)
     p_start = (start_total >= end_total) * (start_total >= mid_total)
     p_mid = ((mid_total > start_total) * (mid_total >= end_total)) if s.grad_ckpt else 0
     p_end = 1 - p_start - p_mid
     bwd = dict(persistent)
-    bwd[C.ACTIVATIONS] = p_start * (acts + model_saved) + p_mid * (acts + one_layer + grad_buf) + p_end * (one_layer + grad_buf)
+    bwd[C.ACTIVATIONS] = p_start * (acts + model_saved) + p_mid * (acts + one_layer + grad_buf) + p_end * end_acts
     bwd[C.LOGITS] = p_start * bwd_logits
-    bwd[C.GRADIENTS] = p_start * acc_grads + p_mid * early_grads + p_end * grads + bucket
+    bwd[C.GRADIENTS] = p_start * acc_grads + p_mid * early_grads + p_end * end_grads + bucket
     bwd[C.TEMPORARIES] = (p_start + p_mid) * copies + qtemp
 
     opt = dict(persistent)
@@ -496,10 +508,20 @@ def _notes(st):
             notes.append(f"MLA KV cache {s.mla_cache}" + (" (the latent, as transformers 5, vLLM and SGLang cache it)"
                                                           if s.mla_cache == "compressed"
                                                           else " (per-head K/V, as older remote-code DeepSeek models)"))
-        if shape.sliding_window:
+        if shape.cache_groups:
+            notes.append("cache per layer as transformers keeps it: " + cache_summary(shape))
+        elif shape.sliding_window:
             notes.append(f"sliding window: KV cache capped at {shape.sliding_window} tokens per layer")
         if s.dtype.startswith("q") and "_" in s.dtype:
             notes.append("GGUF: weights as llama.cpp stores them; activations and KV cache as transformers would hold them")
+    if shape.family == "generic":
+        notes.insert(0, f"{shape.model_type}: tensors read off the model {shape.inventory_source} builds (general "
+                        "inventory); activations by the Llama-style per-layer rule on its sizes")
+        if shape.n_state_layers:
+            notes.append(f"no activation rule yet for the {shape.n_state_layers} linear-attention/SSM layers (counted "
+                         "like attention layers); `vramlab trace` gives the exact figure")
+        if shape.attn_implementations == ("eager",) and s.attn == "eager":
+            notes.append(f"{shape.model_type} runs eager attention only ({shape.inventory_source})")
     if s.dtype in ("int8", "nf4", "fp4") and shape.is_moe:
         notes.append("bitsandbytes via transformers quantizes nn.Linear only: fused MoE expert tensors stay in the compute dtype")
     if s.gpus > 1:

@@ -62,6 +62,22 @@ class Tensor:
 
 
 @dataclass(frozen=True)
+class CacheGroup:
+    """Layers whose cache grows (or stays) alike: `count` layers of one cache kind.
+
+    kind: full (every token kept) | sliding (transformers' DynamicSlidingWindowLayer keeps the last
+    window − 1 tokens between forwards; chunked attention uses the same class) | state (a fixed conv /
+    recurrent state per sequence: linear attention, SSM) | none (the layer keeps nothing)."""
+
+    kind: str
+    count: int
+    kv_per_token: int = 0  # key + value elements one token adds to one layer
+    window: int = 0  # sliding / chunked: the window the layer attends to
+    state_elems: int = 0  # conv + recurrent state elements per sequence per layer, in the compute dtype
+    state_fp32_elems: int = 0  # state elements transformers keeps in fp32 whatever the compute dtype
+
+
+@dataclass(frozen=True)
 class ModelShape:
     """What the formulas need to know about a model; built by `shape_from_config`."""
 
@@ -101,6 +117,11 @@ class ModelShape:
     resid_dropout: float = 0.0
     embd_dropout: float = 0.0
     word_embed_proj_dim: int = 0  # OPT-350m projects embeddings of this width
+    # general inventory (model types outside the hand-modelled families): per-layer cache groups
+    cache_groups: tuple = field(default=(), repr=False)  # CacheGroup per kind of layer cache; () = from the fields
+    n_state_layers: int = 0  # layers with a linear-attention / SSM state instead of (or beside) attention
+    inventory_source: str = ""  # "transformers X.Y" for shapes read off a built model, "" for hand-modelled ones
+    attn_implementations: tuple = ()  # of sdpa / eager, what the model class runs; () = both
     tensors: tuple = field(default=(), repr=False)  # parameter inventory
     buffers: tuple = field(default=(), repr=False)  # buffer inventory
 
@@ -486,3 +507,83 @@ def shape_from_config(cfg, name="config"):
     fields.setdefault("max_positions", int(_get(cfg, "max_position_embeddings", "n_positions", default=0)))
     fields["tensors"] = tuple(fields["tensors"])
     return ModelShape(name=name, model_type=mt, config_dtype=_config_dtype(cfg), **fields)
+
+
+# ------------------------------------------------------------------ the general inventory
+
+def _cache_groups(inv, fields, n_layers):
+    """CacheGroups from the inventory's cache probe (harness/inventory.py `_probe_cache`)."""
+    probe = inv.get("cache_layers")
+    if not probe:
+        kv = (fields.get("n_kv_heads") or 0) * (fields.get("head_dim") or 0) * 2
+        return (CacheGroup("full", n_layers, kv_per_token=kv),) if kv else ()
+    groups = {}
+    for row in probe:
+        kv = row.get("k_per_token", 0) + row.get("v_per_token", 0)
+        window = row.get("window", 0) if row.get("cache_class", "").find("Sliding") >= 0 else 0
+        state = state32 = 0
+        for st in row.get("states", ()):
+            n = 1
+            for d in st["shape"][1:]:  # per sequence: the probe ran one
+                n *= d
+            if st["dtype"] == "fp32" and inv.get("build_dtype", "bf16") != "fp32":
+                state32 += n
+            else:
+                state += n
+        if kv and window:
+            kind = "sliding"
+        elif kv:
+            kind = "full"
+        elif state or state32:
+            kind = "state"
+        else:
+            kind = "none"
+        key = (kind, kv, window, state, state32)
+        groups[key] = groups.get(key, 0) + 1
+    return tuple(CacheGroup(k[0], c, kv_per_token=k[1], window=k[2], state_elems=k[3], state_fp32_elems=k[4])
+                 for k, c in groups.items())
+
+
+def shape_from_inventory(inv, name="config", config_dtype="bf16"):
+    """A ModelShape from a general inventory (harness/inventory.py): family "generic".
+
+    Weights, quantization and LoRA targeting read the tensors as they are for any family; the KV
+    cache reads the cache groups; activations use the Llama-style per-layer rule on the attention
+    and MLP sizes (formulas/activations.py says where that is an approximation)."""
+    f = inv["fields"]
+    tensors = tuple(Tensor(r["name"], r["kind"], tuple(r["shape"]), r["count"], r.get("module", ""), r.get("dtype", ""))
+                    for r in inv["tensors"])
+    buffers = tuple(Tensor(r["name"], "buffer", tuple(r["shape"]), r["count"], r.get("module", ""), r.get("dtype", ""))
+                    for r in inv["buffers"])
+    L = int(f.get("n_layers") or 0)
+    H = int(f.get("hidden") or 0)
+    if not L or not H:
+        raise UnsupportedModelError(f"{name}: the inventory names no hidden size or layer count")
+    experts = [t for t in tensors if t.kind == "experts"]
+    E = max((t.shape[0] for t in experts), default=0)
+    n_moe = max((t.count for t in experts), default=0)
+    moe_I = 0
+    for t in experts:
+        if t.module in ("down_proj", "w2") and len(t.shape) == 3:
+            moe_I = min(t.shape[1:]) if t.shape[1] != H else t.shape[2]
+    if E and not moe_I:
+        t = experts[0]
+        moe_I = min(t.shape[1:])
+    shared = sum(t.shape[0] for t in tensors if t.kind == "linear" and "shared_expert" in t.name
+                 and t.module in ("up_proj", "w3", "fc1")) if E else 0
+    groups = _cache_groups(inv, f, L)
+    n_state = sum(g.count for g in groups if g.kind == "state")
+    heads = int(f.get("n_heads") or 0)
+    window = max((g.window for g in groups if g.kind == "sliding"), default=0)
+    return ModelShape(
+        name=name, model_type=inv["model_type"], family="generic", hidden=H, n_layers=L, n_heads=heads,
+        n_kv_heads=int(f.get("n_kv_heads") or heads), head_dim=int(f.get("head_dim") or 0),
+        intermediate=int(f.get("intermediate") or 0), vocab=int(f.get("vocab") or 0),
+        tie_embeddings=bool(inv.get("tie_embeddings")), max_positions=int(f.get("max_positions") or 0),
+        config_dtype=config_dtype, v_head_dim=int(f.get("head_dim") or 0), rotary_dim=int(f.get("head_dim") or 0),
+        sliding_window=window, n_experts=E, experts_per_token=int(f.get("experts_per_token") or 0) if E else 0,
+        moe_intermediate=moe_I, shared_intermediate=shared, n_moe_layers=n_moe,
+        attn_dropout=float(f.get("attn_dropout") or 0.0), cache_groups=groups, n_state_layers=n_state,
+        inventory_source=f"transformers {inv.get('transformers', '?')}", tensors=tensors, buffers=buffers,
+        attn_implementations=tuple(inv.get("attn_implementations") or ()),
+    )

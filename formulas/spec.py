@@ -103,7 +103,13 @@ def validate(spec, shape):
     _choice("optimizer", spec.optimizer, OPTIMIZERS)
     _choice("optimizer-impl", spec.optimizer_impl, ("auto",) + OPTIMIZER_IMPLS)
     _choice("precision", spec.precision, PRECISIONS)
-    _choice("attn", spec.attn, ATTNS)
+    _choice("attn", spec.attn, ("auto",) + ATTNS)
+    supported = getattr(shape, "attn_implementations", ()) or ATTNS
+    if spec.attn == "auto":  # sdpa where the model runs it (transformers' own default), else eager
+        spec = spec.replace(attn="sdpa" if "sdpa" in supported else "eager")
+    elif spec.attn not in supported:
+        raise SpecError(f"--attn {spec.attn}: {shape.model_type} runs only {' or '.join(supported)} attention in "
+                        f"{shape.inventory_source or 'transformers'}; use --attn {supported[0]}")
     _choice("mla-cache", spec.mla_cache, MLA_CACHES)
     _choice("logits", spec.logits, LOGITS)
     _choice("zero", spec.zero, (0, 1, 2, 3))

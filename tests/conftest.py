@@ -6,6 +6,12 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# Inventories the tests build go to a throw-away cache, never the user's (~/.cache/vramlab).
+if "VRAMLAB_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["VRAMLAB_CACHE"] = tempfile.mkdtemp(prefix="vramlab-test-cache-")
+
 
 def _has_nvidia_gpu():
     if shutil.which("nvidia-smi") is None:

@@ -11,9 +11,11 @@ import json
 import os
 from functools import lru_cache
 
-from ..shapes import shape_from_config
+from ..shapes import FAMILIES, UnsupportedModelError, _config_dtype, shape_from_config, shape_from_inventory
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
+# Inventories of the shipped configs whose model type is not hand-modelled (built by harness/inventory.py).
+INVENTORY_DIR = os.path.join(os.path.dirname(__file__), "inventories")
 
 
 class UnknownModelError(ValueError):
@@ -85,6 +87,64 @@ def load_config(name):
     return cfg
 
 
+def inventory_cache_dir():
+    """Where built inventories are cached: $VRAMLAB_CACHE/inventories, else ~/.cache/vramlab/inventories."""
+    root = os.environ.get("VRAMLAB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vramlab")
+    return os.path.join(root, "inventories")
+
+
+def inventory_file_name(cfg, sha256, transformers_version):
+    """File name of an inventory: model type, config hash, and the transformers that built it."""
+    return f"{cfg.get('model_type')}-{sha256[:16]}-transformers-{transformers_version}.json"
+
+
+def _version_key(v):
+    return tuple(int(p) if p.isdigit() else 0 for p in v.replace("-", ".").split(".")[:3])
+
+
+def find_inventory(cfg):
+    """Path of the inventory of a config.json dict (user cache first, then the shipped ones), or None.
+
+    Of several, the one built by the installed transformers (read from package metadata, no import),
+    else the one built by the newest transformers."""
+    import hashlib
+    import importlib.metadata
+
+    sha = hashlib.sha256(json.dumps(cfg, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    prefix = inventory_file_name(cfg, sha, "")[: -len(".json")]
+    try:
+        installed = importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        installed = None
+    for folder in (inventory_cache_dir(), INVENTORY_DIR):
+        try:
+            names = [n for n in os.listdir(folder) if n.startswith(prefix) and n.endswith(".json")]
+        except OSError:
+            continue
+        if not names:
+            continue
+        versions = {n[len(prefix): -len(".json")]: n for n in names}
+        best = installed if installed in versions else max(versions, key=_version_key)
+        return os.path.join(folder, versions[best])
+    return None
+
+
+def _shape_of(cfg, label):
+    """Hand-modelled families from the config; any other model type from its inventory."""
+    if not isinstance(cfg, dict) or cfg.get("model_type") in FAMILIES:
+        return shape_from_config(cfg, label)
+    path = find_inventory(cfg)
+    if path is None:
+        mt = cfg.get("model_type")
+        arch = ", ".join(cfg.get("architectures") or []) or "?"
+        raise UnsupportedModelError(
+            f"{label}: model_type {mt!r} (architectures: {arch}) is not hand-modelled and has no inventory yet; "
+            "vramlab builds one from transformers on first use (needs torch and transformers installed)")
+    with open(path, encoding="utf-8") as f:
+        inv = json.load(f)
+    return shape_from_inventory(inv, label, _config_dtype(cfg))
+
+
 @lru_cache(maxsize=256)
 def get_shape(name):
     """ModelShape for a catalog name or a config path (cached)."""
@@ -92,7 +152,7 @@ def get_shape(name):
     label = name if not os.path.exists(name) else path
     if path.startswith(CONFIG_DIR):
         label = os.path.basename(path)[: -len(".json")].replace("--", "/", 1)
-    return shape_from_config(load_config(name), label)
+    return _shape_of(load_config(name), label)
 
 
 def hub_snapshot(folder):

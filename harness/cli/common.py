@@ -47,7 +47,7 @@ def add_spec_arguments(p):
     p.add_argument("--precision", default="auto", help="auto | pure | amp | master (training)")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--attn", default="sdpa", help="sdpa | eager")
+    p.add_argument("--attn", default="auto", help="auto (sdpa where the model supports it, else eager) | sdpa | eager")
     p.add_argument("--kv-dtype", default="", help="KV cache dtype (default: compute dtype)")
     p.add_argument("--mla-cache", default="compressed",
                    help="MLA models: compressed latent (transformers 5, vLLM, SGLang) | expanded per-head K/V")
@@ -76,9 +76,14 @@ def spec_from_args(a, resolve=True):
         raise SpecError(f"--users {a.users}: --users is --batch under another name; give one (--batch {a.batch} too)")
     batch = a.users if a.users is not None else (a.batch if a.batch is not None else 1)
     from ..hub import resolve_model
+    from ..inventory import ensure_for_model
 
+    model = a.model
+    if resolve:
+        model = resolve_model(a.model)
+        ensure_for_model(model)  # a model type outside the hand-modelled families: its inventory, built once
     return Spec(
-        model=resolve_model(a.model) if resolve else a.model, mode=a.mode, dtype=a.dtype.lower(), batch=batch, seq=a.seq, gen=a.gen, method=a.method,
+        model=model, mode=a.mode, dtype=a.dtype.lower(), batch=batch, seq=a.seq, gen=a.gen, method=a.method,
         compute_dtype=a.compute_dtype, lora_rank=a.lora_rank, lora_targets=a.lora_targets, lora_dtype=a.lora_dtype,
         trainable_layers=a.trainable_layers, optimizer=a.optimizer, optimizer_impl=a.optimizer_impl,
         precision=a.precision, grad_ckpt=a.grad_ckpt, attn=a.attn, grad_accum=a.grad_accum, kv_dtype=a.kv_dtype,

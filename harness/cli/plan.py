@@ -295,9 +295,12 @@ def _cmd_table(a, P, margin, mfu, deadline, overheads):
         rows = P.SEED_ROWS
     else:
         from ..hub import resolve_model
+        from ..inventory import ensure_for_model
 
-        rows = tuple(dict(model=resolve_model(m.strip()), method=a.method, dtype=a.dtype.lower())
-                     for m in a.model.split(",") if m.strip())
+        models = [resolve_model(m.strip()) for m in a.model.split(",") if m.strip()]
+        for m in models:
+            ensure_for_model(m)
+        rows = tuple(dict(model=m, method=a.method, dtype=a.dtype.lower()) for m in models)
     if not rows:
         raise SpecError(f"--model {a.model}: give 'seeds' or a comma list of models")
     if not a.gpu and a.model.strip().lower() != "seeds":

@@ -31,6 +31,8 @@ from formulas.catalog import UnknownModelError, get_shape
 from formulas.shapes import UnsupportedModelError
 from formulas.spec import Spec, SpecError, validate
 
+from ..inventory import ensure_for_model
+
 # Run fields: how the experiment is run, not what is predicted: (type, default, hashed, meaning).
 # A hashed field changes what is measured, so it is part of the experiment's hash; the others
 # (how long to wait, how often to sample, whether to count categories) do not.
@@ -255,6 +257,7 @@ def expand_sweep(doc, path="<sweep>", limit=MAX_EXPERIMENTS):
 def _make(path, where, spec_fields, run, group):
     try:
         spec = Spec(**spec_fields)
+        ensure_for_model(spec.model)  # model types outside the hand-modelled families: inventory built once
         shape = get_shape(spec.model)
         spec = validate(spec, shape)
     except (SpecError, UnknownModelError, UnsupportedModelError) as e:

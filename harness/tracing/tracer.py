@@ -167,7 +167,7 @@ def _fake_module_conversions(fake_mode):
 
 def trace(spec):
     """Run `spec`'s workload on fake tensors and return its per-category memory (TraceResult)."""
-    shape = get_shape(spec.model)
+    shape = get_shape(spec.model)  # a general-inventory model: harness.inventory.ensure_for_model first
     spec = validate(spec, shape)
     check_traceable(spec)
     if spec.mode == "train" and spec.optimizer in _UNTRACEABLE_OPTIMIZERS:

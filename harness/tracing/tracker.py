@@ -360,6 +360,24 @@ def _instrument(model, tracker, spec):
     def is_tracing(tensor=None):
         return orig_is_tracing(None)
 
+    # Linear-attention / SSM layers (LinearAttentionLayer, transformers ≥ 5.1x) keep a conv and a recurrent
+    # state per sequence, allocated on first use and then updated in place: KV cache from then on.
+    linear = getattr(cache_utils, "LinearAttentionLayer", None)
+    state_methods = {}
+    if linear is not None and inference:
+        for meth, attr in (("update_conv_state", "conv_states"), ("update_recurrent_state", "recurrent_states")):
+            orig = getattr(linear, meth)
+            state_methods[meth] = orig
+
+            def state_update(self, *args, _orig=orig, _attr=attr, **kwargs):
+                out = _orig(self, *args, **kwargs)
+                for t in (getattr(self, _attr, None) or {}).values():
+                    if isinstance(t, torch.Tensor) and t.numel():
+                        tracker.relabel(t, C.KV_CACHE)
+                return out
+
+            setattr(linear, meth, state_update)
+
     cache_utils.Cache.update = update
     masking_utils.is_tracing = is_tracing
     try:
@@ -367,6 +385,8 @@ def _instrument(model, tracker, spec):
     finally:
         cache_utils.Cache.update = orig_update
         masking_utils.is_tracing = orig_is_tracing
+        for meth, orig in state_methods.items():
+            setattr(linear, meth, orig)
         for h in handles:
             h.remove()
 
