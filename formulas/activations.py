@@ -66,16 +66,20 @@ def _linear_input(ctx, in_features, count=1):
     return in_features * ctx.b * count if ctx.amp else 0
 
 
-def _rms_norm(ctx, dim, in_bytes):
+def _rms_norm(ctx, dim, in_bytes, shape=None):
     """LlamaRMSNorm: saves the fp32 input (a new tensor unless already fp32), rsqrt, and x·rsqrt cast
-    back to the input dtype when the norm weight trains; its output is counted by its consumers."""
+    back to the input dtype when the norm weight trains; its output is counted by its consumers.
+    A general-inventory shape with 2-byte activations uses what its own norm module saved on fake
+    tensors (`shape.norm_saved`: Gemma's norms keep x·rsqrt in fp32 for the weight gradient)."""
+    if shape is not None and shape.norm_saved and in_bytes == 2:
+        return int(dim * shape.norm_saved[0 if ctx.norms_trainable else 1])
     saved = 4 * dim + 4
     if ctx.norms_trainable:
         saved += in_bytes * dim
     return saved
 
 
-def _sdpa_saved(ctx, n_q, n_kv, qk_dim, v_dim, seq, q_is_fresh=False):
+def _sdpa_saved(ctx, n_q, n_kv, qk_dim, v_dim, seq, q_is_fresh=False, shape=None):
     """Saved by attention: q, k, v as the kernel sees them, its output, and the o_proj input copy."""
     b = ctx.b
     out = n_q * v_dim * b  # kernel output (B, nH, S, dv)
@@ -88,7 +92,10 @@ def _sdpa_saved(ctx, n_q, n_kv, qk_dim, v_dim, seq, q_is_fresh=False):
     if ctx.attn == "eager":
         # matmul(q, k_rep^T) saves q and the repeat_kv copies; softmax(fp32) saves its output;
         # matmul(probs_bf16, v_rep) saves probs and v_rep (transformers eager_attention_forward).
-        return n_q * qk_dim * b + n_q * qk_dim * b + n_q * v_dim * b + _softmax_probs(ctx, n_q * seq) + contiguous
+        probs = _softmax_probs(ctx, n_q * seq)
+        if shape is not None and shape.eager_per_score and b == 2:  # what this model's eager code saves per score
+            probs = int(n_q * seq * shape.eager_per_score[1 if ctx.linears_trainable else 2])
+        return n_q * qk_dim * b + n_q * qk_dim * b + n_q * v_dim * b + probs + contiguous
     # Memory-efficient / flash kernels save q, k, v (native GQA, no repeat), out and fp32 logsumexp.
     return n_q * qk_dim * b + n_kv * qk_dim * b + n_kv * v_dim * b + out + 4 * n_q + contiguous
 
@@ -108,10 +115,10 @@ def _gated_mlp_saved(ctx, H, inter):
 
 def _llama_attention_saved(ctx, shape, seq):
     H, hd, nH, nKV = shape.hidden, shape.head_dim, shape.n_heads, shape.n_kv_heads
-    saved = _sdpa_saved(ctx, nH, nKV, hd, hd, seq)
+    saved = _sdpa_saved(ctx, nH, nKV, hd, hd, seq, shape=shape if shape.family == "generic" else None)
     saved += _linear_input(ctx, H, 3) + _linear_input(ctx, nH * hd)
     if shape.qk_norm:  # Qwen3 q_norm / k_norm on the projections, before RoPE
-        saved += _rms_norm(ctx, nH * hd, ctx.b) + _rms_norm(ctx, nKV * hd, ctx.b)
+        saved += _rms_norm(ctx, nH * hd, ctx.b, shape) + _rms_norm(ctx, nKV * hd, ctx.b, shape)
     for m, fin in (("q_proj", H), ("k_proj", H), ("v_proj", H), ("o_proj", nH * hd)):
         saved += _lora_saved(ctx, m, fin)
     saved += _lora_shared_input(ctx, ("q_proj", "k_proj", "v_proj"), H, saved_already=_inputs_saved(ctx))  # input norm out
@@ -180,7 +187,7 @@ def layer_saved_per_token(ctx, shape, seq, moe_layer=False):
     H, I, b, r = shape.hidden, shape.intermediate, ctx.b, ctx.r
     fam = shape.family
     if fam in ("llama", "moe", "mla", "generic"):  # generic: the Llama-style rule on the inventory's sizes
-        saved = 2 * _rms_norm(ctx, H, r)  # input_layernorm, post_attention_layernorm
+        saved = shape.norms_per_layer * _rms_norm(ctx, H, r, shape)  # input_layernorm, post_attention_layernorm, …
         if _inputs_saved(ctx) and not ctx.amp:
             saved += 2 * H * b  # norm outputs, read by the q/k/v and gate/up projections
         attn = _mla_attention_saved(ctx, shape, seq) if fam == "mla" else _llama_attention_saved(ctx, shape, seq)
@@ -225,25 +232,66 @@ def layer_saved_per_token(ctx, shape, seq, moe_layer=False):
     raise ValueError(f"no activation model for family {fam!r}")
 
 
+def _probe_bytes(ctx, per_token, per_seq, seq):
+    """Per-token bytes of a probed line (measured at bf16: 2-byte activations), at the context's width."""
+    scale = ctx.b // 2 if ctx.b > 2 else 1
+    return (per_token + per_seq // seq) * scale
+
+
+def state_layer_saved_per_token(ctx, group, seq):
+    """Saved bytes per token of one probed state layer (linear attention / SSM, with its feed-forward)."""
+    p = group.probe
+    return _probe_bytes(ctx, p[3], p[4], seq) if ctx.linears_trainable else _probe_bytes(ctx, p[6], p[7], seq)
+
+
+def state_layers_fixed_bytes(ctx_b, shape, what):
+    """Bytes the probed state layers need whatever the batch and length (per layer: casts of their own
+    parameters and the like); what: ws | saved | frozen."""
+    i = {"ws": 2, "saved": 5, "frozen": 8}[what]
+    scale = ctx_b // 2 if ctx_b > 2 else 1
+    return sum(g.count * g.probe[i] * scale for g in _state_groups(shape)) if what != "ws" else \
+        max((g.probe[i] * scale for g in _state_groups(shape)), default=0)
+
+
+def _rule_layers(shape):
+    """(dense, MoE) counts of the layers the per-op rule covers (all but probed state layers)."""
+    if not shape.n_state_layers:
+        return shape.n_dense_layers, shape.n_moe_layers
+    moe = shape.n_moe_layers - shape.n_state_moe_layers
+    return shape.n_layers - shape.n_state_layers - moe, moe
+
+
+def _state_groups(shape):
+    return [g for g in shape.cache_groups if g.kind == "state" and g.probe]
+
+
 def layers_saved_per_token(ctx, shape, seq):
-    """Saved bytes per token over all decoder layers (dense and MoE layers counted apart)."""
-    dense = shape.n_dense_layers * layer_saved_per_token(ctx, shape, seq, False) if shape.n_dense_layers else 0
-    moe = shape.n_moe_layers * layer_saved_per_token(ctx, shape, seq, True) if shape.n_moe_layers else 0
-    return dense + moe
+    """Saved bytes per token over all decoder layers (dense and MoE layers counted apart; state layers of a
+    general inventory by their probe)."""
+    n_dense, n_moe = _rule_layers(shape)
+    dense = n_dense * layer_saved_per_token(ctx, shape, seq, False) if n_dense else 0
+    moe = n_moe * layer_saved_per_token(ctx, shape, seq, True) if n_moe else 0
+    state = sum(g.count * state_layer_saved_per_token(ctx, g, seq) for g in _state_groups(shape))
+    return dense + moe + state
 
 
 def largest_layer_saved_per_token(ctx, shape, seq):
     """Saved bytes per token of the most expensive single layer (what checkpointing recomputes at once)."""
-    if shape.n_moe_layers and shape.n_dense_layers:
-        return vmax(layer_saved_per_token(ctx, shape, seq, False), layer_saved_per_token(ctx, shape, seq, True))
-    return layer_saved_per_token(ctx, shape, seq, shape.n_moe_layers > 0)
+    n_dense, n_moe = _rule_layers(shape)
+    if n_moe and n_dense:
+        most = vmax(layer_saved_per_token(ctx, shape, seq, False), layer_saved_per_token(ctx, shape, seq, True))
+    else:
+        most = layer_saved_per_token(ctx, shape, seq, n_moe > 0)
+    for g in _state_groups(shape):
+        most = vmax(most, state_layer_saved_per_token(ctx, g, seq))
+    return most
 
 
 def model_saved_per_token(ctx, shape):
     """Saved outside the layers: final norm, lm_head input, RoPE cos/sin, embedding dropout."""
     H, b, r = shape.hidden, ctx.b, ctx.r
     if shape.norm == "rms":
-        saved = _rms_norm(ctx, H, r)
+        saved = _rms_norm(ctx, H, r, shape)
     else:
         saved = _layer_norm_saved(ctx, H)
     if ctx.linears_trainable:
@@ -321,6 +369,10 @@ def prefill_working_set_per_token(shape, b, attn, seq, fp16=False):
         norm = beside + 8 + eager_held
         mlp = beside + act + eager_held
         attn_ws = beside + 3 * H * b + H * b
+    for g in _state_groups(shape):
+        # a probed state layer: what it needs above its input, beside the model's inputs_embeds and that input
+        scale = b // 2 if b > 2 else 1
+        norm = vmax(norm, 2 * H * b + (g.probe[0] + g.probe[1] // seq) * scale)
     if attn == "eager":
         # softmax(x, dtype=float32): ATen casts x to fp32 first (a copy) and then runs _softmax, except for
         # fp16 on CUDA, which has a fused half-to-float kernel (aten/src/ATen/native/SoftMax.cpp). So per
@@ -329,6 +381,8 @@ def prefill_working_set_per_token(shape, b, attn, seq, fp16=False):
         per_score = 8 if b == 4 or fp16 else b + 8
         if shape.family == "gpt2":  # GPT-2's eager attention runs softmax in the compute dtype
             per_score = 2 * b
+        if shape.eager_per_score and b == 2:  # what this model's eager code holds per score (read off it)
+            per_score = shape.eager_per_score[0]
         attn_ws = attn_ws + nH * seq * per_score + seq * b
     return vmax(vmax(norm, mlp), attn_ws)
 

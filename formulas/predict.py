@@ -32,6 +32,7 @@ from .activations import (
     layers_saved_per_token,
     model_saved_per_token,
     prefill_working_set_per_token,
+    state_layers_fixed_bytes,
 )
 from .catalog import get_shape
 from .dtypes import BNB_DTYPES, DTYPE_BYTES
@@ -326,7 +327,8 @@ def _phases_inference(st, sl, B, S, N):
     T = B * S
     kv_pf = kv_cache_bytes(shape, B, S, st.kvb, s.mla_cache, prefill=True) * sl.layer_frac / sl.kv_div
     # + int64 input ids per token, and cos/sin, position ids (and position embeddings) per position
-    ws = (T * (prefill_working_set_per_token(shape, cb, s.attn, S, s.compute_dtype == "fp16") + 8) + S * forward_extras_per_position(shape, cb)) / sl.tp
+    ws = (T * (prefill_working_set_per_token(shape, cb, s.attn, S, s.compute_dtype == "fp16") + 8) + S * forward_extras_per_position(shape, cb)
+          + state_layers_fixed_bytes(cb, shape, "ws")) / sl.tp
     qtemp = st.quant_temp + T * st.quant_temp_per_token / sl.tp
     head_act = 2 * T * shape.hidden * cb * sl.head
     logits = (B * shape.vocab * (cb + 4) if s.logits == "last" else T * shape.vocab * cb) * sl.head / sl.tp
@@ -380,7 +382,8 @@ def _phases_train(st, sl, B, S, N):
         # the first trainable layer's input comes from frozen layers: its input norm saves no fp32 copy or rsqrt
         acts = T * (per_layer * st.saved_layers_trainable - (4 * H + 4))
     else:
-        acts = T * layers_saved_per_token(ctx, shape, S)
+        acts = T * layers_saved_per_token(ctx, shape, S) + \
+            state_layers_fixed_bytes(ctx.b, shape, "saved" if ctx.linears_trainable else "frozen")
     # Tensor parallel splits everything in a layer but the norms' inputs (Korthikanti et al. §4.2.2).
     replicated = T * shape.n_layers * 2 * (4 * H + ctx.r * H) * frac_layers
     acts = (acts - replicated) / sl.tp + replicated if sl.tp > 1 else acts
@@ -517,8 +520,13 @@ def _notes(st):
     if shape.family == "generic":
         notes.insert(0, f"{shape.model_type}: tensors read off the model {shape.inventory_source} builds (general "
                         "inventory); activations by the Llama-style per-layer rule on its sizes")
-        if shape.n_state_layers:
-            notes.append(f"no activation rule yet for the {shape.n_state_layers} linear-attention/SSM layers (counted "
+        probed = sum(g.count for g in shape.cache_groups if g.kind == "state" and g.probe)
+        if probed:
+            notes.append(f"{probed} linear-attention/SSM layers: activations read off one such layer run on fake tensors "
+                         "when the inventory was built (transformers' PyTorch reference path; the fused kernels of "
+                         "flash-linear-attention / mamba-ssm need less)")
+        if shape.n_state_layers > probed:
+            notes.append(f"no activation rule for {shape.n_state_layers - probed} linear-attention/SSM layers (counted "
                          "like attention layers); `vramlab trace` gives the exact figure")
         if shape.attn_implementations == ("eager",) and s.attn == "eager":
             notes.append(f"{shape.model_type} runs eager attention only ({shape.inventory_source})")

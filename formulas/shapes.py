@@ -75,6 +75,11 @@ class CacheGroup:
     window: int = 0  # sliding / chunked: the window the layer attends to
     state_elems: int = 0  # conv + recurrent state elements per sequence per layer, in the compute dtype
     state_fp32_elems: int = 0  # state elements transformers keeps in fp32 whatever the compute dtype
+    # state layers: what one such decoder layer (mixer and feed-forward) needs, read off the model at bf16
+    # (harness/inventory.py `_probe_state_layers`): bytes per token and per sequence — the no-grad
+    # working set, and the bytes saved for backward with trainable / frozen weights; () = not probed
+    probe: tuple = ()  # (per token, per sequence, per layer) × (ws, saved, saved frozen): nine numbers
+    moe_count: int = 0  # of `count`, layers whose feed-forward is a mixture of experts
 
 
 @dataclass(frozen=True)
@@ -120,6 +125,12 @@ class ModelShape:
     # general inventory (model types outside the hand-modelled families): per-layer cache groups
     cache_groups: tuple = field(default=(), repr=False)  # CacheGroup per kind of layer cache; () = from the fields
     n_state_layers: int = 0  # layers with a linear-attention / SSM state instead of (or beside) attention
+    n_state_moe_layers: int = 0  # of those, layers with a mixture-of-experts feed-forward
+    norms_per_layer: int = 2  # hidden-size norms per decoder layer (Gemma 2/3: four)
+    eager_per_score: tuple = ()  # general inventory: bytes per attention score under eager attention at bf16 —
+    # no-grad working set, saved with trainable / frozen weights (read off the model); () = the rule
+    norm_saved: tuple = ()  # general inventory: bytes a hidden-size norm saves per element at bf16, with its
+    # weight trainable and frozen (read off the model's norm module); () = the Llama rule
     inventory_source: str = ""  # "transformers X.Y" for shapes read off a built model, "" for hand-modelled ones
     attn_implementations: tuple = ()  # of sdpa / eager, what the model class runs; () = both
     tensors: tuple = field(default=(), repr=False)  # parameter inventory
@@ -511,13 +522,37 @@ def shape_from_config(cfg, name="config"):
 
 # ------------------------------------------------------------------ the general inventory
 
-def _cache_groups(inv, fields, n_layers):
+def _line(values, shapes):
+    """(per token, per sequence, per layer) bytes through probes at (1, t), (1, 2t), (2, t) (batch, tokens)."""
+    (_, t1), (_, t2), _ = shapes
+    v1, v2, v3 = values
+    per_token = (v2 - v1) // (t2 - t1)
+    per_seq = v3 - v1 - per_token * t1
+    return per_token, per_seq, v1 - per_token * t1 - per_seq
+
+
+def _state_probes(inv):
+    """layer index → the six-number probe of CacheGroup.probe."""
+    sp = inv.get("state_probe") or {}
+    out = {}
+    for layer, v in (sp.get("layers") or {}).items():
+        line = []
+        for key in ("working_set", "saved", "saved_frozen"):
+            line += list(_line(v[key], sp["shapes"]))
+        out[int(layer)] = tuple(line)
+    return out
+
+
+def _cache_groups(inv, fields, n_layers, moe_layers=frozenset()):
     """CacheGroups from the inventory's cache probe (harness/inventory.py `_probe_cache`)."""
     probe = inv.get("cache_layers")
     if not probe:
         kv = (fields.get("n_kv_heads") or 0) * (fields.get("head_dim") or 0) * 2
         return (CacheGroup("full", n_layers, kv_per_token=kv),) if kv else ()
+    probes = _state_probes(inv)
     groups = {}
+    moe = {}
+    layer_probe = {}
     for row in probe:
         kv = row.get("k_per_token", 0) + row.get("v_per_token", 0)
         window = row.get("window", 0) if row.get("cache_class", "").find("Sliding") >= 0 else 0
@@ -540,7 +575,11 @@ def _cache_groups(inv, fields, n_layers):
             kind = "none"
         key = (kind, kv, window, state, state32)
         groups[key] = groups.get(key, 0) + 1
-    return tuple(CacheGroup(k[0], c, kv_per_token=k[1], window=k[2], state_elems=k[3], state_fp32_elems=k[4])
+        moe[key] = moe.get(key, 0) + (row["layer"] in moe_layers)
+        if row["layer"] in probes:
+            layer_probe.setdefault(key, probes[row["layer"]])
+    return tuple(CacheGroup(k[0], c, kv_per_token=k[1], window=k[2], state_elems=k[3], state_fp32_elems=k[4],
+                            probe=layer_probe.get(k, ()), moe_count=moe[k])
                  for k, c in groups.items())
 
 
@@ -571,9 +610,22 @@ def shape_from_inventory(inv, name="config", config_dtype="bf16"):
         moe_I = min(t.shape[1:])
     shared = sum(t.shape[0] for t in tensors if t.kind == "linear" and "shared_expert" in t.name
                  and t.module in ("up_proj", "w3", "fc1")) if E else 0
-    groups = _cache_groups(inv, f, L)
+    moe_layers = frozenset(i for t in inv["tensors"] if t["kind"] == "experts" for i in t.get("layers", ()))
+    groups = _cache_groups(inv, f, L, moe_layers)
     n_state = sum(g.count for g in groups if g.kind == "state")
+    n_state_moe = sum(g.moe_count for g in groups if g.kind == "state")
     heads = int(f.get("n_heads") or 0)
+    hd = int(f.get("head_dim") or 0)
+    hidden_norms = sum(t.count for t in tensors if t.kind == "norm" and t.shape == (H,) and t.name.startswith("layers.")
+                       and t.name.endswith("weight"))
+    qk_norm = any(t.kind == "norm" and t.shape == (hd,) and t.module in ("q_norm", "k_norm") for t in tensors)
+    norm_probe = inv.get("norm_probe")
+    norm_saved = ()
+    if norm_probe:
+        elems = norm_probe["tokens"] * H
+        norm_saved = (norm_probe["saved"] / elems, norm_probe["saved_frozen"] / elems)
+    ep = inv.get("eager_probe")
+    eager = (ep["working_set"], ep["saved"], ep["saved_frozen"]) if ep else ()
     window = max((g.window for g in groups if g.kind == "sliding"), default=0)
     return ModelShape(
         name=name, model_type=inv["model_type"], family="generic", hidden=H, n_layers=L, n_heads=heads,
@@ -584,6 +636,8 @@ def shape_from_inventory(inv, name="config", config_dtype="bf16"):
         sliding_window=window, n_experts=E, experts_per_token=int(f.get("experts_per_token") or 0) if E else 0,
         moe_intermediate=moe_I, shared_intermediate=shared, n_moe_layers=n_moe,
         attn_dropout=float(f.get("attn_dropout") or 0.0), cache_groups=groups, n_state_layers=n_state,
+        n_state_moe_layers=n_state_moe, norms_per_layer=max(1, round(hidden_norms / L)) if hidden_norms else 2,
+        norm_saved=norm_saved, qk_norm=qk_norm, eager_per_score=eager,
         inventory_source=f"transformers {inv.get('transformers', '?')}", tensors=tensors, buffers=buffers,
         attn_implementations=tuple(inv.get("attn_implementations") or ()),
     )

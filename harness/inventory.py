@@ -22,6 +22,7 @@ Bad input is one line: a model type this transformers does not know (naming the 
 encoder-only or encoder-decoder config ("not a causal LM").
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -202,6 +203,201 @@ def _probe_cache(model, config):
     return layers
 
 
+# (batch, tokens) of the state-layer probe: tokens a multiple of the 64-token chunks of chunked scans; two
+# lengths give the per-token slope, two batches what is per sequence and what is per layer
+PROBE_SHAPES = ((1, 128), (1, 256), (2, 128))
+
+
+class _ProbeDone(Exception):
+    """Raised by the last probed layer's hook: the rest of the forward is not needed."""
+
+
+def _live_counter():
+    """A dispatch mode that counts the bytes of live storages (fake ones included) and their peak."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+    from torch.utils.weak import WeakIdKeyDictionary
+
+    import torch
+
+    class Live(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.live = self.peak = 0
+            self._seen = WeakIdKeyDictionary()
+
+        def _free(self, n):
+            self.live -= n
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    st = t.untyped_storage()
+                    if st not in self._seen:
+                        self._seen[st] = True
+                        n = st.nbytes()
+                        self.live += n
+                        weakref.finalize(st, self._free, n)
+            self.peak = max(self.peak, self.live)
+            return out
+
+    return Live()
+
+
+def _probe_state_layers(model, config, layer_indices, state_bytes, shapes=None, submodule=None):
+    """Per probed decoder layer and PROBE_SHAPES (batch, tokens), at bf16:
+    `working_set` — the most bytes alive above those at the layer's start during a no-grad prefill, less
+    the cache state the layer allocates; `saved` / `saved_frozen` — the bytes a training forward leaves
+    alive after the layer (what autograd keeps for backward), less its output, with the weights
+    trainable / frozen (a LoRA base). transformers' own code runs: its PyTorch reference path where
+    the fused kernels (flash-linear-attention, mamba-ssm, causal-conv1d) are not installed."""
+    _, layers = _layers_module(model)
+    targets = {i: (submodule(layers[i]) if submodule else layers[i]) for i in layer_indices}
+    result = {i: {"working_set": [], "saved": [], "saved_frozen": []} for i in layer_indices}
+    last = max(layer_indices)
+    # the layers before the first probed one pass their input on unchanged (nothing of theirs is measured)
+    skipped = {j: layers[j] for j in range(min(layer_indices))}
+    for j in skipped:
+        layers[j] = _PassThrough()
+    try:
+        _run_probes(model, config, layers, targets, result, last, state_bytes, shapes)
+    finally:
+        for j, layer in skipped.items():
+            layers[j] = layer
+    return result
+
+
+def _PassThrough():
+    """A decoder layer that returns its hidden states (built lazily: torch is imported only when probing)."""
+    import torch
+
+    class PassThrough(torch.nn.Module):
+        def forward(self, hidden_states, *args, **kwargs):
+            return hidden_states
+
+    return PassThrough()
+
+
+def _run_probes(model, config, layers, targets, result, last, state_bytes, shapes):
+    import torch
+    from transformers import cache_utils
+
+    from .workload.steps import cache_keyword
+
+    layer_indices = sorted(targets)
+    for batch, tokens in shapes or PROBE_SHAPES:
+        for mode in ("working_set", "saved", "saved_frozen"):
+            counter = _live_counter()
+            state = {}
+
+            def pre(module, args, kwargs, _i=None):
+                state["base"] = counter.live
+                counter.peak = counter.live
+
+            def post(module, args, kwargs, output, _i=None):
+                out = output[0] if isinstance(output, tuple) else output
+                if mode == "working_set":  # less the cache state the layer allocates on its first forward
+                    result[_i][mode].append(counter.peak - state["base"] - state_bytes.get(_i, 0))
+                else:
+                    result[_i][mode].append(counter.live - state["base"] - out.untyped_storage().nbytes())
+                if _i == last:
+                    raise _ProbeDone  # the layers after the last probed one are not needed
+
+            handles = [targets[i].register_forward_pre_hook(lambda m, a, k, _i=i: pre(m, a, k, _i), with_kwargs=True)
+                       for i in layer_indices]
+            handles += [targets[i].register_forward_hook(lambda m, a, k, o, _i=i: post(m, a, k, o, _i), with_kwargs=True)
+                        for i in layer_indices]
+            ids = torch.zeros((batch, tokens), dtype=torch.long)
+            try:
+                if mode == "working_set":
+                    cache = cache_utils.DynamicCache(config=config)
+                    with torch.no_grad(), counter, contextlib.suppress(_ProbeDone):
+                        model(ids, use_cache=True, logits_to_keep=1, **{cache_keyword(model): cache})
+                    del cache
+                else:
+                    model.requires_grad_(mode == "saved")
+                    emb = model.get_input_embeddings()
+                    hook = emb.register_forward_hook(lambda m, a, o: o.requires_grad_() if not o.requires_grad else o)
+                    try:
+                        with counter, contextlib.suppress(_ProbeDone):
+                            model(ids, use_cache=False, logits_to_keep=1)
+                    finally:
+                        hook.remove()
+                        model.requires_grad_(False)
+            finally:
+                for h in handles:
+                    h.remove()
+
+
+NORM_PROBE_TOKENS = 64
+# three lengths, long enough that the score matrices outgrow the projections: they grow with the square
+EAGER_PROBE_SHAPES = ((1, 2048), (1, 4096), (1, 8192))
+
+
+def _attention_module(layer):
+    """The attention block of a decoder layer (self_attn, attention, attn …)."""
+    for name, child in layer.named_children():
+        if "attention" in type(child).__name__.lower() or "attn" in name or "attention" in name:
+            return child
+    raise ValueError(f"{type(layer).__name__}: no attention block among {[n for n, _ in layer.named_children()]}")
+
+
+def _probe_eager(model, config, cache_layers, heads):
+    """Bytes per attention score (per head, query and key) that the first full-attention layer needs under
+    eager attention at bf16 — no-grad working set, and saved for backward with trainable / frozen weights:
+    the square term of a quadratic through three lengths. Sinks (gpt-oss), soft-capping (Gemma 2) and a
+    softmax kept in bf16 change it, so it is read off the model rather than assumed."""
+    layer = next((r["layer"] for r in cache_layers if "k_per_token" in r and "window" not in r), None)
+    if layer is None or not heads:
+        return None
+    before = model.config._attn_implementation
+    if before != "eager":
+        model.set_attn_implementation("eager")
+    try:
+        probed = _probe_state_layers(model, config, [layer], {}, EAGER_PROBE_SHAPES, _attention_module)[layer]
+    finally:
+        if before != "eager":
+            model.set_attn_implementation(before)
+    (_, s1), (_, s2), (_, s3) = EAGER_PROBE_SHAPES
+    out = {"layer": layer}
+    for key, v in probed.items():
+        # v = c + a s + q s² at s1, s2 = 2 s1, s3 = 4 s1 (second differences)
+        d1, d2 = (v[1] - v[0]) / (s2 - s1), (v[2] - v[1]) / (s3 - s2)
+        q = (d2 - d1) / (s3 - s1)
+        out[key] = q / heads
+    return out
+
+
+def _probe_norm(model, hidden):
+    """Bytes the first hidden-size norm of the first decoder layer saves for backward on NORM_PROBE_TOKENS
+    bf16 tokens, with its weight trainable and frozen (its input and output not counted)."""
+    import torch
+
+    _, layers = _layers_module(model)
+    norm = None
+    for module in layers[0].modules():
+        w = getattr(module, "weight", None)
+        if "norm" in type(module).__name__.lower() and isinstance(w, torch.nn.Parameter) and tuple(w.shape) == (hidden,):
+            norm = module
+            break
+    if norm is None:
+        return None
+    out = {}
+    for key, trainable in (("saved", True), ("saved_frozen", False)):
+        norm.requires_grad_(trainable)
+        x = torch.zeros((1, NORM_PROBE_TOKENS, hidden), dtype=torch.bfloat16, requires_grad=True)
+        counter = _live_counter()
+        with counter:
+            y = norm(x)
+        out[key] = counter.live - y.untyped_storage().nbytes()
+        del y
+    norm.requires_grad_(False)
+    return {"class": type(norm).__name__, "tokens": NORM_PROBE_TOKENS, **out}
+
+
 def _config_fields(config):
     """The structural numbers the formulas read (None where the config has no such field)."""
     text = config.get_text_config(decoder=True)
@@ -259,12 +455,49 @@ def build_inventory(cfg, name="config"):
                                         f"{cfg.get('model_type')!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
         model.eval()
         tensors, buffers, tied = _tensor_rows(model)
+        model.requires_grad_(False)
         try:
             cache_layers = _probe_cache(model, model.config)
         except Exception as e:  # noqa: BLE001 — the weights stand; the cache falls back to the config
             cache_layers = None
             notes.append(f"cache not probed ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); "
                          "KV cache taken as full attention in every layer")
+        try:
+            norm_probe = _probe_norm(model, _config_fields(model.config)["hidden"])
+        except Exception as e:  # noqa: BLE001 — the Llama-style norm rule stands in
+            norm_probe = None
+            notes.append(f"norm not probed ({type(e).__name__})")
+        eager_probe = None
+        if cache_layers:
+            try:
+                eager_probe = _probe_eager(model, model.config, cache_layers, _config_fields(model.config)["n_heads"])
+            except Exception as e:  # noqa: BLE001 — the eager rule stands in
+                notes.append(f"eager attention not probed ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
+        state_probe = None
+        if cache_layers:
+            # one layer of each kind with a fixed state: the first of each decoder-layer class
+            first = {}
+            for row in cache_layers:
+                if row.get("states") and "k_per_token" not in row:
+                    first.setdefault(type(_layers_module(model)[1][row["layer"]]).__name__, row["layer"])
+            if first:
+                try:
+                    sizes = {"fp32": 4, "bf16": 2, "fp16": 2}
+                    state_bytes = {}
+                    for row in cache_layers:
+                        n = 0
+                        for st in row.get("states", ()):
+                            k = sizes.get(st["dtype"], 2)
+                            for d in st["shape"]:
+                                k *= d
+                            n += k
+                        state_bytes[row["layer"]] = n
+                    probed = _probe_state_layers(model, model.config, sorted(first.values()), state_bytes)
+                    state_probe = {"shapes": [list(s) for s in PROBE_SHAPES], "dtype": "bf16",
+                                   "layers": {str(i): v for i, v in probed.items()}}
+                except Exception as e:  # noqa: BLE001 — the prediction then says it has no rule for them
+                    notes.append(f"state layers not probed ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:160] if str(e) else ''})")
     fields = _config_fields(model.config)
     return {
         "schema": INVENTORY_SCHEMA, "model_type": cfg.get("model_type"), "name": name,
@@ -272,7 +505,8 @@ def build_inventory(cfg, name="config"):
         "torch": torch.__version__.split("+")[0], "architecture": type(model).__name__,
         "build_dtype": "bf16", "tie_embeddings": tied,
         "attn_implementations": ["sdpa", "eager"] if getattr(model, "_supports_sdpa", True) else ["eager"], "n_params": sum(p.numel() for p in model.parameters()),
-        "fields": fields, "tensors": tensors, "buffers": buffers, "cache_layers": cache_layers, "notes": notes,
+        "fields": fields, "tensors": tensors, "buffers": buffers, "cache_layers": cache_layers,
+        "state_probe": state_probe, "norm_probe": norm_probe, "eager_probe": eager_probe, "notes": notes,
     }
 
 
@@ -323,6 +557,14 @@ def ensure_for_model(model_name, rebuild=False):
         raise UnsupportedModelError(
             f"--model {model_name}: model_type {mt!r} is not hand-modelled and has no inventory yet; its inventory is "
             "built once from transformers: pip install torch transformers") from None
+    import sys
+    import time
+
+    check_causal_lm(cfg, model_name)  # refused in one line before any building
+    t0 = time.perf_counter()
+    print(f"vramlab: model_type {cfg.get('model_type')!r} is not hand-modelled: reading its inventory off the model "
+          "transformers builds (once; cached)…", file=sys.stderr, flush=True)
     path = ensure_inventory(cfg, resolve_config_path(model_name), rebuild=rebuild)
+    print(f"vramlab: inventory built in {time.perf_counter() - t0:.1f} s: {path}", file=sys.stderr, flush=True)
     get_shape.cache_clear()
     return path

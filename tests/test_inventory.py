@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -126,8 +125,10 @@ def test_cache_and_state_equal_the_traced_bytes(small_models, mt):
 
 @pytest.mark.parametrize("mt", list(SMALL))
 @pytest.mark.parametrize("mode", ["inference", "train"])
-def test_peak_within_10_percent_of_the_trace(small_models, mt, mode):
-    kw = dict(batch=2, seq=64, gen=4) if mode == "inference" else dict(mode="train", precision="pure", batch=2, seq=64)
+@pytest.mark.parametrize("seq", [64, 512])
+def test_peak_within_10_percent_of_the_trace(small_models, mt, mode, seq):
+    """The bar, at two lengths: at 512 tokens the activations are most of the peak (a third to two thirds)."""
+    kw = dict(batch=2, seq=seq, gen=4) if mode == "inference" else dict(mode="train", precision="pure", batch=2, seq=seq)
     traced = _trace(small_models[mt], **kw).peak_allocated_bytes
     predicted = predict(Spec(model=small_models[mt], attn="auto", **kw)).peak_allocated_bytes
     assert abs(predicted / traced - 1) <= 0.10, (predicted, traced)
@@ -227,4 +228,8 @@ def test_bad_model_types_are_one_line(tmp_path, model_type, message):
     r = subprocess.run([sys.executable, "-m", "harness", "predict", "--model", str(path)], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode == 2, r.stderr
-    assert r.stdout == "" and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    if model_type == "nemotron":  # refused while building: after the line that says a build started
+        assert lines[0].startswith("vramlab: model_type 'nemotron' is not hand-modelled"), lines
+        lines = lines[1:]
+    assert r.stdout == "" and len(lines) == 1 and message in lines[0], r.stderr
