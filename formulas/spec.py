@@ -42,7 +42,7 @@ class Spec:
     optimizer_impl: str = "auto"  # auto (foreach on one GPU/DDP, fused under ZeRO) | foreach | fused | forloop
     precision: str = "auto"  # auto | pure | amp (autocast, fp32 params) | master (fp32 master in optimizer)
     grad_ckpt: bool = False  # gradient checkpointing per decoder layer
-    attn: str = "sdpa"  # sdpa | eager
+    attn: str = "sdpa"  # sdpa | eager | auto (sdpa where the model runs it, else eager; the CLI default)
     grad_accum: int = 1  # micro-batches per optimizer step (batch is the micro-batch)
     kv_dtype: str = ""  # KV cache dtype; "" = compute dtype
     mla_cache: str = "compressed"  # MLA models: compressed latent (transformers 5, vLLM) | expanded per-head K/V

@@ -25,6 +25,7 @@ encoder-only or encoder-decoder config ("not a causal LM").
 import contextlib
 import hashlib
 import json
+import logging
 import os
 
 from formulas.catalog import inventory_cache_dir, inventory_file_name
@@ -345,7 +346,7 @@ def _attention_module(layer):
     raise ValueError(f"{type(layer).__name__}: no attention block among {[n for n, _ in layer.named_children()]}")
 
 
-def _probe_eager(model, config, cache_layers, heads):
+def _probe_eager(model, config, cache_layers, heads, max_positions=0):
     """Bytes per attention score (per head, query and key) that the first full-attention layer needs under
     eager attention at bf16 — no-grad working set, and saved for backward with trainable / frozen weights:
     the square term of a quadratic through three lengths. Sinks (gpt-oss), soft-capping (Gemma 2) and a
@@ -353,15 +354,18 @@ def _probe_eager(model, config, cache_layers, heads):
     layer = next((r["layer"] for r in cache_layers if "k_per_token" in r and "window" not in r), None)
     if layer is None or not heads:
         return None
+    shapes = EAGER_PROBE_SHAPES
+    if max_positions and max_positions < shapes[-1][1]:  # within the positions the model has (learned, ALiBi)
+        shapes = tuple((1, max_positions // d) for d in (4, 2, 1))
     before = model.config._attn_implementation
     if before != "eager":
         model.set_attn_implementation("eager")
     try:
-        probed = _probe_state_layers(model, config, [layer], {}, EAGER_PROBE_SHAPES, _attention_module)[layer]
+        probed = _probe_state_layers(model, config, [layer], {}, shapes, _attention_module)[layer]
     finally:
         if before != "eager":
             model.set_attn_implementation(before)
-    (_, s1), (_, s2), (_, s3) = EAGER_PROBE_SHAPES
+    (_, s1), (_, s2), (_, s3) = shapes
     out = {"layer": layer}
     for key, v in probed.items():
         # v = c + a s + q s² at s1, s2 = 2 s1, s3 = 4 s1 (second differences)
@@ -445,6 +449,8 @@ def build_inventory(cfg, name="config"):
                                     f"{cfg.get('model_type')!r} config: {e}") from None
     config.use_cache = True
     transformers.logging.set_verbosity_error()  # kernel fall-back notices are not the user's concern here
+    # a probe that fails is a note in the inventory; torch would also log its traceback
+    logging.getLogger("torch._subclasses.fake_tensor").setLevel(logging.CRITICAL)
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     notes = []
     with fake, _fake_module_conversions(fake), _cuda_like_kernels([]):
@@ -470,7 +476,8 @@ def build_inventory(cfg, name="config"):
         eager_probe = None
         if cache_layers:
             try:
-                eager_probe = _probe_eager(model, model.config, cache_layers, _config_fields(model.config)["n_heads"])
+                f = _config_fields(model.config)
+                eager_probe = _probe_eager(model, model.config, cache_layers, f["n_heads"], f["max_positions"])
             except Exception as e:  # noqa: BLE001 — the eager rule stands in
                 notes.append(f"eager attention not probed ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
         state_probe = None
