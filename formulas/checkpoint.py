@@ -25,7 +25,7 @@ _QUANT_MARKERS = (".quant_state.",)
 _EMBEDDINGS = ("embed_tokens", "wte", "wpe", "embed_in", "embed_positions")
 _HEADS = ("lm_head", "embed_out")
 # config.json quant_method → the --dtype of a pre-quantized checkpoint
-_QUANT_METHODS = {"fp8": "fp8", "gptq": "gptq-int4", "awq": "awq-int4"}
+_QUANT_METHODS = {"fp8": "fp8", "gptq": "gptq-int4", "awq": "awq-int4", "mxfp4": "mxfp4"}
 
 
 # Tensors checkpoints store that transformers does not load as weights: old causal-mask buffers
@@ -155,7 +155,7 @@ def stored_weights(tensors, shape=None, config=None):
 def checkpoint_dtype(config, stored):
     """The --dtype a checkpoint is stored at: its quantization method, else its float dtype by most bytes.
 
-    None for a quantization the predictor does not model (compressed-tensors, MXFP4, GPTQ at other
+    None for a quantization the predictor does not model (compressed-tensors, GPTQ at other
     than 4 bits, …): its stored bytes are then the only count there is."""
     qc = config.get("quantization_config") if isinstance(config, dict) else None
     if isinstance(qc, dict):

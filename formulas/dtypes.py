@@ -15,7 +15,7 @@ FLOAT_DTYPES = ("fp32", "bf16", "fp16")
 BNB_DTYPES = ("int8", "nf4", "fp4")
 INT4_DTYPES = ("gptq-int4", "awq-int4")
 GGUF_DTYPES = ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0", "q3_k_m", "q2_k")
-WEIGHT_DTYPES = FLOAT_DTYPES + ("fp8",) + BNB_DTYPES + INT4_DTYPES + GGUF_DTYPES
+WEIGHT_DTYPES = FLOAT_DTYPES + ("fp8", "mxfp4") + BNB_DTYPES + INT4_DTYPES + GGUF_DTYPES
 KV_DTYPES = ("fp32", "bf16", "fp16", "fp8")
 
 # bitsandbytes 4-bit: blockwise absmax over 64 weights; with double quantization the fp32
@@ -31,6 +31,11 @@ BNB4_NESTED_CODE_BYTES = 256 * 4
 # DeepSeek-V3 / transformers FineGrainedFP8: fp32 scale per 128×128 weight block.
 # Source: DeepSeek-V3 config.json quantization_config.weight_block_size = [128, 128].
 FP8_BLOCK = 128
+# MXFP4 (OCP Microscaling): 4-bit E2M1 codes, two per byte, and one E8M0 (uint8) scale per 32 elements;
+# transformers stores an expert tensor as `<name>_blocks` (…, n/32, 16) uint8 and `<name>_scales`
+# (…, n/32) uint8 (integrations/mxfp4.py), quantizing only the MoE experts (gpt-oss), whose biases it keeps
+# in fp32. The scales' swizzled kernel layout may pad them; that is not counted.
+MXFP4_BLOCK = 32
 
 # GGUF block types: (bytes per block, weights per block). Source: ggml/src/ggml-common.h
 # (block_q8_0 = 2 + 32, block_q4_0 = 2 + 16, block_q2_K = 16 + 64 + 2 + 2 = 84, block_q3_K = 110,

@@ -517,6 +517,12 @@ def _notes(st):
             notes.append(f"sliding window: KV cache capped at {shape.sliding_window} tokens per layer")
         if s.dtype.startswith("q") and "_" in s.dtype:
             notes.append("GGUF: weights as llama.cpp stores them; activations and KV cache as transformers would hold them")
+    if s.dtype == "mxfp4":
+        notes.append("MXFP4: MoE experts packed (4-bit codes + a uint8 scale per 32 values, fp32 biases) as transformers "
+                     "keeps them with its triton kernels; without them it dequantizes to bf16 (--dtype bf16)")
+    elif shape.stored_quant and s.dtype in ("bf16", "fp16", "fp32") and not shape.stored_quant == s.dtype:
+        notes.append(f"the checkpoint is stored as {shape.stored_quant}; this is the model transformers dequantizes it to "
+                     f"when the {shape.stored_quant} kernels are missing (--dtype {shape.stored_quant} for the stored form)")
     if shape.family == "generic":
         notes.insert(0, f"{shape.model_type}: tensors read off the model {shape.inventory_source} builds (general "
                         "inventory); activations by the Llama-style per-layer rule on its sizes")

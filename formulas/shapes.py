@@ -133,6 +133,7 @@ class ModelShape:
     # weight trainable and frozen (read off the model's norm module); () = the Llama rule
     inventory_source: str = ""  # "transformers X.Y" for shapes read off a built model, "" for hand-modelled ones
     attn_implementations: tuple = ()  # of sdpa / eager, what the model class runs; () = both
+    stored_quant: str = ""  # the --dtype the checkpoint ships in when its config names a quantization (mxfp4, fp8)
     tensors: tuple = field(default=(), repr=False)  # parameter inventory
     buffers: tuple = field(default=(), repr=False)  # buffer inventory
 

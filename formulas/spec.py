@@ -179,4 +179,4 @@ def validate(spec, shape):
 
 def is_quantized(dtype):
     """True for dtypes whose weights are stored packed."""
-    return dtype in BNB_DTYPES + INT4_DTYPES + GGUF_DTYPES + ("fp8",)
+    return dtype in BNB_DTYPES + INT4_DTYPES + GGUF_DTYPES + ("fp8", "mxfp4")

@@ -9,6 +9,7 @@ from .dtypes import (
     GGUF_DTYPES,
     GGUF_RECIPES,
     INT4_DTYPES,
+    MXFP4_BLOCK,
     bnb4_state_bytes,
     ggml_tensor_bytes,
     int4_group_bytes,
@@ -74,6 +75,13 @@ def _tensor_storage(t, dtype, cb, n_layers, double_quant, group_size, tied=False
         experts = t.shape[0] if t.kind == "experts" else 1
         scales = experts * (-(-rows // FP8_BLOCK)) * (-(-cols // FP8_BLOCK)) * 4
         return n * t.count, scales * t.count, True
+    if dtype == "mxfp4":
+        if t.kind != "experts":  # attention, router, embeddings and head stay in the compute dtype,
+            if "experts." in t.name and t.name.endswith("_bias"):  # but the experts' biases are fp32
+                return 4 * n * t.count, 0, False  # (integrations/mxfp4.py Mxfp4GptOssExperts)
+            return plain, 0, False
+        blocks = -(-n // MXFP4_BLOCK) * t.count
+        return blocks * MXFP4_BLOCK // 2, blocks, True
     if dtype in INT4_DTYPES:
         if t.kind not in ("linear", "experts") or t.module == "lm_head":
             return plain, 0, False

@@ -233,6 +233,10 @@ def _live_counter():
             self.live -= n
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            # storages that existed before (parameters, inputs) are not new when an op returns a view of them
+            for t in tree_flatten((args, kwargs))[0]:
+                if isinstance(t, torch.Tensor) and t.untyped_storage() not in self._seen:
+                    self._seen[t.untyped_storage()] = False
             out = func(*args, **(kwargs or {}))
             for t in tree_flatten(out)[0]:
                 if isinstance(t, torch.Tensor):

@@ -233,3 +233,17 @@ def test_bad_model_types_are_one_line(tmp_path, model_type, message):
         assert lines[0].startswith("vramlab: model_type 'nemotron' is not hand-modelled"), lines
         lines = lines[1:]
     assert r.stdout == "" and len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_mxfp4_counts_the_experts_as_transformers_stores_them():
+    """gpt-oss ships MXFP4: with the triton kernels transformers keeps each expert tensor as uint8 codes (two
+    per byte) and a uint8 scale per 32 values, the experts' biases in fp32 (Mxfp4GptOssExperts); the rest bf16."""
+    shape = get_shape("openai/gpt-oss-20b")
+    bf16, mx = weight_storage(shape, "bf16"), weight_storage(shape, "mxfp4")
+    experts = sum(t.total_numel for t in shape.tensors if t.kind == "experts")
+    biases = sum(t.total_numel for t in shape.tensors if "experts." in t.name and t.name.endswith("_bias"))
+    assert experts and biases
+    assert mx.weight_bytes == bf16.weight_bytes - 2 * experts + experts // 2 + 2 * biases
+    assert mx.quant_state_bytes == experts // 32
+    p = predict(Spec(model="openai/gpt-oss-20b", attn="auto"))
+    assert any("stored as mxfp4" in n for n in p.notes)

@@ -6,6 +6,7 @@ and `llama-3.1-8b` all find the same config. Nothing is downloaded: a name that 
 not shipped must be given as a path to a config.json or a model directory.
 """
 
+import dataclasses
 import difflib
 import json
 import os
@@ -133,6 +134,18 @@ def _shape_of(cfg, label):
     """Hand-modelled families from the config; any other model type from its inventory."""
     if not isinstance(cfg, dict) or cfg.get("model_type") in FAMILIES:
         return shape_from_config(cfg, label)
+    return dataclasses.replace(_inventory_shape(cfg, label), stored_quant=_stored_quant(cfg))
+
+
+def _stored_quant(cfg):
+    """The --dtype of a quantization_config vramlab models as a dtype (mxfp4, fp8), else ''."""
+    qc = cfg.get("quantization_config")
+    method = str(qc.get("quant_method", "")).lower() if isinstance(qc, dict) else ""
+    return method if method in ("mxfp4", "fp8") else ""
+
+
+def _inventory_shape(cfg, label):
+    """The ModelShape of a config from its cached or shipped general inventory."""
     path = find_inventory(cfg)
     if path is None:
         mt = cfg.get("model_type")
