@@ -534,7 +534,8 @@ def _notes(st):
         if shape.n_state_layers > probed:
             notes.append(f"no activation rule for {shape.n_state_layers - probed} linear-attention/SSM layers (counted "
                          "like attention layers); `vramlab trace` gives the exact figure")
-        if shape.attn_implementations == ("eager",) and s.attn == "eager":
+        attends = any(g.kind in ("full", "sliding") for g in shape.cache_groups) or not shape.cache_groups
+        if shape.attn_implementations == ("eager",) and s.attn == "eager" and attends:
             notes.append(f"{shape.model_type} runs eager attention only ({shape.inventory_source})")
     if s.dtype in ("int8", "nf4", "fp4") and shape.is_moe:
         notes.append("bitsandbytes via transformers quantizes nn.Linear only: fused MoE expert tensors stay in the compute dtype")
