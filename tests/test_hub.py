@@ -323,7 +323,8 @@ def test_mask_buffers_and_quantization_state():
 @pytest.mark.parametrize("qc, dtype", [
     ({"quant_method": "gptq"}, "gptq-int4"), ({"quant_method": "awq"}, "awq-int4"),
     ({"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}, "nf4"),
-    ({"quant_method": "bitsandbytes", "load_in_8bit": True}, "int8"), ({"quant_method": "mxfp4"}, None),
+    ({"quant_method": "bitsandbytes", "load_in_8bit": True}, "int8"), ({"quant_method": "mxfp4"}, "mxfp4"),
+    ({"quant_method": "compressed-tensors"}, None),
 ])
 def test_checkpoint_dtype_from_the_quantization_config(qc, dtype):
     assert stored_weights(_llama_like(), _Shape(), {"quantization_config": qc}).dtype == dtype
