@@ -94,7 +94,7 @@ def _sdpa_saved(ctx, n_q, n_kv, qk_dim, v_dim, seq, q_is_fresh=False, shape=None
         # matmul(probs_bf16, v_rep) saves probs and v_rep (transformers eager_attention_forward).
         probs = _softmax_probs(ctx, n_q * seq)
         if shape is not None and shape.eager_per_score and b == 2:  # what this model's eager code saves per score
-            probs = int(n_q * seq * shape.eager_per_score[1 if ctx.linears_trainable else 2])
+            probs = n_q * seq * shape.eager_per_score[1 if ctx.linears_trainable else 2]  # seq may be an array
         return n_q * qk_dim * b + n_q * qk_dim * b + n_q * v_dim * b + probs + contiguous
     # Memory-efficient / flash kernels save q, k, v (native GQA, no repeat), out and fp32 logsumexp.
     return n_q * qk_dim * b + n_kv * qk_dim * b + n_kv * v_dim * b + out + 4 * n_q + contiguous
@@ -232,16 +232,23 @@ def layer_saved_per_token(ctx, shape, seq, moe_layer=False):
     raise ValueError(f"no activation model for family {fam!r}")
 
 
-def _probe_bytes(ctx, per_token, per_seq, seq):
+def _padded(seq, chunk):
+    """Tokens a chunked scan runs over: the sequence padded to whole chunks."""
+    return (seq + chunk - 1) // chunk * chunk if chunk else seq
+
+
+def _probe_bytes(ctx, per_token, per_seq, seq, chunk=0):
     """Per-token bytes of a probed line (measured at bf16: 2-byte activations), at the context's width."""
     scale = ctx.b // 2 if ctx.b > 2 else 1
-    return (per_token + per_seq // seq) * scale
+    return (per_token * _padded(seq, chunk) // seq + per_seq // seq) * scale
 
 
 def state_layer_saved_per_token(ctx, group, seq):
     """Saved bytes per token of one probed state layer (linear attention / SSM, with its feed-forward)."""
     p = group.probe
-    return _probe_bytes(ctx, p[3], p[4], seq) if ctx.linears_trainable else _probe_bytes(ctx, p[6], p[7], seq)
+    if ctx.linears_trainable:
+        return _probe_bytes(ctx, p[3], p[4], seq, p[9])
+    return _probe_bytes(ctx, p[6], p[7], seq, p[9])
 
 
 def state_layers_fixed_bytes(ctx_b, shape, what):
@@ -262,7 +269,8 @@ def _rule_layers(shape):
 
 
 def _state_groups(shape):
-    return [g for g in shape.cache_groups if g.kind == "state" and g.probe]
+    """Cache groups whose layers' activations were probed (states, hybrids, cache-less blocks)."""
+    return [g for g in shape.cache_groups if g.probe]
 
 
 def layers_saved_per_token(ctx, shape, seq):
@@ -372,7 +380,7 @@ def prefill_working_set_per_token(shape, b, attn, seq, fp16=False):
     for g in _state_groups(shape):
         # a probed state layer: what it needs above its input, beside the model's inputs_embeds and that input
         scale = b // 2 if b > 2 else 1
-        norm = vmax(norm, 2 * H * b + (g.probe[0] + g.probe[1] // seq) * scale)
+        norm = vmax(norm, 2 * H * b + (g.probe[0] * _padded(seq, g.probe[9]) // seq + g.probe[1] // seq) * scale)
     if attn == "eager":
         # softmax(x, dtype=float32): ATen casts x to fp32 first (a copy) and then runs _softmax, except for
         # fp16 on CUDA, which has a fused half-to-float kernel (aten/src/ATen/native/SoftMax.cpp). So per

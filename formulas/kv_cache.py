@@ -16,7 +16,7 @@ def _group_bytes(g, batch, tokens, kv_bytes, prefill=False):
     (LinearAttentionLayer), in the compute dtype except what the model keeps in fp32.
     Source: transformers cache_utils.py (5.17–5.24)."""
     held = tokens
-    if g.kind == "sliding" and not prefill:
+    if g.window and g.kind in ("sliding", "hybrid") and not prefill:
         held = vmin(tokens, g.window)
     per_layer = held * g.kv_per_token * kv_bytes + g.state_elems * kv_bytes + g.state_fp32_elems * _FP32
     return batch * per_layer * g.count
@@ -33,7 +33,7 @@ def kv_cache_bytes_per_token(shape, kv_bytes, mla_cache="expanded"):
     (v_head_dim) that older remote-code implementations cached.
     Source: transformers models/deepseek_v3/modeling_deepseek_v3.py; DeepSeek-V2 paper §2.1.2."""
     if shape.cache_groups:  # general inventory: attention layers only (states do not grow with tokens)
-        return sum(g.kv_per_token * g.count for g in shape.cache_groups if g.kind in ("full", "sliding")) * kv_bytes
+        return sum(g.kv_per_token * g.count for g in shape.cache_groups if g.kind in ("full", "sliding", "hybrid")) * kv_bytes
     if shape.is_mla:
         if mla_cache == "compressed":
             per_layer = shape.kv_lora_rank + shape.qk_rope_head_dim
@@ -69,6 +69,9 @@ def cache_summary(shape):
             parts.append(f"{g.count} full attention")
         elif g.kind == "state":
             parts.append(f"{g.count} fixed state ({g.state_elems + g.state_fp32_elems:,} elements per sequence)")
+        elif g.kind == "hybrid":
+            parts.append(f"{g.count} attention beside a fixed state ({g.state_elems + g.state_fp32_elems:,} elements "
+                         "per sequence)")
         else:
             parts.append(f"{g.count} without cache")
     return ", ".join(parts)

@@ -15,7 +15,14 @@ def default_targets(shape):
     """LoRA target modules peft picks for this model type when none are given."""
     if shape.model_type == "deepseek_v2" and shape.q_lora_rank:
         return ("q_b_proj", "kv_b_proj")
-    return DEFAULT_TARGETS.get(shape.model_type, ("q_proj", "v_proj"))
+    if shape.lora_defaults:  # a general inventory: what peft maps the model type to
+        return shape.lora_defaults
+    default = DEFAULT_TARGETS.get(shape.model_type, ("q_proj", "v_proj"))
+    if shape.family == "generic" and not set(default) <= set(linear_modules(shape)):
+        raise ValueError(f"--lora-targets: peft has no default LoRA targets for {shape.model_type} and it has no "
+                         f"q_proj/v_proj; name its modules (one of: {', '.join(sorted(linear_modules(shape))[:12])}) "
+                         "or all-linear")
+    return default
 
 
 def linear_modules(shape):

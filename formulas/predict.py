@@ -526,7 +526,7 @@ def _notes(st):
     if shape.family == "generic":
         notes.insert(0, f"{shape.model_type}: tensors read off the model {shape.inventory_source} builds (general "
                         "inventory); activations by the Llama-style per-layer rule on its sizes")
-        probed = sum(g.count for g in shape.cache_groups if g.kind == "state" and g.probe)
+        probed = sum(g.count for g in shape.cache_groups if g.probe)
         if probed:
             notes.append(f"{probed} linear-attention/SSM layers: activations read off one such layer run on fake tensors "
                          "when the inventory was built (transformers' PyTorch reference path; the fused kernels of "

@@ -32,6 +32,9 @@ FAMILIES = {
 SUPPORTED_MODEL_TYPES = tuple(sorted(FAMILIES))
 
 
+INVENTORY_SCHEMA = 1  # version of the general inventory's JSON (harness/inventory.py writes it)
+
+
 class UnsupportedModelError(ValueError):
     """A config whose architecture vramlab does not model."""
 
@@ -65,9 +68,9 @@ class Tensor:
 class CacheGroup:
     """Layers whose cache grows (or stays) alike: `count` layers of one cache kind.
 
-    kind: full (every token kept) | sliding (transformers' DynamicSlidingWindowLayer keeps the last
-    window − 1 tokens between forwards; chunked attention uses the same class) | state (a fixed conv /
-    recurrent state per sequence: linear attention, SSM) | none (the layer keeps nothing)."""
+    kind: full (every token kept) | sliding (transformers' DynamicSlidingWindowLayer; chunked attention
+    uses the same class) | state (a fixed conv / recurrent state per sequence: linear attention, SSM) |
+    hybrid (attention and a state in one layer: Falcon-H1) | none (the layer keeps nothing)."""
 
     kind: str
     count: int
@@ -78,7 +81,8 @@ class CacheGroup:
     # state layers: what one such decoder layer (mixer and feed-forward) needs, read off the model at bf16
     # (harness/inventory.py `_probe_state_layers`): bytes per token and per sequence — the no-grad
     # working set, and the bytes saved for backward with trainable / frozen weights; () = not probed
-    probe: tuple = ()  # (per token, per sequence, per layer) × (ws, saved, saved frozen): nine numbers
+    probe: tuple = ()  # (per token, per sequence, per layer) × (ws, saved, saved frozen), then the scan chunk
+    # (0: none) to whose multiple a chunked scan pads each sequence
     moe_count: int = 0  # of `count`, layers whose feed-forward is a mixture of experts
 
 
@@ -133,6 +137,7 @@ class ModelShape:
     # weight trainable and frozen (read off the model's norm module); () = the Llama rule
     inventory_source: str = ""  # "transformers X.Y" for shapes read off a built model, "" for hand-modelled ones
     attn_implementations: tuple = ()  # of sdpa / eager, what the model class runs; () = both
+    lora_defaults: tuple = ()  # general inventory: peft's default LoRA targets for the model type, if it has them
     stored_quant: str = ""  # the --dtype the checkpoint ships in when its config names a quantization (mxfp4, fp8)
     tensors: tuple = field(default=(), repr=False)  # parameter inventory
     buffers: tuple = field(default=(), repr=False)  # buffer inventory
@@ -540,7 +545,7 @@ def _state_probes(inv):
         line = []
         for key in ("working_set", "saved", "saved_frozen"):
             line += list(_line(v[key], sp["shapes"]))
-        out[int(layer)] = tuple(line)
+        out[int(layer)] = tuple(line) + (int(sp.get("chunk") or 0),)
     return out
 
 
@@ -555,7 +560,7 @@ def _cache_groups(inv, fields, n_layers, moe_layers=frozenset()):
     moe = {}
     layer_probe = {}
     for row in probe:
-        kv = row.get("k_per_token", 0) + row.get("v_per_token", 0)
+        kv = row.get("k_per_token", 0) + row.get("v_per_token", 0) + row.get("other_per_token", 0)
         window = row.get("window", 0) if row.get("cache_class", "").find("Sliding") >= 0 else 0
         state = state32 = 0
         for st in row.get("states", ()):
@@ -566,7 +571,9 @@ def _cache_groups(inv, fields, n_layers, moe_layers=frozenset()):
                 state32 += n
             else:
                 state += n
-        if kv and window:
+        if kv and (state or state32):
+            kind = "hybrid"
+        elif kv and window:
             kind = "sliding"
         elif kv:
             kind = "full"
@@ -590,6 +597,10 @@ def shape_from_inventory(inv, name="config", config_dtype="bf16"):
     Weights, quantization and LoRA targeting read the tensors as they are for any family; the KV
     cache reads the cache groups; activations use the Llama-style per-layer rule on the attention
     and MLP sizes (formulas/activations.py says where that is an approximation)."""
+    if not isinstance(inv, dict) or inv.get("schema") != INVENTORY_SCHEMA or not isinstance(inv.get("fields"), dict) \
+            or not isinstance(inv.get("tensors"), list) or not isinstance(inv.get("buffers"), list):
+        raise UnsupportedModelError(f"{name}: its inventory is not one this vramlab reads (schema "
+                                    f"{inv.get('schema') if isinstance(inv, dict) else '?'}, expected {INVENTORY_SCHEMA})")
     f = inv["fields"]
     tensors = tuple(Tensor(r["name"], r["kind"], tuple(r["shape"]), r["count"], r.get("module", ""), r.get("dtype", ""))
                     for r in inv["tensors"])
@@ -613,8 +624,10 @@ def shape_from_inventory(inv, name="config", config_dtype="bf16"):
                  and t.module in ("up_proj", "w3", "fc1")) if E else 0
     moe_layers = frozenset(i for t in inv["tensors"] if t["kind"] == "experts" for i in t.get("layers", ()))
     groups = _cache_groups(inv, f, L, moe_layers)
-    n_state = sum(g.count for g in groups if g.kind == "state")
-    n_state_moe = sum(g.moe_count for g in groups if g.kind == "state")
+    # layers whose activations the per-op rule does not cover: states (alone or beside attention), and
+    # layers without a cache when probed (Nemotron-H's MLP-only blocks)
+    n_state = sum(g.count for g in groups if g.kind in ("state", "hybrid") or (g.kind == "none" and g.probe))
+    n_state_moe = sum(g.moe_count for g in groups if g.kind in ("state", "hybrid") or (g.kind == "none" and g.probe))
     heads = int(f.get("n_heads") or 0)
     hd = int(f.get("head_dim") or 0)
     hidden_norms = sum(t.count for t in tensors if t.kind == "norm" and t.shape == (H,) and t.name.startswith("layers.")
@@ -641,4 +654,5 @@ def shape_from_inventory(inv, name="config", config_dtype="bf16"):
         norm_saved=norm_saved, qk_norm=qk_norm, eager_per_score=eager,
         inventory_source=f"transformers {inv.get('transformers', '?')}", tensors=tensors, buffers=buffers,
         attn_implementations=tuple(inv.get("attn_implementations") or ()),
+        lora_defaults=tuple(inv.get("lora_targets") or ()),
     )

@@ -29,9 +29,8 @@ import logging
 import os
 
 from formulas.catalog import inventory_cache_dir, inventory_file_name
-from formulas.shapes import FAMILIES, UnsupportedModelError
+from formulas.shapes import FAMILIES, INVENTORY_SCHEMA, UnsupportedModelError
 
-INVENTORY_SCHEMA = 1
 PROBE_TOKENS = 2  # prefill length of the cache probe (a sliding window keeps min(tokens, window - 1))
 _BUILD_DTYPE = "bfloat16"
 
@@ -193,6 +192,15 @@ def _probe_cache(model, config):
             row["k_per_token"] = keys.numel() // held
             row["v_per_token"] = values.numel() // values.shape[-2]
             row["kv_dtype"] = _dtype_name(keys.dtype)
+            # other float tensors the layer keeps per token (DeepSeek-V3.2's indexer keys, (batch, tokens, 128))
+            extra = 0
+            for name, t in vars(layer).items():
+                if name in ("keys", "values") or not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                    continue
+                if t.dim() >= 2 and t.numel() and held in tuple(t.shape)[1:]:
+                    extra += t.numel() // held
+            if extra:
+                row["other_per_token"] = extra
         states = []
         for attr in ("conv_states", "recurrent_states"):
             for t in (getattr(layer, attr, None) or {}).values():
@@ -252,6 +260,18 @@ def _live_counter():
     return Live()
 
 
+def _state_probe_shapes(config):
+    """PROBE_SHAPES, or at the model's scan chunk (Mamba-2's `chunk_size` / `mamba_chunk_size`) where it is
+    longer: a chunked scan pads every sequence to whole chunks, so shorter probes would all cost one chunk."""
+    text = config.get_text_config(decoder=True)
+    chunk = max((v for k, v in text.to_dict().items() if k in ("chunk_size", "mamba_chunk_size") and isinstance(v, int)),
+                default=0)
+    (_, tokens), _, _ = PROBE_SHAPES
+    if chunk > tokens:
+        return ((1, chunk), (1, 2 * chunk), (2, chunk)), chunk
+    return PROBE_SHAPES, chunk
+
+
 def _probe_state_layers(model, config, layer_indices, state_bytes, shapes=None, submodule=None):
     """Per probed decoder layer and PROBE_SHAPES (batch, tokens), at bf16:
     `working_set` — the most bytes alive above those at the layer's start during a no-grad prefill, less
@@ -263,27 +283,22 @@ def _probe_state_layers(model, config, layer_indices, state_bytes, shapes=None, 
     targets = {i: (submodule(layers[i]) if submodule else layers[i]) for i in layer_indices}
     result = {i: {"working_set": [], "saved": [], "saved_frozen": []} for i in layer_indices}
     last = max(layer_indices)
-    # the layers before the first probed one pass their input on unchanged (nothing of theirs is measured)
-    skipped = {j: layers[j] for j in range(min(layer_indices))}
-    for j in skipped:
-        layers[j] = _PassThrough()
+    # the layers before the first probed one pass their input on unchanged (nothing of theirs is measured);
+    # their forward is replaced on the instance, so attributes the model's loop reads (block_type …) stay
+    skipped = [layers[j] for j in range(min(layer_indices))]
+    for layer in skipped:
+        layer.forward = _pass_through
     try:
         _run_probes(model, config, layers, targets, result, last, state_bytes, shapes)
     finally:
-        for j, layer in skipped.items():
-            layers[j] = layer
+        for layer in skipped:
+            del layer.forward
     return result
 
 
-def _PassThrough():
-    """A decoder layer that returns its hidden states (built lazily: torch is imported only when probing)."""
-    import torch
-
-    class PassThrough(torch.nn.Module):
-        def forward(self, hidden_states, *args, **kwargs):
-            return hidden_states
-
-    return PassThrough()
+def _pass_through(hidden_states, *args, **kwargs):
+    """A decoder layer's forward that returns its input."""
+    return hidden_states
 
 
 def _run_probes(model, config, layers, targets, result, last, state_bytes, shapes):
@@ -425,7 +440,8 @@ def _config_fields(config):
     layer_types = getattr(text, "layer_types", None)
     return {
         "hidden": hidden, "n_layers": get("num_hidden_layers", "n_layer"), "n_heads": heads,
-        "n_kv_heads": get("num_key_value_heads") or heads, "head_dim": head_dim,
+        "n_kv_heads": get("num_key_value_heads", "num_kv_heads") or (1 if getattr(text, "multi_query", False) else heads),
+        "head_dim": head_dim,
         "intermediate": get("intermediate_size", "ffn_dim", "n_inner"), "vocab": get("vocab_size"),
         "max_positions": get("max_position_embeddings", "n_positions") or 0,
         "experts_per_token": get("num_experts_per_tok", "experts_per_token", "moe_topk", "top_k"),
@@ -434,6 +450,16 @@ def _config_fields(config):
         "attn_dropout": get("attention_dropout"), "final_logit_softcapping": get("final_logit_softcapping"),
         "attn_logit_softcapping": get("attn_logit_softcapping"),
     }
+
+
+def _peft_default_targets(model_type):
+    """peft's default LoRA target modules for the model type (None without peft or without an entry)."""
+    try:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as targets
+    except Exception:  # noqa: BLE001 — peft is optional here
+        return None
+    found = targets.get(model_type)
+    return list(found) if found else None
 
 
 def build_inventory(cfg, name="config"):
@@ -448,7 +474,7 @@ def build_inventory(cfg, name="config"):
     check_causal_lm(cfg, name)
     try:
         config = transformers_config(cfg)
-    except (TypeError, ValueError, KeyError) as e:
+    except Exception as e:  # noqa: BLE001 — transformers' config validation raises several kinds
         raise UnsupportedModelError(f"{name}: transformers {transformers.__version__} cannot read this "
                                     f"{cfg.get('model_type')!r} config: {e}") from None
     config.use_cache = True
@@ -489,8 +515,11 @@ def build_inventory(cfg, name="config"):
             # one layer of each kind with a fixed state: the first of each decoder-layer class
             first = {}
             for row in cache_layers:
-                if row.get("states") and "k_per_token" not in row:
-                    first.setdefault(type(_layers_module(model)[1][row["layer"]]).__name__, row["layer"])
+                # layers the per-op rule does not cover: a linear-attention / SSM state (alone or beside
+                # attention, as Falcon-H1's hybrid layers), or no cache at all (Nemotron-H's MLP-only blocks)
+                if row.get("states") or "k_per_token" not in row:
+                    kind = ("states" if row.get("states") else "none") + ("+kv" if "k_per_token" in row else "")
+                    first.setdefault((type(_layers_module(model)[1][row["layer"]]).__name__, kind), row["layer"])
             if first:
                 try:
                     sizes = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -503,8 +532,10 @@ def build_inventory(cfg, name="config"):
                                 k *= d
                             n += k
                         state_bytes[row["layer"]] = n
-                    probed = _probe_state_layers(model, model.config, sorted(first.values()), state_bytes)
-                    state_probe = {"shapes": [list(s) for s in PROBE_SHAPES], "dtype": "bf16",
+                    shapes, chunk = _state_probe_shapes(model.config)
+                    probed = _probe_state_layers(model, model.config, sorted(first.values()), state_bytes, shapes)
+                    state_probe = {"shapes": [list(s) for s in shapes], "dtype": "bf16",
+                                   "chunk": chunk,
                                    "layers": {str(i): v for i, v in probed.items()}}
                 except Exception as e:  # noqa: BLE001 — the prediction then says it has no rule for them
                     notes.append(f"state layers not probed ({type(e).__name__}: "
@@ -515,7 +546,8 @@ def build_inventory(cfg, name="config"):
         "config_sha256": config_hash(cfg), "transformers": transformers.__version__,
         "torch": torch.__version__.split("+")[0], "architecture": type(model).__name__,
         "build_dtype": "bf16", "tie_embeddings": tied,
-        "attn_implementations": ["sdpa", "eager"] if getattr(model, "_supports_sdpa", True) else ["eager"], "n_params": sum(p.numel() for p in model.parameters()),
+        "attn_implementations": ["sdpa", "eager"] if getattr(model, "_supports_sdpa", True) else ["eager"],
+        "lora_targets": _peft_default_targets(cfg.get("model_type")), "n_params": sum(p.numel() for p in model.parameters()),
         "fields": fields, "tensors": tensors, "buffers": buffers, "cache_layers": cache_layers,
         "state_probe": state_probe, "norm_probe": norm_probe, "eager_probe": eager_probe, "notes": notes,
     }
@@ -538,12 +570,16 @@ def ensure_inventory(cfg, name="config", rebuild=False, folder=None):
     if os.path.isfile(path) and not rebuild:
         return path
     inv = build_inventory(cfg, name)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(inv, f, indent=1, allow_nan=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(inv, f, indent=1, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UnsupportedModelError(f"{name}: cannot write its inventory to {os.path.dirname(path)} ({e.strerror or e}); "
+                                    "set VRAMLAB_CACHE to a writable folder") from None
     return path
 
 
@@ -575,7 +611,7 @@ def ensure_for_model(model_name, rebuild=False):
     t0 = time.perf_counter()
     print(f"vramlab: model_type {cfg.get('model_type')!r} is not hand-modelled: reading its inventory off the model "
           "transformers builds (once; cached)…", file=sys.stderr, flush=True)
-    path = ensure_inventory(cfg, resolve_config_path(model_name), rebuild=rebuild)
+    path = ensure_inventory(cfg, resolve_config_path(model_name), rebuild=True)
     print(f"vramlab: inventory built in {time.perf_counter() - t0:.1f} s: {path}", file=sys.stderr, flush=True)
     get_shape.cache_clear()
     return path

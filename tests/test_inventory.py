@@ -247,3 +247,65 @@ def test_mxfp4_counts_the_experts_as_transformers_stores_them():
     assert mx.quant_state_bytes == experts // 32
     p = predict(Spec(model="openai/gpt-oss-20b", attn="auto"))
     assert any("stored as mxfp4" in n for n in p.notes)
+
+
+def _small_config(tmp_path, model_type, **kw):
+    cfg = transformers.AutoConfig.for_model(model_type, **kw).to_dict()
+    cfg["model_type"] = model_type
+    path = tmp_path / f"{model_type}.json"
+    path.write_text(json.dumps(cfg))
+    return str(path), cfg
+
+
+def test_the_grid_runs_generic_models_with_eager_attention():
+    """Vectorised predictions of a generic model (eager per-score terms are floats) equal predict()'s."""
+    from formulas.grid import expand_grid, predict_grid
+
+    df = predict_grid(expand_grid(base=dict(mode="train", attn="eager", precision="pure"), model=["openai/gpt-oss-20b"],
+                                  seq=[512, 4096], batch=[1, 4]))
+    for _, row in df.iterrows():
+        one = predict(Spec(model="openai/gpt-oss-20b", mode="train", attn="eager", precision="pure",
+                           seq=int(row["seq"]), batch=int(row["batch"])))
+        assert row["peak_allocated_bytes"] == one.peak_allocated_bytes
+
+
+def test_a_damaged_inventory_is_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setenv("VRAMLAB_CACHE", str(tmp_path / "cache"))
+    path, cfg = _small_config(tmp_path, "olmo2", num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                              num_attention_heads=2, vocab_size=256)
+    built = ensure_for_model(path)
+    with open(built, "w") as f:
+        f.write('{"schema": 1, "fields": ')  # cut short
+    get_shape.cache_clear()
+    with pytest.raises(UnsupportedModelError, match="cannot be read"):
+        get_shape(path)
+    assert ensure_for_model(path) == built
+    assert get_shape(path).n_params > 0
+
+
+def test_an_unwritable_cache_is_one_line(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("VRAMLAB_CACHE", str(blocker))
+    path, _ = _small_config(tmp_path, "olmo2", num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                            num_attention_heads=2, vocab_size=256)
+    get_shape.cache_clear()
+    with pytest.raises(UnsupportedModelError, match="cannot write its inventory .* set VRAMLAB_CACHE"):
+        ensure_for_model(path)
+
+
+def test_lora_defaults_follow_peft_for_generic_models(tmp_path):
+    pytest.importorskip("peft")
+    path, _ = _small_config(tmp_path, "falcon", num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                            vocab_size=256)
+    ensure_for_model(path)
+    p = predict(Spec(model=path, mode="train", method="lora", attn="auto"))
+    assert any("query_key_value" in n for n in p.notes), p.notes
+
+
+def test_a_mamba_model_traces_and_its_state_is_the_cache(tmp_path):
+    """A cache of SSM layers only holds no tokens; the workload does not ask it for a length."""
+    path, _ = _small_config(tmp_path, "mamba", num_hidden_layers=2, hidden_size=64, vocab_size=256, state_size=8)
+    ensure_for_model(path)
+    r = _trace(path, batch=1, seq=32, gen=2)
+    assert r.peak_allocated_bytes > 0 and max(c.get("kv_cache", 0) for _, _, _, c in r.timeline) > 0

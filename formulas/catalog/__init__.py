@@ -153,9 +153,13 @@ def _inventory_shape(cfg, label):
         raise UnsupportedModelError(
             f"{label}: model_type {mt!r} (architectures: {arch}) is not hand-modelled and has no inventory yet; "
             "vramlab builds one from transformers on first use (needs torch and transformers installed)")
-    with open(path, encoding="utf-8") as f:
-        inv = json.load(f)
-    return shape_from_inventory(inv, label, _config_dtype(cfg))
+    try:
+        with open(path, encoding="utf-8") as f:
+            inv = json.load(f)
+        return shape_from_inventory(inv, label, _config_dtype(cfg))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # a damaged or older file
+        raise UnsupportedModelError(f"{label}: the inventory {path} cannot be read ({str(e).splitlines()[0][:120]}); "
+                                    "vramlab builds it again when torch and transformers are installed, or delete it") from None
 
 
 @lru_cache(maxsize=256)
