@@ -97,7 +97,10 @@ def _sdpa_saved(ctx, n_q, n_kv, qk_dim, v_dim, seq, q_is_fresh=False, shape=None
             probs = n_q * seq * shape.eager_per_score[1 if ctx.linears_trainable else 2]  # seq may be an array
         return n_q * qk_dim * b + n_q * qk_dim * b + n_q * v_dim * b + probs + contiguous
     # Memory-efficient / flash kernels save q, k, v (native GQA, no repeat), out and fp32 logsumexp.
-    return n_q * qk_dim * b + n_kv * qk_dim * b + n_kv * v_dim * b + out + 4 * n_q + contiguous
+    scores = 0
+    if shape is not None and shape.sdpa_per_score and b == 2:  # SDPA left with the math kernel (read off the model)
+        scores = n_q * seq * shape.sdpa_per_score[1 if ctx.linears_trainable else 2]
+    return n_q * qk_dim * b + n_kv * qk_dim * b + n_kv * v_dim * b + out + 4 * n_q + contiguous + scores
 
 
 def _gated_mlp_saved(ctx, H, inter):
@@ -392,6 +395,8 @@ def prefill_working_set_per_token(shape, b, attn, seq, fp16=False):
         if shape.eager_per_score and b == 2:  # what this model's eager code holds per score (read off it)
             per_score = shape.eager_per_score[0]
         attn_ws = attn_ws + nH * seq * per_score + seq * b
+    elif shape.sdpa_per_score and b == 2:  # SDPA left with the math kernel: its score matrices
+        attn_ws = attn_ws + nH * seq * shape.sdpa_per_score[0]
     return vmax(vmax(norm, mlp), attn_ws)
 
 

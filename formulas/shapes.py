@@ -133,6 +133,7 @@ class ModelShape:
     norms_per_layer: int = 2  # hidden-size norms per decoder layer (Gemma 2/3: four)
     eager_per_score: tuple = ()  # general inventory: bytes per attention score under eager attention at bf16 —
     # no-grad working set, saved with trainable / frozen weights (read off the model); () = the rule
+    sdpa_per_score: tuple = ()  # the same under SDPA where only the math kernel runs (a mask, unequal heads); () = none
     norm_saved: tuple = ()  # general inventory: bytes a hidden-size norm saves per element at bf16, with its
     # weight trainable and frozen (read off the model's norm module); () = the Llama rule
     inventory_source: str = ""  # "transformers X.Y" for shapes read off a built model, "" for hand-modelled ones
@@ -640,6 +641,9 @@ def shape_from_inventory(inv, name="config", config_dtype="bf16"):
         norm_saved = (norm_probe["saved"] / elems, norm_probe["saved_frozen"] / elems)
     ep = inv.get("eager_probe")
     eager = (ep["working_set"], ep["saved"], ep["saved_frozen"]) if ep else ()
+    sp = inv.get("sdpa_probe")
+    # below a byte per score is the fit's noise: flash and memory-efficient kernels hold no score matrix
+    sdpa = (sp["working_set"], sp["saved"], sp["saved_frozen"]) if sp and max(sp["working_set"], sp["saved"]) >= 1 else ()
     window = max((g.window for g in groups if g.kind == "sliding"), default=0)
     return ModelShape(
         name=name, model_type=inv["model_type"], family="generic", hidden=H, n_layers=L, n_heads=heads,
@@ -651,7 +655,7 @@ def shape_from_inventory(inv, name="config", config_dtype="bf16"):
         moe_intermediate=moe_I, shared_intermediate=shared, n_moe_layers=n_moe,
         attn_dropout=float(f.get("attn_dropout") or 0.0), cache_groups=groups, n_state_layers=n_state,
         n_state_moe_layers=n_state_moe, norms_per_layer=max(1, round(hidden_norms / L)) if hidden_norms else 2,
-        norm_saved=norm_saved, qk_norm=qk_norm, eager_per_score=eager,
+        norm_saved=norm_saved, qk_norm=qk_norm, eager_per_score=eager, sdpa_per_score=sdpa,
         inventory_source=f"transformers {inv.get('transformers', '?')}", tensors=tensors, buffers=buffers,
         attn_implementations=tuple(inv.get("attn_implementations") or ()),
         lora_defaults=tuple(inv.get("lora_targets") or ()),

@@ -365,11 +365,13 @@ def _attention_module(layer):
     raise ValueError(f"{type(layer).__name__}: no attention block among {[n for n, _ in layer.named_children()]}")
 
 
-def _probe_eager(model, config, cache_layers, heads, max_positions=0):
+def _probe_eager(model, config, cache_layers, heads, max_positions=0, impl="eager"):
     """Bytes per attention score (per head, query and key) that the first full-attention layer needs under
-    eager attention at bf16 — no-grad working set, and saved for backward with trainable / frozen weights:
-    the square term of a quadratic through three lengths. Sinks (gpt-oss), soft-capping (Gemma 2) and a
-    softmax kept in bf16 change it, so it is read off the model rather than assumed."""
+    `impl` attention at bf16 — no-grad working set, and saved for backward with trainable / frozen weights:
+    the square term of a quadratic through three lengths. Eager: sinks (gpt-oss), soft-capping (Gemma 2)
+    and a softmax kept in bf16 change it, so it is read off the model rather than assumed. SDPA: 0 where
+    CUDA would run flash or memory-efficient attention (the tracer's kernel choice runs here too), the
+    score matrix where a mask or unequal heads leave only the math kernel (Falcon's multi-query)."""
     layer = next((r["layer"] for r in cache_layers if "k_per_token" in r and "window" not in r), None)
     if layer is None or not heads:
         return None
@@ -377,12 +379,12 @@ def _probe_eager(model, config, cache_layers, heads, max_positions=0):
     if max_positions and max_positions < shapes[-1][1]:  # within the positions the model has (learned, ALiBi)
         shapes = tuple((1, max_positions // d) for d in (4, 2, 1))
     before = model.config._attn_implementation
-    if before != "eager":
-        model.set_attn_implementation("eager")
+    if before != impl:
+        model.set_attn_implementation(impl)
     try:
         probed = _probe_state_layers(model, config, [layer], {}, shapes, _attention_module)[layer]
     finally:
-        if before != "eager":
+        if before != impl:
             model.set_attn_implementation(before)
     (_, s1), (_, s2), (_, s3) = shapes
     out = {"layer": layer}
@@ -503,13 +505,19 @@ def build_inventory(cfg, name="config"):
         except Exception as e:  # noqa: BLE001 — the Llama-style norm rule stands in
             norm_probe = None
             notes.append(f"norm not probed ({type(e).__name__})")
-        eager_probe = None
+        eager_probe = sdpa_probe = None
         if cache_layers:
             try:
                 f = _config_fields(model.config)
                 eager_probe = _probe_eager(model, model.config, cache_layers, f["n_heads"], f["max_positions"])
             except Exception as e:  # noqa: BLE001 — the eager rule stands in
                 notes.append(f"eager attention not probed ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
+            if getattr(model, "_supports_sdpa", True):
+                try:
+                    sdpa_probe = _probe_eager(model, model.config, cache_layers, f["n_heads"], f["max_positions"], "sdpa")
+                except Exception as e:  # noqa: BLE001 — the rule's linear SDPA stands in
+                    notes.append(f"sdpa attention not probed ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:120] if str(e) else ''})")
         state_probe = None
         if cache_layers:
             # one layer of each kind with a fixed state: the first of each decoder-layer class
@@ -549,7 +557,8 @@ def build_inventory(cfg, name="config"):
         "attn_implementations": ["sdpa", "eager"] if getattr(model, "_supports_sdpa", True) else ["eager"],
         "lora_targets": _peft_default_targets(cfg.get("model_type")), "n_params": sum(p.numel() for p in model.parameters()),
         "fields": fields, "tensors": tensors, "buffers": buffers, "cache_layers": cache_layers,
-        "state_probe": state_probe, "norm_probe": norm_probe, "eager_probe": eager_probe, "notes": notes,
+        "state_probe": state_probe, "norm_probe": norm_probe, "eager_probe": eager_probe,
+        "sdpa_probe": sdpa_probe, "notes": notes,
     }
 
 
