@@ -105,6 +105,9 @@ def validate(spec, shape):
     _choice("precision", spec.precision, PRECISIONS)
     _choice("attn", spec.attn, ("auto",) + ATTNS)
     supported = getattr(shape, "attn_implementations", ()) or ATTNS
+    groups = getattr(shape, "cache_groups", ())
+    if groups and not any(g.kind in ("full", "sliding", "hybrid") for g in groups):
+        spec = spec.replace(attn=supported[0])  # no attention layers (Mamba): the choice changes nothing
     if spec.attn == "auto":  # sdpa where the model runs it (transformers' own default), else eager
         spec = spec.replace(attn="sdpa" if "sdpa" in supported else "eager")
     elif spec.attn not in supported:
