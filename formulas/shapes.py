@@ -79,7 +79,7 @@ class CacheGroup:
     state_elems: int = 0  # conv + recurrent state elements per sequence per layer, in the compute dtype
     state_fp32_elems: int = 0  # state elements transformers keeps in fp32 whatever the compute dtype
     # state layers: what one such decoder layer (mixer and feed-forward) needs, read off the model at bf16
-    # (harness/inventory.py `_probe_state_layers`): bytes per token and per sequence — the no-grad
+    # (harness/inventory.py `_probe_layers`): bytes per token and per sequence — the no-grad
     # working set, and the bytes saved for backward with trainable / frozen weights; () = not probed
     probe: tuple = ()  # (per token, per sequence, per layer) × (ws, saved, saved frozen), then the scan chunk
     # (0: none) to whose multiple a chunked scan pads each sequence

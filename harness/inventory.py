@@ -23,21 +23,22 @@ encoder-only or encoder-decoder config ("not a causal LM").
 """
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
 
-from formulas.catalog import inventory_cache_dir, inventory_file_name
+from formulas.catalog import config_sha256, inventory_cache_dir, inventory_file_name
+from formulas.dtypes import DTYPE_BYTES
 from formulas.shapes import FAMILIES, INVENTORY_SCHEMA, UnsupportedModelError
 
 PROBE_TOKENS = 2  # prefill length of the cache probe (a sliding window keeps min(tokens, window - 1))
 _BUILD_DTYPE = "bfloat16"
 
 
-def config_hash(cfg):
-    """sha256 of the config.json dict, keys sorted (what an inventory is keyed by)."""
-    return hashlib.sha256(json.dumps(cfg, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+def _why(e, limit=160):
+    """'Type: first line of the message' (cut to `limit` characters) — a failure said in one line."""
+    first = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {first[:limit] if limit else first}"
 
 
 def _dtype_name(dtype):
@@ -272,7 +273,7 @@ def _state_probe_shapes(config):
     return PROBE_SHAPES, chunk
 
 
-def _probe_state_layers(model, config, layer_indices, state_bytes, shapes=None, submodule=None):
+def _probe_layers(model, config, layer_indices, state_bytes, shapes=None, submodule=None):
     """Per probed decoder layer and PROBE_SHAPES (batch, tokens), at bf16:
     `working_set` — the most bytes alive above those at the layer's start during a no-grad prefill, less
     the cache state the layer allocates; `saved` / `saved_frozen` — the bytes a training forward leaves
@@ -382,7 +383,7 @@ def _probe_eager(model, config, cache_layers, heads, max_positions=0, impl="eage
     if before != impl:
         model.set_attn_implementation(impl)
     try:
-        probed = _probe_state_layers(model, config, [layer], {}, shapes, _attention_module)[layer]
+        probed = _probe_layers(model, config, [layer], {}, shapes, _attention_module)[layer]
     finally:
         if before != impl:
             model.set_attn_implementation(before)
@@ -490,34 +491,34 @@ def build_inventory(cfg, name="config"):
             model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, _BUILD_DTYPE))
         except Exception as e:  # noqa: BLE001 — any build failure is the model's, said in one line
             raise UnsupportedModelError(f"{name}: transformers {transformers.__version__} cannot build model_type "
-                                        f"{cfg.get('model_type')!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+                                        f"{cfg.get('model_type')!r}: {_why(e, None)}") from None
         model.eval()
+        fields = _config_fields(model.config)
         tensors, buffers, tied = _tensor_rows(model)
         model.requires_grad_(False)
         try:
             cache_layers = _probe_cache(model, model.config)
         except Exception as e:  # noqa: BLE001 — the weights stand; the cache falls back to the config
             cache_layers = None
-            notes.append(f"cache not probed ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); "
+            notes.append(f"cache not probed ({_why(e)}); "
                          "KV cache taken as full attention in every layer")
         try:
-            norm_probe = _probe_norm(model, _config_fields(model.config)["hidden"])
+            norm_probe = _probe_norm(model, fields["hidden"])
         except Exception as e:  # noqa: BLE001 — the Llama-style norm rule stands in
             norm_probe = None
             notes.append(f"norm not probed ({type(e).__name__})")
         eager_probe = sdpa_probe = None
         if cache_layers:
             try:
-                f = _config_fields(model.config)
-                eager_probe = _probe_eager(model, model.config, cache_layers, f["n_heads"], f["max_positions"])
+                eager_probe = _probe_eager(model, model.config, cache_layers, fields["n_heads"], fields["max_positions"])
             except Exception as e:  # noqa: BLE001 — the eager rule stands in
-                notes.append(f"eager attention not probed ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
+                notes.append(f"eager attention not probed ({_why(e, 120)})")
             if getattr(model, "_supports_sdpa", True):
                 try:
-                    sdpa_probe = _probe_eager(model, model.config, cache_layers, f["n_heads"], f["max_positions"], "sdpa")
+                    sdpa_probe = _probe_eager(model, model.config, cache_layers, fields["n_heads"], fields["max_positions"],
+                                              "sdpa")
                 except Exception as e:  # noqa: BLE001 — the rule's linear SDPA stands in
-                    notes.append(f"sdpa attention not probed ({type(e).__name__}: "
-                                 f"{str(e).splitlines()[0][:120] if str(e) else ''})")
+                    notes.append(f"sdpa attention not probed ({_why(e, 120)})")
         state_probe = None
         if cache_layers:
             # one layer of each kind with a fixed state: the first of each decoder-layer class
@@ -530,28 +531,25 @@ def build_inventory(cfg, name="config"):
                     first.setdefault((type(_layers_module(model)[1][row["layer"]]).__name__, kind), row["layer"])
             if first:
                 try:
-                    sizes = {"fp32": 4, "bf16": 2, "fp16": 2}
                     state_bytes = {}
                     for row in cache_layers:
                         n = 0
                         for st in row.get("states", ()):
-                            k = sizes.get(st["dtype"], 2)
+                            k = DTYPE_BYTES.get(st["dtype"], 2)
                             for d in st["shape"]:
                                 k *= d
                             n += k
                         state_bytes[row["layer"]] = n
                     shapes, chunk = _state_probe_shapes(model.config)
-                    probed = _probe_state_layers(model, model.config, sorted(first.values()), state_bytes, shapes)
+                    probed = _probe_layers(model, model.config, sorted(first.values()), state_bytes, shapes)
                     state_probe = {"shapes": [list(s) for s in shapes], "dtype": "bf16",
                                    "chunk": chunk,
                                    "layers": {str(i): v for i, v in probed.items()}}
                 except Exception as e:  # noqa: BLE001 — the prediction then says it has no rule for them
-                    notes.append(f"state layers not probed ({type(e).__name__}: "
-                                 f"{str(e).splitlines()[0][:160] if str(e) else ''})")
-    fields = _config_fields(model.config)
+                    notes.append(f"state layers not probed ({_why(e)})")
     return {
         "schema": INVENTORY_SCHEMA, "model_type": cfg.get("model_type"), "name": name,
-        "config_sha256": config_hash(cfg), "transformers": transformers.__version__,
+        "config_sha256": config_sha256(cfg), "transformers": transformers.__version__,
         "torch": torch.__version__.split("+")[0], "architecture": type(model).__name__,
         "build_dtype": "bf16", "tie_embeddings": tied,
         "attn_implementations": ["sdpa", "eager"] if getattr(model, "_supports_sdpa", True) else ["eager"],
@@ -567,7 +565,7 @@ def inventory_path(cfg, folder=None, version=None):
     import importlib.metadata
 
     version = version or importlib.metadata.version("transformers")
-    return os.path.join(folder or inventory_cache_dir(), inventory_file_name(cfg, config_hash(cfg), version))
+    return os.path.join(folder or inventory_cache_dir(), inventory_file_name(cfg, config_sha256(cfg), version))
 
 
 def ensure_inventory(cfg, name="config", rebuild=False, folder=None):
@@ -592,19 +590,18 @@ def ensure_inventory(cfg, name="config", rebuild=False, folder=None):
     return path
 
 
-def ensure_for_model(model_name, rebuild=False):
+def ensure_for_model(model_name):
     """`ensure_inventory` for a --model value (catalog name, path or Hub folder); None for hand-modelled types."""
     from formulas.catalog import get_shape, load_config, resolve_config_path
 
     cfg = load_config(model_name)
     if cfg.get("model_type") in FAMILIES:
         return None
-    if not rebuild:
-        try:
-            get_shape(model_name)  # a shipped or cached inventory already answers
-            return None
-        except UnsupportedModelError:
-            pass
+    try:
+        get_shape(model_name)  # a shipped or cached inventory already answers
+        return None
+    except UnsupportedModelError:
+        pass  # none, or a damaged or older one: built (again) below
     try:
         import torch  # noqa: F401
         import transformers  # noqa: F401

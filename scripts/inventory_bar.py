@@ -74,7 +74,7 @@ def check(model_type, folder):
     get_shape.cache_clear()
     pred = predict(Spec(model=path, dtype="bf16", seq=1, attn="auto"))
     load = pred.phases["load"]
-    return pred.breakdown["weights"] if pred.peak_phase == "load" else load["weights"], load["buffers"], meta_bytes(cfg)
+    return load["weights"], load["buffers"], meta_bytes(cfg)
 
 
 def main(argv):

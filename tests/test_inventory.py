@@ -15,10 +15,11 @@ from formulas.shapes import FAMILIES, UnsupportedModelError, shape_from_config, 
 from formulas.spec import Spec, SpecError
 from formulas.weights import weight_storage
 
-pytest.importorskip("torch")
+torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from harness.inventory import build_inventory, ensure_for_model  # noqa: E402
+from harness.workload.models import transformers_config  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
@@ -179,22 +180,9 @@ def test_shipped_catalog_inventories_match_the_configs():
         path = find_inventory(cfg)
         assert path and path.startswith(INVENTORY_DIR), fn
         shipped = json.load(open(path))
-        name = fn[:-5]
-        with transformers_meta():
-            fresh = transformers.AutoModelForCausalLM.from_config(_config(cfg)).num_parameters()
-        assert shipped["n_params"] == fresh, name
-
-
-def transformers_meta():
-    import torch
-
-    return torch.device("meta")
-
-
-def _config(cfg):
-    from harness.workload.models import transformers_config
-
-    return transformers_config(cfg)
+        with torch.device("meta"):
+            fresh = transformers.AutoModelForCausalLM.from_config(transformers_config(cfg)).num_parameters()
+        assert shipped["n_params"] == fresh, fn
 
 
 def test_cached_prediction_stays_fast_without_torch():

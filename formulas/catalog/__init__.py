@@ -103,16 +103,21 @@ def _version_key(v):
     return tuple(int(p) if p.isdigit() else 0 for p in v.replace("-", ".").split(".")[:3])
 
 
+def config_sha256(cfg):
+    """sha256 of a config.json dict, keys sorted: what an inventory is keyed by."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def find_inventory(cfg):
     """Path of the inventory of a config.json dict (user cache first, then the shipped ones), or None.
 
     Of several, the one built by the installed transformers (read from package metadata, no import),
     else the one built by the newest transformers."""
-    import hashlib
     import importlib.metadata
 
-    sha = hashlib.sha256(json.dumps(cfg, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-    prefix = inventory_file_name(cfg, sha, "")[: -len(".json")]
+    prefix = inventory_file_name(cfg, config_sha256(cfg), "")[: -len(".json")]
     try:
         installed = importlib.metadata.version("transformers")
     except importlib.metadata.PackageNotFoundError:
