@@ -42,8 +42,8 @@ from .kv_cache import cache_summary, kv_cache_bytes
 from .lora import default_targets, lora_params, lora_tensors, resolve_targets
 from .overhead import DEFAULT_OVERHEADS
 from .spec import Spec, SpecError, validate
-from .training import gradient_bytes, optimizer_memory
-from .weights import _TOKEN_EMBEDDINGS, weight_storage
+from .training import gradient_bytes, optimizer_memory, zero1_partition
+from .weights import _TOKEN_EMBEDDINGS, _is_layer, weight_storage
 
 
 @dataclass
@@ -100,6 +100,9 @@ class _Static:
     ctx: object  # ActContext (training) or None
     ctx_head: object  # the ActContext of the final norm and lm_head (frozen under freeze)
     saved_layers_trainable: int  # layers whose activations are saved (freeze: the trainable ones)
+    tp_lin_frac: float = 0.0  # share of the layers' weight bytes in linear layers and experts (what tensor parallelism splits)
+    opt_steps: int = 0  # bytes of the optimizer's per-tensor `step` counters on the device (in opt_state)
+    zero1_state: int = 0  # ZeRO-1: optimizer state of the rank holding the most (greedy partition), steps included
 
 
 def _trainable_copies(t, shape, k):
@@ -137,7 +140,15 @@ def checkpoint_applies(spec, checkpoint):
 
 def _recast(spec):
     """Whether loading recasts stored weights: fp32 parameters under amp full training, or kbit prep."""
-    return (spec.mode == "train" and spec.precision == "amp" and spec.method == "full") or kbit_prepared(spec)
+    fp32_params = spec.precision == "amp" or fsdp_master_precision(spec)
+    return (spec.mode == "train" and fp32_params and spec.method == "full") or kbit_prepared(spec)
+
+
+def fsdp_master_precision(spec):
+    """Whether `--precision master` runs as FSDP2 does it (ZeRO-2/3 over several GPUs): fp32 parameter shards
+    that are the master copy, gathered in the compute dtype, gradients reduce-scattered in fp32."""
+    return (spec.mode == "train" and spec.precision == "master" and spec.zero >= 2
+            and spec.gpus // (spec.tp * spec.pp) > 1)
 
 
 def _static(spec, checkpoint=None):
@@ -146,9 +157,11 @@ def _static(spec, checkpoint=None):
     kvb = DTYPE_BYTES[spec.kv_dtype]
     train = spec.mode == "train"
     amp = train and spec.precision == "amp"
+    # FSDP2's mixed precision: the fp32 parameters are the master copy, sharded; gathered in the compute dtype
+    fsdp_master = fsdp_master_precision(spec)
     kbit = kbit_prepared(spec)
     stored = spec.dtype
-    if amp and spec.method == "full":
+    if (amp or fsdp_master) and spec.method == "full":
         stored = "fp32"  # autocast trains fp32 parameters
     # kbit prep casts every unquantized fp16/bf16 weight (embeddings, norms, lm_head, biases) to fp32
     st = weight_storage(shape, stored, "fp32" if kbit else spec.compute_dtype, spec.double_quant, spec.group_size)
@@ -168,12 +181,14 @@ def _static(spec, checkpoint=None):
     elif spec.dtype == "int8":
         quant_temp_tok = shape.intermediate * 4 + shape.hidden  # int32 matmul output + int8 input copy
 
-    n_tr = grads = state = master = opt_temp = copies = copies_head = copies_layer = lm_grad = 0
+    n_tr = grads = state = master = opt_temp = copies = copies_head = copies_layer = lm_grad = opt_steps = zero1_state = 0
+    lin = sum(t.total_numel for t in shape.tensors if t.kind in ("linear", "experts") and _is_layer(t))
+    tp_lin_frac = lin / sum(t.total_numel for t in shape.tensors if _is_layer(t)) if lin else 0.0
     paged = False
     ctx = ctx_head = None
     saved_layers = shape.n_layers
     if train:
-        tb = 4 if amp else cb  # trainable parameter / gradient bytes
+        tb = 4 if (amp or fsdp_master) else cb  # trainable parameter / gradient bytes
         pinned = {t.name: DTYPE_BYTES[t.dtype] for t in shape.tensors if t.dtype}  # e.g. DeepSeek's fp32 router
         head = [t for t in shape.tensors if t.module == "lm_head"] or \
             [t for t in shape.tensors if t.kind == "embedding" and t.module in _TOKEN_EMBEDDINGS and shape.tie_embeddings]
@@ -220,8 +235,16 @@ def _static(spec, checkpoint=None):
                           lora={m: (i, o) for m, (i, o, _) in targets.items()},
                           lora_rank=spec.lora_rank, lora_x_bytes=tb, lora_input_copied=tb != act_bytes)
         grads = gradient_bytes(trainable, tb)
-        om = optimizer_memory(trainable, tb, spec.optimizer, spec.optimizer_impl, master=spec.precision == "master")
+        master_copy = spec.precision == "master" and not fsdp_master
+        om = optimizer_memory(trainable, tb, spec.optimizer, spec.optimizer_impl, master=master_copy)
         state, master, opt_temp, paged = om.state_bytes, om.master_bytes, om.step_temp_bytes, om.paged
+        opt_steps = om.step_counter_bytes
+        dp = spec.gpus // (spec.tp * spec.pp)
+        if spec.zero == 1 and dp > 1:
+            # torch's ZeroRedundancyOptimizer gives each rank whole parameters, largest first to the lightest rank
+            ranks = zero1_partition(trainable, tb, dp)
+            zero1_state = max(optimizer_memory(r, tb, spec.optimizer, spec.optimizer_impl,
+                                               master=master_copy).state_bytes for r in ranks)
         # The residual stream is fp32 under autocast when the embeddings are fp32 (full); a frozen
         # low-precision base keeps it in the compute dtype (freeze, LoRA).
         r = 4 if (amp and spec.method == "full") or kbit else cb
@@ -235,7 +258,8 @@ def _static(spec, checkpoint=None):
         buffers=st.buffer_bytes, quant_temp=quant_temp, quant_temp_per_token=quant_temp_tok,
         n_trainable=n_tr, grads=grads, opt_state=state, opt_paged=paged, master=master, opt_temp=opt_temp,
         autocast_copies=copies, autocast_head=copies_head, autocast_layer=copies_layer, lm_grad=lm_grad, ctx=ctx,
-        ctx_head=ctx_head, saved_layers_trainable=saved_layers,
+        ctx_head=ctx_head, saved_layers_trainable=saved_layers, tp_lin_frac=tp_lin_frac, opt_steps=opt_steps,
+        zero1_state=zero1_state,
     )
 
 
@@ -268,6 +292,8 @@ class _Slice:
     grad_div: int = 1  # ZeRO-2+: gradients
     weight_div: int = 1  # ZeRO-3: weights
     ddp_bucket: bool = False  # DDP keeps a bucketed copy of the gradients for all-reduce
+    zero1: bool = False  # optimizer state split by whole parameters (ZeroRedundancyOptimizer)
+    fsdp: int = 0  # FSDP2 (2: parameters stay gathered from forward to backward; 3: gathered per layer)
     label: str = "gpu"
 
 
@@ -280,8 +306,10 @@ def _slices(st):
     else:
         kv_div = min(tp, shape.n_kv_heads) if tp > 1 else 1
     z = s.zero
+    train = s.mode == "train"
     common = dict(tp=tp, kv_div=kv_div, state_div=dp if z >= 1 else 1, grad_div=dp if z >= 2 else 1,
-                  weight_div=dp if z >= 3 else 1, ddp_bucket=(dp > 1 and z == 0 and s.mode == "train"))
+                  weight_div=dp if z >= 2 else 1, ddp_bucket=(dp > 1 and z <= 1 and train),
+                  zero1=(dp > 1 and z == 1 and train), fsdp=z if (dp > 1 and z >= 2 and train) else 0)
     if s.layer_split and s.gpus > 1:
         g = s.gpus
         per = -(-shape.n_layers // g) / shape.n_layers
@@ -299,13 +327,24 @@ def _slices(st):
 
 # ------------------------------------------------------------------ phases
 
+def _head_tp(st, sl):
+    """What the lm_head is split by: transformers' plans shard an untied head column-wise ("colwise_gather_output");
+    a tied one is the replicated embedding."""
+    return 1 if st.shape.tie_embeddings else sl.tp
+
+
 def _held(st, sl, layers, embed, head, other):
-    """Bytes of stored model state one GPU holds, from its parts in the layers, embeddings, head and elsewhere."""
-    w = (layers * sl.layer_frac + embed * sl.embed + head * sl.head + other) / sl.tp
+    """Bytes of stored model state one GPU holds, from its parts in the layers, embeddings, head and elsewhere.
+
+    Tensor parallelism (transformers' plans) splits the layers' linear weights and an untied head;
+    embeddings and norms stay whole on every rank. ZeRO-3 / FSDP2 keeps 1/dp of everything at rest
+    (the gathered layers are transients of the forward and backward, `_fsdp_gathered`)."""
+    lin = layers * st.tp_lin_frac
+    w = (layers - lin + lin / sl.tp) * sl.layer_frac + embed * sl.embed + head * sl.head / _head_tp(st, sl) + other
     if st.spec.offload == "params":
-        w = 2 * layers / st.shape.n_layers / sl.tp  # streamed: the running layer and the next
+        w = 2 * (layers - lin + lin / sl.tp) / st.shape.n_layers  # streamed: the running layer and the next
     if sl.weight_div > 1:
-        w = w / sl.weight_div + 2 * layers / st.shape.n_layers / sl.tp  # ZeRO-3 gathers two layers
+        w = w / sl.weight_div
     return w
 
 
@@ -316,9 +355,20 @@ def _weights_on(st, sl):
 
 
 def _param_share(st, sl):
+    """This GPU's share of the trainable parameters before any ZeRO split (pipeline stage, tensor-parallel shards)."""
     total = st.w_layers + st.w_embed + st.w_head + st.w_other
-    mine = st.w_layers * sl.layer_frac + st.w_embed * sl.embed + st.w_head * sl.head + st.w_other
-    return mine / total / sl.tp if total else 1.0
+    lin = st.w_layers * st.tp_lin_frac
+    mine = (st.w_layers - lin + lin / sl.tp) * sl.layer_frac + st.w_embed * sl.embed + \
+        st.w_head * sl.head / _head_tp(st, sl) + st.w_other
+    return mine / total if total else 1.0
+
+
+def _fsdp_gathered(st, sl):
+    """FSDP2's gathered weights beside the shards during forward and backward: the root's parameters (embeddings,
+    final norm, head — the root does not reshard after forward) and, at ZeRO-2, every layer's (kept until backward)."""
+    total = st.w_layers + st.w_embed + st.w_head + st.w_other
+    gathered = total if sl.fsdp == 2 else total - st.w_layers
+    return gathered * st.cb / 4 if fsdp_master_precision(st.spec) else gathered
 
 
 def _phases_inference(st, sl, B, S, N):
@@ -331,7 +381,7 @@ def _phases_inference(st, sl, B, S, N):
           + state_layers_fixed_bytes(cb, shape, "ws")) / sl.tp
     qtemp = st.quant_temp + T * st.quant_temp_per_token / sl.tp
     head_act = 2 * T * shape.hidden * cb * sl.head
-    logits = (B * shape.vocab * (cb + 4) if s.logits == "last" else T * shape.vocab * cb) * sl.head / sl.tp
+    logits = (B * shape.vocab * (cb + 4) if s.logits == "last" else T * shape.vocab * cb) * sl.head
     in_layer = ws + qtemp
     at_head = head_act + logits
     pick = in_layer >= at_head
@@ -352,7 +402,7 @@ def _phases_inference(st, sl, B, S, N):
         step_ws = step_ws + 2 * B * total * shape.n_heads * shape.head_dim * cb
     step_ws = step_ws / sl.tp
     # generate keeps the previous step's fp32 logits while copying the new ones: bf16 + 2 × fp32
-    dec_logits = B * shape.vocab * (cb + 8) * sl.head / sl.tp
+    dec_logits = B * shape.vocab * (cb + 8) * sl.head
     decode = dict(base)
     decode[C.KV_CACHE] = kv_dec * has_dec
     decode[C.ACTIVATIONS] = step_ws * has_dec
@@ -369,7 +419,10 @@ def _phases_train(st, sl, B, S, N):
     grads = st.grads * share / sl.grad_div
     bucket = st.grads * share if sl.ddp_bucket else 0
     offload_opt = s.offload == "optimizer"
-    state = 0 if offload_opt else st.opt_state * share / sl.state_div
+    # every rank keeps a step counter per tensor it holds (FSDP2 and TP: all of them)
+    state = 0 if offload_opt else (st.opt_state - st.opt_steps) * share / sl.state_div + st.opt_steps
+    if sl.zero1 and not offload_opt:
+        state = st.zero1_state
     master = 0 if offload_opt else st.master * share / sl.state_div
     opt_temp = 0 if offload_opt else st.opt_temp * share / sl.state_div
     copies = st.autocast_copies * share / sl.weight_div
@@ -399,59 +452,76 @@ def _phases_train(st, sl, B, S, N):
     if s.grad_ckpt:
         layer_transient = T * prefill_working_set_per_token(shape, ab, s.attn, S, s.compute_dtype == "fp16") / sl.tp
     lb = ab  # logits come out of lm_head in the compute dtype (fp32 after kbit prep)
-    fwd_logits = T * V * (lb + (4 if lb != 4 else 0) + 4) * sl.head / sl.tp
-    bwd_logits = vmax(T * V * 12 * sl.head / sl.tp, T * V * lb * sl.head / sl.tp + st.lm_grad * sl.head / sl.tp)
+    # transformers' TP plans gather the logits on every rank; the hidden state around the head is replicated
+    fwd_logits = T * V * (lb + (4 if lb != 4 else 0) + 4) * sl.head
+    bwd_logits = vmax(T * V * 12 * sl.head, T * V * lb * sl.head + st.lm_grad * sl.head / _head_tp(st, sl))
     acc_grads = grads * ((s.grad_accum > 1) * 1)
     persistent = {**held, C.OPTIMIZER_STATES: state, C.MASTER_WEIGHTS: master}
 
+    gathered = layer_flat = rs_held = 0
+    if sl.fsdp:
+        # FSDP2: the root's parameters (all, at ZeRO-2) gathered beside the shards; after the forward it
+        # still holds the last layer's flat all-gather buffer, and in the backward the last reduce-scatter's
+        # input (one layer's unsharded gradients) until the next one (docs/trace_findings.md #21).
+        gathered = _fsdp_gathered(st, sl)
+        layer_flat = st.w_layers / shape.n_layers if sl.fsdp == 3 else 0
+        if fsdp_master_precision(s):
+            layer_flat = layer_flat * st.cb / 4  # gathered in the compute dtype
+        rs_held = st.grads * (st.w_layers / shape.n_layers) / (st.w_layers + st.w_embed + st.w_head + st.w_other)
     fwd = dict(persistent)
+    fwd[C.WEIGHTS] = persistent[C.WEIGHTS] + gathered
     fwd[C.GRADIENTS] = acc_grads + bucket
     pick = fwd_logits >= layer_transient
     # The final norm's output stays bound while lm_head and the loss run: beside its saved bf16 cast
     # under autocast (#11), or unsaved when lm_head is frozen (LoRA, freeze: #5).
     head_hidden = 0
     if ctx.amp and ctx.r == 4:
-        head_hidden = T * H * 4 * sl.head / sl.tp
+        head_hidden = T * H * 4 * sl.head
     elif not st.ctx_head.linears_trainable:
-        head_hidden = T * H * ctx.r * sl.head / sl.tp
+        head_hidden = T * H * ctx.r * sl.head
     fwd[C.ACTIVATIONS] = acts + model_saved + ids_fwd + _pick(pick, head_hidden, layer_transient)
     fwd[C.LOGITS] = _pick(pick, fwd_logits, 0)
-    fwd[C.TEMPORARIES] = copies + qtemp
+    fwd[C.TEMPORARIES] = copies + qtemp + layer_flat
 
     # Backward, three moments: its start (all saved activations + logits gradients); under checkpointing,
     # the last layer recomputed while the checkpointed inputs are still held; its end (nearly all
     # gradients while the first layer's activations — saved or recomputed — are consumed).
     one_layer = T * largest_layer_saved_per_token(ctx, shape, S) / sl.tp
-    grad_buf = 2 * T * H * ctx.r / sl.tp  # gradient of the hidden state flowing back, and its successor
-    early_grads = acc_grads if s.grad_accum > 1 else st.lm_grad * sl.head / sl.tp
-    start_total = acts + model_saved + bwd_logits + acc_grads + copies
+    grad_buf = 2 * T * H * ctx.r  # gradient of the (replicated) hidden state flowing back, and its successor
+    early_grads = acc_grads if s.grad_accum > 1 else st.lm_grad * sl.head / _head_tp(st, sl)
+    start_total = acts + model_saved + bwd_logits + acc_grads + copies + layer_flat
     mid_total = (acts + one_layer + grad_buf + early_grads + copies) if s.grad_ckpt else 0
-    end_total = grads + grad_buf + one_layer
+    end_total = grads + grad_buf + one_layer + rs_held
     # A trained tied embedding gets two gradients, lm_head's and the embedding's (a dense (V, H) tensor,
     # aten embedding_dense_backward), which autograd sums before AccumulateGrad: at the very end of the
     # backward, the two and their sum are alive beside every other gradient (docs/trace_findings.md #18).
-    tied_grad = st.lm_grad * sl.head * sl.embed / sl.tp if (shape.tie_embeddings and s.method == "full") else 0
+    tied_grad = st.lm_grad * sl.head * sl.embed if (shape.tie_embeddings and s.method == "full") else 0
     end_acts = one_layer + grad_buf
     end_grads = grads
     if tied_grad:
-        tied_total = grads - tied_grad + 3 * tied_grad + grad_buf
+        # under FSDP2 the embedding's shard is not written yet, and the sum is the unsharded gradient it reduces
+        done = grads - tied_grad / sl.grad_div if sl.fsdp else grads - tied_grad
+        tied_total = done + 3 * tied_grad + grad_buf + rs_held
         tied_wins = tied_total > end_total
         end_total = vmax(end_total, tied_total)
         end_acts = _pick(tied_wins, 3 * tied_grad + grad_buf, end_acts)
-        end_grads = _pick(tied_wins, grads - tied_grad, grads)
+        end_grads = _pick(tied_wins, done, grads)
     p_start = (start_total >= end_total) * (start_total >= mid_total)
     p_mid = ((mid_total > start_total) * (mid_total >= end_total)) if s.grad_ckpt else 0
     p_end = 1 - p_start - p_mid
     bwd = dict(persistent)
+    bwd[C.WEIGHTS] = persistent[C.WEIGHTS] + gathered
     bwd[C.ACTIVATIONS] = p_start * (acts + model_saved) + p_mid * (acts + one_layer + grad_buf) + p_end * end_acts
     bwd[C.LOGITS] = p_start * bwd_logits
-    bwd[C.GRADIENTS] = p_start * acc_grads + p_mid * early_grads + p_end * end_grads + bucket
-    bwd[C.TEMPORARIES] = (p_start + p_mid) * copies + qtemp
+    bwd[C.GRADIENTS] = p_start * acc_grads + p_mid * early_grads + p_end * (end_grads + rs_held) + bucket
+    bwd[C.TEMPORARIES] = (p_start + p_mid) * copies + qtemp + p_start * layer_flat
 
     opt = dict(persistent)
     opt[C.GRADIENTS] = grads + bucket
     opt[C.TEMPORARIES] = opt_temp
-    return {"load": dict(held), "forward": fwd, "backward": bwd, "optimizer_step": opt}
+    load = dict(held)
+    load[C.GRADIENTS] = bucket  # DDP allocates its buckets when it wraps the model
+    return {"load": load, "forward": fwd, "backward": bwd, "optimizer_step": opt}
 
 
 def paged_bytes(st, phase_bd):
@@ -494,7 +564,10 @@ def _notes(st):
                    f"{s.compute_dtype} with cached weight copies",
             "pure": f"trainable parameters, gradients and optimizer states in "
                     f"{s.dtype if s.method not in ('lora', 'qlora') else s.lora_dtype}",
-            "master": "low-precision parameters and gradients, fp32 master weights and optimizer states",
+            "master": ("fp32 parameter shards (the master copy), gathered in "
+                       f"{s.compute_dtype}; fp32 gradients and optimizer states (FSDP2 mixed precision)"
+                       if fsdp_master_precision(s) else
+                       "low-precision parameters and gradients, fp32 master weights and optimizer states"),
         }[s.precision])
         if st.opt_paged:
             notes.append("paged optimizer state lives in CUDA unified memory: counted on the device, not in peak_allocated")

@@ -25,6 +25,7 @@ class OptimizerMemory:
     master_bytes: int  # fp32 master copy (mixed precision with master weights)
     step_temp_bytes: int  # transient during optimizer.step()
     paged: bool = False  # state lives in CUDA unified memory (not the caching allocator)
+    step_counter_bytes: int = 0  # of state_bytes: one `step` per tensor on the device (every rank keeps its own)
 
 
 def _bnb8_state(numel, n_states):
@@ -73,7 +74,7 @@ def optimizer_memory(trainable, param_bytes, optimizer, impl="foreach", master=F
         # torch's fused AdamW keeps an fp32 `step` per tensor on the device; DeepSpeed's FusedAdam
         # (the master-weights layout) counts steps in Python.
         steps = 4 * n_tensors if impl == "fused" and not master else 0
-        return OptimizerMemory(2 * state_bytes + steps, master_bytes, temp)
+        return OptimizerMemory(2 * state_bytes + steps, master_bytes, temp, step_counter_bytes=steps)
     if optimizer in ("adamw8bit", "paged_adamw8bit"):
         state = sum(_bnb8_state(numel, 2) * count for numel, _, count, _ in ents)
         return OptimizerMemory(state, master_bytes, 0, paged=optimizer.startswith("paged"))
@@ -88,8 +89,29 @@ def optimizer_memory(trainable, param_bytes, optimizer, impl="foreach", master=F
         state = sum(_adafactor_state(numel, shape) * count for numel, shape, count, _ in ents) + 4 * n_tensors
         # Per tensor: grad.float(), p.float() (when not fp32), update, -update, -update*lr (fp32).
         temp = 4 * largest[0] * (3 + (2 if largest[3] != 4 and not master else 0))
-        return OptimizerMemory(state, master_bytes, temp)
+        return OptimizerMemory(state, master_bytes, temp, step_counter_bytes=4 * n_tensors)
     raise ValueError(f"unknown optimizer {optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
+
+
+def zero1_partition(trainable, param_bytes, ranks):
+    """Split the tensors of `trainable` = [(numel, shape, count[, bytes]), …] over `ranks` as torch's
+    ZeroRedundancyOptimizer does: largest first, each to the rank with the fewest elements so far (the
+    lowest such rank on a tie). Returns one `trainable`-style list per rank that holds a tensor (with more
+    ranks than tensors, the rest hold none and are left out).
+    Source: torch/distributed/optim/zero_redundancy_optimizer.py, `_partition_parameters`."""
+    import heapq
+    from collections import Counter
+
+    ents = sorted(_entries(trainable, param_bytes), key=lambda e: e[0], reverse=True)
+    ranks = min(ranks, sum(e[2] for e in ents)) or 1
+    heap = [(0, r) for r in range(ranks)]
+    held = [Counter() for _ in range(ranks)]
+    for numel, shape, count, nb in ents:
+        for _ in range(count):
+            size, r = heapq.heappop(heap)
+            held[r][(numel, shape, nb)] += 1
+            heapq.heappush(heap, (size + numel, r))
+    return [[(numel, shape, c, nb) for (numel, shape, nb), c in h.items()] for h in held]
 
 
 def gradient_bytes(trainable, param_bytes):

@@ -206,7 +206,9 @@ def test_plot_timeline(run, tmp_path):
     (dict(mode="train", optimizer="adamw8bit"), "--optimizer adamw8bit"),
     (dict(mode="train", optimizer="lion"), "--optimizer lion"),
     (dict(mode="train", precision="master"), "--precision master"),
-    (dict(gpus=2, tp=2), "--gpus 2"),
+    (dict(gpus=2, pp=2), "--pp 2"),
+    (dict(mode="train", gpus=2, zero=1, precision="master"), "--precision master"),
+    (dict(gpus=4, tp=4), "--tp 4"),  # 2 KV heads: transformers' plan cannot split them 4 ways
 ])
 def test_untraceable_specs_are_one_line_errors(config_paths, fields, flag):
     from harness.tracing.tracer import trace

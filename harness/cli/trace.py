@@ -48,6 +48,13 @@ def render_trace(result, prediction):
                else "   not visible on fake tensors")
         lines.append(f"{label:<22}{'—' if t is None else gib_cell(t, 12):>12}{gib_cell(prediction.breakdown[c], 15)}"
                      f"{'':>8}{why}")
+    if result.ranks:
+        lines.append("")
+        lines.append(f"fake ranks ({s.gpus} GPUs: tp={s.tp}, zero={s.zero}) — GiB at each rank's peak, traced:")
+        for r in result.ranks:
+            bd = r["breakdown"]
+            parts = "  ".join(f"{c} {bd[c] / GiB:.2f}" for c in (C.WEIGHTS, C.GRADIENTS, C.OPTIMIZER_STATES) if bd.get(c))
+            lines.append(f"  rank {r['rank']:<3}{r['peak_allocated_bytes'] / GiB:9.2f} at {r['peak_phase']:<15}{parts}")
     lines.append("")
     lines.append("phases (GiB allocated at each phase's peak, traced / predicted):")
     for ph, bd in result.phases.items():
@@ -67,7 +74,9 @@ def cmd_trace(a):
     prediction = predict(spec)
     from ..tracing.tracer import plot_timeline, trace
 
-    result = trace(spec)
+    if a.rank is not None and spec.gpus == 1:
+        raise ValueError(f"--rank {a.rank}: only with --gpus N (a multi-GPU spec)")
+    result = trace(spec, rank=a.rank)
     warn_beyond_positions("trace", prediction.spec)  # only once the answer stands: bad input is one line
     if a.plot:
         try:
@@ -96,4 +105,6 @@ def add_parsers(sub):
     add_spec_arguments(p)
     p.add_argument("--json", action="store_true", help="print the trace (and the prediction) as JSON (bytes)")
     p.add_argument("--plot", default=None, metavar="PATH", help="write a memory-over-time PNG to PATH")
+    p.add_argument("--rank", type=int, default=None, metavar="R",
+                   help="multi-GPU specs: trace only fake rank R (default: every rank up to 8, the highest peak shown)")
     p.set_defaults(func=cmd_trace)

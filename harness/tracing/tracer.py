@@ -38,7 +38,7 @@ from formulas.catalog import get_shape
 from formulas.spec import Spec, SpecError, validate
 
 from ..workload.models import build_model, check_traceable
-from .tracker import CategoryTracker, TrackedMemory
+from .tracker import DDP_BUCKETS, CategoryTracker, TrackedMemory
 
 _UNTRACEABLE_OPTIMIZERS = ("adamw8bit", "paged_adamw8bit", "lion")
 
@@ -51,6 +51,8 @@ class TraceResult(TrackedMemory):
     seconds: float  # wall time of the trace (build + workload)
     notes: list = field(default_factory=list)  # what the trace assumed or could not do
     n_params: int = 0  # parameters of the built model
+    rank: int = None  # the fake rank these figures are of (multi-GPU specs), else None
+    ranks: list = field(default_factory=list)  # every traced rank: {rank, peak_allocated_bytes, peak_phase, breakdown, phases}
 
     @property
     def device_breakdown(self):
@@ -163,33 +165,127 @@ def _fake_module_conversions(fake_mode):
         torch.utils.swap_tensors = orig
 
 
+@contextlib.contextmanager
+def fake_ranks(world, rank=0):
+    """This process plays `rank` of `world` in PyTorch's fake process group (every collective returns at
+    once, moving nothing). DDP's construction-time checks and its bucket rebuild read parameter data,
+    which fake tensors have none of, so they are skipped; its all-reduce is replaced by a hook that returns the bucket as is —
+    what NCCL's in-place all-reduce leaves — since the fake group's future carries no tensor."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn.parallel.distributed as ddp
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError("a process group is already initialized in this process; trace multi-rank specs in a fresh one")
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+
+    def bucket_as_is(state, bucket):
+        fut = torch.futures.Future()
+        fut.set_result(bucket.buffer())
+        return fut
+
+    orig = ddp._verify_param_shape_across_processes, ddp._sync_module_states, ddp.DistributedDataParallel.__init__
+
+    def ddp_init(self, *args, **kwargs):
+        # Rebuilding the buckets after the first step (in the order gradients arrived) copies parameter
+        # data; the reducer skips it when it looks for unused parameters. Same buckets, same bytes.
+        kwargs["find_unused_parameters"] = True
+        orig[2](self, *args, **kwargs)
+        self.register_comm_hook(None, bucket_as_is)
+
+    ddp._verify_param_shape_across_processes = ddp._sync_module_states = lambda *a, **k: None
+    ddp.DistributedDataParallel.__init__ = ddp_init
+    try:
+        yield
+    finally:
+        ddp._verify_param_shape_across_processes, ddp._sync_module_states, ddp.DistributedDataParallel.__init__ = orig
+        dist.destroy_process_group()
+        _clear_dtensor_caches()
+
+
+def _clear_dtensor_caches():
+    """DTensor caches redistribution plans and sharding rules by mesh shape, and they name the process
+    groups they were made with; the next rank's fake group has new ones. Each cache is cleared where
+    this torch has it."""
+    from torch.distributed.tensor import DTensor, _collective_utils, _redistribute
+
+    prop = DTensor._op_dispatcher.sharding_propagator
+    for fn in (getattr(_redistribute, "_gen_transform_infos", None),
+               getattr(prop, "propagate_op_sharding", None),
+               getattr(type(prop), "_propagate_tensor_meta_cached", None),
+               getattr(getattr(_collective_utils, "MeshTopoInfo", None), "build_from_mesh", None)):
+        if hasattr(fn, "cache_clear"):
+            fn.cache_clear()
+    if hasattr(_redistribute, "clear_redistribute_planner_cache"):
+        _redistribute.clear_redistribute_planner_cache()
+
+
 # ------------------------------------------------------------------ entry point
 
-def trace(spec):
-    """Run `spec`'s workload on fake tensors and return its per-category memory (TraceResult)."""
+MAX_TRACED_RANKS = 8  # beyond this many ranks, the first and the last are traced (they differ only by padding)
+
+
+def trace(spec, rank=None):
+    """Run `spec`'s workload on fake tensors and return its per-category memory (TraceResult).
+
+    A multi-GPU spec is traced rank by rank in a fake process group of `spec.gpus` ranks (every rank up
+    to MAX_TRACED_RANKS, else the first and the last, or only `rank`); the result is the rank with the
+    highest peak — the GPU that needs the most, as `predict` answers — with every traced rank's
+    figures in `ranks`."""
     shape = get_shape(spec.model)  # a general-inventory model: harness.inventory.ensure_for_model first
     spec = validate(spec, shape)
     check_traceable(spec)
     if spec.mode == "train" and spec.optimizer in _UNTRACEABLE_OPTIMIZERS:
         raise SpecError(f"--optimizer {spec.optimizer}: bitsandbytes optimizers need their CUDA kernels; "
                         "trace adamw, sgd, sgd_momentum or adafactor")
+    if spec.gpus == 1:
+        return _trace_rank(spec, shape, None)
+    if rank is not None and not 0 <= rank < spec.gpus:
+        raise SpecError(f"--rank {rank}: the ranks are 0 to {spec.gpus - 1}")
+    ranks = [rank] if rank is not None else (
+        range(spec.gpus) if spec.gpus <= MAX_TRACED_RANKS else [0, spec.gpus - 1])
+    # Each rank in a forked child: torch.distributed and DTensor keep process-global state (group names,
+    # meshes, cached redistribution plans) that a second fake world in the same process would trip over.
+    import multiprocessing
+    import os
+
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(processes=min(len(ranks), os.cpu_count() or 1), maxtasksperchild=1) as pool:
+        results = pool.starmap(_trace_rank, [(spec, shape, r) for r in ranks])
+    worst = max(results, key=lambda r: r.peak_allocated_bytes)
+    worst.ranks = [{"rank": r, "peak_allocated_bytes": res.peak_allocated_bytes, "peak_phase": res.peak_phase,
+                    "breakdown": res.breakdown, "phases": res.phases} for r, res in zip(ranks, results)]
+    worst.seconds = sum(r.seconds for r in results)
+    worst.notes.append(f"{len(results)} of {spec.gpus} fake ranks traced; the figures are rank {worst.rank}'s, "
+                       "the highest peak")
+    return worst
+
+
+def _trace_rank(spec, shape, rank):
+    """Trace one rank (`rank` None: a single-GPU spec)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from ..workload.parallel import make_parallel_optimizer, replicate, shard
     from ..workload.steps import TRAIN_STEPS, run_inference, run_training
 
     t0 = time.perf_counter()
     notes = []
     fake_mode = FakeTensorMode()
-    with fake_mode, _cuda_like_kernels(notes):
+    ranks = fake_ranks(spec.gpus, rank) if rank is not None else contextlib.nullcontext()
+    with ranks, fake_mode, _cuda_like_kernels(notes):
         with _fake_module_conversions(fake_mode):
             model = build_model(spec)
         n_params = sum(p.numel() for p in model.parameters())
+        model = shard(model, spec)  # FSDP2 / TP replace the parameters by this rank's shards
         with CategoryTracker(model, spec, shape.vocab, device_type="cpu") as tracker:
+            with tracker.labelled(DDP_BUCKETS):  # DDP allocates its gradient buckets when it wraps the model
+                run = replicate(model, spec)
             if spec.mode == "inference":
-                kept = run_inference(model, spec, tracker.mark)
+                kept = run_inference(run, spec, tracker.mark)
             else:
-                kept = run_training(model, spec, tracker.mark)
-        del model, kept
+                kept = run_training(run, spec, tracker.mark, optimizer=make_parallel_optimizer(run, spec))
+        del model, run, kept
     memory = tracker.result()
     seconds = time.perf_counter() - t0
     if shape.is_mla and spec.mode == "inference" and spec.mla_cache == "expanded":
@@ -198,7 +294,7 @@ def trace(spec):
     if spec.mode == "train":
         notes.append(f"{TRAIN_STEPS} optimizer steps of {spec.grad_accum} micro-batch(es); figures are the max over them")
     notes.append("fake tensors on the CPU: CUDA kernel workspaces, context and allocator slack are not in peak_allocated_bytes")
-    return TraceResult(spec=spec, seconds=seconds, notes=notes, n_params=n_params, **vars(memory))
+    return TraceResult(spec=spec, seconds=seconds, notes=notes, n_params=n_params, rank=rank, **vars(memory))
 
 
 def plot_timeline(result, path):

@@ -57,6 +57,7 @@ PEAK_TENSORS = 16  # how many of the largest transient storages at each peak the
 
 _ALLOC, _FREE, _RELABEL, _MARK = range(4)
 _KV_GROWTH = "kv_growth"  # context marker inside Cache.update; its outputs are temporaries until adopted
+DDP_BUCKETS = "ddp_buckets"  # context marker while DDP wraps a model: float storages are gradient buckets, the rest host
 
 
 class _Record:
@@ -66,6 +67,12 @@ class _Record:
 
     def __init__(self, nbytes, category, origin, born_at):
         self.nbytes, self.birth, self.category, self.origin, self.born_at = nbytes, category, category, origin, born_at
+
+
+def _local(t):
+    """A DTensor's local shard (what this rank stores); any other tensor itself."""
+    inner = getattr(t, "_local_tensor", None)
+    return inner if inner is not None else t
 
 
 def _tracker_class():
@@ -98,9 +105,12 @@ def _tracker_class():
             self.optimizer_started = 0  # event index where the running optimizer.step began
             self.active = True
             self.ops = 0
+            self.released = set()  # sids whose storage was resized to 0 bytes (FSDP's free_storage)
             self._sid = WeakIdKeyDictionary()  # storage → sid
 
         def _on_free(self, sid):
+            if sid in self.released:
+                return
             if self.active:
                 self.events.append((_FREE, sid))
                 grown = self.kv_pending.pop(sid, None)
@@ -120,17 +130,27 @@ def _tracker_class():
             self.events.append((_ALLOC, sid))
             return sid
 
+        def release(self, storage):
+            """`storage` was resized to 0 bytes (its object lives on): log its death now; a later
+            resize back registers it afresh."""
+            sid = self._sid.pop(storage, None)
+            if sid is not None and self.active:
+                self.released.add(sid)
+                self.events.append((_FREE, sid))
+
         def counts(self, tensor):
             """Whether `tensor` lives where this run counts (a fake tensor's storage is on meta: its device decides)."""
             return tensor.device.type == self.device_type
 
         def track(self, tensor, category, origin=("", (), "")):
-            """Register `tensor`'s storage if it counts."""
+            """Register `tensor`'s storage (a DTensor's local shard) if it counts."""
+            tensor = _local(tensor)
             if self.counts(tensor):
                 self.register(tensor.untyped_storage(), category, origin)
 
         def relabel(self, tensor, category, retro=False):
             """`tensor`'s storage is `category` from now on (from birth if `retro`)."""
+            tensor = _local(tensor)
             st = tensor.untyped_storage()
             sid = self._sid.get(st)
             if sid is None:
@@ -144,11 +164,11 @@ def _tracker_class():
             rec.category = category
 
         def born_since(self, tensor, event_index):
-            sid = self._sid.get(tensor.untyped_storage())
+            sid = self._sid.get(_local(tensor).untyped_storage())
             return sid is not None and self.records[sid].born_at >= event_index
 
         def category_of(self, tensor):
-            sid = self._sid.get(tensor.untyped_storage())
+            sid = self._sid.get(_local(tensor).untyped_storage())
             return self.records[sid].category if sid is not None else None
 
         def mark(self, phase):
@@ -183,11 +203,15 @@ def _tracker_class():
                 default = C.ACTIVATIONS
             for t in tree_flatten(out)[0]:
                 if isinstance(t, torch.Tensor):
+                    t = _local(t)
                     st = t.untyped_storage()
                     if st not in self._sid and self.counts(t):
                         cat = default
                         if t.is_floating_point() and t.dim() in (2, 3) and t.shape[-1] == self.vocab:
                             cat = C.LOGITS  # logits and their gradients, wherever they are made
+                        elif cat == DDP_BUCKETS:
+                            # the reducer's int32 bookkeeping (unused-parameter map) is not the model's memory
+                            cat = C.GRADIENTS if t.is_floating_point() else HOST
                         sid = self.register(st, cat, (name, tuple(t.shape), str(t.dtype).replace("torch.", "")))
                         if growth and name == "cat" and isinstance(args[0][0], torch.Tensor):
                             # torch.cat([cached, new]) in DynamicLayer.update: the grown copy is a temporary
@@ -391,6 +415,64 @@ def _instrument(model, tracker, spec):
             h.remove()
 
 
+@contextlib.contextmanager
+def _label(tracker, category):
+    """Everything born inside is `category` (unless the vocabulary rule says logits)."""
+    tracker.context.append(category)
+    try:
+        yield
+    finally:
+        tracker.context.remove(category)
+
+
+@contextlib.contextmanager
+def _instrument_fsdp(tracker):
+    """What FSDP2's buffers are: gathered parameters are weights, the flat all-gather and reduce-scatter
+    buffers temporaries, the unsharded gradients it reduce-scatters and the sharded gradients it
+    writes gradients. FSDP2 frees and re-allocates a gathered parameter's storage in place
+    (`free_storage` / `alloc_storage`: `untyped_storage().resize_()`, which no aten op shows), so
+    those two tell the tracker directly."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group
+
+    orig = {(m, n): getattr(m, n) for m in (_fsdp_param, _fsdp_param_group)
+            for n in ("alloc_storage", "free_storage", "foreach_all_gather", "foreach_all_gather_copy_out",
+                      "foreach_reduce") if hasattr(m, n)}
+
+    def free_storage(tensor):
+        st = _local(tensor).untyped_storage()
+        if st.size() > 0:
+            tracker.release(st)
+        orig[(_fsdp_param, "free_storage")](tensor)
+
+    def alloc_storage(tensor):
+        orig[(_fsdp_param, "alloc_storage")](tensor)
+        tracker.track(tensor, C.WEIGHTS, ("fsdp_unsharded_param", tuple(tensor.shape), str(tensor.dtype)))
+
+    def labelled(fn, category):
+        def call(*args, **kwargs):
+            with _label(tracker, category):
+                return fn(*args, **kwargs)
+        return call
+
+    def foreach_reduce(fsdp_params, unsharded_grads, *args, **kwargs):
+        for g in unsharded_grads:  # autograd's full-size gradients of the layer, reduce-scattered now
+            tracker.relabel(g, C.GRADIENTS, retro=True)
+        with _label(tracker, C.GRADIENTS):  # the reduce-scatter output holds the sharded gradients
+            return orig[(_fsdp_param_group, "foreach_reduce")](fsdp_params, unsharded_grads, *args, **kwargs)
+
+    new = {"alloc_storage": alloc_storage, "free_storage": free_storage, "foreach_reduce": foreach_reduce}
+    for (m, n), fn in orig.items():
+        if n in new:
+            setattr(m, n, new[n])
+        else:
+            setattr(m, n, labelled(fn, C.TEMPORARIES if n == "foreach_all_gather" else C.WEIGHTS))
+    try:
+        yield
+    finally:
+        for (m, n), fn in orig.items():
+            setattr(m, n, fn)
+
+
 def _largest(tracker, alive):
     """The PEAK_TENSORS largest of `alive` [(sid, category)] that are not weights, buffers or optimizer state, as dicts."""
     out = []
@@ -434,6 +516,15 @@ class TrackedMemory:
     phase_tensors: dict = field(default_factory=dict)  # phase → the same list at that phase's own peak
 
 
+def _uses_fsdp(model):
+    """Whether FSDP2 (`fully_shard`) manages any of the model's modules."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
 class CategoryTracker:
     """Counts every storage's bytes per memory category while a workload runs, on fake or real tensors.
 
@@ -453,6 +544,8 @@ class CategoryTracker:
     def __enter__(self):
         log = self._log
         self._stack.enter_context(_instrument(self.model, log, self.spec))
+        if _uses_fsdp(self.model):
+            self._stack.enter_context(_instrument_fsdp(log))
         self._stack.enter_context(log)
         for p in self.model.parameters():
             log.track(p, C.WEIGHTS, ("parameter", tuple(p.shape), str(p.dtype)))
@@ -465,6 +558,10 @@ class CategoryTracker:
     def mark(self, phase):
         """Workload callback: `phase` begins."""
         self._log.mark(phase)
+
+    def labelled(self, category):
+        """Context: storages born inside are `category` (DDP's gradient buckets, made when it wraps the model)."""
+        return _label(self._log, category)
 
     def __exit__(self, *exc):
         self._log.active = False

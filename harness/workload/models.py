@@ -52,15 +52,25 @@ def check_traceable(spec):
     if spec.kv_dtype != spec.compute_dtype:
         raise SpecError(f"--kv-dtype {spec.kv_dtype}: transformers' DynamicCache keeps K/V in the compute dtype; "
                         "trace without --kv-dtype")
-    if spec.precision == "master":
-        raise SpecError("--precision master: fp32 master weights in the optimizer (DeepSpeed/FSDP) are not traced "
-                        "yet; trace --precision amp or pure")
-    for flag, value, default in (("gpus", spec.gpus, 1), ("tp", spec.tp, 1), ("pp", spec.pp, 1), ("zero", spec.zero, 0),
-                                 ("offload", spec.offload, "none")):
-        if value != default:
-            raise SpecError(f"--{flag} {value}: the tracer runs one device without parallelism or offload")
+    if spec.precision == "master" and spec.gpus == 1:
+        raise SpecError("--precision master: fp32 master weights in the optimizer (DeepSpeed/FSDP) are traced on "
+                        "several ranks (--gpus N --zero 2|3); trace --precision amp or pure")
+    if spec.pp > 1 or spec.offload != "none":
+        flag = f"--pp {spec.pp}" if spec.pp > 1 else f"--offload {spec.offload}"
+        raise SpecError(f"{flag}: pipeline stages and offload are not built; trace --tp, --zero or DDP over --gpus")
     if spec.layer_split:
         raise SpecError("--layer-split: the tracer runs one device; trace without --layer-split")
+    if spec.gpus > 1:
+        from .parallel import strategy_of
+
+        strategy_of(spec)  # the multi-rank combinations that are built, else one line
+        kv = get_shape(spec.model).n_kv_heads
+        if spec.tp > 1 and kv % spec.tp:
+            raise SpecError(f"--tp {spec.tp}: transformers' plan splits the {kv} KV heads column-wise; "
+                            f"--tp must divide them to run")
+        if spec.precision == "master" and spec.zero < 2:
+            raise SpecError(f"--precision master with --zero {spec.zero}: fp32 master weights are built with FSDP2 "
+                            "(--zero 2 or 3); trace --precision pure or amp")
 
 
 def transformers_config(cfg):
@@ -98,8 +108,8 @@ def decoder_layers(model):
 
 def param_dtype(spec):
     """Storage dtype of the base model's parameters."""
-    if spec.mode == "train" and spec.precision == "amp" and spec.method == "full":
-        return "fp32"  # autocast trains fp32 parameters
+    if spec.mode == "train" and spec.precision in ("amp", "master") and spec.method == "full":
+        return "fp32"  # autocast trains fp32 parameters; FSDP2 keeps fp32 shards and gathers them low
     return spec.dtype
 
 

@@ -33,7 +33,8 @@ def random_ids(model, batch, seq, device):
     """batch × seq random token ids."""
     import torch
 
-    return torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
+    config = getattr(model, "config", None) or model.module.config  # a DDP wrapper holds the model in .module
+    return torch.randint(0, config.vocab_size, (batch, seq), device=device)
 
 
 def cache_keyword(model):
