@@ -61,8 +61,6 @@ def check_traceable(spec):
     if spec.layer_split:
         raise SpecError("--layer-split: the tracer runs one device; trace without --layer-split")
     if spec.gpus > 1:
-        from .parallel import strategy_of
-
         strategy_of(spec)  # the multi-rank combinations that are built, else one line
         kv = get_shape(spec.model).n_kv_heads
         if spec.tp > 1 and kv % spec.tp:
@@ -71,6 +69,23 @@ def check_traceable(spec):
         if spec.precision == "master" and spec.zero < 2:
             raise SpecError(f"--precision master with --zero {spec.zero}: fp32 master weights are built with FSDP2 "
                             "(--zero 2 or 3); trace --precision pure or amp")
+
+
+STRATEGIES = ("ddp", "zero1", "fsdp", "tp")
+
+
+def strategy_of(spec):
+    """The strategy a validated multi-GPU spec runs (None on one GPU)."""
+    if spec.gpus == 1:
+        return None
+    if spec.pp > 1 or spec.layer_split or spec.offload != "none":
+        flag = "--pp" if spec.pp > 1 else "--layer-split" if spec.layer_split else f"--offload {spec.offload}"
+        raise SpecError(f"{flag}: multi-rank runs build DDP, ZeRO-1/2/3 (FSDP2) and tensor parallelism only")
+    if spec.tp > 1:
+        if spec.zero:
+            raise SpecError(f"--zero {spec.zero} with --tp {spec.tp}: tensor parallelism runs with DDP over the other GPUs")
+        return "tp"
+    return {0: "ddp", 1: "zero1", 2: "fsdp", 3: "fsdp"}[spec.zero]
 
 
 def transformers_config(cfg):

@@ -21,22 +21,7 @@ Pipeline parallelism, layer splits and offload are not built here.
 
 from formulas.spec import SpecError
 
-STRATEGIES = ("ddp", "zero1", "fsdp", "tp")
-
-
-def strategy_of(spec):
-    """The strategy a validated multi-GPU spec runs (None on one GPU)."""
-    if spec.gpus == 1:
-        return None
-    if spec.pp > 1 or spec.layer_split or spec.offload != "none":
-        flag = "--pp" if spec.pp > 1 else "--layer-split" if spec.layer_split else f"--offload {spec.offload}"
-        raise SpecError(f"{flag}: multi-rank runs build DDP, ZeRO-1/2/3 (FSDP2) and tensor parallelism only")
-    if spec.tp > 1:
-        if spec.zero:
-            raise SpecError(f"--zero {spec.zero} with --tp {spec.tp}: tensor parallelism runs with DDP over the other GPUs")
-        return "tp"
-    return {0: "ddp", 1: "zero1", 2: "fsdp", 3: "fsdp"}[spec.zero]
-
+from .models import decoder_layers, strategy_of, torch_dtype
 
 def _ddp(module, group=None):
     from torch.nn.parallel import DistributedDataParallel
@@ -95,8 +80,6 @@ def shard(model, spec, device_type="cpu"):
     if strategy == "fsdp":
         import torch
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        from .models import decoder_layers, torch_dtype
 
         mesh = _mesh(device_type, (world,))
         kw = {"mesh": mesh, "reshard_after_forward": spec.zero == 3}
