@@ -10,12 +10,20 @@ Where a number came from is in its key. Schema 2:
     schema_version   2 (this module's SCHEMA_VERSION; not part of the spec hash)
     spec_hash        the experiment's hash (harness.sweep.schema), formula_hash the predictor's code
     spec, steps, timeout_s, sample_interval_ms, real_model_dir, group   the experiment
-    source           "measured" (a GPU run) or "traced" (fake tensors on the CPU)
+    source           "measured" (a GPU run), "traced" (fake tensors on the CPU) or "rehearsed" (real tensors
+                     on the CPU, `vramlab run --mode rehearse`)
     outcome          ok | oom | error | timeout | crashed | unsupported
     predicted        formulas.predict at run time: breakdown (tensor and device categories), peaks, phases
+                     (per GPU for a multi-GPU spec)
     traced           the tracer's figures (harness.tracing), or null
     measured         the GPU's figures (harness.gpu.measure), or null
+    rehearsed        a rehearsal's figures (harness.sweep.ranks; present only in rehearsed records)
     error, timings, env
+
+A multi-GPU experiment's `measured` or `rehearsed` holds `ranks` (each rank's figures), `world_size`,
+`strategy`, `device`, `backend` and `peak_rank`; its other figures are those of the rank that needs
+the most (harness.sweep.ranks.combine), so every reader treats it as a one-GPU record. Records of one
+GPU do not change.
 
 Records of an older schema are read through `migrate`; one that cannot be migrated without
 guessing is refused as "older schema", never misread.
@@ -54,7 +62,7 @@ def new_record(exp, source):
     except Exception as e:  # the prediction must not stop the record
         predicted = {"error": str(e)}
     return {"schema_version": SCHEMA_VERSION, "spec_hash": exp.spec_hash, "formula_hash": formula_hash(),
-            **exp.to_dict(), "source": source, "predicted": predicted, "traced": None, "measured": None}
+            **exp.to_dict(), "source": source, "predicted": predicted, "traced": None, "measured": None, source: None}
 
 
 def observed(rec):
@@ -145,13 +153,13 @@ def check_record(rec, path="record"):
         bad("outcome", f"{rec.get('outcome')!r} is not one of {', '.join(OUTCOMES)}")
     if not isinstance(rec.get("spec"), dict):
         bad("spec", f"{rec.get('spec')!r} is not a mapping of the experiment's fields")
-    for part in ("predicted", "traced", "measured", "env", "error", "timings"):
+    for part in ("predicted", "traced", "measured", "rehearsed", "env", "error", "timings"):
         if rec.get(part) is not None and not isinstance(rec[part], dict):
             bad(part, f"{rec[part]!r} is not a mapping (or null)")
-        for k, v in (rec.get(part) or {}).items() if part in ("predicted", "traced", "measured") else ():
+        for k, v in (rec.get(part) or {}).items() if part in ("predicted", "traced", "measured", "rehearsed") else ():
             if k.endswith("_bytes") and v is not None and not _int_bytes(v):
                 bad(f"{part}.{k}", f"{v!r} is not a whole number of bytes")
-    if rec["outcome"] == "ok" and rec.get("source") in ("measured", "traced"):
+    if rec["outcome"] == "ok" and rec.get("source") in ("measured", "traced", "rehearsed"):
         peak = (rec.get(rec["source"]) or {}).get("peak_allocated_bytes")
         if not (_int_bytes(peak) and peak > 0):
             bad(f"{rec['source']}.peak_allocated_bytes", f"{peak!r}: an ok record needs a positive peak")

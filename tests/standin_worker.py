@@ -1,7 +1,8 @@
 """A stand-in for harness.sweep.worker in launcher tests: behaves by the experiment's seq.
 
 seq 11: hang; 12: SIGKILL itself; 13: exit 1 with no record; 14: die mid-write (temp file only);
-15: (warm) ask for a fresh process unless it is the first experiment of this one; 40-99: take 0.2 s;
+15: (warm) ask for a fresh process unless it is the first experiment of this one; 16: SIGKILL the process that
+started it (a Slurm or Ray task) and die with it; 40-99: take 0.2 s;
 anything else: write an ok record with made-up figures. Every completed run is appended to
 <out>/.completed, so a test can count runs, not records. Cold: the experiment is the last argument; warm (--warm):
 one JSON message per line on stdin, one reply per line on stdout, as the real worker does.
@@ -21,6 +22,7 @@ from harness.sweep.worker import die_with_launcher  # noqa: E402
 
 
 def run(out, exp, mode, n, fallback=None):
+    began = time.time()
     seq = exp["spec"]["seq"]
     if seq == 11:
         time.sleep(1000)
@@ -29,6 +31,9 @@ def run(out, exp, mode, n, fallback=None):
     if seq == 13:
         print("boom", file=sys.stderr)
         sys.exit(1)
+    if seq == 16:
+        os.kill(os.getppid(), signal.SIGKILL)
+        time.sleep(1000)  # until the parent-death signal
     if seq == 14:
         fd, _ = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=out)
         os.write(fd, b'{"spec_hash": "trunc')
@@ -42,7 +47,7 @@ def run(out, exp, mode, n, fallback=None):
                        "measured": None, "predicted": {"peak_allocated_bytes": 1000},
                        "env": {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "VRAMLAB_NVML_INDEX",
                                                              "CUDA_DEVICE_ORDER", "VRAMLAB_LAUNCHER_PID")},
-                       "started": time.time()})
+                       "began": began, "started": time.time()})
     with open(os.path.join(out, ".completed"), "a") as f:
         f.write(exp["spec_hash"] + "\n")
     return "ok"

@@ -131,7 +131,7 @@ def components(rec):
     for ph, d in (m.get("phases") or {}).items():
         if not isinstance(d, dict):
             continue
-        if rec.get("source") == "traced":  # a traced phase is its breakdown at the phase's peak
+        if rec.get("source") in ("traced", "rehearsed"):  # a tracker's phase is its breakdown at the phase's peak
             out[f"allocated at {ph}"] = sum(d.values())
         elif d.get("max_allocated_bytes") is not None:
             out[f"allocated at {ph}"] = d["max_allocated_bytes"]

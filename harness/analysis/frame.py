@@ -4,6 +4,7 @@
     calibrated_*   the same prediction with the calibration table fitted in the record's environment
     traced_*       fake-tensor figures (harness.tracing)
     measured_*     GPU figures (harness.gpu.measure)
+    rehearsed_*    real tensors on the CPU (`vramlab run --mode rehearse`, harness.sweep.ranks)
 
 A cell is empty where that source has no value: a traced record has no measured_* figures and no
 device peak, a record without a matching calibration table no calibrated_* figures.
@@ -15,10 +16,12 @@ from ..env import environment_key
 from ..records import measured_device_breakdown
 from .calibrate import calibrated_totals, calibration_for_environment
 
-SPEC_COLUMNS = ("model", "mode", "method", "dtype", "batch", "seq", "gen", "optimizer", "grad_ckpt", "attn")
+SPEC_COLUMNS = ("model", "mode", "method", "dtype", "batch", "seq", "gen", "optimizer", "grad_ckpt", "attn", "gpus", "zero",
+                "tp", "layer_split")
 TRACED_COLUMNS = ("peak_allocated_bytes", "estimated_reserved_bytes", "peak_phase")
+REHEARSED_COLUMNS = ("peak_allocated_bytes", "estimated_reserved_bytes", "peak_phase", "world_size", "peak_rank")
 MEASURED_COLUMNS = ("peak_allocated_bytes", "peak_reserved_bytes", "peak_device_bytes", "peak_phase",
-                    "cuda_context_bytes", "workspaces_bytes")
+                    "cuda_context_bytes", "workspaces_bytes", "world_size", "peak_rank")
 
 
 def _get(d, *keys):
@@ -37,7 +40,7 @@ def records_frame(records, calibration_lookup=calibration_for_environment):
     rows = []
     for r in records:
         spec, env, pred = r.get("spec") or {}, r.get("env") or {}, r.get("predicted") or {}
-        traced, measured = r.get("traced") or {}, r.get("measured") or {}
+        traced, measured, rehearsed = r.get("traced") or {}, r.get("measured") or {}, r.get("rehearsed") or {}
         row = {"spec_hash": r["spec_hash"], "source": r.get("source", ""),
                **{k: spec.get(k) for k in SPEC_COLUMNS},
                "gpu_name": _get(env, "gpu", "name"), "driver": _get(env, "gpu", "driver"), "outcome": r["outcome"],
@@ -54,6 +57,8 @@ def records_frame(records, calibration_lookup=calibration_for_environment):
             row.update(calibrated_peak_allocated_bytes=alloc, calibrated_peak_device_bytes=device)
         for c in TRACED_COLUMNS:
             row[f"traced_{c}"] = traced.get(c)
+        for c in REHEARSED_COLUMNS:
+            row[f"rehearsed_{c}"] = rehearsed.get(c)
         device_bd = measured_device_breakdown(measured)
         for c in MEASURED_COLUMNS:
             row[f"measured_{c}"] = device_bd[C.WORKSPACES] if c == "workspaces_bytes" else measured.get(c)

@@ -35,7 +35,7 @@ RULES = (
     ("16 bytes per parameter (training)", "train", lambda w, n: 16 * n),
 )
 # (observed source, quantity): what a prediction is compared with, in the order the report shows them.
-TARGETS = (("measured", "device"), ("measured", "allocated"), ("traced", "allocated"))
+TARGETS = (("measured", "device"), ("measured", "allocated"), ("traced", "allocated"), ("rehearsed", "allocated"))
 
 
 def _target_label(source, quantity):

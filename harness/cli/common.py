@@ -10,10 +10,11 @@ import sys
 
 from formulas.units import fmt_gib
 
-# import name → the package that provides it (all are in the `harness` extra of pyproject.toml)
+# import name → the package that provides it (in the `harness` extra of pyproject.toml, unless EXTRAS names another)
 OPTIONAL_PACKAGES = {"torch": "torch", "transformers": "transformers", "accelerate": "accelerate", "peft": "peft",
                      "bitsandbytes": "bitsandbytes", "pynvml": "nvidia-ml-py", "pandas": "pandas", "numpy": "numpy",
-                     "yaml": "pyyaml", "tqdm": "tqdm", "matplotlib": "matplotlib"}
+                     "yaml": "pyyaml", "tqdm": "tqdm", "matplotlib": "matplotlib", "submitit": "submitit", "ray": "ray"}
+EXTRAS = {"submitit": "slurm", "ray": "ray"}  # `vramlab run --launcher slurm|ray`: extras of their own
 INSTALL_HINT = "pip install -e '.[harness]'"
 
 
@@ -156,6 +157,6 @@ def run_command(command, func, args):
         top = (e.name or "").split(".")[0]
         if top not in OPTIONAL_PACKAGES:
             raise
-        print(f"vramlab {command}: needs {OPTIONAL_PACKAGES[top]}, which is not installed: {INSTALL_HINT}",
-              file=sys.stderr)
+        hint = f"pip install -e '.[{EXTRAS[top]}]'" if top in EXTRAS else INSTALL_HINT
+        print(f"vramlab {command}: needs {OPTIONAL_PACKAGES[top]}, which is not installed: {hint}", file=sys.stderr)
         return 2

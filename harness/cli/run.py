@@ -30,16 +30,55 @@ def _gpu_indices(text):
     return gpus
 
 
+def _at_least(minimum):
+    def parse(text):
+        try:
+            value = int(text)
+            if value < minimum:
+                raise ValueError
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number ≥ {minimum}") from None
+        return value
+    return parse
+
+
+# The flags that belong to one launcher: (flag, attribute, launcher).
+_LAUNCHER_FLAGS = (("--slurm-partition", "slurm_partition", "slurm"), ("--slurm-time", "slurm_time", "slurm"),
+                   ("--slurm-gpus-per-task", "slurm_gpus_per_task", "slurm"),
+                   ("--slurm-cluster", "slurm_cluster", "slurm"), ("--address", "address", "ray"),
+                   ("--gpus", "gpus", "local"), ("--jobs", "jobs", "local"))
+
+
+def _launcher_settings(a):
+    """The settings of `--launcher slurm|ray`: its flags over the sweep file's `launcher:` block."""
+    from ..sweep.schema import load_launcher_settings
+
+    for flag, attr, launcher in _LAUNCHER_FLAGS:
+        if getattr(a, attr) is not None and launcher != a.launcher:
+            raise ValueError(f"{flag}: only with --launcher {launcher}" + (" (Slurm and Ray place the experiments)"
+                                                                           if launcher == "local" else ""))
+    if a.launcher == "local":
+        return {}
+    flags = {"partition": a.slurm_partition, "time_min": a.slurm_time, "gpus_per_task": a.slurm_gpus_per_task,
+             "cluster": a.slurm_cluster} if a.launcher == "slurm" else {"address": a.address}
+    settings = load_launcher_settings(a.sweep).get(a.launcher, {})
+    return {**settings, **{k: v for k, v in flags.items() if v is not None}}
+
+
 def cmd_run(a):
     from ..gpu import nvml
     from ..sweep.launcher import default_out_dir, prepare_out_dir, run_sweep
     from ..sweep.schema import MAX_EXPERIMENTS, load_sweep
 
     name, exps = load_sweep(a.sweep, limit=None if a.yes else MAX_EXPERIMENTS)
+    settings = _launcher_settings(a)
     if a.shard:
         k, n = a.shard
         exps = exps[k - 1::n]
     mode = a.mode
+    if mode == "auto" and a.launcher != "local" and not a.dry_run:
+        raise ValueError(f"--launcher {a.launcher}: give --mode explicitly "
+                         "(auto looks for a GPU here, but the experiments run on the cluster's nodes)")
     if mode == "auto":
         mode = "measure" if nvml.device_count() > 0 else "trace"
         if mode == "trace" and not a.dry_run:
@@ -54,13 +93,27 @@ def cmd_run(a):
             print(f"{e.spec_hash}  {e.label():70s} {p.peak_allocated_bytes / GiB:8.2f} GiB predicted allocated "
                   f"{p.peak_device_bytes / GiB:8.2f} GiB predicted device  {p.peak_phase}")
         return 0
-    if mode == "measure" and not nvml.available():
-        raise ValueError("--mode measure: needs an NVIDIA GPU and driver (NVML not available)")
+    backend = None
+    if a.launcher == "local":
+        if mode == "measure" and not nvml.available():
+            raise ValueError("--mode measure: needs an NVIDIA GPU and driver (NVML not available)")
+        if mode == "rehearse" and a.gpus:
+            raise ValueError("--gpus with --mode rehearse: a rehearsal runs on the CPU; give --jobs (CPU workers) instead")
+    else:
+        from ..sweep.backends import make_backend, run_on
+
+        if mode == "measure" and not a.out:
+            raise ValueError(f"--launcher {a.launcher} --mode measure: give --out, a folder every node can write "
+                             "(the default is named after this machine's GPU)")
+        backend = make_backend(a.launcher, mode, settings, job_name=f"vramlab-{name}")  # its package, its cluster
     out = a.out or default_out_dir(name, mode)
     prepare_out_dir(out)
     print(f"{name}: {len(exps)} experiments → {out}", file=sys.stderr)
-    s = run_sweep(exps, out, gpus=a.gpus, mode=mode, retry=a.retry, progress=not a.no_progress,
-                  warm=a.process == "warm", jobs=a.jobs or min(4, os.cpu_count() or 1))
+    if backend is None:
+        s = run_sweep(exps, out, gpus=a.gpus, mode=mode, retry=a.retry, progress=not a.no_progress,
+                      warm=a.process == "warm", jobs=a.jobs or min(4, os.cpu_count() or 1))
+    else:
+        s = run_on(backend, exps, out, mode=mode, retry=a.retry, progress=not a.no_progress)
     parts = ", ".join(f"{k} {v}" for k, v in sorted(s.outcomes.items()))
     print(f"{name}: ran {s.ran}, skipped {s.skipped} already recorded" + (f" ({parts})" if parts else "")
           + (f"; {s.fresh_processes} warm reset(s) fell back to a fresh process" if s.fresh_processes else "")
@@ -74,9 +127,11 @@ def cmd_run(a):
 
 # The table `vramlab results` prints: (column, heading); byte columns are shown in GiB.
 RESULT_COLUMNS = (("spec_hash", "spec_hash"), ("model", "model"), ("mode", "mode"), ("method", "method"),
-                  ("dtype", "dtype"), ("batch", "batch"), ("seq", "seq"), ("source", "source"), ("outcome", "outcome"),
+                  ("dtype", "dtype"), ("batch", "batch"), ("seq", "seq"), ("gpus", "gpus"), ("source", "source"),
+                  ("outcome", "outcome"),
                   ("predicted_peak_allocated_bytes", "predicted alloc GiB"),
                   ("traced_peak_allocated_bytes", "traced alloc GiB"),
+                  ("rehearsed_peak_allocated_bytes", "rehearsed alloc GiB"),
                   ("measured_peak_allocated_bytes", "measured alloc GiB"),
                   ("predicted_peak_device_bytes", "predicted device GiB"),
                   ("calibrated_peak_device_bytes", "calibrated device GiB"),
@@ -119,15 +174,36 @@ def add_parsers(sub):
                                    "rerun the same command to resume.")
     p.add_argument("sweep", help="experiments/NAME.yaml")
     p.add_argument("--gpus", type=_gpu_indices, default=None,
-                   help="comma list of GPU indices to run on in parallel (default: GPU 0)")
+                   help="comma list of GPU indices to run on in parallel (default: GPU 0); an experiment of "
+                        "`gpus: N` takes N of them at once")
     p.add_argument("--out", default=None, help="record folder (default results/runs/<sweep>/<gpu-driver>)")
-    p.add_argument("--mode", default="auto", choices=("auto", "measure", "trace"),
-                   help="measure on an NVIDIA GPU, trace on fake tensors (CPU), or auto: measure where a GPU is found")
+    p.add_argument("--mode", default="auto", choices=("auto", "measure", "trace", "rehearse"),
+                   help="measure on an NVIDIA GPU, trace on fake tensors (CPU), rehearse on real CPU tensors "
+                        "(multi-GPU experiments as gloo ranks; figures under `rehearsed`), or auto: measure where a "
+                        "GPU is found, else trace")
     p.add_argument("--process", default="warm", choices=("warm", "cold"),
                    help="warm: one long-lived worker per GPU, reset and checked between experiments (default); "
                         "cold: a fresh process per experiment")
     p.add_argument("--jobs", type=int, default=None,
-                   help="tracing: CPU workers at once (default: the CPU count, at most 4)")
+                   help="tracing or rehearsing: CPU workers at once (default: the CPU count, at most 4); a "
+                        "rehearsed experiment of N ranks takes N of them (all, if fewer)")
+    p.add_argument("--launcher", default="local", choices=("local", "slurm", "ray"),
+                   help="local: worker processes on this machine (default); slurm: a Slurm job array through "
+                        "submitit; ray: Ray tasks. With slurm and ray each experiment is a task of its own, in a "
+                        "fresh process (--process does not apply); settings also come from the sweep file's "
+                        "`launcher:` block, and flags win")
+    p.add_argument("--slurm-partition", default=None, help="--launcher slurm: the partition (default: Slurm's)")
+    p.add_argument("--slurm-time", type=_at_least(1), default=None, metavar="MIN",
+                   help="--launcher slurm: each task's time limit in minutes (default: the longest experiment "
+                        "timeout + 5)")
+    p.add_argument("--slurm-gpus-per-task", type=_at_least(0), default=None, metavar="N",
+                   help="--launcher slurm: GPUs per task (default: the experiment's `gpus` when measuring, "
+                        "else 0)")
+    p.add_argument("--slurm-cluster", default=None, choices=("auto", "slurm", "local"),
+                   help="--launcher slurm: auto (Slurm, where sbatch is on PATH; default), or local: the same jobs "
+                        "as processes on this machine (submitit's local executor)")
+    p.add_argument("--address", default=None, metavar="HOST:PORT",
+                   help="--launcher ray: a running cluster's address, or auto (default: start a local one)")
     p.add_argument("--dry-run", action="store_true", help="list the experiments and their predictions; run nothing")
     p.add_argument("--shard", type=_shard, default=None, help="run every N-th experiment starting at K (K/N)")
     p.add_argument("--retry", action="store_true", help="rerun experiments whose record is an error/timeout/crash")

@@ -30,7 +30,8 @@ so far, and the worker records them with outcome `oom`.
 
 Which GPU: the launcher runs each worker with CUDA_DEVICE_ORDER=PCI_BUS_ID (CUDA numbers GPUs as
 NVML does), CUDA_VISIBLE_DEVICES=<slot> and VRAMLAB_NVML_INDEX=<slot>; the GPU torch sees is then
-checked against NVML by UUID, and the NVML index corrected if they disagree.
+checked against NVML by UUID, and the NVML index corrected if they disagree. A multi-GPU experiment
+gets the lists of its GPUs, and each of its ranks (harness.sweep.ranks) measures its own GPU this way.
 """
 
 import contextlib
@@ -90,9 +91,10 @@ def oom_details(e):
 # ------------------------------------------------------------------ which GPU, which process
 
 def nvml_index():
-    """The NVML index of the GPU this process measures (the launcher's VRAMLAB_NVML_INDEX, else 0)."""
+    """The NVML index of the GPU this process measures (the launcher's VRAMLAB_NVML_INDEX, else 0); of a
+    multi-GPU experiment's list, the first (each rank sets its own: harness.sweep.ranks)."""
     try:
-        return int(os.environ.get("VRAMLAB_NVML_INDEX", "0"))
+        return int(os.environ.get("VRAMLAB_NVML_INDEX", "0").split(",")[0])
     except ValueError:
         return 0
 
@@ -175,8 +177,9 @@ def run_phases(workload, stats):
 
 # ------------------------------------------------------------------ the process: cold or warm
 
-def _cuda_process(torch, index):
-    """Make (once) this process's CUDA context and remember what it cost; later calls reuse it (warm)."""
+def _cuda_process(torch, index, device=0):
+    """Make (once) this process's CUDA context on its `device` (the visible GPU it measures) and remember what it
+    cost; later calls reuse it (warm)."""
     if _PROCESS:
         _PROCESS["experiments"] += 1
         return _PROCESS
@@ -185,11 +188,12 @@ def _cuda_process(torch, index):
     before_pids = [p for p, _ in nvml.processes(index)]
     if not torch.cuda.is_available():
         raise RuntimeError("CUDA is not available to torch in this process")
+    torch.cuda.set_device(device)  # between the readings: under CUDA 12 selecting a device may make its context
     torch.zeros(1, device="cuda")
     torch.cuda.synchronize()
     after = nvml.used_bytes(index)
     after_pids = [p for p, _ in nvml.processes(index)]
-    index, corrected = reconcile_index(index, torch.cuda.get_device_properties(0).uuid, nvml.device_uuid)
+    index, corrected = reconcile_index(index, torch.cuda.get_device_properties(device).uuid, nvml.device_uuid)
     if corrected:  # the readings above came from another GPU: keep none of them
         before = after = None
         before_pids, after_pids = [], [p for p, _ in nvml.processes(index)]
@@ -250,16 +254,20 @@ def cap_fraction(cap_bytes, held_bytes, total_bytes):
 
 # ------------------------------------------------------------------ one experiment
 
-def measure(exp, process=None):
+def measure(exp, process=None, local_rank=None):
     """Run one experiment on the GPU and return the `measured` part of its record; MeasuredOOM on OOM.
 
     `process`: what the worker knows of its process (cold or warm, why it is fresh, what a warm
-    reset found); the NVML side is added here."""
+    reset found); the NVML side is added here. `local_rank`: this process is that rank of a multi-GPU
+    run on this machine (harness.sweep.ranks), which sees its siblings' GPUs too: it measures the
+    `local_rank`-th visible GPU, the model gets the spec's strategy (harness.workload.parallel) in
+    the default process group before it is tracked, and the optimizer is the strategy's."""
     launched_at = float(os.environ.get("VRAMLAB_LAUNCHED_AT", "0") or 0)
     started_wall = time.time()
     import torch
 
-    proc = _cuda_process(torch, nvml_index())
+    parallel = local_rank is not None
+    proc = _cuda_process(torch, nvml_index(), local_rank or 0)
     index = proc["index"]
     spec = validate(exp.spec, get_shape(exp.spec.model))
     from ..workload.steps import run_inference, run_training
@@ -267,7 +275,7 @@ def measure(exp, process=None):
     capped = None
     cap = cap_for(exp)
     if cap:
-        total = torch.cuda.get_device_properties(0).total_memory
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
         fraction, limit = cap_fraction(cap[1], proc["context"], total)
         torch.cuda.set_per_process_memory_fraction(fraction)
         capped = {"gpu": cap[0] or None, "cap_bytes": cap[1], "allocator_limit_bytes": limit, "fraction": fraction,
@@ -280,6 +288,10 @@ def measure(exp, process=None):
 
     def workload(mark):
         model = build_on_device(spec, exp.real_model_dir)
+        if parallel:
+            from ..workload.parallel import shard
+
+            model = shard(model, spec, "cuda")  # FSDP2 / TP: this rank's shards are the parameters
         torch.cuda.synchronize()
         built["t"] = time.perf_counter()
         tracker = None
@@ -294,10 +306,21 @@ def measure(exp, process=None):
                 tracker.mark(phase)
 
         with tracker if tracker is not None else contextlib.nullcontext():
+            if parallel:  # DDP's gradient buckets, allocated as it wraps the model, are gradients
+                from ..tracing.tracker import DDP_BUCKETS
+                from ..workload.parallel import replicate
+
+                with tracker.labelled(DDP_BUCKETS) if tracker is not None else contextlib.nullcontext():
+                    model = replicate(model, spec)
             if spec.mode == "inference":
                 run_inference(model, spec, mark=both, device="cuda")
             else:
-                opt = make_optimizer_on_device(model, spec)
+                if parallel:
+                    from ..workload.parallel import make_parallel_optimizer
+
+                    opt = make_parallel_optimizer(model, spec)
+                else:
+                    opt = make_optimizer_on_device(model, spec)
                 run_training(model, spec, mark=both, device="cuda", steps=exp.steps, optimizer=opt)
 
     with sampler:

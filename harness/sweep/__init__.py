@@ -1,5 +1,7 @@
 """Sweeps: YAML experiments, one process and one record per experiment, resumable.
 
 `schema` reads and validates sweep files and hashes each experiment; `launcher` runs them, one
-subprocess per experiment and GPU, with timeouts and resume; `worker` is that subprocess.
+subprocess per experiment and GPU, with timeouts and resume; `worker` is that subprocess; `ranks`
+runs a multi-GPU experiment's ranks under torchrun (or rehearses them on the CPU) for the worker;
+`backends` runs a sweep's experiments as Slurm or Ray tasks instead (`vramlab run --launcher slurm|ray`).
 """

@@ -15,6 +15,14 @@ One launcher per output folder: a lock (`<out>/.lock`, flock) that dies with its
 new worker process starts on a GPU, the launcher waits (up to IDLE_TIMEOUT_S) for the GPU's memory
 to come back to what it was when the sweep began, so a killed worker's memory still being released
 does not shift the next baseline; the record carries what the wait found.
+
+Multi-GPU experiments (`gpus: N`, harness.sweep.ranks) are packed onto the slots with the others: one
+takes N free slots at once — their warm workers stopped first — for a cold worker that starts its
+ranks on those GPUs (rehearsing, N CPU slots, or all of them if fewer). The queue runs the experiments
+needing the most GPUs first; one that cannot start yet lets smaller ones past only while a running
+experiment at least its size will free enough slots for it (`next_to_start`), so none waits forever.
+An experiment needing more GPUs than the run has is recorded `unsupported` at once, and runs when a
+later run has enough.
 """
 
 import fcntl
@@ -88,10 +96,11 @@ def worker_command(out_dir, mode):
     return [sys.executable, "-m", "harness.sweep.worker", "--out", out_dir, "--mode", mode]
 
 
-def is_done(out_dir, exp, retry=False, moved=None):
+def is_done(out_dir, exp, retry=False, moved=None, slots=None):
     """True if a readable record exists (with retry, only an ok/oom/unsupported record counts).
 
-    An unreadable record is moved aside (`.corrupt-<hash>.json`) and the experiment reruns."""
+    An unreadable record is moved aside (`.corrupt-<hash>.json`) and the experiment reruns; so does one
+    recorded unsupported for want of GPUs when this run has `slots` enough."""
     path = record_path(out_dir, exp.spec_hash)
     if not os.path.exists(path):
         return False
@@ -105,7 +114,47 @@ def is_done(out_dir, exp, retry=False, moved=None):
         return False
     if retry and rec["outcome"] not in ("ok", "oom", "unsupported"):
         return False
+    wanted = (rec.get("error") or {}).get("gpus_needed") if rec["outcome"] == "unsupported" else None
+    if wanted is not None and slots is not None and wanted <= slots:
+        return False
     return rec["outcome"] in OUTCOMES
+
+
+def slots_needed(exp, mode, n_slots):
+    """Slots an experiment holds: one per GPU when measuring; rehearsing, one per rank up to all of them (CPU
+    ranks can share cores); tracing, one (the tracer plays any rank in one process)."""
+    if mode == "measure":
+        return exp.spec.gpus
+    return min(exp.spec.gpus, n_slots) if mode == "rehearse" else 1
+
+
+def next_to_start(needs, free, running):
+    """Index in `needs` (slots per waiting experiment, in queue order) of the next to start on `free` slots, or None.
+
+    `running`: the slots each running experiment holds. A waiting experiment that does not fit lets later,
+    smaller ones past only while a running one at least its size will free enough slots for it; otherwise
+    nothing starts until enough slots drain."""
+    blocked = False
+    for i, n in enumerate(needs):
+        if n <= free:
+            return i
+        if not blocked:
+            if not any(r >= n for r in running):
+                return None
+            blocked = True
+    return None
+
+
+def _unsupported_record(exp, slots, source):
+    """The record of an experiment that needs more GPUs than the run has."""
+    from ..env import fingerprint
+
+    n = exp.spec.gpus
+    record = new_record(exp, source)
+    record.update({"outcome": "unsupported", "timings": {"total_s": 0.0}, "env": fingerprint(),
+                   "error": {"type": "Unsupported", "gpus_needed": n,
+                             "message": f"needs {n} GPUs; this run has {slots} (--gpus): give --gpus with at least {n}"}})
+    return record
 
 
 def _fallback_record(exp, outcome, returncode, stderr_tail, seconds, source):
@@ -126,6 +175,60 @@ def _fallback_record(exp, outcome, returncode, stderr_tail, seconds, source):
         "env": fingerprint(),
     })
     return record
+
+
+def record_stamp(out_dir, spec_hash):
+    """(inode, mtime) of the experiment's record file, or None: a rerun's record is a new file (write_record)."""
+    try:
+        st = os.stat(record_path(out_dir, spec_hash))
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def recorded_outcome(out_dir, spec_hash, stale=None):
+    """The outcome of the experiment's readable record, else None; with `stale` (the stamp of the record a
+    retry replaces), that record is not this run's and counts as none."""
+    if stale is not None and record_stamp(out_dir, spec_hash) == stale:
+        return None
+    path = record_path(out_dir, spec_hash)
+    try:
+        return read_record(path)["outcome"] if os.path.exists(path) else None
+    except RecordError:
+        return None
+
+
+def run_isolated(exp, out_dir, mode, worker_cmd=None):
+    """Run one experiment in a fresh cold worker, waiting up to its timeout; returns its outcome.
+
+    What a Slurm or Ray task runs (harness.sweep.backends): the worker writes the record; if it dies
+    without one (killed, crashed, past its timeout) this writes the fallback record, as the local
+    launcher does. If the task itself is stopped (scancel, ray.cancel) the worker goes with it (it dies
+    with this process) and no record is written: the experiment is not done."""
+    logs = os.path.join(out_dir, ".logs")
+    os.makedirs(logs, exist_ok=True)
+    err_path = os.path.join(logs, f"{exp.spec_hash}.stderr")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               VRAMLAB_LAUNCHER_PID=str(os.getpid()), VRAMLAB_LAUNCHED_AT=repr(time.time()))
+    stale, t0 = record_stamp(out_dir, exp.spec_hash), time.monotonic()
+    with open(err_path, "ab") as err:
+        proc = subprocess.Popen((worker_cmd or worker_command(out_dir, mode)) + [json.dumps(exp.to_dict())], cwd=ROOT,
+                                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                                start_new_session=True)
+    outcome = "crashed"
+    try:
+        rc = proc.wait(timeout=exp.timeout_s)
+    except subprocess.TimeoutExpired:
+        _kill(proc)
+        outcome, rc = "timeout", -signal.SIGKILL
+    except BaseException:
+        _kill(proc)
+        raise
+    recorded = recorded_outcome(out_dir, exp.spec_hash, stale)  # one written just before a timeout is the experiment's
+    if recorded:
+        return recorded
+    write_record(out_dir, _fallback_record(exp, outcome, rc, _tail(err_path), time.monotonic() - t0, SOURCE[mode]))
+    return outcome
 
 
 def _tail(path, n=4000):
@@ -196,9 +299,12 @@ class _Slot:
         self.err_path = ""
         self.replies = None  # warm: parsed reply lines from the worker
         self.workers = 0  # processes started on this slot
+        self.group = []  # the slots the running experiment holds, this one first (a multi-GPU experiment's are several)
+        self.held_by = None  # the slot running the multi-GPU experiment that holds this one
+        self.cold = False  # the running experiment has a process of its own (always, for a multi-GPU one)
 
     def busy(self):
-        return self.exp is not None
+        return self.exp is not None or self.held_by is not None
 
 
 class _Launcher:
@@ -211,12 +317,13 @@ class _Launcher:
         env = dict(os.environ)
         env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
         env["VRAMLAB_LAUNCHER_PID"] = str(os.getpid())
-        if slot.gpu is not None:
+        gpus = [s.gpu for s in slot.group or [slot] if s.gpu is not None]
+        if gpus:
             env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # CUDA numbers the GPUs as NVML does
-            env["CUDA_VISIBLE_DEVICES"] = str(slot.gpu)
-            env["VRAMLAB_NVML_INDEX"] = str(slot.gpu)
+            env["CUDA_VISIBLE_DEVICES"] = env["VRAMLAB_NVML_INDEX"] = ",".join(map(str, gpus))
             if self.mode == "measure":
-                env["VRAMLAB_IDLE"] = json.dumps(wait_for_idle(slot.gpu, self.baseline.get(slot.gpu)))
+                waits = [wait_for_idle(g, self.baseline.get(g)) for g in gpus]
+                env["VRAMLAB_IDLE"] = json.dumps(waits[0] if len(waits) == 1 else waits)
         env["VRAMLAB_LAUNCHED_AT"] = repr(time.time())  # after the wait: launch_to_measure_s is the process's own
         return env
 
@@ -230,7 +337,7 @@ class _Launcher:
         slot.workers += 1
 
     def start(self, slot, exp, fallback=None):
-        slot.exp, slot.started = exp, time.monotonic()
+        slot.exp, slot.started, slot.group, slot.cold = exp, time.monotonic(), [slot], not self.warm
         if not self.warm:
             self.spawn(slot, [json.dumps(exp.to_dict())], f"{exp.spec_hash}.stderr", pipes=False)
             return
@@ -243,6 +350,21 @@ class _Launcher:
             slot.proc.stdin.flush()
         except (BrokenPipeError, OSError):  # it died between experiments: the poll below records the crash
             pass
+
+    def start_ranks(self, slots, exp):
+        """A multi-GPU experiment: one cold worker holding all `slots` (their warm workers stopped first)."""
+        lead = slots[0]
+        for s in slots:
+            self.stop_worker(s)
+            s.held_by = lead if s is not lead else None
+        lead.exp, lead.started, lead.group, lead.cold = exp, time.monotonic(), list(slots), True
+        self.spawn(lead, [json.dumps(exp.to_dict())], f"{exp.spec_hash}.stderr", pipes=False)
+
+    def release(self, slot):
+        """The experiment on `slot` is done: the slots it held are free again."""
+        for s in slot.group:
+            s.held_by = None
+        slot.exp, slot.group = None, []
 
     def stop_worker(self, slot):
         if slot.proc is not None:
@@ -258,7 +380,7 @@ class _Launcher:
         """None while the experiment runs; else (outcome or None, restart reason or None)."""
         exp = slot.exp
         elapsed = time.monotonic() - slot.started
-        if self.warm:
+        if not slot.cold:
             try:
                 reply = slot.replies.get_nowait()
             except queue.Empty:
@@ -274,7 +396,7 @@ class _Launcher:
         if rc is None:  # past its timeout; a record written just before is the experiment's, not a timeout
             self.stop_worker(slot)
             return self.recorded(exp) or self.fallback(slot, "timeout", elapsed, -signal.SIGKILL), None
-        if self.warm:
+        if not slot.cold:
             time.sleep(0.05)  # a reply written just before the exit
             if not slot.replies.empty():
                 return self.poll(slot)
@@ -284,11 +406,7 @@ class _Launcher:
         return self.recorded(exp) or self.fallback(slot, "crashed", elapsed, rc), None
 
     def recorded(self, exp):
-        path = record_path(self.out_dir, exp.spec_hash)
-        try:
-            return read_record(path)["outcome"] if os.path.exists(path) else None
-        except RecordError:
-            return None
+        return recorded_outcome(self.out_dir, exp.spec_hash)
 
     def fallback(self, slot, outcome, elapsed, rc=None):
         rc = slot.proc.returncode if rc is None and slot.proc is not None else rc
@@ -316,59 +434,77 @@ def run_sweep(experiments, out_dir, gpus=None, mode="trace", worker_cmd=None, re
               poll_s=0.2, on_record=None, warm=False, jobs=1):
     """Run every experiment not yet recorded under out_dir; returns a SweepSummary.
 
-    gpus: GPU indices to run on in parallel (one experiment per GPU); None = GPU 0 when measuring.
-    jobs: tracing, how many CPU workers run at once. warm: one long-lived worker per GPU (or CPU job)
-    instead of a process per experiment.
+    gpus: GPU indices to run on in parallel (one experiment per GPU, N for an experiment of `gpus: N`); None =
+    GPU 0 when measuring. jobs: tracing or rehearsing, how many CPU workers run at once. warm: one long-lived
+    worker per GPU (or CPU job) instead of a process per experiment (a multi-GPU experiment is always cold).
     worker_cmd: the command that runs experiments (tests pass a stand-in); cold workers get the
     experiment's JSON as the last argument, warm ones `--warm` and the experiments on stdin."""
     prepare_out_dir(out_dir)
     lock = lock_out_dir(out_dir)
     summary = SweepSummary(out_dir=out_dir, total=len(experiments))
-    todo = []
-    for e in experiments:
-        if is_done(out_dir, e, retry, summary.corrupt_moved):
-            summary.skipped += 1
-        else:
-            todo.append((e, None))
-    logs = os.path.join(out_dir, ".logs")
-    os.makedirs(logs, exist_ok=True)
-    launcher = _Launcher(out_dir, mode, worker_cmd or worker_command(out_dir, mode), warm, logs)
     if gpus or mode == "measure":
         slots = [_Slot(g, f"gpu{g}") for g in (gpus or [0])]
     else:
         slots = [_Slot(None, f"cpu{j}") for j in range(max(1, jobs))]
+    todo, too_big = [], []
+    for e in experiments:
+        if is_done(out_dir, e, retry, summary.corrupt_moved, len(slots)):
+            summary.skipped += 1
+        elif slots_needed(e, mode, len(slots)) > len(slots):
+            too_big.append(e)
+        else:
+            todo.append((e, None))
+    todo.sort(key=lambda t: -slots_needed(t[0], mode, len(slots)))  # the most GPUs first, else in file order
+    logs = os.path.join(out_dir, ".logs")
+    os.makedirs(logs, exist_ok=True)
+    launcher = _Launcher(out_dir, mode, worker_cmd or worker_command(out_dir, mode), warm, logs)
     if mode == "measure":
         launcher.baseline = {s.gpu: nvml.used_bytes(s.gpu) for s in slots}
-    bar = _progress(len(todo)) if progress else None
+    bar = _progress(len(todo) + len(too_big)) if progress else None
     main_thread = threading.current_thread() is threading.main_thread()
     old = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGHUP)} if main_thread else {}
+
+    def finished(exp, outcome):
+        summary.ran += 1
+        summary.outcomes[outcome] = summary.outcomes.get(outcome, 0) + 1
+        if on_record:
+            on_record(exp, outcome)
+        if bar is not None:
+            bar.update(1)
+
     try:
+        for exp in too_big:
+            write_record(out_dir, _unsupported_record(exp, len(slots), launcher.source))
+            finished(exp, "unsupported")
         while todo or any(s.busy() for s in slots):
-            for slot in slots:
-                if todo and not slot.busy():
-                    exp, fallback = todo.pop(0)
-                    launcher.start(slot, exp, fallback)
-                    if bar is not None:
-                        bar.set_postfix_str(exp.label()[:60])
+            while todo:
+                free = [s for s in slots if not s.busy()]
+                needs = [slots_needed(e, mode, len(slots)) for e, _ in todo]
+                i = next_to_start(needs, len(free), [len(s.group) for s in slots if s.exp is not None])
+                if i is None:
+                    break
+                exp, fallback = todo.pop(i)
+                if exp.spec.gpus > 1 and mode != "trace":  # its ranks: a cold worker on all its slots
+                    launcher.start_ranks(free[:needs[i]], exp)
+                else:  # a slot whose warm worker is alive first
+                    launcher.start(min(free, key=lambda s: s.proc is None), exp, fallback)
+                if bar is not None:
+                    bar.set_postfix_str(exp.label()[:60])
             time.sleep(poll_s)
             for slot in slots:
-                if not slot.busy():
+                if slot.exp is None:
                     continue
                 done = launcher.poll(slot)
                 if done is None:
                     continue
                 outcome, restart = done
-                exp, slot.exp = slot.exp, None
+                exp = slot.exp
+                launcher.release(slot)
                 if restart:  # run it again in a fresh process, first in line
                     summary.fresh_processes += 1
                     todo.insert(0, (exp, restart))
                     continue
-                summary.ran += 1
-                summary.outcomes[outcome] = summary.outcomes.get(outcome, 0) + 1
-                if on_record:
-                    on_record(exp, outcome)
-                if bar is not None:
-                    bar.update(1)
+                finished(exp, outcome)
     except (KeyboardInterrupt, _Stop) as e:
         summary.interrupted = True
         summary.signal = str(e) if isinstance(e, _Stop) else "SIGINT"
@@ -391,5 +527,5 @@ def default_out_dir(sweep, mode):
         slug = f"{info['name']}-{info.get('driver', 'driver')}".lower()
         slug = "".join(ch if ch.isalnum() or ch in ".-" else "-" for ch in slug)
     else:
-        slug = "traced-cpu"
+        slug = f"{SOURCE[mode]}-cpu"  # traced-cpu, rehearsed-cpu
     return os.path.join(RUNS_DIR, sweep, slug)

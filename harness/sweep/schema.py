@@ -13,10 +13,14 @@ A sweep file (`experiments/*.yaml`) has a base spec and sweep axes:
       - set: {mode: train, method: lora}
         zip: {seq: [256, 1024], batch: [4, 1]}
 
-Without `groups`, top-level `grid`/`zip` form the single group. Every expanded experiment is
-validated (the Spec against its model, the run fields by type) before anything runs; an error
-names the file, where in it, the field, the value and what is allowed. An experiment's hash is
-stable: it depends only on its resolved fields, not on file order or formatting.
+Without `groups`, top-level `grid`/`zip` form the single group. An optional top-level `launcher:`
+block holds settings of `vramlab run --launcher slurm|ray` (`{slurm: {partition: gpu, time_min: 60,
+gpus_per_task: 1}, ray: {address: auto}}`); they change how experiments run, never their hashes.
+A multi-GPU experiment gives `gpus: N` and `strategy: ddp | fsdp | tp | layer_split`, sugar over the
+spec's zero/tp/layer_split fields (see STRATEGIES).
+Every expanded experiment is validated (the Spec against its model, the run fields by type) before
+anything runs; an error names the file, where in it, the field, the value and what is allowed. An
+experiment's hash is stable: it depends only on its resolved fields, not on file order or formatting.
 """
 
 import hashlib
@@ -44,13 +48,32 @@ RUN_FIELDS = {
     "timeout_s": (int, 600, False, "seconds before the experiment's process is killed"),
     "sample_interval_ms": (float, 1.0, False, "NVML sampling interval"),
     "track_categories": (bool, True, False, "count the measured tensors by memory category (the tracer's tracker)"),
+    # inference engines (harness/engines): an experiment with `engine` set loads a random-weight GGUF in the engine
+    # on the CPU and records the buffers it logs under the record's `engine` object
+    "engine": (str, "", True, "inference engine: llama.cpp (measured on the CPU), or '' for transformers"),
+    "ctx": (int, 0, True, "engine context cells (llama.cpp -c; 0 = the spec's seq)"),
+    "parallel": (int, 1, True, "engine parallel sequences (llama.cpp -np)"),
+    "ubatch": (int, 512, True, "engine micro-batch (llama.cpp -ub)"),
+    "flash_attn": (bool, False, True, "engine flash attention (llama.cpp -fa)"),
+    "engine_kv_dtype": (str, "f16", True, "engine KV cache type: f16, q8_0, q4_0 (llama.cpp -ctk/-ctv)"),
+    "cut_layers": (int, 0, True, "engine experiments: keep only the first N decoder layers (0 = all)"),
 }
-RUN_MINIMUMS = {"steps": 1, "timeout_s": 1, "sample_interval_ms": 0.01, "cap_bytes": 0}
+RUN_MINIMUMS = {"steps": 1, "timeout_s": 1, "sample_interval_ms": 0.01, "cap_bytes": 0, "ctx": 0, "parallel": 1,
+                "ubatch": 1, "cut_layers": 0}
+RUN_CHOICES = {"engine": ("", "llama.cpp"), "engine_kv_dtype": ("f16", "q8_0", "q4_0")}
+# `strategy:` is sugar over the Spec's parallel fields (resolved before hashing, so it names nothing new):
+# ddp → zero 0 (or the zero 1 given), fsdp → zero 3 (or the zero 2 given), tp → tp = gpus (or the tp given),
+# layer_split → layer_split true.
+STRATEGIES = ("ddp", "fsdp", "tp", "layer_split")
 SPEC_FIELDS = {f.name: f for f in fields(Spec)}
 MAX_EXPERIMENTS = 10_000  # a bigger sweep needs `vramlab run --yes` (each experiment costs seconds to minutes)
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a sweep's name is a folder name under results/runs
-TOP_KEYS = {"name", "description", "defaults", "groups", "grid", "zip"}
+TOP_KEYS = {"name", "description", "defaults", "groups", "grid", "zip", "launcher"}
 GROUP_KEYS = {"name", "set", "grid", "zip"}
+# The optional `launcher:` block: settings of `vramlab run --launcher slurm|ray` (its flags win over them);
+# (type, minimum) per key.
+LAUNCHER_KEYS = {"slurm": {"partition": (str, None), "time_min": (int, 1), "gpus_per_task": (int, 0)},
+                 "ray": {"address": (str, None)}}
 
 
 class SweepError(ValueError):
@@ -69,6 +92,13 @@ class Experiment:
     timeout_s: int = 600
     sample_interval_ms: float = 1.0
     track_categories: bool = True
+    engine: str = ""  # inference engine measured on the CPU ("" = transformers)
+    ctx: int = 0
+    parallel: int = 1
+    ubatch: int = 512
+    flash_attn: bool = False
+    engine_kv_dtype: str = "f16"
+    cut_layers: int = 0
     group: str = ""  # the group it came from, for display
 
     @property
@@ -96,7 +126,20 @@ class Experiment:
             core += f" g{s.gen}"
         else:
             core += f" {s.method} {s.optimizer} {s.precision}" + (" ckpt" if s.grad_ckpt else "")
-        return core + ("" if s.attn == "sdpa" else f" {s.attn}")
+        core += "" if s.attn == "sdpa" else f" {s.attn}"
+        return core + (f" {s.gpus}gpu {parallel_label(s)}" if s.gpus > 1 else "")
+
+
+def parallel_label(spec):
+    """How a multi-GPU spec splits the work, in the words of a sweep's `strategy:`."""
+    if spec.layer_split:
+        return "layer_split"
+    parts = [f"tp{spec.tp}"] if spec.tp > 1 else []
+    if spec.pp > 1:
+        parts.append(f"pp{spec.pp}")
+    if spec.gpus // (spec.tp * spec.pp) > 1:  # data parallel over the rest
+        parts.append({0: "ddp", 1: "ddp-zero1", 2: "fsdp-zero2", 3: "fsdp"}[spec.zero])
+    return "+".join(parts)
 
 
 def spec_hash(spec, run_fields):
@@ -132,9 +175,15 @@ def _coerce(path, where, key, value):
         minimum = RUN_MINIMUMS.get(key)
         if minimum is not None and not value >= minimum:  # `not >=`: NaN fails too
             raise SweepError(f"{path}: {where}: {key}: {value!r} must be ≥ {minimum}")
+        if key in RUN_CHOICES and value not in RUN_CHOICES[key]:
+            raise SweepError(f"{path}: {where}: {key}: {value!r} is not one of {', '.join(map(repr, RUN_CHOICES[key]))}")
+        return value
+    if key == "strategy":
+        if value not in STRATEGIES:
+            raise SweepError(f"{path}: {where}: strategy: {value!r} is not one of {', '.join(STRATEGIES)}")
         return value
     if key not in SPEC_FIELDS:
-        allowed = ", ".join(sorted(set(SPEC_FIELDS) | set(RUN_FIELDS)))
+        allowed = ", ".join(sorted(set(SPEC_FIELDS) | set(RUN_FIELDS) | {"strategy"}))
         raise SweepError(f"{path}: {where}: unknown field {key!r}; allowed: {allowed}")
     if key == "lora_targets":
         if isinstance(value, str):
@@ -214,6 +263,7 @@ def expand_sweep(doc, path="<sweep>", limit=MAX_EXPERIMENTS):
     if not isinstance(doc, dict):
         raise SweepError(f"{path}: the top level must be a mapping with 'defaults' and 'groups' (or 'grid'/'zip')")
     _check_keys(path, "top level", doc, TOP_KEYS)
+    launcher_settings(doc, path)
     if doc.get("name") is not None and not (isinstance(doc["name"], str) and NAME.fullmatch(doc["name"])):
         raise SweepError(f"{path}: name: {doc['name']!r} must be a plain name (letters, digits, . _ -), "
                          "the folder its records go to under results/runs")
@@ -245,6 +295,7 @@ def expand_sweep(doc, path="<sweep>", limit=MAX_EXPERIMENTS):
         for ri, row in enumerate(_rows(_axes(path, where, "grid", g.get("grid")), _axes(path, where, "zip", g.get("zip")))):
             fields_ = {**base, **overrides, **row}
             run = {k: fields_.pop(k) for k in list(fields_) if k in RUN_FIELDS}
+            fields_ = apply_strategy(path, f"{where} experiment {ri}", fields_)
             if "model" not in fields_:
                 raise SweepError(f"{path}: {where}: experiment {ri}: no model given (set it in defaults, set or an axis)")
             exp = _make(path, f"{where} experiment {ri}", fields_, run, gname)
@@ -252,6 +303,68 @@ def expand_sweep(doc, path="<sweep>", limit=MAX_EXPERIMENTS):
                 seen.add(exp.spec_hash)
                 out.append(exp)
     return out
+
+
+def launcher_settings(doc, path="<sweep>"):
+    """The sweep's validated `launcher:` block, e.g. {"slurm": {"partition": "gpu"}} ({} without one)."""
+    block = doc.get("launcher") if isinstance(doc, dict) else None
+    if block is None:
+        return {}
+    if not isinstance(block, dict):
+        raise SweepError(f"{path}: launcher: must be a mapping with slurm and/or ray settings")
+    _check_keys(path, "launcher", block, set(LAUNCHER_KEYS))
+    out = {}
+    for name, settings in block.items():
+        settings = settings or {}
+        if not isinstance(settings, dict):
+            raise SweepError(f"{path}: launcher.{name}: must be a mapping of setting → value")
+        _check_keys(path, f"launcher.{name}", settings, set(LAUNCHER_KEYS[name]))
+        for key, value in settings.items():
+            typ, minimum = LAUNCHER_KEYS[name][key]
+            if not isinstance(value, typ) or isinstance(value, bool) or (typ is str and not value.strip()):
+                raise SweepError(f"{path}: launcher.{name}.{key}: {value!r} must be a "
+                                 + ("non-empty string" if typ is str else "whole number"))
+            if minimum is not None and value < minimum:
+                raise SweepError(f"{path}: launcher.{name}.{key}: {value!r} must be ≥ {minimum}")
+        out[name] = dict(settings)
+    return out
+
+
+def apply_strategy(path, where, fields_):
+    """The spec fields with `strategy:` resolved into gpus/zero/tp/layer_split; a contradiction is one SweepError."""
+    fields_ = dict(fields_)
+    strategy = fields_.pop("strategy", None)
+    if strategy is None:
+        return fields_
+    gpus, zero, tp = fields_.get("gpus", 1), fields_.get("zero"), fields_.get("tp")
+
+    def bad(why):
+        raise SweepError(f"{path}: {where}: strategy {strategy}: {why}")
+
+    if gpus < 2:
+        bad(f"needs gpus ≥ 2 (gpus: {gpus})")
+    if strategy != "tp" and tp not in (None, 1):
+        bad(f"tp: {tp} is tensor parallelism (strategy: tp)")
+    if strategy != "layer_split" and fields_.get("layer_split"):
+        bad("layer_split: true is strategy: layer_split")
+    if strategy == "ddp":
+        if zero not in (None, 0, 1):
+            bad(f"zero: {zero} shards parameters or gradients (strategy: fsdp); DDP takes zero 0, or 1 to shard the "
+                "optimizer state")
+        fields_.setdefault("zero", 0)
+    elif strategy == "fsdp":
+        if zero not in (None, 2, 3):
+            bad(f"zero: {zero}; FSDP shards with zero 3 (the default) or 2 (zero 0/1 is strategy: ddp)")
+        fields_.setdefault("zero", 3)
+    elif strategy == "tp":
+        if zero:
+            bad(f"zero: {zero}; tensor parallelism runs with DDP over the other GPUs")
+        fields_.setdefault("tp", gpus)
+    else:
+        if zero:
+            bad(f"zero: {zero}; a layer split has no data parallelism")
+        fields_["layer_split"] = True
+    return fields_
 
 
 def _make(path, where, spec_fields, run, group):
@@ -300,6 +413,14 @@ def load_sweep(path, limit=MAX_EXPERIMENTS):
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise SweepError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
     return sweep_name(path, doc), expand_sweep(doc, path, limit)
+
+
+def load_launcher_settings(path):
+    """The validated `launcher:` block of a sweep file that load_sweep has read without error."""
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        return launcher_settings(yaml.load(f, Loader=_strict_loader()), path)  # noqa: S506 (a SafeLoader subclass)
 
 
 def sweep_name(path, doc=None):

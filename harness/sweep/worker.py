@@ -1,14 +1,19 @@
 """Experiments in a process of their own → one record file each.
 
-    python -m harness.sweep.worker --out DIR --mode measure|trace '<experiment JSON>'   # cold: one experiment
-    python -m harness.sweep.worker --out DIR --mode measure|trace --warm                 # warm: many, one per line
+    python -m harness.sweep.worker --out DIR --mode measure|trace|rehearse '<experiment JSON>'   # cold: one experiment
+    python -m harness.sweep.worker --out DIR --mode measure|trace|rehearse --warm                 # warm: many, one per line
 
 measure: on an NVIDIA GPU (harness.gpu.measure), figures under the record's `measured`;
-trace: fake tensors on the CPU (harness.tracing), figures under `traced`. An out-of-memory
-error is a result (outcome `oom`, with what was measured before it), not a crash.
+trace: fake tensors on the CPU (harness.tracing), figures under `traced`; rehearse: real tensors
+on the CPU counted by the category tracker, a multi-GPU experiment's ranks as processes over gloo,
+figures under `rehearsed` (never `measured`: no GPU was involved). An experiment with `gpus` > 1 is
+measured or rehearsed by its ranks under torchrun (harness.sweep.ranks), in a cold worker of its own
+that holds all its GPUs. An out-of-memory error is a result (outcome `oom`, with what was measured
+before it), not a crash.
 
 Cold: the experiment is the last argument; the exit code is its status (0 ok, 10 oom, 11 error,
-12 unsupported). Warm: the launcher writes one JSON message per line on stdin,
+12 unsupported; 13 timeout and 14 crashed, of a multi-rank experiment's ranks). Warm: the launcher
+writes one JSON message per line on stdin,
 {"experiment": {...}, "fallback": why a fresh process was started, or null}, and the worker
 answers each on its protocol stream (the original stdout; everything printed goes to stderr)
 with {"spec_hash", "outcome"} after writing the record. Before every experiment but the first it
@@ -19,22 +24,20 @@ in the record. Either way the worker dies with its launcher (Linux: PR_SET_PDEAT
 """
 
 import argparse
-import ctypes
 import gc
 import json
 import os
-import signal
 import sys
 import time
 import traceback
 
 from ..env import fingerprint
 from ..records import new_record, write_record
+from .ranks import RanksFailed, die_with, run_ranks
 from .schema import Experiment
 
-EXIT = {"ok": 0, "oom": 10, "error": 11, "unsupported": 12}
-SOURCE = {"measure": "measured", "trace": "traced"}  # the mode → the record key its figures go under
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+EXIT = {"ok": 0, "oom": 10, "error": 11, "unsupported": 12, "timeout": 13, "crashed": 14}
+SOURCE = {"measure": "measured", "trace": "traced", "rehearse": "rehearsed"}  # the mode → the record key of its figures
 
 
 class Unsupported(Exception):
@@ -45,18 +48,26 @@ def die_with_launcher():
     """Ask the kernel to SIGKILL this process when the launcher that started it dies; exit now if it
     already has. The launcher names itself in VRAMLAB_LAUNCHER_PID; without it, nothing is done."""
     parent = os.environ.get("VRAMLAB_LAUNCHER_PID")
-    if not parent:
-        return
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: the launcher's own signal handlers still clean up
-        pass
-    if os.getppid() != int(parent):
-        os._exit(1)
+    if parent:
+        die_with(int(parent))
 
 
 def run_one(exp, mode, process):
-    """The figures of one experiment in this mode (the record's `traced` or `measured` part)."""
+    """The figures of one experiment in this mode (the record's `traced`, `measured` or `rehearsed` part)."""
+    if getattr(exp, "engine", ""):  # an inference engine, run on the CPU whatever the mode (harness/engines)
+        from ..engines.llamacpp import run_experiment
+
+        try:
+            return run_experiment(exp)
+        except (ImportError, NotImplementedError) as e:
+            raise Unsupported(f"engine {exp.engine}: {e}") from e
+    if mode == "rehearse" or (mode == "measure" and exp.spec.gpus > 1):
+        from formulas.spec import SpecError
+
+        try:
+            return run_ranks(exp, mode, process)
+        except (NotImplementedError, SpecError) as e:
+            raise Unsupported(str(e)) from e
     if mode == "trace":
         from ..tracing.tracer import trace
 
@@ -90,15 +101,23 @@ def run_and_record(exp, out, mode, process):
         outcome, error = "unsupported", {"type": "Unsupported", "message": str(e)}
     except MeasuredOOM as e:  # what was measured before the OOM is kept
         outcome, figures, error = "oom", e.measured, e.details
+    except RanksFailed as e:  # a multi-rank experiment: the error names the rank; what the others measured is kept
+        outcome, figures, error = e.outcome, e.figures, e.error
     except Exception as e:  # any other error is recorded too
         if is_oom(e):
             outcome, error = "oom", oom_details(e)
         else:
             outcome, error = "error", {
                 "type": type(e).__name__, "message": str(e)[:2000], "traceback": traceback.format_exc()[-4000:]}
+    env = fingerprint(_nvml_index(mode))
+    if mode == "rehearse":  # whatever GPU the machine has, this ran on the CPU
+        env.update(gpu=None, device="cpu")
+    if getattr(exp, "engine", ""):  # the engine's logged buffers, measured on the CPU: under `engine`, never `measured`
+        record["engine"], record["source"], figures = figures, "engine", None
+        env.update(gpu=None, device="cpu")
     record.update({source: figures, "outcome": outcome, "error": error,
                    "timings": {"total_s": round(time.perf_counter() - t0, 3), **((figures or {}).get("timings") or {})},
-                   "env": fingerprint(_nvml_index(mode))})
+                   "env": env})
     write_record(out, record)
     return outcome
 

@@ -98,11 +98,14 @@ def shard(model, spec, device_type="cpu"):
                   "colwise_gather_output": lambda: ColwiseParallel(output_layouts=Replicate())}
         parallelize_module(model, mesh["tp"], {name: styles[style]() for name, style in tp_plan(model).items()})
         model._vramlab_dp_group = None
-        if world > spec.tp and spec.mode == "train":
+        if spec.mode == "train":
             from torch.distributed.tensor.parallel.ddp import _pre_dp_module_transform
 
-            _pre_dp_module_transform(model)  # local shards as the parameters DDP buckets
-            model._vramlab_dp_group = mesh["dp"].get_group()
+            # Local shards as the parameters: DDP buckets them, and the optimizer's foreach kernels refuse a
+            # mix of DTensor (sharded) and plain (replicated) tensors.
+            _pre_dp_module_transform(model)
+            if world > spec.tp:
+                model._vramlab_dp_group = mesh["dp"].get_group()
     return model
 
 
