@@ -252,7 +252,8 @@ def run_on(backend, experiments, out_dir, mode="trace", retry=False, progress=Tr
     prepare_out_dir(out_dir)
     lock = lock_out_dir(out_dir)
     summary = SweepSummary(out_dir=out_dir, total=len(experiments))
-    todo = [e for e in experiments if not is_done(out_dir, e, retry, summary.corrupt_moved)]
+    # every task gets the GPUs it asks for: a record left "unsupported" for want of GPUs by a local run reruns here
+    todo = [e for e in experiments if not is_done(out_dir, e, retry, summary.corrupt_moved, slots=math.inf)]
     summary.skipped = len(experiments) - len(todo)
     main_thread = threading.current_thread() is threading.main_thread()
     pending, old, bar = [], {}, None
