@@ -18,6 +18,7 @@ from formulas.units import (
 )
 
 from .common import add_spec_arguments, calibration_line, flag_value, spec_from_args, warn_beyond_positions
+from .engines import add_engine_arguments
 
 
 def add_parsers(subparsers):
@@ -43,6 +44,7 @@ def add_parsers(subparsers):
     p.add_argument("--calibration", default=None,
                    help="calibration table from `vramlab fit` (default: the newest in results/calibration/ per GPU type)")
     p.add_argument("--json", action="store_true", help="print the answer as JSON (bytes as integers)")
+    add_engine_arguments(p)
     p.set_defaults(func=cmd_plan)
     return p
 
@@ -237,6 +239,29 @@ def _gpu_list(text):
     return names
 
 
+def _cmd_engine_plan(a, margin, overheads):
+    """`plan --engine E --users N --ctx L --gpu G`: fewest GPUs, largest context per user, most users."""
+    from formulas.catalog import get_shape
+    from formulas.hardware import get_hardware
+
+    from .engines import engine_flags, plan_engine, render_engine_plan
+
+    gpu = get_hardware(a.gpu)
+    taken = engine_flags(a)
+    from formulas.spec import validate
+
+    spec = spec_from_args(a)
+    spec = validate(spec, get_shape(spec.model))
+    a.users = spec.batch  # --users is --batch: the concurrent users, each of --ctx tokens
+    usable = int(gpu.usable_bytes * (1 - margin))
+    ans = plan_engine(a, spec, get_shape(spec.model), gpu, taken, overheads, usable)
+    if a.json:
+        print(json.dumps(ans, indent=2))
+    else:
+        print(render_engine_plan(ans, gpu))
+    return 0
+
+
 def cmd_plan(a):
     from formulas import plan as P
     from formulas.hardware import hardware_names
@@ -256,6 +281,8 @@ def cmd_plan(a):
     overheads = lambda gpu: overheads_for(gpu, a.calibration)  # noqa: E731  (predict's lookup, per GPU type)
     if a.table:
         return _cmd_table(a, P, margin, mfu, deadline, overheads)
+    if a.engine != "transformers":
+        return _cmd_engine_plan(a, margin, overheads(a.gpu))
     spec = spec_from_args(a)
     data_bytes = flag_value(parse_size, "--data", a.data, 1) if a.data else None
     tokens = flag_value(parse_count, "--tokens", a.tokens) if a.tokens else (

@@ -7,6 +7,7 @@ from formulas import categories as C
 from formulas.units import GiB
 
 from .common import add_spec_arguments, calibration_line, gib_cell, spec_from_args, warn_beyond_positions
+from .engines import add_engine_arguments
 
 # How the device categories are headed in the table, and what each means.
 DEVICE_ROWS = ((C.CUDA_CONTEXT, "cuda context"), (C.WORKSPACES, "workspaces"), (C.ALLOCATOR_SLACK, "allocator slack"))
@@ -90,13 +91,26 @@ def cmd_predict(a):
 
     from ..analysis.calibrate import overheads_for
 
+    from .engines import engine_answer, engine_flags, engine_json, render_engine
+
     gpu = get_hardware(a.gpu) if a.gpu else None
+    taken = engine_flags(a)
     spec = spec_from_args(a)
     stored = where = None
     if a.weights_from_checkpoint:
         stored, where = checkpoint_of(a.model, spec)
     pred = predict(spec, overheads_for(a.gpu, a.calibration), checkpoint=stored)
     warn_beyond_positions("predict", pred.spec)
+    if a.engine != "transformers":
+        from formulas.catalog import get_shape
+
+        obj, peak_device, lines = engine_answer(a, pred.spec, get_shape(pred.spec.model), gpu, taken,
+                                                overheads_for(a.gpu, a.calibration))
+        if a.json:
+            print(json.dumps(engine_json(pred.to_dict(), obj, peak_device), indent=2))
+        else:
+            print(render_engine(a, pred, obj, peak_device, lines, gpu))
+        return 0
     applied = pred.weights_source == "checkpoint"
     if a.json:
         d = pred.to_dict()
@@ -140,6 +154,7 @@ def add_parsers(sub):
                         "of the formula where the checkpoint is loaded as stored")
     p.add_argument("--calibration", default=None,
                    help="calibration table from `vramlab fit` (default: the newest in results/calibration/ for --gpu)")
+    add_engine_arguments(p)
     p.set_defaults(func=cmd_predict)
     m = sub.add_parser("models", help="list the shipped model configs")
     m.add_argument("--params", action="store_true", help="with model type and parameter count")

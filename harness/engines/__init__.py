@@ -1,0 +1,1 @@
+"""Inference engines run for real: their own logs read into records (llama.cpp on the CPU)."""
