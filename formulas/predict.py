@@ -103,6 +103,7 @@ class _Static:
     tp_lin_frac: float = 0.0  # share of the layers' weight bytes in linear layers and experts (what tensor parallelism splits)
     opt_steps: int = 0  # bytes of the optimizer's per-tensor `step` counters on the device (in opt_state)
     zero1_state: int = 0  # ZeRO-1: optimizer state of the rank holding the most (greedy partition), steps included
+    fsdp_shard_frac: float = 0.0  # FSDP2: rank 0's share of the parameters, each first dimension padded to the world
 
 
 def _trainable_copies(t, shape, k):
@@ -142,6 +143,18 @@ def _recast(spec):
     """Whether loading recasts stored weights: fp32 parameters under amp full training, or kbit prep."""
     fp32_params = spec.precision == "amp" or fsdp_master_precision(spec)
     return (spec.mode == "train" and fp32_params and spec.method == "full") or kbit_prepared(spec)
+
+
+def _fsdp_shard_frac(shape, spec):
+    """Rank 0's share of the parameters under FSDP2: each tensor's first dimension split in `dp` chunks of
+    ceil(d0 / dp) rows (`torch.chunk`; the last ranks' shards are padded to that), so rank 0 holds the most."""
+    dp = spec.gpus // (spec.tp * spec.pp)
+    if spec.zero < 2 or dp < 2:
+        return 0.0
+    params = [t for t in shape.tensors if t.kind != "buffer" and t.shape]
+    total = sum(t.total_numel for t in params)
+    mine = sum(-(-t.shape[0] // dp) * (t.numel // t.shape[0]) * t.count for t in params)
+    return mine / total if total else 1.0 / dp
 
 
 def fsdp_master_precision(spec):
@@ -259,7 +272,7 @@ def _static(spec, checkpoint=None):
         n_trainable=n_tr, grads=grads, opt_state=state, opt_paged=paged, master=master, opt_temp=opt_temp,
         autocast_copies=copies, autocast_head=copies_head, autocast_layer=copies_layer, lm_grad=lm_grad, ctx=ctx,
         ctx_head=ctx_head, saved_layers_trainable=saved_layers, tp_lin_frac=tp_lin_frac, opt_steps=opt_steps,
-        zero1_state=zero1_state,
+        zero1_state=zero1_state, fsdp_shard_frac=_fsdp_shard_frac(shape, spec),
     )
 
 
@@ -344,7 +357,7 @@ def _held(st, sl, layers, embed, head, other):
     if st.spec.offload == "params":
         w = 2 * (layers - lin + lin / sl.tp) / st.shape.n_layers  # streamed: the running layer and the next
     if sl.weight_div > 1:
-        w = w / sl.weight_div
+        w = w * st.fsdp_shard_frac if sl.fsdp else w / sl.weight_div
     return w
 
 
@@ -416,15 +429,16 @@ def _phases_train(st, sl, B, S, N):
     H, V = shape.hidden, shape.vocab
     share = _param_share(st, sl)
     held = {**_weights_on(st, sl), C.BUFFERS: st.buffers}
-    grads = st.grads * share / sl.grad_div
+    shard = (lambda x, div: x * st.fsdp_shard_frac) if sl.fsdp else (lambda x, div: x / div)  # noqa: E731
+    grads = shard(st.grads * share, sl.grad_div)
     bucket = st.grads * share if sl.ddp_bucket else 0
     offload_opt = s.offload == "optimizer"
     # every rank keeps a step counter per tensor it holds (FSDP2 and TP: all of them)
-    state = 0 if offload_opt else (st.opt_state - st.opt_steps) * share / sl.state_div + st.opt_steps
+    state = 0 if offload_opt else shard((st.opt_state - st.opt_steps) * share, sl.state_div) + st.opt_steps
     if sl.zero1 and not offload_opt:
         state = st.zero1_state
-    master = 0 if offload_opt else st.master * share / sl.state_div
-    opt_temp = 0 if offload_opt else st.opt_temp * share / sl.state_div
+    master = 0 if offload_opt else shard(st.master * share, sl.state_div)
+    opt_temp = 0 if offload_opt else shard(st.opt_temp * share, sl.state_div)
     copies = st.autocast_copies * share / sl.weight_div
     if s.grad_ckpt:  # casts inside checkpointed layers are not saved: lm_head's, plus the layer running
         copies = (st.autocast_head + st.autocast_layer) * share / sl.weight_div
@@ -452,18 +466,21 @@ def _phases_train(st, sl, B, S, N):
     if s.grad_ckpt:
         layer_transient = T * prefill_working_set_per_token(shape, ab, s.attn, S, s.compute_dtype == "fp16") / sl.tp
     lb = ab  # logits come out of lm_head in the compute dtype (fp32 after kbit prep)
+    # FSDP2 mixed precision: autograd's (unsharded) gradients come in the compute dtype, the shards are fp32
+    ug = st.cb / 4 if (sl.fsdp and fsdp_master_precision(s)) else 1
     # transformers' TP plans gather the logits on every rank; the hidden state around the head is replicated
     fwd_logits = T * V * (lb + (4 if lb != 4 else 0) + 4) * sl.head
-    bwd_logits = vmax(T * V * 12 * sl.head, T * V * lb * sl.head + st.lm_grad * sl.head / _head_tp(st, sl))
+    bwd_logits = vmax(T * V * 12 * sl.head, T * V * lb * sl.head + st.lm_grad * ug * sl.head / _head_tp(st, sl))
     acc_grads = grads * ((s.grad_accum > 1) * 1)
     persistent = {**held, C.OPTIMIZER_STATES: state, C.MASTER_WEIGHTS: master}
 
-    gathered = layer_flat = rs_held = 0
+    gathered = layer_flat = rs_held = root = 0
     if sl.fsdp:
         # FSDP2: the root's parameters (all, at ZeRO-2) gathered beside the shards; after the forward it
         # still holds the last layer's flat all-gather buffer, and in the backward the last reduce-scatter's
         # input (one layer's unsharded gradients) until the next one (docs/trace_findings.md #21).
         gathered = _fsdp_gathered(st, sl)
+        root = _fsdp_gathered(st, replace(sl, fsdp=3))  # the root's parameters only
         layer_flat = st.w_layers / shape.n_layers if sl.fsdp == 3 else 0
         if fsdp_master_precision(s):
             layer_flat = layer_flat * st.cb / 4  # gathered in the compute dtype
@@ -489,32 +506,45 @@ def _phases_train(st, sl, B, S, N):
     one_layer = T * largest_layer_saved_per_token(ctx, shape, S) / sl.tp
     grad_buf = 2 * T * H * ctx.r  # gradient of the (replicated) hidden state flowing back, and its successor
     early_grads = acc_grads if s.grad_accum > 1 else st.lm_grad * sl.head / _head_tp(st, sl)
-    start_total = acts + model_saved + bwd_logits + acc_grads + copies + layer_flat
+    start_total = acts + model_saved + bwd_logits + acc_grads + copies + layer_flat + (gathered - root)
     mid_total = (acts + one_layer + grad_buf + early_grads + copies) if s.grad_ckpt else 0
     end_total = grads + grad_buf + one_layer + rs_held
+    layer_w = layer_grads = 0
+    if sl.fsdp:
+        # FSDP2, a layer's backward: its parameters gathered (and, at ZeRO-3, the flat all-gather buffer), its
+        # unsharded gradients beside the previous layer's reduce-scatter input, and an untied head's unsharded
+        # gradient, which the root reduce-scatters only at the end (docs/trace_findings.md #21).
+        layer_w = st.w_layers / shape.n_layers * (st.cb / 4 if fsdp_master_precision(s) else 1)
+        layer_grads = rs_held * ug
+        head_ug = st.lm_grad * ug * sl.head if (not shape.tie_embeddings and s.method == "full") else 0
+        layer_grads += head_ug
+        end_total = grads + grad_buf + one_layer + rs_held + layer_grads + layer_w + layer_flat
     # A trained tied embedding gets two gradients, lm_head's and the embedding's (a dense (V, H) tensor,
     # aten embedding_dense_backward), which autograd sums before AccumulateGrad: at the very end of the
     # backward, the two and their sum are alive beside every other gradient (docs/trace_findings.md #18).
     tied_grad = st.lm_grad * sl.head * sl.embed if (shape.tie_embeddings and s.method == "full") else 0
     end_acts = one_layer + grad_buf
-    end_grads = grads
+    end_grads = grads + layer_grads
+    layer_moment = 1
     if tied_grad:
         # under FSDP2 the embedding's shard is not written yet, and the sum is the unsharded gradient it reduces
-        done = grads - tied_grad / sl.grad_div if sl.fsdp else grads - tied_grad
-        tied_total = done + 3 * tied_grad + grad_buf + rs_held
+        done = grads - shard(tied_grad, sl.grad_div) if sl.fsdp else grads - tied_grad
+        tied_total = done + 3 * tied_grad * ug + grad_buf + rs_held
         tied_wins = tied_total > end_total
         end_total = vmax(end_total, tied_total)
-        end_acts = _pick(tied_wins, 3 * tied_grad + grad_buf, end_acts)
-        end_grads = _pick(tied_wins, done, grads)
+        end_acts = _pick(tied_wins, 3 * tied_grad * ug + grad_buf, end_acts)
+        end_grads = _pick(tied_wins, done, end_grads)
+        layer_moment = 1 - tied_wins
     p_start = (start_total >= end_total) * (start_total >= mid_total)
     p_mid = ((mid_total > start_total) * (mid_total >= end_total)) if s.grad_ckpt else 0
     p_end = 1 - p_start - p_mid
     bwd = dict(persistent)
-    bwd[C.WEIGHTS] = persistent[C.WEIGHTS] + gathered
+    # ZeRO-2 keeps every layer gathered until its own backward: all of them at its start, one at the end
+    bwd[C.WEIGHTS] = persistent[C.WEIGHTS] + (p_start + p_mid) * gathered + p_end * (root + layer_moment * layer_w)
     bwd[C.ACTIVATIONS] = p_start * (acts + model_saved) + p_mid * (acts + one_layer + grad_buf) + p_end * end_acts
     bwd[C.LOGITS] = p_start * bwd_logits
     bwd[C.GRADIENTS] = p_start * acc_grads + p_mid * early_grads + p_end * (end_grads + rs_held) + bucket
-    bwd[C.TEMPORARIES] = (p_start + p_mid) * copies + qtemp + p_start * layer_flat
+    bwd[C.TEMPORARIES] = (p_start + p_mid) * copies + qtemp + p_start * layer_flat + p_end * layer_moment * layer_flat
 
     opt = dict(persistent)
     opt[C.GRADIENTS] = grads + bucket

@@ -78,3 +78,14 @@ def test_full_size_llama_3_2_1b_bar():
     for fields in (dict(zero=3), dict(tp=2), dict(zero=1)):
         _check(Spec(model="Llama-3.2-1B", mode="train", method="full", gpus=4, precision="pure", seq=512, batch=1,
                     **fields))
+
+
+def test_fsdp_pads_shards_to_the_world(tmp_path):
+    """A vocabulary of 1,001 and an intermediate of 176 over 3 ranks: FSDP2 gives rank 0 ceil(d0 / 3) rows of
+    every tensor, the formula too (`_fsdp_shard_frac`), to the byte."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**TINY, "vocab_size": 1001}))
+    traced, predicted = _check(Spec(model=str(path), mode="train", method="full", gpus=3, zero=3, precision="pure",
+                                    seq=32, batch=1))
+    exact = predict(Spec(model=str(path), mode="train", method="full", gpus=1, precision="pure", seq=32, batch=1))
+    assert predicted.phases["optimizer_step"][C.WEIGHTS] * 3 > exact.phases["load"][C.WEIGHTS]  # the padding counts

@@ -183,9 +183,11 @@ class RayBackend:
 
     def submit(self, exps, out_dir, worker_cmd):
         remote = self.ray.remote(run_isolated)
+        most = max(1, int(self.ray.cluster_resources().get("CPU", 1)))  # more would wait forever
         tasks = []
         for e in exps:  # max_retries=0: a task whose process died gets a fallback record, never a second run
-            ref = remote.options(num_cpus=1, num_gpus=task_gpus(e, self.mode), max_retries=0).remote(
+            cpus = min(e.spec.gpus, most) if self.mode == "rehearse" else 1  # a CPU rehearsal: a process per rank
+            ref = remote.options(num_cpus=cpus, num_gpus=task_gpus(e, self.mode), max_retries=0).remote(
                 e, out_dir, self.mode, worker_cmd)
             tasks.append(_Task(e, ref, record_stamp(out_dir, e.spec_hash)))
         return tasks

@@ -138,7 +138,8 @@ def parallel_label(spec):
     if spec.pp > 1:
         parts.append(f"pp{spec.pp}")
     if spec.gpus // (spec.tp * spec.pp) > 1:  # data parallel over the rest
-        parts.append({0: "ddp", 1: "ddp-zero1", 2: "fsdp-zero2", 3: "fsdp"}[spec.zero])
+        parts.append("replicas" if spec.mode == "inference" else
+                     {0: "ddp", 1: "ddp-zero1", 2: "fsdp-zero2", 3: "fsdp"}[spec.zero])
     return "+".join(parts)
 
 

@@ -223,7 +223,12 @@ def _clear_dtensor_caches():
 
 # ------------------------------------------------------------------ entry point
 
-MAX_TRACED_RANKS = 8  # beyond this many ranks, the first and the last are traced (they differ only by padding)
+MAX_TRACED_RANKS = 8  # beyond this many ranks, the first and the last are traced (FSDP/DDP/TP ranks differ only
+# by padding; ZeRO-1's greedy split does not follow rank order, so beyond 8 the heaviest rank may go untraced)
+
+
+class RankTraceError(ValueError):
+    """A rank's tracing process died: one line, not a hang."""
 
 
 def trace(spec, rank=None):
@@ -247,19 +252,72 @@ def trace(spec, rank=None):
         range(spec.gpus) if spec.gpus <= MAX_TRACED_RANKS else [0, spec.gpus - 1])
     # Each rank in a forked child: torch.distributed and DTensor keep process-global state (group names,
     # meshes, cached redistribution plans) that a second fake world in the same process would trip over.
+    t0 = time.perf_counter()
+    by_rank = _trace_ranks_forked(spec, shape, ranks)
+    results = [by_rank[r] for r in ranks]
+    worst = max(results, key=lambda r: r.peak_allocated_bytes)
+    worst.ranks = [{"rank": r, "peak_allocated_bytes": res.peak_allocated_bytes, "peak_phase": res.peak_phase,
+                    "breakdown": res.breakdown, "phases": res.phases} for r, res in zip(ranks, results)]
+    worst.seconds = time.perf_counter() - t0  # wall time: ranks trace side by side
+    worst.notes.append(f"{len(results)} of {spec.gpus} fake ranks traced; the figures are rank {worst.rank}'s, "
+                       "the highest peak")
+    return worst
+
+
+def _rank_child(conn, spec, shape, rank):
+    """A forked child: trace one rank, send (True, TraceResult) or (False, (error type, message))."""
+    try:
+        conn.send((True, _trace_rank(spec, shape, rank)))
+    except BaseException as e:  # the parent turns it into its own error
+        conn.send((False, (isinstance(e, ValueError), f"{type(e).__name__}: {e}" if not isinstance(e, ValueError)
+                           else str(e))))
+    finally:
+        conn.close()
+
+
+def _trace_ranks_forked(spec, shape, ranks):
+    """{rank: TraceResult}, each rank in a fresh forked child, as many at once as there are CPUs. A child
+    that dies without an answer (killed, out of memory) is one RankTraceError naming its rank; every
+    child is stopped when the parent stops (an error, Ctrl-C)."""
     import multiprocessing
     import os
 
     ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(processes=min(len(ranks), os.cpu_count() or 1), maxtasksperchild=1) as pool:
-        results = pool.starmap(_trace_rank, [(spec, shape, r) for r in ranks])
-    worst = max(results, key=lambda r: r.peak_allocated_bytes)
-    worst.ranks = [{"rank": r, "peak_allocated_bytes": res.peak_allocated_bytes, "peak_phase": res.peak_phase,
-                    "breakdown": res.breakdown, "phases": res.phases} for r, res in zip(ranks, results)]
-    worst.seconds = sum(r.seconds for r in results)
-    worst.notes.append(f"{len(results)} of {spec.gpus} fake ranks traced; the figures are rank {worst.rank}'s, "
-                       "the highest peak")
-    return worst
+    workers = min(len(ranks), os.cpu_count() or 1)
+    pending, running, done = list(ranks), {}, {}
+    try:
+        while pending or running:
+            while pending and len(running) < workers:
+                r = pending.pop(0)
+                recv, send = ctx.Pipe(duplex=False)
+                proc = ctx.Process(target=_rank_child, args=(send, spec, shape, r), daemon=True)
+                proc.start()
+                send.close()
+                running[r] = (proc, recv)
+            for r, (proc, recv) in list(running.items()):
+                if recv.poll(0.05):
+                    try:
+                        ok, payload = recv.recv()
+                    except EOFError:
+                        ok, payload = None, None
+                    if ok is None:
+                        raise RankTraceError(f"--gpus {spec.gpus}: the process tracing rank {r} died (killed, or "
+                                             "out of memory); nothing was traced")
+                    proc.join()
+                    del running[r]
+                    if not ok:
+                        is_value, message = payload
+                        raise (ValueError if is_value else RuntimeError)(message)
+                    done[r] = payload
+                elif not proc.is_alive() and not recv.poll(0):
+                    raise RankTraceError(f"--gpus {spec.gpus}: the process tracing rank {r} died (exit status "
+                                         f"{proc.exitcode}: killed, or out of memory); nothing was traced")
+    finally:
+        for proc, _ in running.values():
+            if proc.is_alive():
+                proc.kill()
+            proc.join()
+    return done
 
 
 def _trace_rank(spec, shape, rank):

@@ -67,18 +67,25 @@ def check_traceable(spec):
             raise SpecError(f"--tp {spec.tp}: transformers' plan splits the {kv} KV heads column-wise; "
                             f"--tp must divide them to run")
         if spec.precision == "master" and spec.zero < 2:
-            raise SpecError(f"--precision master with --zero {spec.zero}: fp32 master weights are built with FSDP2 "
-                            "(--zero 2 or 3); trace --precision pure or amp")
+            raise SpecError(f"--zero {spec.zero}: mixed precision resolves to --precision master here (fp32 master "
+                            "weights), which is built with FSDP2 (--zero 2 or 3); give --precision pure or amp")
+        if spec.zero >= 2 and spec.precision == "pure":
+            pinned = sorted({t.dtype for t in get_shape(spec.model).tensors if t.dtype and t.dtype != spec.dtype})
+            if pinned:  # FSDP2 asserts one original dtype per group (_init_mp_dtypes)
+                raise SpecError(f"--zero {spec.zero} --precision pure: {spec.model} keeps some parameters in "
+                                f"{', '.join(pinned)} (e.g. its router), and FSDP2 shards one dtype per layer; "
+                                "give --precision amp or master")
 
 
-STRATEGIES = ("ddp", "zero1", "fsdp", "tp")
+STRATEGIES = ("ddp", "zero1", "fsdp", "tp", "replicas")
 
 
 def strategy_of(spec):
     """The strategy a validated multi-GPU spec runs (None on one GPU)."""
     if spec.gpus == 1:
         return None
-    if spec.pp > 1 or spec.layer_split or spec.offload != "none":
+    if spec.mode == "inference" and spec.tp == 1 and not (spec.pp > 1 or spec.layer_split or spec.offload != "none"):
+        return "replicas"  # every GPU serves the whole model on its own share of the batch or spec.layer_split or spec.offload != "none":
         flag = "--pp" if spec.pp > 1 else "--layer-split" if spec.layer_split else f"--offload {spec.offload}"
         raise SpecError(f"{flag}: multi-rank runs build DDP, ZeRO-1/2/3 (FSDP2) and tensor parallelism only")
     if spec.tp > 1:
