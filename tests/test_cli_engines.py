@@ -88,3 +88,12 @@ def test_engine_predict_is_fast_and_imports_no_torch(engine):
         assert r.returncode == 0, r.stderr[-2000:]
         times.append(float(r.stderr.split("elapsed")[-1]))
     assert min(times) < 0.5, times
+
+
+@pytest.mark.parametrize("engine", ["vllm", "sglang", "ollama"])
+def test_measured_sweeps_of_gpu_engines_are_refused_in_one_line(engine):
+    from harness.sweep.schema import SweepError, expand_sweep
+
+    with pytest.raises(SweepError) as e:
+        expand_sweep({"name": "x", "defaults": {"model": "Llama-3.1-8B", "engine": engine}}, "x.yaml")
+    assert f"engine: '{engine}'" in str(e.value) and "not built" in str(e.value) and "\n" not in str(e.value)

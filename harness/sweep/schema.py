@@ -176,6 +176,10 @@ def _coerce(path, where, key, value):
         minimum = RUN_MINIMUMS.get(key)
         if minimum is not None and not value >= minimum:  # `not >=`: NaN fails too
             raise SweepError(f"{path}: {where}: {key}: {value!r} must be ≥ {minimum}")
+        if key == "engine" and value in ("ollama", "vllm", "sglang"):
+            raise SweepError(f"{path}: {where}: engine: {value!r}: measured {value} sweeps need a GPU and the engine "
+                             "itself and are not built; `vramlab predict/plan --engine` predicts it, `engine: "
+                             "llama.cpp` measures llama.cpp on the CPU")
         if key in RUN_CHOICES and value not in RUN_CHOICES[key]:
             raise SweepError(f"{path}: {where}: {key}: {value!r} is not one of {', '.join(map(repr, RUN_CHOICES[key]))}")
         return value
