@@ -60,9 +60,9 @@ def test_general_inventory_on_the_oldest_transformers():
 
 
 def test_fake_rank_sharding_on_the_oldest_transformers():
-    """FSDP2, ZeRO-1 and transformers' TP plan on fake ranks: per-rank state to the byte on 5.17 too (tiny Llama)."""
+    """FSDP2 on 4 fake ranks: per-rank state to the byte on 5.17 too (tiny Llama)."""
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_trace_sharding.py",
-                        "-k", "tiny and (zero3 or tp2)"],
+                        "-k", "tiny and zero3 and not master"],
                        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert "3 passed" in r.stdout, r.stdout[-500:]  # zero3, zero3-master, tp2-ddp2
+    assert "1 passed" in r.stdout, r.stdout[-500:]
