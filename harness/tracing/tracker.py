@@ -517,12 +517,14 @@ class TrackedMemory:
 
 
 def _uses_fsdp(model):
-    """Whether FSDP2 (`fully_shard`) manages any of the model's modules."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:
+    """Whether FSDP2 (`fully_shard`) manages any of the model's modules. Not imported here unless something
+    already has: torch.distributed.fsdp pulls in DTensor and sympy, seconds a one-GPU run need not pay."""
+    import sys
+
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is None or not hasattr(fsdp, "FSDPModule"):
         return False
-    return any(isinstance(m, FSDPModule) for m in model.modules())
+    return any(isinstance(m, fsdp.FSDPModule) for m in model.modules())
 
 
 class CategoryTracker:
