@@ -35,6 +35,11 @@ class ActContext:
     # unless it already has it (kbit prep's fp32 stream, bf16 adapters over bf16): then lora_A saves the
     # very tensor the base module reads, once for all modules that read it
     dropout: bool = True  # training-mode dropout with the config's probabilities
+    # bitsandbytes < 0.43.2: 4-bit layers keep their input (cast to the compute dtype) on ctx: its bytes, 0 = not
+    bnb4_input_bytes: int = 0
+    bnb4_input_copied: bool = False  # the stream is not in the compute dtype: each 4-bit linear casts its own copy
+    experts_linear: bool = False  # transformers 4.x: MoE experts are nn.Linear (quantized like the rest)
+    reentrant: bool = False  # reentrant checkpointing: inputs held on ctx are dropped outside the recomputed layer
 
 
 def _inputs_saved(ctx):
@@ -195,7 +200,7 @@ def layer_saved_per_token(ctx, shape, seq, moe_layer=False):
             saved += 2 * H * b  # norm outputs, read by the q/k/v and gate/up projections
         attn = _mla_attention_saved(ctx, shape, seq) if fam == "mla" else _llama_attention_saved(ctx, shape, seq)
         mlp = _moe_saved(ctx, shape) if moe_layer else _gated_mlp_saved(ctx, H, I)
-        return saved + attn + mlp
+        return saved + attn + mlp + _bnb4_inputs_per_token(ctx, shape, moe_layer)
     nH, hd = shape.n_heads, shape.head_dim
     drop_attn = _dropout_mask(ctx, shape.attn_dropout, nH * seq) if ctx.attn == "eager" else 0
     if fam == "gpt2" or fam == "gpt_bigcode":
@@ -330,12 +335,49 @@ def _int8_inputs_per_token(ctx, shape, moe_layer=False):
     return (attn + mlp) * b
 
 
+def _bnb4_inputs_per_token(ctx, shape, moe_layer=False):
+    """What a layer's bitsandbytes 4-bit linears keep of their inputs before bitsandbytes 0.43.2, per token:
+    MatMul4Bit stored A (the input Linear4bit cast to the compute dtype) as `ctx.tensors`, outside autograd's
+    saved-tensor hooks. Where the stream already has the compute dtype the cast is the same tensor, one per
+    input several linears read; where it does not (fp32 after kbit prep) every linear holds its own copy."""
+    if not ctx.bnb4_input_bytes or shape.family not in ("llama", "moe", "mla", "generic"):
+        return 0
+    H = shape.hidden
+    nq = shape.n_heads * shape.head_dim
+    if shape.family == "mla":
+        q_in = H + (shape.q_lora_rank or 0)
+        attn_copied = q_in + H + shape.kv_lora_rank + shape.n_heads * shape.v_head_dim
+        attn_shared = attn_copied
+    else:
+        attn_copied = 3 * H + nq  # q, k, v each cast the normed input; o_proj its own
+        attn_shared = H + nq
+    if moe_layer:
+        k = shape.experts_per_token
+        mlp_copied = H  # the router (nn.Linear in 4.x)
+        mlp_shared = H
+        if ctx.experts_linear:  # every routed token enters k experts' w1, w3 (and w2 with the product)
+            mlp_copied += k * (2 * H + shape.moe_intermediate)
+            mlp_shared += k * (H + shape.moe_intermediate)
+        if shape.shared_intermediate:
+            mlp_copied += 2 * H + shape.shared_intermediate
+            mlp_shared += H + shape.shared_intermediate
+    else:
+        mlp_copied = 2 * H + shape.intermediate
+        mlp_shared = H + shape.intermediate
+    elems = attn_copied + mlp_copied if ctx.bnb4_input_copied else attn_shared + mlp_shared
+    return elems * ctx.bnb4_input_bytes
+
+
 def ckpt_saved_per_token(ctx, shape, seq=0):
     """With gradient checkpointing each layer keeps only its input hidden state (and, with eager
     attention, the additive mask it was called with, once for all layers: #5) — and what bitsandbytes
-    int8 linears hold outside autograd's hooks (`_int8_inputs_per_token`)."""
-    int8 = shape.n_dense_layers * _int8_inputs_per_token(ctx, shape) + \
-        shape.n_moe_layers * _int8_inputs_per_token(ctx, shape, moe_layer=True)
+    int8 linears hold outside autograd's hooks (`_int8_inputs_per_token`; 4-bit ones before bitsandbytes 0.43.2,
+    `_bnb4_inputs_per_token`), unless the checkpoint is reentrant (transformers < 5's default)."""
+    int8 = shape.n_dense_layers * (_int8_inputs_per_token(ctx, shape) + _bnb4_inputs_per_token(ctx, shape)) + \
+        shape.n_moe_layers * (_int8_inputs_per_token(ctx, shape, moe_layer=True) +
+                              _bnb4_inputs_per_token(ctx, shape, moe_layer=True))
+    if ctx.reentrant:  # the checkpointed forward ran under no_grad: nothing was put on ctx
+        int8 = 0
     return shape.n_layers * shape.hidden * ctx.r + (seq * ctx.b if ctx.attn == "eager" else 0) + int8
 
 

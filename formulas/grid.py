@@ -86,7 +86,11 @@ def predict_grid(specs, overheads=DEFAULT_OVERHEADS):
             cats[c][idx] = v
         for name in spec_cols:
             v = getattr(key, name)
-            spec_cols[name][idx] = ",".join(v) if name == "lora_targets" else v
+            if name == "lora_targets":
+                v = ",".join(v)
+            elif name == "stack":  # ((package, version), ...) → "transformers=4.40.0,peft=0.10.0"
+                v = ",".join(f"{p}={w}" for p, w in v)
+            spec_cols[name][idx] = v
     cols = {}
     for name in names:
         cols[name] = {"batch": B_all, "seq": S_all, "gen": N_all}[name] if name in _NUMERIC else spec_cols[name]

@@ -42,6 +42,7 @@ from .kv_cache import cache_summary, kv_cache_bytes
 from .lora import default_targets, lora_params, lora_tensors, resolve_targets
 from .overhead import DEFAULT_OVERHEADS
 from .spec import Spec, SpecError, validate
+from .stack import behaviour, linear_experts, stack_notes
 from .training import gradient_bytes, optimizer_memory, zero1_partition
 from .weights import _TOKEN_EMBEDDINGS, _is_layer, weight_storage
 
@@ -164,8 +165,14 @@ def fsdp_master_precision(spec):
             and spec.gpus // (spec.tp * spec.pp) > 1)
 
 
-def _static(spec, checkpoint=None):
+def stack_shape(spec):
+    """The model's shape as the spec's transformers builds it (4.x: MoE experts as nn.Linear per expert)."""
     shape = get_shape(spec.model)
+    return linear_experts(shape) if behaviour(spec, "experts") == "linear" else shape
+
+
+def _static(spec, checkpoint=None):
+    shape = stack_shape(spec)
     cb = DTYPE_BYTES[spec.compute_dtype]
     kvb = DTYPE_BYTES[spec.kv_dtype]
     train = spec.mode == "train"
@@ -244,7 +251,10 @@ def _static(spec, checkpoint=None):
             # kbit prep makes the embeddings fp32, so every activation is: bitsandbytes layers compute in
             # the compute dtype and return their input's dtype (bitsandbytes/nn/modules.py Linear4bit.forward)
             act_bytes = 4 if kbit else cb
+            bnb4_held = spec.dtype in ("nf4", "fp4") and behaviour(spec, "bnb4_keeps_input")
             ctx_kw = dict(linears_trainable=False, norms_trainable=False, int8_linears=spec.dtype == "int8",
+                          bnb4_input_bytes=cb if bnb4_held else 0, bnb4_input_copied=act_bytes != cb,
+                          experts_linear=behaviour(spec, "experts") == "linear",
                           lora={m: (i, o) for m, (i, o, _) in targets.items()},
                           lora_rank=spec.lora_rank, lora_x_bytes=tb, lora_input_copied=tb != act_bytes)
         grads = gradient_bytes(trainable, tb)
@@ -261,7 +271,8 @@ def _static(spec, checkpoint=None):
         # The residual stream is fp32 under autocast when the embeddings are fp32 (full); a frozen
         # low-precision base keeps it in the compute dtype (freeze, LoRA).
         r = 4 if (amp and spec.method == "full") or kbit else cb
-        ctx = ActContext(b=4 if kbit else cb, r=r, amp=amp, attn=spec.attn, dropout=spec.dropout, **ctx_kw)
+        ctx = ActContext(b=4 if kbit else cb, r=r, amp=amp, attn=spec.attn, dropout=spec.dropout,
+                         reentrant=spec.grad_ckpt and behaviour(spec, "reentrant"), **ctx_kw)
         ctx_head = ctx if spec.method != "freeze" else replace(ctx, linears_trainable=False, norms_trainable=False)
         if spec.method in ("lora", "qlora"):
             w_other += n_tr * tb  # adapters counted with the weights
@@ -394,7 +405,13 @@ def _phases_inference(st, sl, B, S, N):
           + state_layers_fixed_bytes(cb, shape, "ws")) / sl.tp
     qtemp = st.quant_temp + T * st.quant_temp_per_token / sl.tp
     head_act = 2 * T * shape.hidden * cb * sl.head
-    logits = (B * shape.vocab * (cb + 4) if s.logits == "last" else T * shape.vocab * cb) * sl.head
+    upcast_fwd = behaviour(s, "logits_upcast") == "forward"
+    if upcast_fwd:
+        # transformers < 4.46: the forward computes every prompt position's logits and upcasts them
+        # (`logits = logits.float()`), whatever --logits says; generate's `outputs` keeps them into the first step
+        logits = T * shape.vocab * (cb + (4 if cb != 4 else 0)) * sl.head
+    else:
+        logits = (B * shape.vocab * (cb + 4) if s.logits == "last" else T * shape.vocab * cb) * sl.head
     in_layer = ws + qtemp
     at_head = head_act + logits
     pick = in_layer >= at_head
@@ -416,6 +433,8 @@ def _phases_inference(st, sl, B, S, N):
     step_ws = step_ws / sl.tp
     # generate keeps the previous step's fp32 logits while copying the new ones: bf16 + 2 × fp32
     dec_logits = B * shape.vocab * (cb + 8) * sl.head
+    if upcast_fwd:  # the step's logits upcast in the forward, beside the prompt's fp32 logits still held
+        dec_logits = (B * shape.vocab * (cb + 8) + T * shape.vocab * 4) * sl.head
     decode = dict(base)
     decode[C.KV_CACHE] = kv_dec * has_dec
     decode[C.ACTIVATIONS] = step_ws * has_dec
@@ -469,7 +488,10 @@ def _phases_train(st, sl, B, S, N):
     # FSDP2 mixed precision: autograd's (unsharded) gradients come in the compute dtype, the shards are fp32
     ug = st.cb / 4 if (sl.fsdp and fsdp_master_precision(s)) else 1
     # transformers' TP plans gather the logits on every rank; the hidden state around the head is replicated
-    fwd_logits = T * V * (lb + (4 if lb != 4 else 0) + 4) * sl.head
+    # forward, at the loss: the logits and their fp32 copy (transformers < 4.46 upcast in the forward, freeing
+    # the low-precision ones), the shifted copy (< 4.50: `logits[..., :-1, :].contiguous()`), the log-softmax
+    fp32_logits = 4 if behaviour(s, "logits_upcast") == "forward" else lb + (4 if lb != 4 else 0)
+    fwd_logits = T * V * (fp32_logits + 4 + (4 if behaviour(s, "shift_copy") else 0)) * sl.head
     bwd_logits = vmax(T * V * 12 * sl.head, T * V * lb * sl.head + st.lm_grad * ug * sl.head / _head_tp(st, sl))
     acc_grads = grads * ((s.grad_accum > 1) * 1)
     persistent = {**held, C.OPTIMIZER_STATES: state, C.MASTER_WEIGHTS: master}
@@ -641,7 +663,13 @@ def _notes(st):
         if shape.attn_implementations == ("eager",) and s.attn == "eager" and attends:
             notes.append(f"{shape.model_type} runs eager attention only ({shape.inventory_source})")
     if s.dtype in ("int8", "nf4", "fp4") and shape.is_moe:
-        notes.append("bitsandbytes via transformers quantizes nn.Linear only: fused MoE expert tensors stay in the compute dtype")
+        if behaviour(s, "experts") == "fused":
+            notes.append("bitsandbytes via transformers quantizes nn.Linear only: transformers ≥ 5 fuses the MoE experts into "
+                         "3-D tensors, which stay in the compute dtype" + (" (fp32 after kbit prep)" if kbit_prepared(s) else "")
+                         + "; transformers 4.x (--transformers 4.57) kept nn.Linear experts, quantized")
+        else:
+            notes.append("transformers 4.x builds each MoE expert as nn.Linear: bitsandbytes quantizes every expert")
+    notes.extend(stack_notes(s, shape))
     if s.gpus > 1:
         notes.append(f"per-GPU figures for {s.gpus} GPUs (tp={s.tp}, pp={s.pp}, zero={s.zero}"
                      f"{', layer split' if s.layer_split else ''}{', offload ' + s.offload if s.offload != 'none' else ''})")

@@ -7,6 +7,7 @@ what is allowed, before any arithmetic runs.
 from dataclasses import dataclass, fields, replace
 
 from .dtypes import BNB_DTYPES, FLOAT_DTYPES, GGUF_DTYPES, INT4_DTYPES, KV_DTYPES, WEIGHT_DTYPES
+from .stack import behaviour, check_version
 from .training import OPTIMIZER_IMPLS, OPTIMIZERS
 
 MODES = ("inference", "train")
@@ -36,7 +37,7 @@ class Spec:
     compute_dtype: str = "bf16"  # dtype of unquantized parts and compute when dtype is quantized
     lora_rank: int = 16  # LoRA rank r
     lora_targets: tuple = ()  # module leaf names, ("all-linear",), or () for peft's default per model type
-    lora_dtype: str = "fp32"  # adapter dtype (peft upcasts adapters to fp32 by default)
+    lora_dtype: str = "fp32"  # adapter dtype (peft ≥ 0.12 upcasts adapters to fp32); auto: as the stack's peft does
     trainable_layers: int = 2  # --method freeze: train the last N decoder layers
     optimizer: str = "adamw"
     optimizer_impl: str = "auto"  # auto (foreach on one GPU/DDP, fused under ZeRO) | foreach | fused | forloop
@@ -45,7 +46,7 @@ class Spec:
     attn: str = "sdpa"  # sdpa | eager | auto (sdpa where the model runs it, else eager; the CLI default)
     grad_accum: int = 1  # micro-batches per optimizer step (batch is the micro-batch)
     kv_dtype: str = ""  # KV cache dtype; "" = compute dtype
-    mla_cache: str = "compressed"  # MLA models: compressed latent (transformers 5, vLLM) | expanded per-head K/V
+    mla_cache: str = "compressed"  # MLA models: compressed latent (transformers 5, vLLM) | expanded per-head K/V | auto (the stack's)
     logits: str = "last"  # inference prefill keeps logits of the last position (generate) or all
     double_quant: bool = True  # bitsandbytes 4-bit double quantization
     group_size: int = 128  # GPTQ/AWQ group size
@@ -57,6 +58,14 @@ class Spec:
     pp: int = 1  # pipeline-parallel degree
     layer_split: bool = False  # split layers over the GPUs like device_map="auto" (no data parallel)
     offload: str = "none"  # none | optimizer (ZeRO-Offload) | params (weights streamed from CPU)
+    # library versions ((package, version), ...) the prediction assumes (formulas/stack.py); () = the newest modelled
+    stack: tuple = ()
+
+    def __post_init__(self):
+        if isinstance(self.stack, dict):  # from JSON: {package: version}
+            object.__setattr__(self, "stack", tuple((p, v) for p, v in self.stack.items() if v))
+        elif isinstance(self.stack, list):
+            object.__setattr__(self, "stack", tuple(tuple(x) for x in self.stack))
 
     def replace(self, **changes):
         """A copy with some fields changed."""
@@ -66,6 +75,7 @@ class Spec:
         """Plain dict (tuples as lists) for JSON."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["lora_targets"] = list(d["lora_targets"])
+        d["stack"] = dict(self.stack)
         return d
 
 
@@ -99,7 +109,7 @@ def validate(spec, shape):
     _positive("trainable-layers", spec.trainable_layers)
     _choice("method", spec.method, METHODS)
     _choice("compute-dtype", spec.compute_dtype, ("bf16", "fp16", "fp32"))
-    _choice("lora-dtype", spec.lora_dtype, FLOAT_DTYPES)
+    _choice("lora-dtype", spec.lora_dtype, ("auto",) + FLOAT_DTYPES)
     _choice("optimizer", spec.optimizer, OPTIMIZERS)
     _choice("optimizer-impl", spec.optimizer_impl, ("auto",) + OPTIMIZER_IMPLS)
     _choice("precision", spec.precision, PRECISIONS)
@@ -108,12 +118,13 @@ def validate(spec, shape):
     groups = getattr(shape, "cache_groups", ())
     if groups and not any(g.kind in ("full", "sliding", "hybrid") for g in groups):
         spec = spec.replace(attn=supported[0])  # no attention layers (Mamba): the choice changes nothing
-    if spec.attn == "auto":  # sdpa where the model runs it (transformers' own default), else eager
-        spec = spec.replace(attn="sdpa" if "sdpa" in supported else "eager")
+    stack = tuple((p, check_version(p, v)) for p, v in spec.stack)
+    if spec.attn == "auto":  # transformers' own default: sdpa where the model runs it (since 4.36), else eager
+        spec = spec.replace(attn="sdpa" if "sdpa" in supported and behaviour(stack, "default_attn") == "sdpa" else "eager")
     elif spec.attn not in supported:
         raise SpecError(f"--attn {spec.attn}: {shape.model_type} runs only {' or '.join(supported)} attention in "
                         f"{shape.inventory_source or 'transformers'}; use --attn {supported[0]}")
-    _choice("mla-cache", spec.mla_cache, MLA_CACHES)
+    _choice("mla-cache", spec.mla_cache, ("auto",) + MLA_CACHES)
     _choice("logits", spec.logits, LOGITS)
     _choice("zero", spec.zero, (0, 1, 2, 3))
     _choice("offload", spec.offload, OFFLOADS)
@@ -173,11 +184,17 @@ def validate(spec, shape):
     if spec.offload == "optimizer" and spec.mode != "train":
         raise SpecError("--offload optimizer: only applies to --mode train")
     impl = spec.optimizer_impl
-    if impl == "auto":  # torch picks foreach on CUDA; DeepSpeed/FSDP setups use a fused Adam
-        impl = "fused" if spec.zero else "foreach"
+    if impl == "auto":  # torch picks foreach on CUDA (2.0+); DeepSpeed/FSDP setups use a fused Adam
+        impl = "fused" if spec.zero else behaviour(stack, "adamw_impl")
+    lora_dtype = spec.lora_dtype
+    if lora_dtype == "auto":  # peft < 0.12: the base layer's dtype where it is a float; ≥ 0.12: fp32
+        base = behaviour(stack, "adapter_dtype") == "base" and dtype in FLOAT_DTYPES
+        lora_dtype = (dtype if precision != "amp" else "fp32") if base else "fp32"
+    mla_cache = spec.mla_cache if spec.mla_cache != "auto" else behaviour(stack, "mla_cache")
     # The model by its canonical name (catalog id or config path), so spellings hash alike.
     return replace(spec, model=shape.name, dtype=dtype, compute_dtype=compute, precision=precision,
-                   kv_dtype=spec.kv_dtype or compute, optimizer_impl=impl)
+                   kv_dtype=spec.kv_dtype or compute, optimizer_impl=impl, lora_dtype=lora_dtype, mla_cache=mla_cache,
+                   stack=stack)
 
 
 def is_quantized(dtype):

@@ -10,8 +10,9 @@ Where a number came from is in its key. Schema 2:
     schema_version   2 (this module's SCHEMA_VERSION; not part of the spec hash)
     spec_hash        the experiment's hash (harness.sweep.schema), formula_hash the predictor's code
     spec, steps, timeout_s, sample_interval_ms, real_model_dir, group   the experiment
-    source           "measured" (a GPU run), "traced" (fake tensors on the CPU) or "rehearsed" (real tensors
-                     on the CPU, `vramlab run --mode rehearse`)
+    source           "measured" (a GPU run), "traced" (fake tensors on the CPU), "rehearsed" (real tensors
+                     on the CPU, `vramlab run --mode rehearse`) or "published" (a published measurement,
+                     `vramlab import`, harness/published.py: with `published` and `citation`)
     outcome          ok | oom | error | timeout | crashed | unsupported
     predicted        formulas.predict at run time: breakdown (tensor and device categories), peaks, phases
                      (per GPU for a multi-GPU spec)
@@ -122,8 +123,13 @@ def migrate(rec, path="record"):
 
 def write_record(out_dir, record):
     """Write `record` atomically as <out_dir>/<spec_hash>.json and return the path."""
+    return write_record_file(record_path(out_dir, record["spec_hash"]), record)
+
+
+def write_record_file(path, record):
+    """Write `record` atomically to `path` (its folder is made) and return the path."""
+    out_dir = os.path.dirname(path) or "."
     os.makedirs(out_dir, exist_ok=True)
-    path = record_path(out_dir, record["spec_hash"])
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=out_dir)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -153,16 +159,24 @@ def check_record(rec, path="record"):
         bad("outcome", f"{rec.get('outcome')!r} is not one of {', '.join(OUTCOMES)}")
     if not isinstance(rec.get("spec"), dict):
         bad("spec", f"{rec.get('spec')!r} is not a mapping of the experiment's fields")
-    for part in ("predicted", "traced", "measured", "rehearsed", "env", "error", "timings"):
+    for part in ("predicted", "traced", "measured", "rehearsed", "published", "env", "error", "timings"):
         if rec.get(part) is not None and not isinstance(rec[part], dict):
             bad(part, f"{rec[part]!r} is not a mapping (or null)")
-        for k, v in (rec.get(part) or {}).items() if part in ("predicted", "traced", "measured", "rehearsed") else ():
+        for k, v in (rec.get(part) or {}).items() if part in ("predicted", "traced", "measured", "rehearsed",
+                                                                "published") else ():
             if k.endswith("_bytes") and v is not None and not _int_bytes(v):
                 bad(f"{part}.{k}", f"{v!r} is not a whole number of bytes")
     if rec["outcome"] == "ok" and rec.get("source") in ("measured", "traced", "rehearsed"):
         peak = (rec.get(rec["source"]) or {}).get("peak_allocated_bytes")
         if not (_int_bytes(peak) and peak > 0):
             bad(f"{rec['source']}.peak_allocated_bytes", f"{peak!r}: an ok record needs a positive peak")
+    if rec["outcome"] == "ok" and rec.get("source") == "published":
+        pub = rec.get("published") or {}
+        peaks = [pub.get(k) for k in ("peak_allocated_bytes", "peak_reserved_bytes", "peak_device_bytes")
+                 if pub.get(k) is not None]
+        if not peaks or not all(_int_bytes(v) and v > 0 for v in peaks):
+            bad("published", "an ok published record needs a positive peak_allocated_bytes, peak_reserved_bytes or "
+                             "peak_device_bytes")
     return rec
 
 

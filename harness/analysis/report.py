@@ -35,7 +35,8 @@ RULES = (
     ("16 bytes per parameter (training)", "train", lambda w, n: 16 * n),
 )
 # (observed source, quantity): what a prediction is compared with, in the order the report shows them.
-TARGETS = (("measured", "device"), ("measured", "allocated"), ("traced", "allocated"), ("rehearsed", "allocated"))
+TARGETS = (("measured", "device"), ("measured", "allocated"), ("traced", "allocated"), ("rehearsed", "allocated"),
+           ("published", "device"), ("published", "reserved"), ("published", "allocated"))
 
 
 def _target_label(source, quantity):
@@ -44,9 +45,26 @@ def _target_label(source, quantity):
 
 def _rows(records):
     """One dict per ok record with a prediction and an observation, values keyed by source."""
+    from ..published import observed_for_prediction
+
     rows = []
     for r in records:
         p, o, source = r.get("predicted") or {}, observed(r), r.get("source")
+        if source == "published" and r.get("outcome") == "ok":
+            scored = observed_for_prediction(r)  # one figure, of the kind the source measured
+            if scored:
+                quantity, value, predicted = scored
+                bd = p.get("breakdown") or {}
+                rows.append({
+                    "spec_hash": r["spec_hash"], "mode": (r.get("spec") or {}).get("mode"), "source": source,
+                    "env": f"{(r.get('citation') or {}).get('set', '?')} · {(r.get('published') or {}).get('gpu') or '?'} (published)",
+                    "predicted": {"allocated": p["peak_allocated_bytes"], "device": p.get("peak_device_bytes"),
+                                  quantity: predicted},
+                    "observed": {(source, quantity): value},
+                    "weights": bd.get(C.WEIGHTS, 0) + bd.get(C.QUANT_STATE, 0), "n_params": p.get("n_params") or 0,
+                    "predicted_breakdown": bd, "observed_breakdown": {}, "device_breakdown": {},
+                })
+            continue
         if r.get("outcome") != "ok" or "peak_allocated_bytes" not in p or o.get("peak_allocated_bytes") is None:
             continue
         bd = p.get("breakdown") or {}

@@ -19,3 +19,14 @@ def error_stats(errors):
     a = np.abs(err)
     return {"n": len(err), "median": float(np.median(a)), "p95": float(np.percentile(a, 95)),
             "worst": float(err[np.argmax(a)])}
+
+
+def percentile(values, q):
+    """The q-th percentile of `values` with numpy's default (linear) interpolation, in plain Python."""
+    v = sorted(values)
+    if not v:
+        raise ValueError("percentile of no values")
+    k = (len(v) - 1) * q / 100
+    lo = int(k)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (k - lo)

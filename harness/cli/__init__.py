@@ -1,9 +1,11 @@
 """The `vramlab` command: parsing and dispatch only, one module per verb.
 
     predict, models   cli/predict.py   the analytic prediction (formulas/)
+    stack             cli/stack.py     the library versions a prediction assumes (formulas/stack.py)
     plan              cli/plan.py      which GPUs, how many, how long (formulas/plan.py)
     trace             cli/trace.py     the workload on fake tensors (harness/tracing/)
     run, results      cli/run.py       sweeps (harness/sweep/) and their records
+    import            cli/importing.py published measurement sets → records (harness/published.py)
     fit, check, report  cli/fit.py, cli/check.py, cli/report.py   what the records say (harness/analysis/)
     doctor            cli/doctor.py    is this machine ready to measure (harness/doctor.py)
 
@@ -17,10 +19,10 @@ import os
 import sys
 
 from .. import __version__
-from . import check, doctor, fit, plan, predict, report, run, trace
+from . import check, doctor, fit, importing, plan, predict, report, run, stack, trace
 from .common import run_command
 
-VERBS = (predict, plan, trace, run, fit, check, report, doctor)  # each registers its commands with add_parsers
+VERBS = (predict, plan, stack, trace, run, importing, fit, check, report, doctor)  # each registers its commands with add_parsers
 
 
 class _Parser(argparse.ArgumentParser):

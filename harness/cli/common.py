@@ -8,6 +8,8 @@ install instead of a traceback. Nothing here imports torch, transformers or pand
 import argparse
 import sys
 
+from formulas.stack import NEWEST as STACK_NEWEST
+from formulas.stack import PACKAGES as STACK_PACKAGES
 from formulas.units import fmt_gib
 
 # import name → the package that provides it (in the `harness` extra of pyproject.toml, unless EXTRAS names another)
@@ -40,7 +42,9 @@ def add_spec_arguments(p):
     p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank r (default 16)")
     p.add_argument("--lora-targets", type=_targets, default=(),
                    help="comma list of module names, or all-linear (default: peft's choice for the model type)")
-    p.add_argument("--lora-dtype", default="fp32", help="adapter dtype (peft default fp32)")
+    p.add_argument("--lora-dtype", default="auto",
+                   help="adapter dtype: auto (as the stack's peft: fp32 from 0.12, the base layer's float dtype before) "
+                        "| fp32 | bf16 | fp16")
     p.add_argument("--trainable-layers", type=int, default=2, help="--method freeze: last N layers train")
     p.add_argument("--optimizer", default="adamw",
                    help="adamw | adamw8bit | paged_adamw8bit | sgd | sgd_momentum | lion | adafactor")
@@ -50,8 +54,9 @@ def add_spec_arguments(p):
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--attn", default="auto", help="auto (sdpa where the model supports it, else eager) | sdpa | eager")
     p.add_argument("--kv-dtype", default="", help="KV cache dtype (default: compute dtype)")
-    p.add_argument("--mla-cache", default="compressed",
-                   help="MLA models: compressed latent (transformers 5, vLLM, SGLang) | expanded per-head K/V")
+    p.add_argument("--mla-cache", default="auto",
+                   help="MLA models: auto (as the stack's transformers) | compressed latent (transformers 5, vLLM, "
+                        "SGLang) | expanded per-head K/V")
     p.add_argument("--logits", default="last", help="inference: last (generate) | all positions")
     p.add_argument("--no-double-quant", action="store_true", help="bitsandbytes 4-bit without double quantization")
     p.add_argument("--group-size", type=int, default=128, help="GPTQ/AWQ group size")
@@ -67,6 +72,36 @@ def add_spec_arguments(p):
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree")
     p.add_argument("--layer-split", action="store_true", help='split layers over --gpus like device_map="auto"')
     p.add_argument("--offload", default="none", help="none | optimizer | params")
+    g = p.add_argument_group("software stack", "library versions whose behaviour the prediction follows (the table: "
+                             "`vramlab stack`); default: what is installed, else the newest modelled")
+    for package in STACK_PACKAGES:
+        g.add_argument(f"--{package}", default=None, metavar="VERSION", help=f"{package} version, e.g. {STACK_NEWEST[package]}")
+
+
+def installed_versions():
+    """{package: version or None} of the stack's packages, from their metadata (no import, so no torch)."""
+    global _INSTALLED
+    if _INSTALLED is None:
+        from importlib import metadata
+
+        _INSTALLED = {}
+        for package in STACK_PACKAGES:
+            try:
+                _INSTALLED[package] = metadata.version(package)
+            except metadata.PackageNotFoundError:
+                _INSTALLED[package] = None
+    return _INSTALLED
+
+
+_INSTALLED = None
+
+
+def stack_from_args(a):
+    """The formulas.stack.Stack the flags ask for, over what is installed."""
+    from formulas.stack import make_stack
+
+    asked = {p: getattr(a, p, None) for p in STACK_PACKAGES}
+    return make_stack(asked, installed_versions())
 
 
 def spec_from_args(a, resolve=True):
@@ -90,7 +125,7 @@ def spec_from_args(a, resolve=True):
         precision=a.precision, grad_ckpt=a.grad_ckpt, attn=a.attn, grad_accum=a.grad_accum, kv_dtype=a.kv_dtype,
         mla_cache=a.mla_cache, logits=a.logits, double_quant=not a.no_double_quant, group_size=a.group_size,
         dropout=not a.no_dropout, gpus=a.gpus, zero=a.zero, tp=a.tp, pp=a.pp, layer_split=a.layer_split,
-        offload=a.offload, kbit_prep=a.kbit_prep,
+        offload=a.offload, kbit_prep=a.kbit_prep, stack=stack_from_args(a).versions,
     )
 
 

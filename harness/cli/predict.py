@@ -6,15 +6,24 @@ import os
 from formulas import categories as C
 from formulas.units import GiB
 
-from .common import add_spec_arguments, calibration_line, gib_cell, spec_from_args, warn_beyond_positions
+from .common import add_spec_arguments, calibration_line, gib_cell, spec_from_args, stack_from_args, warn_beyond_positions
 from .engines import add_engine_arguments
 
 # How the device categories are headed in the table, and what each means.
 DEVICE_ROWS = ((C.CUDA_CONTEXT, "cuda context"), (C.WORKSPACES, "workspaces"), (C.ALLOCATOR_SLACK, "allocator slack"))
 
 
-def render_prediction(pred, gpu=None):
-    """The readable table `vramlab predict` prints (GiB, binary). `gpu`: a formulas.hardware.Hardware."""
+def stack_lines(spec, stack=None):
+    """'stack: transformers 4.40.2 (asked) · …' (the notes say which behaviours differ from the newest)."""
+    from formulas.stack import stack_of
+
+    stack = stack or stack_of(spec.stack)
+    return [f"stack: {stack.label()}"]
+
+
+def render_prediction(pred, gpu=None, stack=None):
+    """The readable table `vramlab predict` prints (GiB, binary). `gpu`: a formulas.hardware.Hardware;
+    `stack`: the formulas.stack.Stack with where each version came from (default: the spec's)."""
     s = pred.spec
     from formulas.catalog import model_label
 
@@ -37,6 +46,7 @@ def render_prediction(pred, gpu=None):
     phases = " · ".join(f"{ph} {sum(bd.values()) / GiB:.2f}" for ph, bd in pred.phases.items())
     lines.append("")
     lines.append(f"phases (GiB allocated): {phases}")
+    lines.extend(stack_lines(pred.spec, stack))
     for n in pred.notes:
         lines.append(f"note: {n}")
     lines.append(calibration_line(pred.calibrated, pred.overheads_source))
@@ -96,6 +106,7 @@ def cmd_predict(a):
     gpu = get_hardware(a.gpu) if a.gpu else None
     taken = engine_flags(a)
     spec = spec_from_args(a)
+    stack = stack_from_args(a)
     stored = where = None
     if a.weights_from_checkpoint:
         stored, where = checkpoint_of(a.model, spec)
@@ -115,6 +126,7 @@ def cmd_predict(a):
     if a.json:
         d = pred.to_dict()
         d["model_label"] = model_label(pred.model)  # 'org/name@commit' for a Hugging Face cache snapshot
+        d["stack"] = stack.to_dict()
         if stored is not None:
             d["checkpoint"] = checkpoint_dict(stored, where, applied)
         if gpu:
@@ -122,7 +134,7 @@ def cmd_predict(a):
                         "margin_bytes": gpu.memory_bytes - pred.peak_device_bytes}
         print(json.dumps(d, indent=2))
     else:
-        print(render_prediction(pred, gpu))
+        print(render_prediction(pred, gpu, stack))
         if stored is not None:
             print("\n".join(render_checkpoint(stored, where, applied)))
     return 0

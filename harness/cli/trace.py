@@ -6,11 +6,12 @@ are imported only when the command runs.
 
 import json
 import os
+import sys
 
 from formulas import categories as C
 from formulas.units import GiB
 
-from .common import add_spec_arguments, gib_cell, spec_from_args, warn_beyond_positions
+from .common import add_spec_arguments, gib_cell, installed_versions, spec_from_args, warn_beyond_positions
 from .predict import DEVICE_ROWS
 
 
@@ -65,6 +66,24 @@ def render_trace(result, prediction):
     return "\n".join(lines)
 
 
+def stack_mismatch(spec):
+    """Lines saying where the versions the prediction assumes differ from the installed ones the trace runs on."""
+    from formulas.stack import BEHAVIOURS, PACKAGES, behaviour, parse_version
+
+    installed = installed_versions()
+    lines = []
+    for p, v in spec.stack:
+        have = installed.get(p)
+        if p not in PACKAGES or not have or parse_version(have) == parse_version(v):
+            continue
+        here = tuple((q, have if q == p else w) for q, w in spec.stack)
+        differ = [b.key for b in BEHAVIOURS if b.package == p and behaviour(spec, b.key) != behaviour(here, b.key)]
+        lines.append(f"traced on the installed {p} {have}; the prediction beside it assumes {p} {v} (--{p})"
+                     + (f": they differ in {', '.join(differ)}" if differ else ": no modelled behaviour differs")
+                     + f"; to trace {v}, run vramlab in an environment that has it (scripts/stack_venvs.sh)")
+    return lines
+
+
 def cmd_trace(a):
     from formulas.predict import predict
 
@@ -76,6 +95,9 @@ def cmd_trace(a):
 
     if a.rank is not None and spec.gpus == 1:
         raise ValueError(f"--rank {a.rank}: only with --gpus N (a multi-GPU spec)")
+    mismatch = stack_mismatch(prediction.spec)
+    for line in mismatch:  # said before the (long) trace starts, and again with its result
+        print(f"vramlab trace: {line}", file=sys.stderr)
     result = trace(spec, rank=a.rank)
     warn_beyond_positions("trace", prediction.spec)  # only once the answer stands: bad input is one line
     if a.plot:
@@ -85,12 +107,15 @@ def cmd_trace(a):
             raise ValueError(f"--plot {a.plot}: {e.strerror or e}") from None
     if a.json:
         d = result.to_dict()
+        d["stack_mismatch"] = mismatch
         d["predicted"] = {"breakdown": prediction.breakdown, "peak_allocated_bytes": prediction.peak_allocated_bytes,
                           "peak_device_bytes": prediction.peak_device_bytes,
                           "peak_phase": prediction.peak_phase, "phases": prediction.phases}
         print(json.dumps(d, indent=2))
     else:
         print(render_trace(result, prediction))
+        for line in mismatch:
+            print(f"note: {line}")
         if a.plot:
             print(f"memory over time → {os.path.abspath(a.plot)}")
     return 0
