@@ -1,0 +1,203 @@
+"""The software-stack model (formulas/stack.py): flags, the table, and the behaviours it switches."""
+
+import json
+import subprocess
+import sys
+from importlib import metadata
+
+import pytest
+
+from formulas.catalog import get_shape
+from formulas.predict import predict
+from formulas.spec import Spec, SpecError
+from formulas.stack import BEHAVIOURS, NEWEST, OLDEST, PACKAGES, behaviour, linear_experts, make_stack, parse_version
+from harness.cli import main
+
+MIXTRAL = "mistralai/Mixtral-8x7B-v0.1"
+OLD = (("transformers", "4.40.0"),)
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("text,want", [("4.40", (4, 40, 0)), ("4.40.2", (4, 40, 2)), ("2.2.0+cu121", (2, 2, 0)),
+                                       ("5.0.0rc1", (5, 0, 0)), ("0.43.0.dev0", (0, 43, 0)), ("v5.17.0", (5, 17, 0))])
+def test_parse_version(text, want):
+    assert parse_version(text) == want
+
+
+def test_every_behaviour_has_a_version_inside_the_table_and_a_source():
+    for b in BEHAVIOURS:
+        assert b.package in PACKAGES and b.source and b.what and b.old != b.new
+        assert parse_version(OLDEST[b.package]) <= parse_version(b.since) <= parse_version(NEWEST[b.package])
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--transformers", "banana"], "--transformers banana"),
+    (["--peft", "0.3.0"], "--peft 0.3.0"),
+    (["--torch", "1.13"], "--torch 1.13"),
+    (["--bitsandbytes", "x.y"], "--bitsandbytes x.y"),
+])
+def test_a_bad_version_is_one_line_naming_the_flag(capsys, argv, flag):
+    code, out, err = run(capsys, "predict", "--model", "Llama-3.2-1B", *argv)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and flag in err
+
+
+def test_the_default_stack_is_what_is_installed(capsys):
+    code, out, _ = run(capsys, "predict", "--model", "Llama-3.2-1B", "--json")
+    d = json.loads(out)
+    for p in PACKAGES:
+        try:
+            have = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            have = None
+        entry = d["stack"][p]
+        if have and parse_version(have) >= parse_version(OLDEST[p]):
+            assert entry == {"version": ".".join(map(str, parse_version(have))), "origin": "installed"}
+        else:
+            assert entry["version"] == NEWEST[p] and entry["origin"].startswith("newest modelled")
+    assert d["spec"]["stack"] == {p: d["stack"][p]["version"] for p in PACKAGES}
+
+
+def test_make_stack_asked_over_installed_over_newest():
+    s = make_stack({"transformers": "4.40"}, {"transformers": "5.24.0", "peft": "0.10.0", "torch": None,
+                                              "bitsandbytes": "0.30.0"})
+    assert s.version("transformers") == "4.40.0" and s.origin("transformers") == "asked"
+    assert s.version("peft") == "0.10.0" and s.origin("peft") == "installed"
+    assert s.version("torch") == NEWEST["torch"] and s.origin("torch") == "newest modelled"
+    assert s.version("bitsandbytes") == NEWEST["bitsandbytes"] and "older than the table" in s.origin("bitsandbytes")
+
+
+def _mixtral_qlora(stack, **kw):
+    return predict(Spec(model=MIXTRAL, mode="train", method="qlora", batch=4, seq=4096, grad_ckpt=True,
+                        lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"), stack=stack, **kw))
+
+
+def test_mixtral_qlora_two_stacks_two_answers(capsys):
+    """transformers 4.x builds experts as nn.Linear, which bitsandbytes quantizes; 5.x fuses them into 3-D
+    parameters it leaves alone, and kbit prep casts those to fp32: 3.5 bytes more per expert parameter."""
+    old, new = _mixtral_qlora(OLD), _mixtral_qlora(())
+    shape = get_shape(MIXTRAL)
+    experts = sum(t.total_numel for t in shape.tensors if t.kind in ("experts", "router"))
+    assert new.breakdown["weights"] - old.breakdown["weights"] == experts * 4 - experts // 2
+    assert old.peak_device_bytes < 48 * 2**30 < 160 * 2**30 < new.peak_device_bytes
+    for version, word in (("4.40", "4.40.0 (asked)"), ("5.17", "5.17.0 (asked)")):
+        code, out, _ = run(capsys, "predict", "--model", MIXTRAL, "--mode", "train", "--method", "qlora", "--batch", "4",
+                           "--seq", "4096", "--grad-ckpt", "--lora-targets", "q_proj,k_proj,v_proj,o_proj",
+                           "--transformers", version)
+        assert code == 0 and f"stack: transformers {word}" in out
+        assert ("quantizes every expert" in out) == (version == "4.40")
+
+
+def test_linear_experts_keep_every_parameter():
+    shape = get_shape(MIXTRAL)
+    lin = linear_experts(shape)
+    assert sum(t.total_numel for t in lin.tensors) == sum(t.total_numel for t in shape.tensors)
+    assert {t.module for t in lin.tensors if "experts" in t.name} == {"w1", "w2", "w3"}
+
+
+def test_lora_all_linear_adapts_the_experts_only_on_4x():
+    kw = dict(model=MIXTRAL, mode="train", method="lora", lora_targets=("all-linear",), lora_rank=8, seq=128)
+    old, new = predict(Spec(stack=OLD, **kw)), predict(Spec(**kw))
+    shape = get_shape(MIXTRAL)
+    E, H, I, L = shape.n_experts, shape.hidden, shape.moe_intermediate, shape.n_layers
+    # w1, w3: H → I; w2: I → H; the router gate: H → E — each an adapter pair of r·(in + out)
+    extra = 8 * L * (E * (2 * (H + I) + (I + H)) + (H + E))
+    assert old.spec.lora_dtype == new.spec.lora_dtype == "fp32"
+    n_old = int(old.notes[[i for i, n in enumerate(old.notes) if n.startswith("LoRA")][0]].split(": ")[1].split()[0].replace(",", ""))
+    n_new = int(new.notes[[i for i, n in enumerate(new.notes) if n.startswith("LoRA")][0]].split(": ")[1].split()[0].replace(",", ""))
+    assert n_old - n_new == extra
+
+
+@pytest.mark.parametrize("version,per_entry", [("4.45", 12), ("4.46", 14), ("4.48", 14), ("4.49", 10), ("5.24", 10)])
+def test_logits_at_the_loss_follow_the_stack(version, per_entry):
+    """Bytes per token per vocabulary entry at the loss, bf16: ≤ 4.45 the forward's fp32 logits (the bf16 ones
+    freed), the shifted copy and the log-softmax; 4.46-4.48 bf16 logits, the loss's fp32 copy, the shifted copy
+    and the log-softmax; since 4.49 the labels are shifted instead."""
+    spec = Spec(model="meta-llama/Llama-3.2-1B", mode="train", method="full", precision="pure", batch=1, seq=512,
+                stack=(("transformers", version),))
+    p = predict(spec)
+    assert p.phases["forward"]["logits"] == 512 * get_shape(spec.model).vocab * per_entry
+
+
+def test_inference_logits_before_446_cover_every_prompt_position():
+    kw = dict(model="meta-llama/Llama-3.1-8B", batch=1, seq=4096, gen=16)
+    old, new = predict(Spec(stack=OLD, **kw)), predict(Spec(**kw))
+    V = get_shape(kw["model"]).vocab
+    assert old.phases["prefill"]["logits"] == 4096 * V * (2 + 4)
+    assert new.phases["prefill"]["logits"] in (0, V * (2 + 4))  # the last position's (or a layer's working set wins)
+    assert old.peak_allocated_bytes > new.peak_allocated_bytes
+
+
+def test_peft_adapter_dtype_and_an_explicit_flag_wins(capsys):
+    kw = dict(model="meta-llama/Llama-3.2-1B", mode="train", method="lora", lora_dtype="auto")
+    assert predict(Spec(stack=(("peft", "0.11.1"),), **kw)).spec.lora_dtype == "bf16"
+    assert predict(Spec(stack=(("peft", "0.12.0"),), **kw)).spec.lora_dtype == "fp32"
+    assert predict(Spec(stack=(("peft", "0.11.1"),), **{**kw, "method": "qlora"})).spec.lora_dtype == "fp32"
+    code, out, _ = run(capsys, "predict", "--model", "Llama-3.2-1B", "--mode", "train", "--method", "lora",
+                       "--peft", "0.11", "--lora-dtype", "fp32", "--json")
+    assert json.loads(out)["spec"]["lora_dtype"] == "fp32"
+
+
+def test_bitsandbytes_before_0432_keeps_each_4bit_input():
+    """MatMul4Bit kept A (cast to bf16) for backward: after kbit prep the stream is fp32, so each Linear4bit
+    casts its own copy — per layer and token q, k, v (3H), o (H), gate, up (2H), down (I), 2 bytes each."""
+    base = dict(model="meta-llama/Llama-2-7b-hf", mode="train", method="qlora", batch=1, seq=512)
+    shape = get_shape(base["model"])
+    H, I, L = shape.hidden, shape.intermediate, shape.n_layers
+    held = 512 * L * (3 * H + H + 2 * H + I) * 2
+    new = (("transformers", "5.24.0"), ("bitsandbytes", "0.43.2"))
+    old = (("transformers", "5.24.0"), ("bitsandbytes", "0.43.1"))
+    a_new, a_old = predict(Spec(stack=new, **base)), predict(Spec(stack=old, **base))
+    assert a_old.phases["forward"]["activations"] - a_new.phases["forward"]["activations"] == held
+    # checkpointed: held across every layer under non-reentrant checkpointing (5.x), not under reentrant (4.x)
+    ck_new, ck_old = predict(Spec(stack=old, grad_ckpt=True, **base)), predict(Spec(stack=new, grad_ckpt=True, **base))
+    assert ck_new.phases["forward"]["activations"] - ck_old.phases["forward"]["activations"] == held
+    reentrant = (("transformers", "4.57.0"), ("bitsandbytes", "0.43.1"))
+    plain = (("transformers", "4.57.0"), ("bitsandbytes", "0.43.2"))
+    assert predict(Spec(stack=reentrant, grad_ckpt=True, **base)).phases["forward"]["activations"] == \
+        predict(Spec(stack=plain, grad_ckpt=True, **base)).phases["forward"]["activations"]
+
+
+def test_mla_cache_and_default_attention_follow_transformers():
+    kw = dict(model="deepseek-ai/DeepSeek-V2-Lite", seq=1024, mla_cache="auto")
+    assert predict(Spec(stack=(("transformers", "5.14.1"),), **kw)).spec.mla_cache == "expanded"
+    assert predict(Spec(stack=(("transformers", "5.15.0"),), **kw)).spec.mla_cache == "compressed"
+    kw = dict(model="meta-llama/Llama-2-7b-hf", attn="auto")
+    assert predict(Spec(stack=(("transformers", "4.35.2"),), **kw)).spec.attn == "eager"
+    assert predict(Spec(stack=(("transformers", "4.36.0"),), **kw)).spec.attn == "sdpa"
+
+
+def test_a_spec_with_a_bad_stack_is_refused():
+    with pytest.raises(SpecError, match="--transformers 4.2"):
+        predict(Spec(model="gpt2", stack=(("transformers", "4.2"),)))
+
+
+def test_stack_command_lists_every_behaviour(capsys):
+    code, out, _ = run(capsys, "stack", "--transformers", "4.40", "--verbose")
+    assert code == 0 and "stack: transformers 4.40.0 (asked)" in out
+    for b in BEHAVIOURS:
+        assert b.key in out and b.source in out
+    code, out, _ = run(capsys, "stack", "--json")
+    d = json.loads(out)
+    assert {b["key"] for b in d["behaviours"]} == {b.key for b in BEHAVIOURS}
+    assert all(b["assumed"] == behaviour(tuple((p, d["stack"][p]["version"]) for p in PACKAGES), b["key"])
+               for b in d["behaviours"])
+
+
+def test_predict_answers_fast_without_torch():
+    code = ("import sys, time\nt = time.perf_counter()\nfrom harness.cli import main\n"
+            "main(['predict', '--model', 'mistralai/Mixtral-8x7B-v0.1', '--mode', 'train', '--method', 'qlora', "
+            "'--transformers', '4.40'])\nprint('SECONDS', time.perf_counter() - t)\n"
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
+    best = None
+    for _ in range(3):
+        t0 = __import__("time").perf_counter()
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        wall = __import__("time").perf_counter() - t0
+        assert r.returncode == 0, r.stderr
+        best = wall if best is None else min(best, wall)
+    assert best < 0.5, f"vramlab predict took {best:.2f} s (interpreter start included)"
