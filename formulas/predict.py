@@ -425,6 +425,8 @@ def _phases_inference(st, sl, B, S, N):
     kv_dec = kv_cache_bytes(shape, B, total, st.kvb, s.mla_cache) * sl.layer_frac / sl.kv_div
     # DynamicLayer.update: torch.cat builds the grown K (then V) of one layer before freeing the old.
     cat_temp = kv_cache_bytes(shape, B, total, st.kvb, s.mla_cache) / shape.n_layers / 2 / sl.kv_div
+    if behaviour(s, "legacy_cache"):  # transformers < 4.42: the previous step's whole cache is still referenced
+        cat_temp = kv_cache_bytes(shape, B, total - 1, st.kvb, s.mla_cache) * sl.layer_frac / sl.kv_div
     step_ws = B * (prefill_working_set_per_token(shape, cb, s.attn, total, s.compute_dtype == "fp16") + 8) + forward_extras_per_position(shape, cb)
     if shape.is_mla:  # every step re-expands the whole cached latent (kv_b_proj) and rebuilds per-head keys
         step_ws = step_ws + B * total * shape.n_heads * (shape.qk_nope_head_dim + shape.v_head_dim + shape.head_dim) * cb

@@ -62,6 +62,17 @@ BEHAVIOURS = (
         "loss/loss_utils.py ForCausalLMLoss line 39 in 4.48.x (shift_logits … .contiguous()) and 4.49.0 "
         "(labels padded); inline in modeling_llama.py before 4.46"),
     Behaviour(
+        "legacy_cache", "transformers", "4.42.0", True, False,
+        "generate's KV cache between steps: tuples of tensors up to 4.41 (4.36–4.41 converted them to a "
+        "DynamicCache inside each forward and back), so every decode step concatenated a whole new cache while "
+        "the previous step's tuples stayed referenced by generate until the step returned — two caches at the "
+        "step's peak; since 4.42 generate keeps one DynamicCache and each layer's old K/V is freed as its "
+        "concatenation replaces it",
+        "4.35.2 models/llama/modeling_llama.py LlamaAttention.forward `key_states = torch.cat([past_key_value[0], "
+        "key_states], dim=2)` … `past_key_value = (key_states, value_states)`; 4.42.0 generation/utils.py lines "
+        "1775-1783 ('Use DynamicCache() instance by default. This will avoid back and forth from legacy format "
+        "that keeps copying the cache thus using much more memory')"),
+    Behaviour(
         "default_attn", "transformers", "4.36.0", "eager", "sdpa",
         "attention implementation when none is asked for: eager (keeps the T×T probabilities per head) before "
         "4.36, SDPA since (with torch ≥ 2.1.1), still the default in 5.24",
@@ -247,6 +258,7 @@ def _bears_on(key, spec, shape):
     return {
         "experts": shape.is_moe and (spec.dtype in ("int8", "nf4", "fp4") or lora),
         "logits_upcast": True,
+        "legacy_cache": not train and spec.gen > 0,
         "shift_copy": train,
         "default_attn": spec.attn == "eager",
         "reentrant": spec.grad_ckpt and (spec.dtype == "int8" or (spec.dtype in ("nf4", "fp4") and train

@@ -7,7 +7,7 @@ case, the settings as vramlab's spec fields and the number exactly as printed:
 
     set: qlora-paper                      # the file's name without .yaml
     citation: {title: ..., url: ..., who: ..., where: "Table 3"}
-    measured: allocated                   # allocated | reserved | nvml | trainer | unknown
+    measured: allocated                   # allocated | reserved | nvml | trainer | allocated+context | unknown
     measured_note: "..."                  # how we know
     gpu: "A100 80GB"
     stack: {transformers: "4.40.0", peft: "0.10.0", torch: "2.2.0", bitsandbytes: "0.43.0"}
@@ -40,6 +40,9 @@ MEASURED = {  # what the published number is → the record key it goes under
     "nvml": "peak_device_bytes",  # nvidia-smi / NVML used memory
     "trainer": "peak_allocated_bytes",  # HF Trainer's memory metrics: deltas of torch's allocated memory
     "unknown": "peak_device_bytes",  # "VRAM" without saying how: read as what nvidia-smi shows
+    # peak allocated + the device memory outside PyTorch's allocator (nvidia-smi's peak − torch's peak reserved):
+    # the CUDA context and library workspaces, not the allocator's slack (optimum's GPTQ benchmark)
+    "allocated+context": "peak_allocated_context_bytes",
 }
 SOURCE_KEYS = ("set", "citation", "measured", "gpu", "cases")
 CASE_KEYS = ("id", "spec", "published", "bytes", "note", "unsupported", "stack", "gpu", "measured")
@@ -211,4 +214,8 @@ def observed_for_prediction(rec):
         return "reserved", pub["peak_reserved_bytes"], pred["peak_allocated_bytes"] + slack
     if pub.get("peak_device_bytes") is not None:
         return "device", pub["peak_device_bytes"], pred["peak_device_bytes"]
+    if pub.get("peak_allocated_context_bytes") is not None:
+        bd = pred.get("breakdown") or {}
+        return ("allocated+context", pub["peak_allocated_context_bytes"],
+                pred["peak_allocated_bytes"] + bd.get(C.CUDA_CONTEXT, 0) + bd.get(C.WORKSPACES, 0))
     return None

@@ -172,7 +172,8 @@ def check_record(rec, path="record"):
             bad(f"{rec['source']}.peak_allocated_bytes", f"{peak!r}: an ok record needs a positive peak")
     if rec["outcome"] == "ok" and rec.get("source") == "published":
         pub = rec.get("published") or {}
-        peaks = [pub.get(k) for k in ("peak_allocated_bytes", "peak_reserved_bytes", "peak_device_bytes")
+        peaks = [pub.get(k) for k in ("peak_allocated_bytes", "peak_reserved_bytes", "peak_device_bytes",
+                                      "peak_allocated_context_bytes")
                  if pub.get(k) is not None]
         if not peaks or not all(_int_bytes(v) and v > 0 for v in peaks):
             bad("published", "an ok published record needs a positive peak_allocated_bytes, peak_reserved_bytes or "

@@ -201,3 +201,15 @@ def test_predict_answers_fast_without_torch():
         assert r.returncode == 0, r.stderr
         best = wall if best is None else min(best, wall)
     assert best < 0.5, f"vramlab predict took {best:.2f} s (interpreter start included)"
+
+
+def test_generate_before_442_holds_two_caches_at_a_decode_step():
+    """Up to 4.41 generate passed the cache as tuples: each step concatenated a new cache while the previous
+    step's stayed referenced — the previous (prompt + steps − 1 tokens) cache beside the new one."""
+    kw = dict(model="meta-llama/Llama-2-13b-hf", dtype="fp16", batch=16, seq=512, gen=511)
+    shape = get_shape(kw["model"])
+    per_token = 2 * shape.n_layers * shape.n_kv_heads * shape.head_dim * 2
+    old = predict(Spec(stack=(("transformers", "4.41.2"),), **kw))
+    new = predict(Spec(stack=(("transformers", "4.42.0"),), **kw))
+    assert old.phases["decode"]["temporaries"] == 16 * (512 + 511 - 1) * per_token
+    assert new.phases["decode"]["temporaries"] == 16 * (512 + 511) * per_token // shape.n_layers // 2

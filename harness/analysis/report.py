@@ -36,7 +36,8 @@ RULES = (
 )
 # (observed source, quantity): what a prediction is compared with, in the order the report shows them.
 TARGETS = (("measured", "device"), ("measured", "allocated"), ("traced", "allocated"), ("rehearsed", "allocated"),
-           ("published", "device"), ("published", "reserved"), ("published", "allocated"))
+           ("published", "device"), ("published", "reserved"), ("published", "allocated"),
+           ("published", "allocated+context"))
 
 
 def _target_label(source, quantity):
