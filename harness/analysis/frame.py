@@ -5,6 +5,8 @@
     traced_*       fake-tensor figures (harness.tracing)
     measured_*     GPU figures (harness.gpu.measure)
     rehearsed_*    real tensors on the CPU (`vramlab run --mode rehearse`, harness.sweep.ranks)
+    published_*    a published measurement (`vramlab import`): the figure under what the source measured
+                   (peak allocated, reserved, device, or allocated plus the memory outside PyTorch), its set
 
 A cell is empty where that source has no value: a traced record has no measured_* figures and no
 device peak, a record without a matching calibration table no calibrated_* figures.
@@ -20,6 +22,8 @@ SPEC_COLUMNS = ("model", "mode", "method", "dtype", "batch", "seq", "gen", "opti
                 "tp", "layer_split")
 TRACED_COLUMNS = ("peak_allocated_bytes", "estimated_reserved_bytes", "peak_phase")
 REHEARSED_COLUMNS = ("peak_allocated_bytes", "estimated_reserved_bytes", "peak_phase", "world_size", "peak_rank")
+PUBLISHED_COLUMNS = ("peak_allocated_bytes", "peak_reserved_bytes", "peak_device_bytes", "peak_allocated_context_bytes",
+                     "what", "case")
 MEASURED_COLUMNS = ("peak_allocated_bytes", "peak_reserved_bytes", "peak_device_bytes", "peak_phase",
                     "cuda_context_bytes", "workspaces_bytes", "world_size", "peak_rank")
 
@@ -57,6 +61,10 @@ def records_frame(records, calibration_lookup=calibration_for_environment):
             row.update(calibrated_peak_allocated_bytes=alloc, calibrated_peak_device_bytes=device)
         for c in TRACED_COLUMNS:
             row[f"traced_{c}"] = traced.get(c)
+        published = r.get("published") or {}
+        for c in PUBLISHED_COLUMNS:
+            row[f"published_{c}"] = published.get(c)
+        row["published_set"] = (r.get("citation") or {}).get("set")
         for c in REHEARSED_COLUMNS:
             row[f"rehearsed_{c}"] = rehearsed.get(c)
         device_bd = measured_device_breakdown(measured)

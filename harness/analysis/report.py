@@ -132,6 +132,8 @@ def summary(records):
     for r in rows:  # per environment: the device peak where measured, else the allocated peak
         target = (r["source"], "device") if r["observed"].get((r["source"], "device")) is not None \
             else (r["source"], "allocated")
+        if r["observed"].get(target) is None:  # a published figure of another kind (reserved, allocated+context)
+            target = next(k for k, v in r["observed"].items() if v is not None)
         err = relative_errors([r["predicted"][target[1]]], [r["observed"][target]])[0]
         envs.setdefault((r["env"], _target_label(*target)), []).append(err)
     env_tab = [{"environment": k, "against": t, **error_stats(v)} for (k, t), v in sorted(envs.items())]
@@ -258,6 +260,12 @@ def write_report(records, out_dir):
     title = f"vramlab report: {len(rows)} experiments ({', '.join(sources) or 'none'}), {n_env} environment(s)"
     sections = [("Prediction vs rules of thumb", scores, PCT), ("Per category", cats, set()),
                 ("Across environments", env_tab, PCT)]
+    # published cases the predictor cannot express, each with its reason (harness/published.py)
+    not_expressed = [{"set": (r.get("citation") or {}).get("set", ""), "case": (r.get("published") or {}).get("case", ""),
+                      "why": (r.get("error") or {}).get("message", "")}
+                     for r in records if r.get("source") == "published" and r.get("outcome") == "unsupported"]
+    if not_expressed:
+        sections.append(("Published cases not expressible", not_expressed, set()))
     md = [f"# {_md_escape(title)}\n", NOTE + "\n"]
     for name, tab, pct in sections:
         md += [f"## {name}\n", _table_md(tab, pct)]

@@ -27,6 +27,12 @@ def cmd_fit(a):
     if a.env:
         groups = {k: v for k, v in groups.items() if a.env.lower() in k.lower()}
     if not groups:
+        published = sum(1 for r in recs if r.get("source") == "published" and r.get("outcome") == "ok")
+        if published:
+            print(f"vramlab fit: {published} published records under {a.records}, none with both an allocated and a "
+                  "device peak of its own (a published set states one figure per case); fit needs both to separate "
+                  "the device overheads — `vramlab report` and `vramlab check` score them", file=sys.stderr)
+            return 2
         print(f"vramlab fit: no usable measured records under {a.records}"
               + (f" for --env {a.env}" if a.env else "") + " (need outcome ok, source measured, device peaks)",
               file=sys.stderr)

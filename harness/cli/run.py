@@ -133,9 +133,13 @@ RESULT_COLUMNS = (("spec_hash", "spec_hash"), ("model", "model"), ("mode", "mode
                   ("traced_peak_allocated_bytes", "traced alloc GiB"),
                   ("rehearsed_peak_allocated_bytes", "rehearsed alloc GiB"),
                   ("measured_peak_allocated_bytes", "measured alloc GiB"),
+                  ("published_peak_allocated_bytes", "published alloc GiB"),
+                  ("published_peak_reserved_bytes", "published reserved GiB"),
                   ("predicted_peak_device_bytes", "predicted device GiB"),
                   ("calibrated_peak_device_bytes", "calibrated device GiB"),
-                  ("measured_peak_device_bytes", "measured device GiB"))
+                  ("measured_peak_device_bytes", "measured device GiB"),
+                  ("published_peak_device_bytes", "published device GiB"),
+                  ("published_peak_allocated_context_bytes", "published alloc+context GiB"))
 
 
 def cmd_results(a):

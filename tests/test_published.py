@@ -1,0 +1,130 @@
+"""`vramlab import`: published measurement sets → records that results, report and check read."""
+
+import json
+import os
+
+import pytest
+
+from formulas.predict import predict
+from formulas.spec import Spec
+from harness.cli import main
+from harness.published import import_source
+from harness.records import iter_records
+
+SET = """
+set: demo
+citation: {title: "A blog post", url: "https://example.org/post", who: "someone, 2024-04", where: "Table 1"}
+measured: nvml
+measured_note: "nvidia-smi"
+gpu: "A100 80GB"
+stack: {transformers: "4.40.0", peft: "0.10.0", torch: "2.2.0", bitsandbytes: "0.43.1", trl: "0.8.6"}
+defaults: {mode: train, model: mistralai/Mixtral-8x7B-v0.1}
+cases:
+  - id: mixtral-qlora
+    spec: {method: qlora, dtype: bf16, batch: 4, seq: 4096, grad_ckpt: true, lora_targets: [q_proj, k_proj, v_proj, o_proj]}
+    published: "45 GB"
+    bytes: 45000000000
+  - id: mixtral-qlora-reserved
+    measured: reserved
+    spec: {method: qlora, dtype: bf16, batch: 1, seq: 1024, grad_ckpt: true}
+    published: "30 GB"
+    bytes: 30000000000
+  - id: kernels
+    spec: {method: qlora, dtype: bf16, batch: 2, seq: 2048}
+    published: "20 GB"
+    bytes: 20000000000
+    unsupported: "custom Triton kernels"
+  - id: not-in-catalog
+    spec: {model: example/Nope-7B, method: lora}
+    published: "20 GB"
+    bytes: 20000000000
+"""
+
+
+@pytest.fixture
+def source(tmp_path):
+    p = tmp_path / "demo.yaml"
+    p.write_text(SET)
+    return str(p)
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_import_writes_one_record_per_case(source, tmp_path):
+    done = import_source(source, str(tmp_path / "out"))
+    assert [c for c, _, _ in done] == ["mixtral-qlora", "mixtral-qlora-reserved", "kernels", "not-in-catalog"]
+    recs = {r["published"]["case"]: r for r in iter_records(str(tmp_path / "out" / "demo"))}
+    r = recs["mixtral-qlora"]
+    assert r["source"] == "published" and r["outcome"] == "ok"
+    assert r["published"]["peak_device_bytes"] == 45_000_000_000 and r["published"]["what"] == "nvml"
+    assert r["published"]["as_printed"] == "45 GB" and r["citation"]["url"] == "https://example.org/post"
+    # the stack is the set's (packages vramlab models), and the prediction follows it: experts quantized on 4.40
+    assert r["spec"]["stack"] == {"transformers": "4.40.0", "peft": "0.10.0", "torch": "2.2.0", "bitsandbytes": "0.43.1"}
+    spec = Spec(**{**r["spec"], "lora_targets": tuple(r["spec"]["lora_targets"])})
+    assert r["predicted"]["peak_device_bytes"] == predict(spec).peak_device_bytes
+    assert r["predicted"]["peak_device_bytes"] < 60e9
+    assert recs["mixtral-qlora-reserved"]["published"] == {
+        "peak_reserved_bytes": 30_000_000_000, "what": "reserved", "as_printed": "30 GB",
+        "case": "mixtral-qlora-reserved", "note": "", "gpu": "A100 80GB"}
+    assert recs["kernels"]["outcome"] == "unsupported" and recs["kernels"]["error"]["message"] == "custom Triton kernels"
+    assert recs["not-in-catalog"]["outcome"] == "unsupported"
+    assert "example/Nope-7B" in recs["not-in-catalog"]["error"]["message"]
+
+
+def test_cli_import_lists_errors_and_reasons(source, tmp_path, capsys):
+    code, out, _ = run(capsys, "import", source, "--out", str(tmp_path / "out"))
+    assert code == 0
+    assert "4 cases" in out and "2 predicted, 2 not expressible" in out
+    assert "demo/kernels: custom Triton kernels" in out and "|error| median" in out
+
+
+def test_records_work_with_results_report_and_check(source, tmp_path, capsys):
+    out_dir = str(tmp_path / "out")
+    import_source(source, out_dir)
+    code, out, _ = run(capsys, "results", out_dir)
+    assert code == 0 and "published device GiB" in out and "published reserved GiB" in out
+    code, out, _ = run(capsys, "report", out_dir, "--out", str(tmp_path / "rep"))
+    assert code == 0
+    md = open(tmp_path / "rep" / "report.md").read()
+    assert "published peak device" in md and "published peak reserved" in md
+    assert "Published cases not expressible" in md and "custom Triton kernels" in md
+    code, out, err = run(capsys, "check", out_dir, out_dir)
+    assert code == 0 and "regression" not in err
+    code, _, err = run(capsys, "fit", out_dir)
+    assert code == 2 and "published" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("edit,field", [
+    (lambda s: s.replace("measured: nvml", "measured: smi"), "measured"),
+    (lambda s: s.replace("bytes: 45000000000", "bytes: 45 GB"), "bytes"),
+    (lambda s: s.replace("id: kernels", "id: mixtral-qlora"), "id"),
+    (lambda s: s.replace('url: "https://example.org/post", ', ""), "citation"),
+    (lambda s: s.replace("    published: \"45 GB\"\n", "    publishd: \"45 GB\"\n"), "publishd"),
+    (lambda s: "cases: [", "not YAML"),
+])
+def test_a_bad_set_is_one_line_naming_the_field_and_writes_nothing(tmp_path, capsys, edit, field):
+    p = tmp_path / "bad.yaml"
+    p.write_text(edit(SET))
+    out_dir = tmp_path / "out"
+    code, out, err = run(capsys, "import", str(p), "--out", str(out_dir))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and field in err and str(p) in err
+    assert not out_dir.exists()
+
+
+def test_a_case_removed_from_the_set_leaves_the_folder(source, tmp_path):
+    out_dir = str(tmp_path / "out")
+    import_source(source, out_dir)
+    with open(source) as f:
+        text = f.read()
+    cut = text.index("  - id: not-in-catalog")
+    with open(source, "w") as f:
+        f.write(text[:cut])
+    import_source(source, out_dir)
+    assert sorted(os.listdir(os.path.join(out_dir, "demo"))) == ["kernels.json", "mixtral-qlora-reserved.json",
+                                                                 "mixtral-qlora.json"]
+    for f in os.listdir(os.path.join(out_dir, "demo")):
+        json.load(open(os.path.join(out_dir, "demo", f)))
