@@ -198,6 +198,14 @@ def _static(spec, checkpoint=None):
     quant_temp = quant_temp_tok = 0
     if spec.dtype in ("nf4", "fp4", "gptq-int4", "awq-int4"):
         quant_temp = st.largest_quantized * cb  # a whole weight dequantized for a multi-token matmul
+    if spec.dtype == "gptq-int4" and spec.gptq_kernel == "exllamav2":
+        # AutoGPTQ's exllamav2_post_init: one fp16 scratch tensor per device, the largest of every quantized
+        # linear's scratch_space_fixed(max_input_len=2048, max_batch_size=8) = (in·out·2 + 128) + (out·2048·8·4 + 128),
+        # allocated once and kept (it holds the dequantization buffer, so no separate one)
+        scratch = max((t.shape[0] * t.shape[1] * 2 + 128 + t.shape[0] * 2048 * 8 * 4 + 128 for t in shape.tensors
+                       if t.kind == "linear" and t.module != "lm_head" and len(t.shape) == 2), default=0)
+        st = replace(st, buffer_bytes=st.buffer_bytes + scratch)
+        quant_temp = 0
     elif spec.dtype == "int8":
         quant_temp_tok = shape.intermediate * 4 + shape.hidden  # int32 matmul output + int8 input copy
 

@@ -17,6 +17,7 @@ PRECISIONS = ("auto", "pure", "amp", "master")
 OFFLOADS = ("none", "optimizer", "params")
 MLA_CACHES = ("expanded", "compressed")
 LOGITS = ("last", "all")
+GPTQ_KERNELS = ("exllama", "exllamav2", "other")
 
 
 class SpecError(ValueError):
@@ -50,6 +51,7 @@ class Spec:
     logits: str = "last"  # inference prefill keeps logits of the last position (generate) or all
     double_quant: bool = True  # bitsandbytes 4-bit double quantization
     group_size: int = 128  # GPTQ/AWQ group size
+    gptq_kernel: str = "exllama"  # GPTQ kernel: exllama (v1, transformers' default) | exllamav2 (a fixed scratch buffer) | other
     dropout: bool = True  # training-mode dropout masks where the config has p > 0
     kbit_prep: bool = True  # LoRA over a bitsandbytes base: peft's prepare_model_for_kbit_training (its default recipe)
     gpus: int = 1  # GPUs in total
@@ -126,6 +128,7 @@ def validate(spec, shape):
                         f"{shape.inventory_source or 'transformers'}; use --attn {supported[0]}")
     _choice("mla-cache", spec.mla_cache, ("auto",) + MLA_CACHES)
     _choice("logits", spec.logits, LOGITS)
+    _choice("gptq-kernel", spec.gptq_kernel, GPTQ_KERNELS)
     _choice("zero", spec.zero, (0, 1, 2, 3))
     _choice("offload", spec.offload, OFFLOADS)
     if spec.kv_dtype:

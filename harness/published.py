@@ -13,6 +13,7 @@ case, the settings as vramlab's spec fields and the number exactly as printed:
     stack: {transformers: "4.40.0", peft: "0.10.0", torch: "2.2.0", bitsandbytes: "0.43.0"}
     stack_note: "stated / inferred from the date ..."
     defaults: {mode: train, ...}          # spec fields shared by the cases
+    unsupported: "..."                    # only where no case of the set can be predicted: why
     cases:
       - id: llama2-7b-qlora               # unique in the set
         spec: {model: meta-llama/Llama-2-7b-hf, method: qlora, ...}
@@ -81,6 +82,8 @@ def load_source(path):
     _check_measured(path, "measured", d["measured"])
     if not isinstance(d.get("stack") or {}, dict):
         raise PublishedError(f"{path}: stack: {d['stack']!r} is not a mapping of package to version")
+    if "unsupported" in d and not (isinstance(d["unsupported"], str) and d["unsupported"].strip()):
+        raise PublishedError(f"{path}: unsupported: give the reason no case of the set can be predicted, as text")
     if not isinstance(d.get("defaults") or {}, dict):
         raise PublishedError(f"{path}: defaults: {d['defaults']!r} is not a mapping of spec fields")
     if not isinstance(d["cases"], list) or not d["cases"]:
@@ -150,7 +153,7 @@ def case_record(source, case):
            "citation": {**source["citation"], "set": source["set"]}, "measured_note": source.get("measured_note", ""),
            "stack_note": source.get("stack_note", ""), "predicted": None, "traced": None, "measured": None,
            "error": None, "env": {"gpu": {"name": gpu}, "packages": {}}}
-    reason = case.get("unsupported")
+    reason = case.get("unsupported") or source.get("unsupported")
     try:
         spec = _spec_of(source, case)
     except (TypeError, ValueError) as e:

@@ -60,6 +60,8 @@ def add_spec_arguments(p):
     p.add_argument("--logits", default="last", help="inference: last (generate) | all positions")
     p.add_argument("--no-double-quant", action="store_true", help="bitsandbytes 4-bit without double quantization")
     p.add_argument("--group-size", type=int, default=128, help="GPTQ/AWQ group size")
+    p.add_argument("--gptq-kernel", default="exllama",
+                   help="GPTQ kernel: exllama (v1, transformers' default) | exllamav2 (AutoGPTQ's fixed scratch buffer) | other")
     p.add_argument("--no-dropout", action="store_true", help="train without dropout masks")
     p.add_argument("--kbit-prep", action=argparse.BooleanOptionalAction, default=True,
                    help="QLoRA and LoRA over int8: peft's prepare_model_for_kbit_training, which casts the unquantized "
@@ -124,6 +126,7 @@ def spec_from_args(a, resolve=True):
         trainable_layers=a.trainable_layers, optimizer=a.optimizer, optimizer_impl=a.optimizer_impl,
         precision=a.precision, grad_ckpt=a.grad_ckpt, attn=a.attn, grad_accum=a.grad_accum, kv_dtype=a.kv_dtype,
         mla_cache=a.mla_cache, logits=a.logits, double_quant=not a.no_double_quant, group_size=a.group_size,
+        gptq_kernel=a.gptq_kernel,
         dropout=not a.no_dropout, gpus=a.gpus, zero=a.zero, tp=a.tp, pp=a.pp, layer_split=a.layer_split,
         offload=a.offload, kbit_prep=a.kbit_prep, stack=stack_from_args(a).versions,
     )
