@@ -222,3 +222,33 @@ def observed_for_prediction(rec):
         return ("allocated+context", pub["peak_allocated_context_bytes"],
                 pred["peak_allocated_bytes"] + bd.get(C.CUDA_CONTEXT, 0) + bd.get(C.WORKSPACES, 0))
     return None
+
+
+ALLOCATED_LEVEL = ("allocated",)  # quantities observed_for_prediction scores at PyTorch's allocated peak
+
+
+def corpus_summary(records):
+    """Error statistics of published records against their predictions: {'allocated' | 'device' | 'all':
+    {n, median, p90, mean, worst}, 'not_expressible': count}. 'allocated': figures of torch's allocated peak
+    (allocated, trainer); 'device': figures that also hold the CUDA context and the allocator's pool (reserved,
+    NVML, allocated + context), which depend on the authors' environment."""
+    from .analysis.stats import percentile
+
+    errors = {"allocated": [], "device": []}
+    missing = 0
+    for r in records:
+        if r.get("source") != "published":
+            continue
+        o = observed_for_prediction(r) if r.get("outcome") == "ok" else None
+        if o is None:
+            missing += 1
+            continue
+        quantity, observed, predicted = o
+        errors["allocated" if quantity in ALLOCATED_LEVEL else "device"].append((predicted - observed) / observed)
+    errors["all"] = errors["allocated"] + errors["device"]
+    out = {"not_expressible": missing}
+    for k, e in errors.items():
+        a = [abs(x) for x in e]
+        out[k] = {"n": len(e), "median": percentile(a, 50) if e else None, "p90": percentile(a, 90) if e else None,
+                  "mean": sum(e) / len(e) if e else None, "worst": max(e, key=abs) if e else None}
+    return out

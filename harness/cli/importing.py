@@ -25,12 +25,11 @@ def _sources(paths):
 
 
 def corpus_lines(records):
-    """The corpus in one table: per ok case the published figure, the prediction and the error; the summary;
-    every unsupported case with its reason."""
-    from ..analysis.stats import percentile
-    from ..published import observed_for_prediction
+    """The corpus in one table: per ok case the published figure, the prediction and the error; the summary
+    (harness.published.corpus_summary); every unsupported case with its reason."""
+    from ..published import corpus_summary, observed_for_prediction
 
-    lines, errors, unsupported = [], [], []
+    lines, unsupported = [], []
     for r in records:
         pub = r.get("published") or {}
         name = f"{r.get('group', '')}/{pub.get('case', r['spec_hash'])}"
@@ -43,14 +42,18 @@ def corpus_lines(records):
             continue
         quantity, observed, predicted = o
         e = (predicted - observed) / observed
-        errors.append(e)
         lines.append(f"  {name:<58} {quantity:<9} {observed / GiB:8.2f} {predicted / GiB:10.2f} {e:+8.1%}")
     head = [f"  {'case':<58} {'against':<9} {'pub GiB':>8} {'pred GiB':>10} {'error':>8}"]
-    summary = [f"{len(errors)} cases predicted, {len(unsupported)} not expressible"]
-    if errors:
-        a = sorted(abs(e) for e in errors)
-        summary[0] += (f" · |error| median {percentile(a, 50):.1%} · p90 {percentile(a, 90):.1%} · "
-                       f"worst {max(errors, key=abs):+.1%}")
+    s = corpus_summary(records)
+    summary = [f"{s['all']['n']} cases predicted, {s['not_expressible']} not expressible"]
+    for key, label in (("allocated", "peak allocated (allocated, trainer: what the stack's tensors take)"),
+                       ("device", "device level (reserved, NVML, allocated + context: also the authors' CUDA context "
+                                  "and allocator pool, which vramlab calibrates per environment)"),
+                       ("all", "all")):
+        t = s[key]
+        if t["n"]:
+            summary.append(f"  {label}: {t['n']} cases · |error| median {t['median']:.1%} · p90 {t['p90']:.1%} · "
+                           f"mean {t['mean']:+.1%} · worst {t['worst']:+.1%}")
     return head + lines + ([""] + ["not expressible (listed with the reason):"] + unsupported if unsupported else []) + \
         [""] + summary
 
