@@ -40,6 +40,7 @@ class ActContext:
     bnb4_input_copied: bool = False  # the stream is not in the compute dtype: each 4-bit linear casts its own copy
     experts_linear: bool = False  # transformers 4.x: MoE experts are nn.Linear (quantized like the rest)
     reentrant: bool = False  # reentrant checkpointing: inputs held on ctx are dropped outside the recomputed layer
+    moe_param_lora: bool = False  # peft ≥ 0.20 LoRA on fused expert parameters: the experts' weight needs grad
 
 
 def _inputs_saved(ctx):
@@ -164,8 +165,18 @@ def _moe_saved(ctx, shape):
     # Per routed copy: gathered input (if experts train), gate_up output (kept alive by the chunk views
     # silu and mul save), act, product (down input, if experts train), down output (saved by the weighting).
     per_copy = 2 * I * b + I * b + H * b
-    if ctx.linears_trainable:
+    if ctx.linears_trainable or ctx.moe_param_lora:  # the experts' weight needs grad: their inputs are saved
         per_copy += H * b + I * b
+    if ctx.experts_linear:  # transformers 4.x: every expert an nn.Linear, which LoRA (all-linear) adapts
+        gate, up, down = ("w1", "w3", "w2") if shape.model_type == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+        adapted = [m for m in (gate, up, down) if m in ctx.lora or f"experts.{m}" in ctx.lora]
+        if adapted:
+            lx, r = ctx.lora_x_bytes, ctx.lora_rank
+            if ctx.lora_input_copied:  # each adapter casts its own copy: the gathered rows (gate, up), the product (down)
+                per_copy += sum(H * lx for m in adapted if m != down) + (I * lx if down in adapted else 0)
+            else:  # lora_A saves the very tensors: the gathered rows once, the product
+                per_copy += (H * b if any(m != down for m in adapted) else 0) + (I * b if down in adapted else 0)
+            per_copy += len(adapted) * r * lx
     saved += k * per_copy
     if shape.shared_intermediate:
         saved += _gated_mlp_saved(ctx, H, shape.shared_intermediate)

@@ -105,6 +105,8 @@ class _Static:
     opt_steps: int = 0  # bytes of the optimizer's per-tensor `step` counters on the device (in opt_state)
     zero1_state: int = 0  # ZeRO-1: optimizer state of the rank holding the most (greedy partition), steps included
     fsdp_shard_frac: float = 0.0  # FSDP2: rank 0's share of the parameters, each first dimension padded to the world
+    moe_merged: int = 0  # peft ≥ 0.20 LoRA on fused experts: one MoE layer's W + ΔW (compute dtype), saved for backward
+    moe_delta_temp: int = 0  # … and the largest ΔW while it is built (fp32 einsum, then its cast)
 
 
 def _trainable_copies(t, shape, k):
@@ -165,6 +167,22 @@ def fsdp_master_precision(spec):
             and spec.gpus // (spec.tp * spec.pp) > 1)
 
 
+def moe_parameter_adapters(shape, r):
+    """LoRA adapters peft ≥ 0.20 puts on fused 3-D expert parameters and the router under all-linear
+    (target_parameters, PR #3232), as (numel, shape, copies): gate_up_proj at rank 2r, down_proj at r —
+    A (E·r', in), B (out, E·r') — and the router's (E, H) weight at rank r."""
+    out = []
+    for t in shape.tensors:
+        if t.kind == "experts" and len(t.shape) == 3:
+            e, rows, cols = t.shape
+            rr = 2 * r if t.module == "gate_up_proj" else r
+            out += [(e * rr * cols, (e * rr, cols), t.count), (rows * e * rr, (rows, e * rr), t.count)]
+        elif t.kind == "router" and len(t.shape) == 2:
+            e, h = t.shape
+            out += [(r * h, (r, h), t.count), (e * r, (e, r), t.count)]
+    return out
+
+
 def stack_shape(spec):
     """The model's shape as the spec's transformers builds it (4.x: MoE experts as nn.Linear per expert)."""
     shape = get_shape(spec.model)
@@ -191,6 +209,9 @@ def _static(spec, checkpoint=None):
                      quant_state_bytes=checkpoint.quant_bytes, layer_bytes=checkpoint.layer_bytes,
                      layer_quant_state_bytes=checkpoint.layer_quant_bytes, embed_bytes=checkpoint.embed_bytes,
                      head_bytes=checkpoint.head_bytes)
+    rope = {"llama": "rope_cache_llama", "mixtral": "rope_cache_mixtral"}.get(shape.model_type)
+    if rope and behaviour(spec, rope):  # transformers 4.x: cos and sin for every position, in every attention layer
+        st = replace(st, buffer_bytes=st.buffer_bytes + shape.n_layers * 2 * shape.max_positions * shape.head_dim * cb)
     w_total = st.weight_bytes + st.quant_state_bytes
     w_other = w_total - st.layer_bytes - st.embed_bytes - st.head_bytes
     q_other = st.quant_state_bytes - st.layer_quant_state_bytes
@@ -210,6 +231,7 @@ def _static(spec, checkpoint=None):
         quant_temp_tok = shape.intermediate * 4 + shape.hidden  # int32 matmul output + int8 input copy
 
     n_tr = grads = state = master = opt_temp = copies = copies_head = copies_layer = lm_grad = opt_steps = zero1_state = 0
+    moe_merged = moe_delta_temp = 0
     lin = sum(t.total_numel for t in shape.tensors if t.kind in ("linear", "experts") and _is_layer(t))
     tp_lin_frac = lin / sum(t.total_numel for t in shape.tensors if _is_layer(t)) if lin else 0.0
     paged = False
@@ -256,13 +278,23 @@ def _static(spec, checkpoint=None):
             tb = DTYPE_BYTES[spec.lora_dtype]
             trainable = lora_tensors(targets, spec.lora_rank)
             n_tr = lora_params(targets, spec.lora_rank)
+            if spec.lora_targets == ("all-linear",) and behaviour(spec, "experts") == "fused" \
+                    and behaviour(spec, "peft_moe_targets"):
+                extra = moe_parameter_adapters(shape, spec.lora_rank)
+                trainable = trainable + extra
+                n_tr += sum(n * c for n, _, c in extra)
+                # peft's ParamWrapper parametrizes the expert weights: every forward builds ΔW = B·A (fp32 einsum,
+                # cast to the weight's dtype) and runs the experts on W + ΔW, which their matmuls save for backward
+                moe = [t for t in shape.tensors if t.kind in ("experts", "router") and len(t.shape) >= 2]
+                moe_merged = sum(t.numel * wb for t in moe for wb in [DTYPE_BYTES[t.dtype] if t.dtype else cb])
+                moe_delta_temp = max((t.numel * (4 + cb) for t in moe), default=0)
             # kbit prep makes the embeddings fp32, so every activation is: bitsandbytes layers compute in
             # the compute dtype and return their input's dtype (bitsandbytes/nn/modules.py Linear4bit.forward)
             act_bytes = 4 if kbit else cb
             bnb4_held = spec.dtype in ("nf4", "fp4") and behaviour(spec, "bnb4_keeps_input")
             ctx_kw = dict(linears_trainable=False, norms_trainable=False, int8_linears=spec.dtype == "int8",
                           bnb4_input_bytes=cb if bnb4_held else 0, bnb4_input_copied=act_bytes != cb,
-                          experts_linear=behaviour(spec, "experts") == "linear",
+                          experts_linear=behaviour(spec, "experts") == "linear", moe_param_lora=moe_merged > 0,
                           lora={m: (i, o) for m, (i, o, _) in targets.items()},
                           lora_rank=spec.lora_rank, lora_x_bytes=tb, lora_input_copied=tb != act_bytes)
         grads = gradient_bytes(trainable, tb)
@@ -291,7 +323,8 @@ def _static(spec, checkpoint=None):
         n_trainable=n_tr, grads=grads, opt_state=state, opt_paged=paged, master=master, opt_temp=opt_temp,
         autocast_copies=copies, autocast_head=copies_head, autocast_layer=copies_layer, lm_grad=lm_grad, ctx=ctx,
         ctx_head=ctx_head, saved_layers_trainable=saved_layers, tp_lin_frac=tp_lin_frac, opt_steps=opt_steps,
-        zero1_state=zero1_state, fsdp_shard_frac=_fsdp_shard_frac(shape, spec),
+        zero1_state=zero1_state, fsdp_shard_frac=_fsdp_shard_frac(shape, spec), moe_merged=moe_merged,
+        moe_delta_temp=moe_delta_temp,
     )
 
 
@@ -483,14 +516,14 @@ def _phases_train(st, sl, B, S, N):
     # Tensor parallel splits everything in a layer but the norms' inputs (Korthikanti et al. §4.2.2).
     replicated = T * shape.n_layers * 2 * (4 * H + ctx.r * H) * frac_layers
     acts = (acts - replicated) / sl.tp + replicated if sl.tp > 1 else acts
-    acts = acts * sl.act_frac
+    acts = (acts + shape.n_moe_layers * st.moe_merged * sl.layer_frac / sl.tp) * sl.act_frac
     # final norm, lm_head input and ids per token; RoPE cos/sin and position ids per position
     ab = ctx.b  # the activations' dtype: the compute dtype, or fp32 after kbit prep
     model_saved = (T * model_saved_per_token(st.ctx_head, shape) + S * forward_extras_per_position(shape, ab)) * sl.head
     ids_fwd = 0 if st.ctx_head.linears_trainable else T * 8  # the input ids, alive during the forward
     if s.grad_ckpt:
         acts = T * ckpt_saved_per_token(ctx, shape, S) * frac_layers * sl.act_frac
-    qtemp = st.quant_temp
+    qtemp = st.quant_temp + st.moe_delta_temp * sl.layer_frac / sl.tp  # (ΔW built in a MoE layer's forward)
     layer_transient = T * 4 * H / sl.tp
     if s.grad_ckpt:
         layer_transient = T * prefill_working_set_per_token(shape, ab, s.attn, S, s.compute_dtype == "fp16") / sl.tp
@@ -535,7 +568,7 @@ def _phases_train(st, sl, B, S, N):
     # Backward, three moments: its start (all saved activations + logits gradients); under checkpointing,
     # the last layer recomputed while the checkpointed inputs are still held; its end (nearly all
     # gradients while the first layer's activations — saved or recomputed — are consumed).
-    one_layer = T * largest_layer_saved_per_token(ctx, shape, S) / sl.tp
+    one_layer = (T * largest_layer_saved_per_token(ctx, shape, S) + (st.moe_merged if shape.n_moe_layers else 0)) / sl.tp
     grad_buf = 2 * T * H * ctx.r  # gradient of the (replicated) hidden state flowing back, and its successor
     early_grads = acc_grads if s.grad_accum > 1 else st.lm_grad * sl.head / _head_tp(st, sl)
     start_total = acts + model_saved + bwd_logits + acc_grads + copies + layer_flat + (gathered - root)

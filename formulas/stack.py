@@ -73,6 +73,18 @@ BEHAVIOURS = (
         "1775-1783 ('Use DynamicCache() instance by default. This will avoid back and forth from legacy format "
         "that keeps copying the cache thus using much more memory')"),
     Behaviour(
+        "rope_cache_llama", "transformers", "4.41.0", True, False,
+        "Llama's rotary embedding, one per attention layer, registered cos and sin caches for every position "
+        "(`_cos_cached`/`_sin_cached`: max_position_embeddings × head_dim each, in the default dtype — the "
+        "model's at load) up to 4.40: buffers of 2 · positions · head_dim per layer",
+        "4.40.2 models/llama/modeling_llama.py LlamaRotaryEmbedding.__init__ lines 112-113 ('For BC we register "
+        "cos and sin cached'); gone in 4.41.2"),
+    Behaviour(
+        "rope_cache_mixtral", "transformers", "4.48.0", True, False,
+        "Mixtral's rotary embedding kept the same per-layer cos/sin caches (`_set_cos_sin_cache`) up to 4.47",
+        "4.47.0 models/mixtral/modeling_mixtral.py MixtralRotaryEmbedding._set_cos_sin_cache "
+        "(`register_buffer(\"cos_cached\", …)`); gone in 4.48.0"),
+    Behaviour(
         "default_attn", "transformers", "4.36.0", "eager", "sdpa",
         "attention implementation when none is asked for: eager (keeps the T×T probabilities per head) before "
         "4.36, SDPA since (with torch ≥ 2.1.1), still the default in 5.24",
@@ -99,6 +111,13 @@ BEHAVIOURS = (
         "dtype=weight.dtype)`; over a quantized base they stay fp32) up to 0.11; since 0.12 get_peft_model("
         "autocast_adapter_dtype=True) upcasts bf16/fp16 adapters to fp32",
         "peft PR #1706 (v0.12.0 tuners/tuners_utils.py _cast_adapter_dtype, lines 316-356)"),
+    Behaviour(
+        "peft_moe_targets", "peft", "0.20.0", False, True,
+        "LoRA `all-linear` over transformers 5's fused MoE experts: peft up to 0.18 adapts no expert (they are not "
+        "nn.Linear); since 0.20 it also adapts the 3-D expert parameters and the router through target_parameters "
+        "(gate_up_proj at rank 2r: A (E·2r, H), B (2I, E·2r); down_proj at rank r; the router's weight at rank r)",
+        "peft PR #3232 (tuners/lora/model.py _convert_peft_config_moe, 0.20.0); traced with peft 0.18.1, 0.20.0 "
+        "and 0.21.2 on transformers 5.24 (scripts/stack_check.py; 0.19.0 refuses all-linear on these models)"),
     Behaviour(
         "bnb4_keeps_input", "bitsandbytes", "0.43.2", True, False,
         "4-bit matmul (MatMul4Bit) kept its input A for backward as a plain ctx attribute (`ctx.tensors = (A, "
@@ -258,6 +277,8 @@ def _bears_on(key, spec, shape):
     return {
         "experts": shape.is_moe and (spec.dtype in ("int8", "nf4", "fp4") or lora),
         "logits_upcast": True,
+        "rope_cache_llama": shape.model_type == "llama",
+        "rope_cache_mixtral": shape.model_type == "mixtral",
         "legacy_cache": not train and spec.gen > 0,
         "shift_copy": train,
         "default_attn": spec.attn == "eager",
@@ -265,6 +286,8 @@ def _bears_on(key, spec, shape):
                                                                   and behaviour(spec, "bnb4_keeps_input"))),
         "mla_cache": shape.is_mla and not train,
         "adapter_dtype": lora,
+        "peft_moe_targets": lora and shape.is_moe and "all-linear" in spec.lora_targets
+        and behaviour(spec, "experts") == "fused",
         "bnb4_keeps_input": train and spec.dtype in ("nf4", "fp4"),
         "kbit_prep_empty_cache": False,
         "trainer_adamw": False,

@@ -99,17 +99,25 @@ def test_linear_experts_keep_every_parameter():
     assert {t.module for t in lin.tensors if "experts" in t.name} == {"w1", "w2", "w3"}
 
 
-def test_lora_all_linear_adapts_the_experts_only_on_4x():
-    kw = dict(model=MIXTRAL, mode="train", method="lora", lora_targets=("all-linear",), lora_rank=8, seq=128)
-    old, new = predict(Spec(stack=OLD, **kw)), predict(Spec(**kw))
+def _trainable(p):
+    line = next(n for n in p.notes if n.startswith("LoRA"))
+    return int(line.split(": ")[1].split()[0].replace(",", ""))
+
+
+def test_lora_all_linear_on_moe_follows_transformers_and_peft():
+    """4.x: every expert's w1/w2/w3 and the router are nn.Linear that all-linear adapts; 5.x with peft ≤ 0.18:
+    no expert (fused 3-D parameters); peft ≥ 0.20: the fused parameters and the router through
+    target_parameters — gate_up at rank 2r, down at rank r, A (E·r', in) and B (out, E·r')."""
+    r = 8
+    kw = dict(model=MIXTRAL, mode="train", method="lora", lora_targets=("all-linear",), lora_rank=r, seq=128)
     shape = get_shape(MIXTRAL)
     E, H, I, L = shape.n_experts, shape.hidden, shape.moe_intermediate, shape.n_layers
-    # w1, w3: H → I; w2: I → H; the router gate: H → E — each an adapter pair of r·(in + out)
-    extra = 8 * L * (E * (2 * (H + I) + (I + H)) + (H + E))
-    assert old.spec.lora_dtype == new.spec.lora_dtype == "fp32"
-    n_old = int(old.notes[[i for i, n in enumerate(old.notes) if n.startswith("LoRA")][0]].split(": ")[1].split()[0].replace(",", ""))
-    n_new = int(new.notes[[i for i, n in enumerate(new.notes) if n.startswith("LoRA")][0]].split(": ")[1].split()[0].replace(",", ""))
-    assert n_old - n_new == extra
+    attn_only = _trainable(predict(Spec(stack=(("transformers", "5.24.0"), ("peft", "0.18.1")), **kw)))
+    old = _trainable(predict(Spec(stack=(("transformers", "4.40.0"), ("peft", "0.10.0")), **kw)))
+    new = _trainable(predict(Spec(stack=(("transformers", "5.24.0"), ("peft", "0.20.0")), **kw)))
+    router = r * (H + E)
+    assert old - attn_only == L * (E * r * (2 * (H + I) + (I + H)) + router)
+    assert new - attn_only == L * ((E * 2 * r * H + 2 * I * E * 2 * r) + (E * r * I + H * E * r) + router)
 
 
 @pytest.mark.parametrize("version,per_entry", [("4.45", 12), ("4.46", 14), ("4.48", 14), ("4.49", 10), ("5.24", 10)])
@@ -213,3 +221,19 @@ def test_generate_before_442_holds_two_caches_at_a_decode_step():
     new = predict(Spec(stack=(("transformers", "4.42.0"),), **kw))
     assert old.phases["decode"]["temporaries"] == 16 * (512 + 511 - 1) * per_token
     assert new.phases["decode"]["temporaries"] == 16 * (512 + 511) * per_token // shape.n_layers // 2
+
+
+def test_docs_table_names_every_behaviour():
+    import os
+
+    text = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "stack.md")).read()
+    for b in BEHAVIOURS:
+        assert f"| `{b.key}` | {b.package} | {b.since} |" in text, b.key
+
+
+def test_rope_caches_of_llama_before_441():
+    kw = dict(model="meta-llama/Llama-2-7b-hf", seq=128)
+    shape = get_shape(kw["model"])
+    old = predict(Spec(stack=(("transformers", "4.40.2"),), **kw))
+    new = predict(Spec(stack=(("transformers", "4.41.0"),), **kw))
+    assert old.breakdown["buffers"] - new.breakdown["buffers"] == 32 * 2 * shape.max_positions * shape.head_dim * 2

@@ -62,6 +62,9 @@ CASES = {
     "train-llama-freeze-amp": ("llama", dict(TRAIN, method="freeze", trainable_layers=1), {}),
     "train-moe-bf16-pure": ("moe", dict(TRAIN, precision="pure"), {}),
     "train-moe-bf16-lora": ("moe", dict(TRAIN, method="lora"), {}),
+    # peft ≥ 0.20 adapts the fused experts and the router under all-linear (formulas/stack.py peft_moe_targets)
+    "train-moe-bf16-lora-all-linear": ("moe", dict(TRAIN, method="lora", lora_targets=("all-linear",), precision="pure"),
+                                       {}),
     "train-mla-bf16-pure": ("mla", dict(TRAIN, precision="pure"), {}),
     "train-mla-bf16-lora": ("mla", dict(TRAIN, method="lora"), {}),
     "train-gpt2-fp32-dropout": ("gpt2", dict(TRAIN, dtype="fp32"), {}),

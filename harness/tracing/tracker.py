@@ -308,7 +308,12 @@ def _causal_lm(model):
 def _instrument(model, tracker, spec):
     """Hooks that tell the tracker what a tensor is: logits, gradients, optimizer state, KV cache."""
     import torch
-    from transformers import cache_utils, masking_utils
+    from transformers import cache_utils
+
+    try:
+        from transformers import masking_utils
+    except ImportError:  # transformers < 4.53 builds its masks elsewhere, without the fake-tensor test below
+        masking_utils = None
 
     handles = []
     lm = _causal_lm(model)
@@ -379,7 +384,7 @@ def _instrument(model, tracker, spec):
     # transformers treats a fake tensor as graph tracing (`is_tracing`) and then materializes the
     # causal mask instead of checking for padding or packed sequences; a real run finds neither and
     # passes no mask (flash attention). Ask only whether a compiler or jit is tracing.
-    orig_is_tracing = masking_utils.is_tracing
+    orig_is_tracing = masking_utils.is_tracing if masking_utils is not None else None
 
     def is_tracing(tensor=None):
         return orig_is_tracing(None)
@@ -403,12 +408,14 @@ def _instrument(model, tracker, spec):
             setattr(linear, meth, state_update)
 
     cache_utils.Cache.update = update
-    masking_utils.is_tracing = is_tracing
+    if masking_utils is not None:
+        masking_utils.is_tracing = is_tracing
     try:
         yield
     finally:
         cache_utils.Cache.update = orig_update
-        masking_utils.is_tracing = orig_is_tracing
+        if masking_utils is not None:
+            masking_utils.is_tracing = orig_is_tracing
         for meth, orig in state_methods.items():
             setattr(linear, meth, orig)
         for h in handles:

@@ -135,6 +135,15 @@ def param_dtype(spec):
     return spec.dtype
 
 
+def _dtype_keyword():
+    """`from_config`'s dtype keyword: `dtype` from transformers 4.56, `torch_dtype` before (older
+    versions pass an unknown `dtype=` on to the model's __init__, which refuses it)."""
+    import transformers
+    from packaging.version import Version
+
+    return "dtype" if Version(transformers.__version__).release >= (4, 56) else "torch_dtype"
+
+
 def build_model(spec):
     """Build the float model `spec` describes on the current default device / fake mode, set up for its mode.
 
@@ -145,7 +154,7 @@ def build_model(spec):
     spec = validate(spec, shape)
     check_traceable(spec)
     model = transformers.AutoModelForCausalLM.from_config(
-        hf_config(spec), dtype=torch_dtype(param_dtype(spec)), attn_implementation=spec.attn)
+        hf_config(spec), **{_dtype_keyword(): torch_dtype(param_dtype(spec))}, attn_implementation=spec.attn)
     return prepare_for_training(model, spec)
 
 
