@@ -58,7 +58,16 @@ def new_record(exp, source):
     from .env import formula_hash
 
     try:
-        predicted = predict(exp.spec).to_dict()
+        spec = exp.spec
+        if not spec.stack:  # the libraries this process runs (the spec, and so its hash, stays as written)
+            from formulas.stack import make_stack
+
+            from .cli.common import installed_versions
+
+            spec = spec.replace(stack=make_stack({}, installed_versions()).versions)
+        p = predict(spec)
+        predicted = p.to_dict()
+        predicted["stack"] = dict(p.spec.stack)
         predicted.pop("spec", None)
     except Exception as e:  # the prediction must not stop the record
         predicted = {"error": str(e)}

@@ -237,3 +237,28 @@ def test_rope_caches_of_llama_before_441():
     old = predict(Spec(stack=(("transformers", "4.40.2"),), **kw))
     new = predict(Spec(stack=(("transformers", "4.41.0"),), **kw))
     assert old.breakdown["buffers"] - new.breakdown["buffers"] == 32 * 2 * shape.max_positions * shape.head_dim * 2
+
+
+def test_trace_names_a_stack_it_does_not_run():
+    from harness.cli.common import installed_versions
+    from harness.cli.trace import stack_mismatch
+
+    have = installed_versions()["transformers"]
+    spec = predict(Spec(model="meta-llama/Llama-3.2-1B", mode="train", stack=(("transformers", "4.40.0"),))).spec
+    lines = stack_mismatch(spec)
+    assert len(lines) == 1 and f"installed transformers {have}" in lines[0] and "4.40.0 (--transformers)" in lines[0]
+    assert "experts" in lines[0] and "logits_upcast" in lines[0] and "stack_venvs.sh" in lines[0]
+    same = predict(Spec(model="meta-llama/Llama-3.2-1B", stack=(("transformers", have),))).spec
+    assert stack_mismatch(same) == []
+
+
+def test_a_sweep_record_predicts_with_the_installed_stack(tmp_path):
+    from harness.cli.common import installed_versions
+    from harness.records import new_record
+    from harness.sweep.schema import Experiment
+
+    exp = Experiment(spec=Spec(model="meta-llama/Llama-3.2-1B", seq=64))
+    rec = new_record(exp, "traced")
+    assert rec["spec"]["stack"] == {} and rec["spec_hash"] == exp.spec_hash
+    assert rec["predicted"]["stack"]["transformers"] == ".".join(
+        map(str, parse_version(installed_versions()["transformers"])))

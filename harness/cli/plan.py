@@ -21,6 +21,11 @@ from .common import add_spec_arguments, calibration_line, flag_value, spec_from_
 from .engines import add_engine_arguments
 
 
+def _stack_line(spec):
+    """The library versions the plan's predictions assumed (formulas/stack.py)."""
+    return "stack: " + " · ".join(f"{p} {v}" for p, v in spec.stack) + " (`vramlab stack` for what they change)"
+
+
 def add_parsers(subparsers):
     """Register `vramlab plan`."""
     p = subparsers.add_parser(
@@ -154,6 +159,7 @@ def render(ans, spec):
                      f"{t['gpus_for_compute']}, memory {fw['gpus']}]")
     L.append("")
     L.append(calibration_line(ans["calibrated"], ans["overheads_source"]))
+    L.append(_stack_line(spec))
     L.append("assumptions:")
     L += [f"  - {a}" for a in ans["assumptions"]]
     return "\n".join(L)
@@ -185,6 +191,7 @@ def render_compare(answers, spec):
                  f"{ans['per_gpu_bytes'] / GiB:>7.2f} {sp:>19}  {price}")
     L.append("")
     L += sorted({calibration_line(a["calibrated"], a["overheads_source"]) for a in answers})
+    L.append(_stack_line(spec))
     L.append("assumptions:")
     L += [f"  - {x}" for x in a0["assumptions"] if not x.startswith("usable memory")]
     L.append("  - usable memory: nvidia-smi's reported total where the catalog has one, else the nominal capacity")
@@ -302,6 +309,8 @@ def cmd_plan(a):
                                       tokens_per_byte=a.tokens_per_byte if data_bytes else None,
                                       data_bytes=data_bytes))
     warn_beyond_positions("plan", planner.spec)  # only once the answer stands: bad input is one line
+    for ans in answers:
+        ans["stack"] = dict(planner.spec.stack)
     if len(answers) > 1:
         print(json.dumps(answers, indent=2) if a.json else render_compare(answers, planner.spec))
         return 0
