@@ -39,7 +39,9 @@ MEASURED = {  # what the published number is → the record key it goes under
     "allocated": "peak_allocated_bytes",  # torch.cuda.max_memory_allocated
     "reserved": "peak_reserved_bytes",  # torch.cuda.max_memory_reserved (Unsloth's, TRL's scripts)
     "nvml": "peak_device_bytes",  # nvidia-smi / NVML used memory
-    "trainer": "peak_allocated_bytes",  # HF Trainer's memory metrics: deltas of torch's allocated memory
+    # HF Trainer's memory metrics (skip_memory_metrics=False) are deltas of torch's allocated memory; the peak is
+    # init_mem_gpu_alloc_delta + train_mem_gpu_alloc_delta + train_mem_gpu_peaked_delta (say so in the case note)
+    "trainer": "peak_allocated_bytes",
     "unknown": "peak_device_bytes",  # "VRAM" without saying how: read as what nvidia-smi shows
     # peak allocated + the device memory outside PyTorch's allocator (nvidia-smi's peak − torch's peak reserved):
     # the CUDA context and library workspaces, not the allocator's slack (optimum's GPTQ benchmark)
