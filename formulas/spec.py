@@ -7,7 +7,7 @@ what is allowed, before any arithmetic runs.
 from dataclasses import dataclass, fields, replace
 
 from .dtypes import BNB_DTYPES, FLOAT_DTYPES, GGUF_DTYPES, INT4_DTYPES, KV_DTYPES, WEIGHT_DTYPES
-from .stack import behaviour, check_version
+from .stack import StackError, behaviour, check_version
 from .training import OPTIMIZER_IMPLS, OPTIMIZERS
 
 MODES = ("inference", "train")
@@ -120,7 +120,10 @@ def validate(spec, shape):
     groups = getattr(shape, "cache_groups", ())
     if groups and not any(g.kind in ("full", "sliding", "hybrid") for g in groups):
         spec = spec.replace(attn=supported[0])  # no attention layers (Mamba): the choice changes nothing
-    stack = tuple((p, check_version(p, v)) for p, v in spec.stack)
+    try:
+        stack = tuple((p, check_version(p, v)) for p, v in spec.stack)
+    except StackError as e:
+        raise SpecError(str(e)) from None
     if spec.attn == "auto":  # transformers' own default: sdpa where the model runs it (since 4.36), else eager
         spec = spec.replace(attn="sdpa" if "sdpa" in supported and behaviour(stack, "default_attn") == "sdpa" else "eager")
     elif spec.attn not in supported:

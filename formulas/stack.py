@@ -195,17 +195,20 @@ class Stack:
         return {p: {"version": v, "origin": self.origin(p)} for p, v in self.versions}
 
 
-def check_version(package, text):
-    """The version normalised ('4.40' → '4.40.0'); SpecError naming the flag if it is not one or is older than OLDEST."""
-    from .spec import SpecError
+class StackError(ValueError):
+    """A version that is not one, or older than the table; the message names the flag (validate re-raises it as a
+    SpecError)."""
 
+
+def check_version(package, text):
+    """The version normalised ('4.40' → '4.40.0'); StackError naming the flag if it is not one or is older than OLDEST."""
     flag = FLAGS[package]
     try:
         v = parse_version(text)
     except ValueError:
-        raise SpecError(f"{flag} {text}: not a version; give one like {NEWEST[package]}") from None
+        raise StackError(f"{flag} {text}: not a version; give one like {NEWEST[package]}") from None
     if v < parse_version(OLDEST[package]):
-        raise SpecError(f"{flag} {text}: older than the oldest {package} vramlab models ({OLDEST[package]}); "
+        raise StackError(f"{flag} {text}: older than the oldest {package} vramlab models ({OLDEST[package]}); "
                         f"the stack table (formulas/stack.py) covers {OLDEST[package]} to {NEWEST[package]}")
     return ".".join(map(str, v))
 
@@ -213,7 +216,7 @@ def check_version(package, text):
 def make_stack(asked=None, installed=None):
     """The Stack for versions asked for (flags) over those installed, else the newest modelled.
 
-    asked / installed: {package: version string or None}. Raises SpecError for a bad asked version; an
+    asked / installed: {package: version string or None}. Raises StackError for a bad asked version; an
     installed version outside the modelled range counts as the nearest modelled one, said in its origin."""
     asked, installed = asked or {}, installed or {}
     versions, origins = [], []

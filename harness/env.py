@@ -88,3 +88,23 @@ def environment_label(env):
         parts.append(f"CUDA {env['torch_cuda']}")
     parts += [f"{p} {pk[p]}" for p in ("torch", "transformers", "bitsandbytes") if pk.get(p)]
     return " · ".join(parts)
+
+
+def installed_versions():
+    """{package: version or None} of the stack's packages, from their metadata (no import, so no torch)."""
+    global _INSTALLED
+    if _INSTALLED is None:
+        from importlib import metadata
+
+        from formulas.stack import PACKAGES
+
+        _INSTALLED = {}
+        for package in PACKAGES:
+            try:
+                _INSTALLED[package] = metadata.version(package)
+            except metadata.PackageNotFoundError:
+                _INSTALLED[package] = None
+    return _INSTALLED
+
+
+_INSTALLED = None

@@ -12,7 +12,7 @@ Where a number came from is in its key. Schema 2:
     spec, steps, timeout_s, sample_interval_ms, real_model_dir, group   the experiment
     source           "measured" (a GPU run), "traced" (fake tensors on the CPU), "rehearsed" (real tensors
                      on the CPU, `vramlab run --mode rehearse`) or "published" (a published measurement,
-                     `vramlab import`, harness/published.py: with `published` and `citation`)
+                     `vramlab import`, harness/analysis/published.py: with `published` and `citation`)
     outcome          ok | oom | error | timeout | crashed | unsupported
     predicted        formulas.predict at run time: breakdown (tensor and device categories), peaks, phases
                      (per GPU for a multi-GPU spec)
@@ -62,7 +62,7 @@ def new_record(exp, source):
         if not spec.stack:  # the libraries this process runs (the spec, and so its hash, stays as written)
             from formulas.stack import make_stack
 
-            from .cli.common import installed_versions
+            from .env import installed_versions
 
             spec = spec.replace(stack=make_stack({}, installed_versions()).versions)
         p = predict(spec)

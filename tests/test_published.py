@@ -8,7 +8,7 @@ import pytest
 from formulas.predict import predict
 from formulas.spec import Spec
 from harness.cli import main
-from harness.published import import_source
+from harness.analysis.published import import_source
 from harness.records import iter_records
 
 SET = """
@@ -138,7 +138,7 @@ def test_the_corpus_every_case_predicted_or_listed_and_the_allocated_bars(tmp_pa
     """The published corpus, imported afresh: every case either predicted or unsupported with its reason; on
     figures of torch's allocated peak, median |error| ≤ 3 % and p90 ≤ 12 % (docs/stack.md has the device-level
     figures, which also hold the authors' CUDA context and allocator pool)."""
-    from harness.published import corpus_summary
+    from harness.analysis.published import corpus_summary
 
     records = []
     for f in sorted(os.listdir(SOURCES)):

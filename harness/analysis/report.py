@@ -46,7 +46,7 @@ def _target_label(source, quantity):
 
 def _rows(records):
     """One dict per ok record with a prediction and an observation, values keyed by source."""
-    from ..published import observed_for_prediction
+    from .published import observed_for_prediction
 
     rows = []
     for r in records:
@@ -260,7 +260,7 @@ def write_report(records, out_dir):
     title = f"vramlab report: {len(rows)} experiments ({', '.join(sources) or 'none'}), {n_env} environment(s)"
     sections = [("Prediction vs rules of thumb", scores, PCT), ("Per category", cats, set()),
                 ("Across environments", env_tab, PCT)]
-    # published cases the predictor cannot express, each with its reason (harness/published.py)
+    # published cases the predictor cannot express, each with its reason (harness/analysis/published.py)
     not_expressed = [{"set": (r.get("citation") or {}).get("set", ""), "case": (r.get("published") or {}).get("case", ""),
                       "why": (r.get("error") or {}).get("message", "")}
                      for r in records if r.get("source") == "published" and r.get("outcome") == "unsupported"]

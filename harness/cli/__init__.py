@@ -5,7 +5,7 @@
     plan              cli/plan.py      which GPUs, how many, how long (formulas/plan.py)
     trace             cli/trace.py     the workload on fake tensors (harness/tracing/)
     run, results      cli/run.py       sweeps (harness/sweep/) and their records
-    import            cli/importing.py published measurement sets → records (harness/published.py)
+    import            cli/importing.py published measurement sets → records (harness/analysis/published.py)
     fit, check, report  cli/fit.py, cli/check.py, cli/report.py   what the records say (harness/analysis/)
     doctor            cli/doctor.py    is this machine ready to measure (harness/doctor.py)
 

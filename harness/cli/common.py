@@ -12,6 +12,8 @@ from formulas.stack import NEWEST as STACK_NEWEST
 from formulas.stack import PACKAGES as STACK_PACKAGES
 from formulas.units import fmt_gib
 
+from ..env import installed_versions  # noqa: F401  (the stack flags' default; re-exported)
+
 # import name → the package that provides it (in the `harness` extra of pyproject.toml, unless EXTRAS names another)
 OPTIONAL_PACKAGES = {"torch": "torch", "transformers": "transformers", "accelerate": "accelerate", "peft": "peft",
                      "bitsandbytes": "bitsandbytes", "pynvml": "nvidia-ml-py", "pandas": "pandas", "numpy": "numpy",
@@ -78,24 +80,6 @@ def add_spec_arguments(p):
                              "`vramlab stack`); default: what is installed, else the newest modelled")
     for package in STACK_PACKAGES:
         g.add_argument(f"--{package}", default=None, metavar="VERSION", help=f"{package} version, e.g. {STACK_NEWEST[package]}")
-
-
-def installed_versions():
-    """{package: version or None} of the stack's packages, from their metadata (no import, so no torch)."""
-    global _INSTALLED
-    if _INSTALLED is None:
-        from importlib import metadata
-
-        _INSTALLED = {}
-        for package in STACK_PACKAGES:
-            try:
-                _INSTALLED[package] = metadata.version(package)
-            except metadata.PackageNotFoundError:
-                _INSTALLED[package] = None
-    return _INSTALLED
-
-
-_INSTALLED = None
 
 
 def stack_from_args(a):

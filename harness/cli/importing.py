@@ -1,4 +1,4 @@
-"""`vramlab import`: published measurement sets (results/published/sources/*.yaml) → records (harness/published.py)."""
+"""`vramlab import`: published measurement sets (results/published/sources/*.yaml) → records (harness/analysis/published.py)."""
 
 import os
 import sys
@@ -27,7 +27,7 @@ def _sources(paths):
 def corpus_lines(records):
     """The corpus in one table: per ok case the published figure, the prediction and the error; the summary
     (harness.published.corpus_summary); every unsupported case with its reason."""
-    from ..published import corpus_summary, observed_for_prediction
+    from ..analysis.published import corpus_summary, observed_for_prediction
 
     lines, unsupported = [], []
     for r in records:
@@ -59,7 +59,7 @@ def corpus_lines(records):
 
 
 def cmd_import(a):
-    from ..published import import_source
+    from ..analysis.published import import_source
     from ..records import read_record
 
     files = _sources(a.sources)

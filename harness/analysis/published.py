@@ -33,7 +33,7 @@ report and results read these records like any other.
 import os
 import re
 
-from .records import SCHEMA_VERSION
+from ..records import SCHEMA_VERSION
 
 MEASURED = {  # what the published number is → the record key it goes under
     "allocated": "peak_allocated_bytes",  # torch.cuda.max_memory_allocated
@@ -143,8 +143,8 @@ def case_record(source, case):
     from formulas.predict import predict
     from formulas.spec import SpecError
 
-    from .env import formula_hash
-    from .sweep.schema import spec_hash
+    from ..env import formula_hash
+    from ..sweep.schema import spec_hash
 
     measured = case.get("measured", source["measured"])
     gpu = case.get("gpu", source.get("gpu"))
@@ -184,7 +184,7 @@ def import_source(path, out_root, progress=None):
 
     Returns [(case id, outcome, record path)]. Files of cases no longer in the set are removed, so the
     folder is the set as transcribed."""
-    from .records import write_record_file
+    from ..records import write_record_file
 
     source = load_source(path)
     out_dir = os.path.join(out_root, source["set"])
@@ -234,7 +234,7 @@ def corpus_summary(records):
     {n, median, p90, mean, worst}, 'not_expressible': count}. 'allocated': figures of torch's allocated peak
     (allocated, trainer); 'device': figures that also hold the CUDA context and the allocator's pool (reserved,
     NVML, allocated + context), which depend on the authors' environment."""
-    from .analysis.stats import percentile
+    from .stats import percentile
 
     errors = {"allocated": [], "device": []}
     missing = 0
