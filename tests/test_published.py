@@ -98,6 +98,27 @@ def test_records_work_with_results_report_and_check(source, tmp_path, capsys):
     assert code == 2 and "published" in err and len(err.strip().splitlines()) == 1
 
 
+def test_fit_reads_published_records_that_state_allocated_and_device(tmp_path, capsys):
+    """A set whose cases state the allocated peak and, under `also`, the device figure fits like measured records."""
+    cases = "".join(
+        f"  - id: c{b}\n    spec: {{batch: {b}, seq: 256}}\n    published: \"x\"\n    bytes: {alloc}\n"
+        f"    also: {{nvml: {alloc + 1_400_000_000 + alloc // 50}}}\n"
+        for b, alloc in ((1, 16_500_000_000), (2, 17_000_000_000), (4, 18_000_000_000), (8, 20_000_000_000),
+                         (16, 24_000_000_000), (32, 32_000_000_000), (3, 17_500_000_000), (6, 19_000_000_000)))
+    p = tmp_path / "fitme.yaml"
+    p.write_text("set: fitme\ncitation: {title: t, url: u}\nmeasured: allocated\ngpu: \"NVIDIA A100-SXM4-80GB\"\n"
+                 "stack: {transformers: \"4.35.2\", torch: \"2.1.1\"}\n"
+                 "defaults: {model: meta-llama/Llama-2-7b-hf, dtype: fp16}\ncases:\n" + cases)
+    import_source(str(p), str(tmp_path / "out"))
+    code, out, err = run(capsys, "fit", str(tmp_path / "out"), "--out", str(tmp_path / "cal"))
+    assert code == 0, err
+    assert "NVIDIA A100-SXM4-80GB" in out and "4.35.2" in out
+    table = next((tmp_path / "cal").iterdir()).read_text()
+    ctx = int(next(line for line in table.splitlines() if line.startswith("cuda_context_bytes")).split(",")[1])
+    slack = float(next(line for line in table.splitlines() if line.startswith("allocator_slack_fraction")).split(",")[1])
+    assert abs(ctx - 1_400_000_000) < 20_000_000 and abs(slack - 0.02) < 0.002
+
+
 @pytest.mark.parametrize("edit,field", [
     (lambda s: s.replace("measured: nvml", "measured: smi"), "measured"),
     (lambda s: s.replace("bytes: 45000000000", "bytes: 45 GB"), "bytes"),

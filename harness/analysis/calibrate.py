@@ -67,9 +67,10 @@ def is_heldout(spec_hash):
 
 
 def usable(rec):
-    """A measured, successful record with allocated and device peaks and no other process on the GPU."""
+    """A measured, successful record with allocated and device peaks and no other process on the GPU (a published
+    record that states both is read as one: harness.analysis.published.measured_view)."""
     m = rec.get("measured") or {}
-    return (rec.get("outcome") == "ok" and rec.get("source") == "measured"
+    return (rec.get("outcome") == "ok" and rec.get("source") in ("measured", "published")
             and m.get("peak_allocated_bytes") is not None and m.get("peak_device_bytes") is not None
             and not m.get("device_figures_flagged") and isinstance((rec.get("predicted") or {}).get("breakdown"), dict))
 
@@ -205,8 +206,11 @@ def group_by_environment(records):
     """{environment key: [records]} over usable records."""
     from ..env import environment_key
 
+    from .published import measured_view
+
     out = {}
     for r in records:
+        r = measured_view(r)
         if usable(r):
             out.setdefault(environment_key(r.get("env") or {}), []).append(r)
     return out

@@ -19,6 +19,7 @@ case, the settings as vramlab's spec fields and the number exactly as printed:
         spec: {model: meta-llama/Llama-2-7b-hf, method: qlora, ...}
         published: "7.8 GB"               # as printed
         bytes: 7800000000
+        also: {reserved: 8100000000, nvml: 9500000000}   # other counters the source states for the same run
         note: "assumptions"
         unsupported: "why the predictor cannot express it"   # only for such cases
 
@@ -48,7 +49,7 @@ MEASURED = {  # what the published number is → the record key it goes under
     "allocated+context": "peak_allocated_context_bytes",
 }
 SOURCE_KEYS = ("set", "citation", "measured", "gpu", "cases")
-CASE_KEYS = ("id", "spec", "published", "bytes", "note", "unsupported", "stack", "gpu", "measured")
+CASE_KEYS = ("id", "spec", "published", "bytes", "note", "unsupported", "stack", "gpu", "measured", "also")
 ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -113,6 +114,10 @@ def load_source(path):
             raise PublishedError(f"{where} ({cid}): published: give the number as printed, with its unit, as text")
         if "measured" in c:
             _check_measured(path, f"cases[{i}].measured", c["measured"])
+        for kind, v in (c.get("also") or {}).items():
+            _check_measured(path, f"cases[{i}].also", kind)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise PublishedError(f"{where} ({cid}): also.{kind}: {v!r} is not a positive whole number of bytes")
     return d
 
 
@@ -148,8 +153,9 @@ def case_record(source, case):
 
     measured = case.get("measured", source["measured"])
     gpu = case.get("gpu", source.get("gpu"))
-    published = {MEASURED[measured]: case["bytes"], "what": measured, "as_printed": case["published"],
-                 "case": case["id"], "note": case.get("note") or "", "gpu": gpu}
+    published = {MEASURED[kind]: v for kind, v in (case.get("also") or {}).items()}  # other counters the source states
+    published.update({MEASURED[measured]: case["bytes"], "what": measured, "as_printed": case["published"],
+                      "case": case["id"], "note": case.get("note") or "", "gpu": gpu})
     rec = {"schema_version": SCHEMA_VERSION, "spec_hash": None, "formula_hash": formula_hash(), "spec": None,
            "group": source["set"], "source": "published", "outcome": "ok", "published": published,
            "citation": {**source["citation"], "set": source["set"]}, "measured_note": source.get("measured_note", ""),
@@ -204,14 +210,27 @@ def import_source(path, out_root, progress=None):
     return done
 
 
+def measured_view(rec):
+    """A published record that states both an allocated and a device peak, seen as a measured record (what
+    `vramlab fit` reads); any other record as it is."""
+    pub = rec.get("published") or {}
+    if rec.get("source") != "published" or rec.get("outcome") != "ok" or \
+            pub.get("peak_allocated_bytes") is None or pub.get("peak_device_bytes") is None:
+        return rec
+    return {**rec, "measured": {k: pub.get(k) for k in ("peak_allocated_bytes", "peak_reserved_bytes", "peak_device_bytes")}}
+
+
 def observed_for_prediction(rec):
-    """(quantity, published bytes, predicted bytes) a published record is scored on:
+    """(quantity, published bytes, predicted bytes) a published record is scored on (its `what`):
     allocated → predicted peak allocated; reserved → allocated + allocator slack; device → peak device."""
     from formulas import categories as C
 
     pub, pred = rec.get("published") or {}, rec.get("predicted") or {}
     if not pred.get("peak_allocated_bytes"):
         return None
+    key = MEASURED.get(pub.get("what"))
+    if key and pub.get(key) is not None:  # the figure the source set out to measure first
+        pub = {key: pub[key]}
     if pub.get("peak_allocated_bytes") is not None:
         return "allocated", pub["peak_allocated_bytes"], pred["peak_allocated_bytes"]
     if pub.get("peak_reserved_bytes") is not None:
