@@ -41,6 +41,7 @@ class ActContext:
     experts_linear: bool = False  # transformers 4.x: MoE experts are nn.Linear (quantized like the rest)
     reentrant: bool = False  # reentrant checkpointing: inputs held on ctx are dropped outside the recomputed layer
     moe_param_lora: bool = False  # peft ≥ 0.20 LoRA on fused expert parameters: the experts' weight needs grad
+    repeat_kv: bool = False  # SDPA on K/V copied to every query head (transformers < 4.54 or torch < 2.5)
 
 
 def _inputs_saved(ctx):
@@ -106,6 +107,8 @@ def _sdpa_saved(ctx, n_q, n_kv, qk_dim, v_dim, seq, q_is_fresh=False, shape=None
     scores = 0
     if shape is not None and shape.sdpa_per_score and b == 2:  # SDPA left with the math kernel (read off the model)
         scores = n_q * seq * shape.sdpa_per_score[1 if ctx.linears_trainable else 2]
+    if ctx.repeat_kv:  # repeat_kv's copies are what the kernel sees, and saves
+        n_kv = n_q
     return n_q * qk_dim * b + n_kv * qk_dim * b + n_kv * v_dim * b + out + 4 * n_q + contiguous + scores
 
 
@@ -394,7 +397,7 @@ def ckpt_saved_per_token(ctx, shape, seq=0):
 
 # ---------------------------------------------------------------- inference (no grad)
 
-def prefill_working_set_per_token(shape, b, attn, seq, fp16=False):
+def prefill_working_set_per_token(shape, b, attn, seq, fp16=False, repeat_kv=False):
     """Live forward tensors per token at the worst moment inside one layer (no grad: nothing is saved).
 
     Beside every op of a layer, hidden-size tensors stay bound by the Python code: the model's
@@ -423,6 +426,8 @@ def prefill_working_set_per_token(shape, b, attn, seq, fp16=False):
             mlp = vmax(mlp, moe + eager_held)
         qk = shape.head_dim
         attn_ws = beside + nH * qk * b * 3 + shape.n_kv_heads * qk * b * 2
+        if repeat_kv and attn == "sdpa" and shape.n_kv_heads < nH and shape.family != "mla":
+            attn_ws = attn_ws + 2 * nH * qk * b  # repeat_kv's copies of K and V beside the originals
         if shape.family == "mla":
             # the cached latent re-expanded by kv_b_proj and the rebuilt per-head keys, every forward
             expand = nH * (shape.qk_nope_head_dim + shape.v_head_dim + qk) * b

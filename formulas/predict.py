@@ -42,7 +42,7 @@ from .kv_cache import cache_summary, kv_cache_bytes
 from .lora import default_targets, lora_params, lora_tensors, resolve_targets
 from .overhead import DEFAULT_OVERHEADS
 from .spec import Spec, SpecError, validate
-from .stack import behaviour, linear_experts, stack_notes
+from .stack import behaviour, linear_experts, sdpa_repeats_kv, stack_notes
 from .training import gradient_bytes, optimizer_memory, zero1_partition
 from .weights import _TOKEN_EMBEDDINGS, _is_layer, weight_storage
 
@@ -312,7 +312,8 @@ def _static(spec, checkpoint=None):
         # low-precision base keeps it in the compute dtype (freeze, LoRA).
         r = 4 if (amp and spec.method == "full") or kbit else cb
         ctx = ActContext(b=4 if kbit else cb, r=r, amp=amp, attn=spec.attn, dropout=spec.dropout,
-                         reentrant=spec.grad_ckpt and behaviour(spec, "reentrant"), **ctx_kw)
+                         reentrant=spec.grad_ckpt and behaviour(spec, "reentrant"),
+                         repeat_kv=spec.attn == "sdpa" and sdpa_repeats_kv(spec), **ctx_kw)
         ctx_head = ctx if spec.method != "freeze" else replace(ctx, linears_trainable=False, norms_trainable=False)
         if spec.method in ("lora", "qlora"):
             w_other += n_tr * tb  # adapters counted with the weights
@@ -442,7 +443,8 @@ def _phases_inference(st, sl, B, S, N):
     T = B * S
     kv_pf = kv_cache_bytes(shape, B, S, st.kvb, s.mla_cache, prefill=True) * sl.layer_frac / sl.kv_div
     # + int64 input ids per token, and cos/sin, position ids (and position embeddings) per position
-    ws = (T * (prefill_working_set_per_token(shape, cb, s.attn, S, s.compute_dtype == "fp16") + 8) + S * forward_extras_per_position(shape, cb)
+    rep = sdpa_repeats_kv(s)
+    ws = (T * (prefill_working_set_per_token(shape, cb, s.attn, S, s.compute_dtype == "fp16", rep) + 8) + S * forward_extras_per_position(shape, cb)
           + state_layers_fixed_bytes(cb, shape, "ws")) / sl.tp
     qtemp = st.quant_temp + T * st.quant_temp_per_token / sl.tp
     head_act = 2 * T * shape.hidden * cb * sl.head
@@ -468,10 +470,10 @@ def _phases_inference(st, sl, B, S, N):
     cat_temp = kv_cache_bytes(shape, B, total, st.kvb, s.mla_cache) / shape.n_layers / 2 / sl.kv_div
     if behaviour(s, "legacy_cache"):  # transformers < 4.42: the previous step's whole cache is still referenced
         cat_temp = kv_cache_bytes(shape, B, total - 1, st.kvb, s.mla_cache) * sl.layer_frac / sl.kv_div
-    step_ws = B * (prefill_working_set_per_token(shape, cb, s.attn, total, s.compute_dtype == "fp16") + 8) + forward_extras_per_position(shape, cb)
+    step_ws = B * (prefill_working_set_per_token(shape, cb, s.attn, total, s.compute_dtype == "fp16", rep) + 8) + forward_extras_per_position(shape, cb)
     if shape.is_mla:  # every step re-expands the whole cached latent (kv_b_proj) and rebuilds per-head keys
         step_ws = step_ws + B * total * shape.n_heads * (shape.qk_nope_head_dim + shape.v_head_dim + shape.head_dim) * cb
-    if s.attn == "eager" and shape.n_kv_heads < shape.n_heads:  # repeat_kv copies K and V of all cached tokens
+    if (s.attn == "eager" or rep) and shape.n_kv_heads < shape.n_heads and not shape.is_mla:  # repeat_kv copies K and V of all cached tokens
         step_ws = step_ws + 2 * B * total * shape.n_heads * shape.head_dim * cb
     step_ws = step_ws / sl.tp
     # generate keeps the previous step's fp32 logits while copying the new ones: bf16 + 2 × fp32
@@ -526,7 +528,8 @@ def _phases_train(st, sl, B, S, N):
     qtemp = st.quant_temp + st.moe_delta_temp * sl.layer_frac / sl.tp  # (ΔW built in a MoE layer's forward)
     layer_transient = T * 4 * H / sl.tp
     if s.grad_ckpt:
-        layer_transient = T * prefill_working_set_per_token(shape, ab, s.attn, S, s.compute_dtype == "fp16") / sl.tp
+        layer_transient = T * prefill_working_set_per_token(shape, ab, s.attn, S, s.compute_dtype == "fp16",
+                                                            sdpa_repeats_kv(s)) / sl.tp
     lb = ab  # logits come out of lm_head in the compute dtype (fp32 after kbit prep)
     # FSDP2 mixed precision: autograd's (unsharded) gradients come in the compute dtype, the shards are fp32
     ug = st.cb / 4 if (sl.fsdp and fsdp_master_precision(s)) else 1

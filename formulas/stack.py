@@ -85,6 +85,14 @@ BEHAVIOURS = (
         "4.47.0 models/mixtral/modeling_mixtral.py MixtralRotaryEmbedding._set_cos_sin_cache "
         "(`register_buffer(\"cos_cached\", …)`); gone in 4.48.0"),
     Behaviour(
+        "sdpa_gqa", "transformers", "4.54.0", "repeat", "native",
+        "grouped-query attention under SDPA: up to 4.53 the K/V heads were copied to every query head "
+        "(`repeat_kv`) before the kernel, which then kept those copies for backward; since 4.54 SDPA runs on the "
+        "KV heads (`enable_gqa=True`) when torch ≥ 2.5 and no mask is passed (training without padding, generate "
+        "without it), else it still repeats",
+        "4.54.0 integrations/sdpa_attention.py use_gqa_in_sdpa (torch ≥ 2.5, attention_mask is None) and "
+        "sdpa_attention_forward lines 53-55; 4.53 and earlier call repeat_kv unconditionally"),
+    Behaviour(
         "default_attn", "transformers", "4.36.0", "eager", "sdpa",
         "attention implementation when none is asked for: eager (keeps the T×T probabilities per head) before "
         "4.36, SDPA since (with torch ≥ 2.1.1), still the default in 5.24",
@@ -262,6 +270,12 @@ def behaviour(spec_or_pairs, key):
     return _behaviour(tuple(pairs), key)
 
 
+def sdpa_repeats_kv(spec):
+    """Whether SDPA runs on K/V copied to every query head under the spec's stack: transformers < 4.54, or torch
+    < 2.5 (which has no enable_gqa)."""
+    return behaviour(spec, "sdpa_gqa") == "repeat" or parse_version(dict(stack_of(tuple(spec.stack)).versions)["torch"]) < (2, 5, 0)
+
+
 def differs_from_newest(spec, shape=None):
     """Behaviours under the spec's stack that differ from the newest modelled stack: [(Behaviour, value)].
 
@@ -285,6 +299,7 @@ def _bears_on(key, spec, shape):
         "legacy_cache": not train and spec.gen > 0,
         "shift_copy": train,
         "default_attn": spec.attn == "eager",
+        "sdpa_gqa": spec.attn == "sdpa" and shape.n_kv_heads < shape.n_heads,
         "reentrant": spec.grad_ckpt and (spec.dtype == "int8" or (spec.dtype in ("nf4", "fp4") and train
                                                                   and behaviour(spec, "bnb4_keeps_input"))),
         "mla_cache": shape.is_mla and not train,
