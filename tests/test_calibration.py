@@ -95,6 +95,21 @@ def test_systematic_category_error_becomes_a_correction(records):
     assert res["corrections"]["peak_allocated"] == pytest.approx(1.1, rel=0.01)
 
 
+def test_a_category_measured_empty_is_no_correction_and_the_table_loads(records, tmp_path):
+    """Measured breakdowns that put nothing under a category the prediction fills (a GPU run's temporaries) give
+    a ratio of 0, not a factor: no correction, and the table written loads (load_calibration refuses ≤ 0)."""
+    zeroed = []
+    for r in records:
+        pbd = {**r["predicted"]["breakdown"], "temporaries": 64 * MiB}
+        mbd = {c: v for c, v in pbd.items() if c in ("weights", "kv_cache", "activations")}
+        mbd["temporaries"] = 0
+        zeroed.append({**r, "predicted": {**r["predicted"], "breakdown": pbd},
+                       "measured": {**r["measured"], "breakdown": mbd}})
+    res = fit(zeroed)
+    assert "temporaries" not in res["corrections"]
+    load_calibration(write_calibration(res, str(tmp_path), records_path="synthetic"))
+
+
 def test_split_is_deterministic(records):
     hashes = [r["spec_hash"] for r in records]
     assert [is_heldout(h) for h in hashes] == [is_heldout(h) for h in hashes]

@@ -97,6 +97,8 @@ def _systematic(ratios):
     if len(r) < CORRECTION_MIN_RECORDS:
         return None
     med = float(np.median(r))
+    if med <= 0:  # the measured breakdowns put nothing there: no factor to apply (load_calibration refuses ≤ 0)
+        return None
     same_side = np.mean(r > 1) if med > 1 else np.mean(r < 1)
     if abs(med - 1) >= CORRECTION_MIN_DEVIATION and same_side >= CORRECTION_SAME_SIDE:
         return med
