@@ -535,7 +535,7 @@ def _phases_train(st, sl, B, S, N):
     ug = st.cb / 4 if (sl.fsdp and fsdp_master_precision(s)) else 1
     # transformers' TP plans gather the logits on every rank; the hidden state around the head is replicated
     # forward, at the loss: the logits and their fp32 copy (transformers < 4.46 upcast in the forward, freeing
-    # the low-precision ones), the shifted copy (< 4.50: `logits[..., :-1, :].contiguous()`), the log-softmax
+    # the low-precision ones), the shifted copy (< 4.49: `logits[..., :-1, :].contiguous()`), the log-softmax
     fp32_logits = 4 if behaviour(s, "logits_upcast") == "forward" else lb + (4 if lb != 4 else 0)
     fwd_logits = T * V * (fp32_logits + 4 + (4 if behaviour(s, "shift_copy") else 0)) * sl.head
     bwd_logits = vmax(T * V * 12 * sl.head, T * V * lb * sl.head + st.lm_grad * ug * sl.head / _head_tp(st, sl))

@@ -5,7 +5,7 @@ Every behaviour that changed across the versions vramlab models sits in BEHAVIOU
 first version that has the new behaviour and the PR or source line that changed it. A Stack is four
 versions; `behaviour(stack, key)` reads the table. `Spec.stack` carries the versions asked for as
 ((package, version), ...); () means the newest modelled versions (NEWEST). The CLI fills it with what
-is installed (harness/cli/common.py reads importlib.metadata, without importing torch) unless
+is installed (harness/env.py reads importlib.metadata, without importing torch) unless
 --transformers / --peft / --torch / --bitsandbytes say otherwise.
 
 Pure Python: no torch, no I/O.
@@ -41,7 +41,7 @@ BEHAVIOURS = (
         "became fused 3-D nn.Parameters (mlp.experts.gate_up_proj [E, 2I, H] / down_proj [E, H, I]). bitsandbytes "
         "via transformers replaces nn.Linear only, so 4.x quantizes every expert and 5.x (to 5.24 at least) keeps "
         "them in the load dtype — fp32 after peft's kbit prep; LoRA all-linear adapts every expert's w1/w2/w3 in "
-        "4.x and no expert in 5.x",
+        "4.x, and on 5.x what peft decides (peft_moe_targets)",
         "PR #41580 'Refactor weight loading' (5.0.0): models/mixtral/modeling_mixtral.py MixtralExperts; 4.57 "
         "MixtralSparseMoeBlock.experts = nn.ModuleList of MixtralBlockSparseTop2MLP (w1/w2/w3 nn.Linear); "
         "integrations/bitsandbytes.py replace_with_bnb_linear replaces nn.Linear only (5.24: `type(module) is "

@@ -76,6 +76,11 @@ def add_spec_arguments(p):
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree")
     p.add_argument("--layer-split", action="store_true", help='split layers over --gpus like device_map="auto"')
     p.add_argument("--offload", default="none", help="none | optimizer | params")
+    add_stack_arguments(p)
+
+
+def add_stack_arguments(p):
+    """--transformers, --peft, --torch, --bitsandbytes VERSION (predict, trace, plan, stack)."""
     g = p.add_argument_group("software stack", "library versions whose behaviour the prediction follows (the table: "
                              "`vramlab stack`); default: what is installed, else the newest modelled")
     for package in STACK_PACKAGES:

@@ -2,7 +2,7 @@
 
 import json
 
-from .common import STACK_PACKAGES, installed_versions, stack_from_args
+from .common import STACK_PACKAGES, add_stack_arguments, installed_versions, stack_from_args
 
 
 def cmd_stack(a):
@@ -36,9 +36,7 @@ def add_parsers(sub):
                        description="Print the software-stack table: every behaviour that changes memory across "
                                    "transformers, peft, torch and bitsandbytes versions, the version that changed it "
                                    "and its source, with the value the given (or installed) versions get.")
-    g = p.add_argument_group("software stack")
-    for package in STACK_PACKAGES:
-        g.add_argument(f"--{package}", default=None, metavar="VERSION", help=f"{package} version (default: installed)")
+    add_stack_arguments(p)
     p.add_argument("--verbose", action="store_true", help="what each behaviour does, and its source")
     p.add_argument("--json", action="store_true", help="the table as JSON")
     p.set_defaults(func=cmd_stack)
