@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from formulas.catalog import get_shape  # noqa: E402
-from formulas.engine_vllm import VllmSettings, predict_vllm  # noqa: E402
+from formulas.engines.vllm import VllmSettings, predict_vllm  # noqa: E402
 from formulas.hardware import get_hardware  # noqa: E402
 
 PUBLISHED_DIR = os.path.join(ROOT, "results", "published", "engines")
@@ -71,9 +71,9 @@ def check_vllm():
 
 def _llamacpp_module():
     try:
-        return importlib.import_module("formulas.engine_llamacpp"), ""
+        return importlib.import_module("formulas.engines.llamacpp"), ""
     except ImportError as e:
-        return None, f"formulas/engine_llamacpp.py is not importable ({e}); llama.cpp cases not checked"
+        return None, f"formulas/engines/llamacpp.py is not importable ({e}); llama.cpp cases not checked"
 
 
 def _llamacpp_settings(mod, case):
@@ -81,7 +81,7 @@ def _llamacpp_settings(mod, case):
     cls = next((getattr(mod, n) for n in ("LlamaCppSettings", "LlamacppSettings", "LlamaSettings")
                 if hasattr(mod, n)), None)
     if cls is None:
-        raise LookupError("no LlamaCppSettings class in formulas.engine_llamacpp")
+        raise LookupError("no LlamaCppSettings class in formulas.engines.llamacpp")
     s = case["settings"]
     aliases = {"n_ctx": ("n_ctx", "ctx"), "n_ubatch": ("n_ubatch", "ubatch"), "n_batch": ("n_batch", "batch"),
                "n_parallel": ("n_parallel", "parallel", "n_seq"), "flash_attn": ("flash_attn",),
@@ -117,7 +117,7 @@ def check_llamacpp():
     if mod is None:
         return [], why
     if not hasattr(mod, "predict_llamacpp"):
-        return [], "formulas/engine_llamacpp.py has no predict_llamacpp(shape, dtype, settings); llama.cpp cases not checked"
+        return [], "formulas/engines/llamacpp.py has no predict_llamacpp(shape, dtype, settings); llama.cpp cases not checked"
     rows = []
     for case in cases:
         try:

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from formulas.catalog import get_shape
-from formulas.engine_llamacpp import (
+from formulas.engines.llamacpp import (
     LlamaCppSettings,
     gguf_tensors,
     kv_cells,
@@ -126,7 +126,7 @@ def test_compute_buffer_grows_with_context_without_flash_attention():
 
 def test_predict_is_fast_and_torch_free():
     code = ("import sys, time; t = time.perf_counter(); from formulas.catalog import get_shape; "
-            "from formulas.engine_llamacpp import LlamaCppSettings, predict_llamacpp, log_lines; "
+            "from formulas.engines.llamacpp import LlamaCppSettings, predict_llamacpp, log_lines; "
             f"r = predict_llamacpp(get_shape('{QWEN32}'), 'q4_k_m', LlamaCppSettings(ctx=8192)); log_lines(r); "
             "print(time.perf_counter() - t, 'torch' in sys.modules)")
     t0 = time.perf_counter()
@@ -172,7 +172,7 @@ def test_committed_cpu_measurements_meet_the_bar():
     import dataclasses
     import glob
 
-    from formulas.engine_llamacpp import MIB, LlamaCppSettings, gguf_tensors, ggml_row_bytes
+    from formulas.engines.llamacpp import MIB, LlamaCppSettings, gguf_tensors, ggml_row_bytes
     from harness.engines.llamacpp import cut_shape
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,4 +1,4 @@
-"""vLLM and SGLang budgets (formulas/engine_vllm.py) against hand-worked values and published logs.
+"""vLLM and SGLang budgets (formulas/engines/vllm.py) against hand-worked values and published logs.
 
 Pure: no torch. The published cases live in results/published/engines/vllm.json.
 """
@@ -11,7 +11,7 @@ import os
 import pytest
 
 from formulas.catalog import get_shape
-from formulas.engine_vllm import (
+from formulas.engines.vllm import (
     VLLM_RULES,
     SglangSettings,
     VllmSettings,

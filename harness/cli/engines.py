@@ -1,8 +1,8 @@
 """`--engine`: predict memory the way an inference engine budgets it, not as transformers holds it.
 
 transformers (the default) is `formulas.predict`. llama.cpp / Ollama allocate a model, a KV and a
-compute buffer per device (formulas.engine_llamacpp); vLLM and SGLang take a fraction of the card up
-front and turn what the weights and a profiling run leave into KV-cache blocks (formulas.engine_vllm).
+compute buffer per device (formulas.engines.llamacpp); vLLM and SGLang take a fraction of the card up
+front and turn what the weights and a profiling run leave into KV-cache blocks (formulas.engines.vllm).
 The engine's answer is printed as its own log lines, so a user can compare line by line; `--json`
 adds an `engine` object and `peak_device_bytes` becomes what nvidia-smi would show under that engine.
 Pure Python: no torch is imported.
@@ -66,7 +66,7 @@ def engine_answer(a, spec, shape, gpu, taken, overheads):
     """(JSON-ready engine object, peak device bytes per GPU as nvidia-smi would show it, text lines)."""
     kv = taken["kv_dtype"]
     if a.engine in ("llama.cpp", "ollama"):
-        from formulas.engine_llamacpp import LlamaCppSettings, log_lines, predict_llamacpp
+        from formulas.engines.llamacpp import LlamaCppSettings, log_lines, predict_llamacpp
 
         if kv and kv not in _LLAMA_KV:
             raise ValueError(f"--kv-dtype {kv}: llama.cpp takes {', '.join(_LLAMA_KV)}")
@@ -87,7 +87,7 @@ def engine_answer(a, spec, shape, gpu, taken, overheads):
         device = [n + overheads.cuda_context_bytes for n in per_gpu] or [0]
         lines = log_lines(result)
         return obj, max(device), lines
-    from formulas.engine_vllm import DEFAULT_VLLM_VERSION, SglangSettings, VllmSettings, log_lines, predict_sglang, \
+    from formulas.engines.vllm import DEFAULT_VLLM_VERSION, SglangSettings, VllmSettings, log_lines, predict_sglang, \
         predict_vllm
 
     if kv and kv not in _VLLM_KV:

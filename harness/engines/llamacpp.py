@@ -2,7 +2,7 @@
 
 llama.cpp prints the same model and KV buffer sizes on the CPU as on a GPU (only the device names
 differ), and its CPU compute buffer comes from the same ggml-gallocr reserve. So a CPU run checks
-formulas/engine_llamacpp.py without a GPU:
+formulas/engines/llamacpp.py without a GPU:
 
 1. `write_random_gguf`: a GGUF (F16 matrices, F32 norms and biases) with the tensor list and
    hyper-parameters of a catalog model (layers may be cut; every per-layer shape is the real one),
@@ -22,7 +22,7 @@ import re
 import time
 
 from formulas.catalog import get_shape, load_config
-from formulas.engine_llamacpp import MIB, LlamaCppSettings, gguf_tensors, predict_llamacpp
+from formulas.engines.llamacpp import MIB, LlamaCppSettings, gguf_tensors, predict_llamacpp
 from formulas.shapes import shape_from_config
 
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
@@ -224,7 +224,7 @@ def measure(model, dtype, settings, n_layers=0):
 
 
 def _bytes(t):
-    from formulas.engine_llamacpp import ggml_row_bytes
+    from formulas.engines.llamacpp import ggml_row_bytes
 
     return ggml_row_bytes(t[2], t[3]) * t[4]
 

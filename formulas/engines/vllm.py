@@ -21,11 +21,11 @@ vllm/v1/core/kv_cache_utils.py; sgl-project/sglang python/sglang/srt/model_execu
 
 from dataclasses import dataclass
 
-from .dtypes import DTYPE_BYTES
-from .kv_cache import kv_cache_bytes_per_token
-from .overhead import DEFAULT_OVERHEADS
-from .units import GiB
-from .weights import weight_storage
+from ..dtypes import DTYPE_BYTES
+from ..kv_cache import kv_cache_bytes_per_token
+from ..overhead import DEFAULT_OVERHEADS
+from ..units import GiB
+from ..weights import weight_storage
 
 DEFAULT_VLLM_VERSION = "0.21.0"  # first version that counts CUDA-graph memory by default (see VLLM_RULES)
 

@@ -16,7 +16,7 @@ the Llama-style dense family (llama, mistral, qwen2, qwen3); others raise ValueE
 
 from dataclasses import asdict, dataclass
 
-from .dtypes import GGUF_DTYPES
+from ..dtypes import GGUF_DTYPES
 
 MIB = 1 << 20
 
