@@ -35,6 +35,7 @@ class Hardware:
     interconnect: tuple  # ((name, bytes_per_s both directions summed), ...)
     price: dict  # {"amount", "currency", "kind"} or None
     sources: tuple  # URLs and datasheet names
+    architecture: str = ""  # family and chip, e.g. "Ada Lovelace AD102" (formulas.device reads the chip)
 
     @property
     def usable_bytes(self):
@@ -69,7 +70,7 @@ def _from_entry(e):
         bandwidth_bytes_per_s=int(e["bandwidth_bytes_per_s"]),
         dense_flops={k: (None if v is None else v * 1e12) for k, v in tf.items()},
         interconnect=tuple((i["name"], int(i["bytes_per_s"])) for i in e.get("interconnect", ())),
-        price=e.get("price"), sources=tuple(e.get("sources", ())),
+        price=e.get("price"), sources=tuple(e.get("sources", ())), architecture=e.get("architecture", ""),
     )
 
 

@@ -9,8 +9,8 @@ from formulas.units import GiB
 from .common import add_spec_arguments, calibration_line, gib_cell, spec_from_args, stack_from_args, warn_beyond_positions
 from .engines import add_engine_arguments
 
-# How the device categories are headed in the table, and what each means.
-DEVICE_ROWS = ((C.CUDA_CONTEXT, "cuda context"), (C.WORKSPACES, "workspaces"), (C.ALLOCATOR_SLACK, "allocator slack"))
+# How the device categories are headed in the table, in the order they add up to the device peak.
+DEVICE_ROWS = ((C.ALLOCATOR_SLACK, "allocator slack"), (C.CUDA_CONTEXT, "cuda context"))
 
 
 def stack_lines(spec, stack=None):
@@ -35,13 +35,14 @@ def render_prediction(pred, gpu=None, stack=None):
         head += f" · batch {s.batch} · prompt {s.seq}" + (f" + gen {s.gen}" if s.gen else "")
     lines = [head, f"{pred.n_params:,} parameters · attention {s.attn}" + (f" · per GPU of {s.gpus}" if s.gpus > 1 else ""), ""]
     lines.append(f"{'category':<22}{'GiB':>10}")
-    for c in C.TENSOR_CATEGORIES:
+    for c in C.ALLOCATED_CATEGORIES:
         v = pred.breakdown.get(c, 0)
         if v:
-            lines.append(f"{c:<22}{gib_cell(v)}")
+            lines.append(f"{c:<22}{gib_cell(v)}" + ("   (cuBLAS, inside the allocator)" if c == C.WORKSPACES else ""))
     lines.append(f"{'peak allocated':<22}{gib_cell(pred.peak_allocated_bytes)}   at {pred.peak_phase}   (torch max_memory_allocated)")
     for c, label in DEVICE_ROWS:
-        lines.append(f"{label:<22}{gib_cell(pred.breakdown[c])}")
+        lines.append(f"{label:<22}{gib_cell(pred.breakdown[c])}" + ("   (outside the allocator: init + kernel images)"
+                                                                    if c == C.CUDA_CONTEXT else ""))
     lines.append(f"{'peak device':<22}{gib_cell(pred.peak_device_bytes)}   (what nvidia-smi shows)")
     phases = " · ".join(f"{ph} {sum(bd.values()) / GiB:.2f}" for ph, bd in pred.phases.items())
     lines.append("")
