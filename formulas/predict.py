@@ -225,6 +225,10 @@ def _static(spec, checkpoint=None):
     quant_temp = quant_temp_tok = 0
     if spec.dtype in ("nf4", "fp4", "gptq-int4", "awq-int4"):
         quant_temp = st.largest_quantized * cb  # a whole weight dequantized for a multi-token matmul
+        if spec.dtype in ("nf4", "fp4") and spec.double_quant:
+            # bitsandbytes' _dequant_linear_fallback (backends/cuda/ops.py, 0.50): the nested absmax dequantized to
+            # fp32, then `absmax_dq + absmax_offset`, a second fp32 copy, beside the dequantized weight
+            quant_temp += 2 * 4 * -(-st.largest_quantized // spec.group_size if spec.group_size else 0)
     if spec.dtype == "gptq-int4" and spec.gptq_kernel == "exllamav2":
         # AutoGPTQ's exllamav2_post_init: one fp16 scratch tensor per device, the largest of every quantized
         # linear's scratch_space_fixed(max_input_len=2048, max_batch_size=8) = (in·out·2 + 128) + (out·2048·8·4 + 128),
@@ -473,12 +477,21 @@ def _phases_inference(st, sl, B, S, N):
         logits = T * shape.vocab * (cb + (4 if cb != 4 else 0)) * sl.head
     else:
         logits = (B * shape.vocab * (cb + 4) if s.logits == "last" else T * shape.vocab * cb) * sl.head
-    in_layer = ws + qtemp
+    ws_q = ws
+    if s.dtype in ("nf4", "fp4") and st.quant_temp and shape.n_dense_layers:
+        # bitsandbytes dequantizes a whole weight inside gemm_4bit for a many-token matmul. The SwiGLU moment (act,
+        # up and their product: 3·I per token) holds no dequantized weight; the up_proj moment (act, up's output
+        # and the dequantized weight) holds one I-wide tensor less: the layer's peak is the larger of the two.
+        ws_dq = ws - T * shape.intermediate * cb / sl.tp
+        dq = (ws_dq + qtemp) > ws
+        ws_q = _pick(dq, ws_dq, ws)
+        qtemp = _pick(dq, qtemp, 0)
+    in_layer = ws_q + qtemp
     at_head = head_act + logits
     pick = in_layer >= at_head
     prefill = dict(base)
     prefill[C.KV_CACHE] = kv_pf
-    prefill[C.ACTIVATIONS] = _pick(pick, ws, head_act)
+    prefill[C.ACTIVATIONS] = _pick(pick, ws_q, head_act)
     prefill[C.TEMPORARIES] = _pick(pick, qtemp, 0)
     prefill[C.LOGITS] = _pick(pick, 0, logits)
     has_dec = (N > 0) * 1

@@ -16,7 +16,7 @@ _SPEC_FIELDS = None
 
 
 def spec_of(rec):
-    """The record's Spec, with the stack its environment ran (versions of env.packages)."""
+    """The record's Spec, with its stack or else the one its environment ran (versions of env.packages)."""
     global _SPEC_FIELDS
     if _SPEC_FIELDS is None:
         _SPEC_FIELDS = set(Spec.__dataclass_fields__)
@@ -24,8 +24,9 @@ def spec_of(rec):
     for k, v in list(d.items()):
         if isinstance(v, list):
             d[k] = tuple(tuple(x) if isinstance(x, list) else x for x in v)
-    pkgs = ((rec.get("env") or {}).get("packages") or {})
-    d["stack"] = tuple((p, str(pkgs[p])) for p in PACKAGES if pkgs.get(p))
+    if not d.get("stack"):  # the spec names no stack: the one its environment ran
+        pkgs = ((rec.get("env") or {}).get("packages") or {})
+        d["stack"] = tuple((p, str(pkgs[p])) for p in PACKAGES if pkgs.get(p))
     return Spec(**d)
 
 
@@ -88,3 +89,29 @@ def repredict(rec, overheads=None, loaded=()):
     st = workload_static(validate(spec, get_shape(spec.model)))
     _, device = device_totals(st, pred.breakdown, pred.peak_allocated_bytes, pred.peak_reserved_bytes, ov, loaded)
     return pred, device
+
+
+def with_current_predictions(records):
+    """The records, measured ones with `predicted` replaced by the current formulas' prediction in their environment
+    (`predicted.as_of` says so); a record the formulas now refuse keeps its stored prediction."""
+    from formulas.spec import SpecError
+
+    records = list(records)
+    loaded = loaded_before([r for r in records if r.get("source") == "measured"])
+    out = []
+    for r in records:
+        if r.get("source") != "measured" or not isinstance(r.get("spec"), dict):
+            out.append(r)
+            continue
+        try:
+            p, dev = repredict(r, None, loaded.get(r["spec_hash"], ()))
+        except (SpecError, ValueError, KeyError):
+            out.append(r)
+            continue
+        d = p.to_dict()
+        d.pop("spec", None)
+        d["peak_device_bytes"] = dev
+        d["breakdown"] = {**d["breakdown"], "cuda_context": d["breakdown"]["cuda_context"] + dev - p.peak_device_bytes}
+        d["as_of"] = "current formulas, the record's environment"
+        out.append({**r, "predicted": d})
+    return out
