@@ -98,21 +98,31 @@ def fit_overheads(recs, base, loaded):
     m = [r["measured"] for r in recs]
     ctx_meas = [x["cuda_context_bytes"] for x in m if x.get("cuda_context_bytes") is not None]
     context = int(np.median(ctx_meas)) if ctx_meas else base.cuda_context_bytes
-    # kernel images: outside the allocator less the context, on the families loaded by then
-    rows, target = [], []
+    if not ctx_meas and not any(x.get("peak_reserved_bytes") for x in m):
+        # a published set that states the allocated and the device figure only: slack and context cannot be told
+        # apart, so the rules' slack stands and the context takes the rest
+        rest = [r["measured"]["peak_device_bytes"] - r["measured"]["peak_allocated_bytes"]
+                - (p.peak_reserved_bytes - p.peak_allocated_bytes) - (base.context(p.spec) - base.cuda_context_bytes)
+                for r, p, _ in _predictions(recs, base, loaded)]
+        if rest:
+            context = max(int(np.median(rest)), 0)
+    # kernel images: outside the allocator less the context, on the families loaded by then — the median of each
+    # set of families (robust to a record disturbed by another process), then least squares over the sets
+    groups = {}
     preds = _predictions(recs, base, loaded)
     for r, p, _ in preds:
         x = r["measured"]
         if x.get("peak_reserved_bytes") is None:
             continue
-        fams = set(loaded.get(r["spec_hash"], ())) | set(_families(p.spec))
-        rows.append([1.0 if f in fams else 0.0 for f in FAMILIES])
-        target.append(x["peak_device_bytes"] - x["peak_reserved_bytes"] - context)
+        fams = frozenset(set(loaded.get(r["spec_hash"], ())) | set(_families(p.spec)))
+        groups.setdefault(fams, []).append(x["peak_device_bytes"] - x["peak_reserved_bytes"] - context)
     images = dict(base.kernel_images)
-    if rows:
-        A, y = np.asarray(rows), np.asarray(target, float)
+    if groups:
+        A = np.asarray([[1.0 if f in fams else 0.0 for f in FAMILIES] for fams in groups])
+        y = np.asarray([np.median(v) for v in groups.values()])
+        w = np.sqrt(np.asarray([len(v) for v in groups.values()], float))
         seen = A.any(axis=0)
-        sol, *_ = np.linalg.lstsq(A[:, seen], y, rcond=None)
+        sol, *_ = np.linalg.lstsq(A[:, seen] * w[:, None], y * w, rcond=None)
         for f, v in zip([f for f, s in zip(FAMILIES, seen) if s], sol):
             images[f] = max(int(round(v)), 0)
     # slack: per mode, the median share of the transient bytes beyond the fixed part
