@@ -121,10 +121,11 @@ def test_fit_reads_published_records_that_state_allocated_and_device(tmp_path, c
     # one figure beside the allocated peak: the slack rule stands and the context takes the rest — the planted
     # 1.4 GB and the 2 % the set adds, less what the rules put under slack and kernel images
     assert 1_400_000_000 < cal.overheads.cuda_context_bytes < 2_000_000_000
-    for rec in iter_records(str(tmp_path / "out")):
-        _, device = repredict(rec, cal.overheads)
-        assert device == pytest.approx(rec["published"]["also"]["nvml"] if "also" in rec["published"]
-                                       else rec["measured"]["peak_device_bytes"], rel=0.03)
+    for rec in iter_records(str(tmp_path / "out")):  # what the device holds beyond the allocated peak, as the set has it
+        pred, device = repredict(rec, cal.overheads)
+        pub = rec["published"]
+        overhead = pub["peak_device_bytes"] - pub["peak_allocated_bytes"]
+        assert abs((device - pred.peak_allocated_bytes) - overhead) < 0.2 * overhead
 
 
 @pytest.mark.parametrize("edit,field", [
