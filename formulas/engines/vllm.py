@@ -80,7 +80,7 @@ TP_COMM_BYTES = 276 * MiB
 # (https://github.com/vllm-project/vllm/pull/11349, V0 0.6.x); V1 graphs, fused by torch.compile — Qwen3-8B
 # on vLLM 0.21.0, whose own estimate for 51 piecewise + 35 full graphs was 0.52 GiB
 # (https://github.com/LMCache/LMCache/issues/3430): (0.52 GiB − the 512-token pool) / (37 + 50·37 + 34·36).
-_GRAPH_BYTES_PER_LAYER_V0 = 403 * 1024  # 0.21 GiB / 560
+_GRAPH_BYTES_PER_LAYER_V0 = 366 * 1024  # (0.21 GiB − the 256-token pool) / 560
 _GRAPH_BYTES_PER_LAYER_V1 = 160 * 1024
 
 
@@ -496,14 +496,49 @@ def kv_bytes_per_token_per_gpu(shape, dtype, kv_dtype="auto", tp=1, gpu_bf16=Tru
 
 # ------------------------------------------------------------------ weights and activations
 
-def vllm_weights_bytes(shape, weight_dtype, model_dtype, tp=1):
+# mxfp4 MoE kernels pad the expert matrices: Marlin rounds hidden to 256 and intermediate to 128, TRT-LLM both to
+# 256, the Triton (OpenAI triton_kernels) path intermediate to 64 (vllm 0.21.0 model_executor/layers/fused_moe/oracle/
+# mxfp4.py mxfp4_round_up_hidden_size_and_intermediate_size L561-L589). gpt-oss picks TRT-LLM on sm100, Triton on
+# sm90–sm10x, else Marlin (priority list L231-L249; experts/gpt_oss_triton_kernels_moe.py L524-L535: 9.0 ≤ cap < 11.0).
+_MXFP4_PAD = {"marlin": (256, 128), "trtllm": (256, 256), "triton": (1, 64)}
+
+
+def mxfp4_backend_for(gpu_name):
+    """The mxfp4 MoE backend vLLM picks for gpt-oss on a GPU (by name; unknown: Triton, no hidden padding)."""
+    n = (gpu_name or "").lower()
+    if any(k in n for k in ("b200", "b300", "gb200", "gb300")):
+        return "trtllm"
+    if any(k in n for k in ("h100", "h200", "h20", "gh200", "h800")) or not n:
+        return "triton"
+    return "marlin"
+
+
+def _round_up(x, m):
+    return _cdiv(x, m) * m
+
+
+def _mxfp4_padding_bytes(shape, backend):
+    """Extra bytes the mxfp4 kernels' padding adds to the expert matrices (4.25 bits per element)."""
+    if backend not in _MXFP4_PAD or not shape.is_moe:
+        return 0
+    ph, pi = _MXFP4_PAD[backend]
+    H, I = shape.hidden, shape.moe_intermediate
+    H2, I2 = _round_up(H, ph), _round_up(I, pi)
+    extra = (H2 * 2 * I2 + H2 * I2 - H * 2 * I - H * I) * shape.n_experts * shape.n_moe_layers
+    return extra * 17 // 32  # 4 bits + one 8-bit scale per 32 elements
+
+
+def vllm_weights_bytes(shape, weight_dtype, model_dtype, tp=1, mxfp4_backend=None):
     """Weights on one GPU as vLLM's 'Model loading took X GiB' counts them: the checkpoint split tp ways plus the
-    rotary cos/sin cache ([max_position_embeddings, rotary_dim] in the model dtype).
+    rotary cos/sin cache ([max_position_embeddings, rotary_dim] in the model dtype), and the mxfp4 kernels' padding.
 
     Source: vllm/model_executor/layers/rotary_embedding.py `_compute_cos_sin_cache` (registered as a buffer);
-    Llama-3.1-8B: 14.957 GiB of parameters + 0.031 GiB cache = the 14.9888 GiB vLLM logs."""
+    Llama-3.1-8B: 14.957 GiB of parameters + 0.031 GiB cache = the 14.9888 GiB vLLM logs. gpt-oss-20b on an A100
+    (Marlin): 12.85 GiB of checkpoint + 0.86 GiB of padding = the 13.72 GiB vLLM 0.19 logs."""
     ws = weight_storage(shape, weight_dtype, compute_dtype=model_dtype)
     params = ws.weight_bytes + ws.quant_state_bytes
+    if weight_dtype == "mxfp4":
+        params += _mxfp4_padding_bytes(shape, mxfp4_backend)
     rot = shape.rotary_dim or shape.qk_rope_head_dim
     rope_cache = shape.max_positions * rot * DTYPE_BYTES[model_dtype] if rot else 0
     return _cdiv(params, tp) + rope_cache
@@ -721,7 +756,7 @@ def predict_vllm(shape, weight_dtype, settings, overheads=DEFAULT_OVERHEADS, con
     if sampler == "flashinfer" and rules["sampler"][0] == "flashinfer_then_native":
         sampler = "flashinfer_then_native"
     num_reqs = min(seqs, batched)
-    weights = vllm_weights_bytes(shape, weight_dtype, model_dtype, settings.tp)
+    weights = vllm_weights_bytes(shape, weight_dtype, model_dtype, settings.tp, mxfp4_backend_for(settings.gpu_name))
     activation = vllm_activation_peak_bytes(shape, model_dtype, batched, num_reqs, settings.tp, sampler)
     tp_buffers = rules["tp_buffers"][0]
     non_torch = vllm_non_torch_bytes(budget, settings.tp, tp_buffers, overheads)

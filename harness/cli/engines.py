@@ -144,13 +144,13 @@ def check_engine_flags(a, command="predict", shape=None, gpu_total=None):
     if _given(a, "mem_fraction_static") and not 0 < a.mem_fraction_static < 1:
         raise ValueError(f"--mem-fraction-static {a.mem_fraction_static:g}: must be in (0, 1)")
     if _given(a, "gpu_total"):
-        total = parse_size(a.gpu_total, minimum=1)
+        total = _size("--gpu-total", a.gpu_total)
         if total > MAX_GPU_TOTAL_BYTES:
             raise ValueError(f"--gpu-total {a.gpu_total}: must be at most 2TiB (one accelerator's memory)")
     if _given(a, "max_model_len"):
         _max_model_len(a.max_model_len)
     if _given(a, "kv_cache_memory"):
-        kv = parse_size(a.kv_cache_memory, minimum=1)
+        kv = _size("--kv-cache-memory", a.kv_cache_memory)
         if gpu_total is not None and kv > gpu_total:
             raise ValueError(f"--kv-cache-memory {a.kv_cache_memory}: more than the card's {gpu_total / GiB:.2f} GiB")
     tp, gpus = getattr(a, "tp", 1), getattr(a, "gpus", 1)
@@ -168,6 +168,14 @@ def check_engine_flags(a, command="predict", shape=None, gpu_total=None):
         if n > 0 and shape.max_positions and n > shape.max_positions:
             raise ValueError(f"--max-model-len {n}: more than the {shape.max_positions:,} positions of the model's "
                              "config; vLLM refuses it (VLLM_ALLOW_LONG_MAX_MODEL_LEN overrides)")
+
+
+def _size(flag, text):
+    """A size flag → bytes (≥ 1), or one line naming the flag."""
+    try:
+        return parse_size(text, minimum=1)
+    except ValueError as e:
+        raise ValueError(f"{flag} {text}: {e}") from None
 
 
 def _max_model_len(text):
