@@ -13,6 +13,7 @@ import pytest
 
 from formulas.catalog import get_shape, load_config
 from formulas.engines.sglang import SGLANG_RULES, SglangSettings, predict_sglang, sglang_defaults, sglang_rules
+from formulas.engines.sglang import log_lines as sglang_log_lines
 from formulas.engines.vllm import (
     VLLM_RULES,
     VllmSettings,
@@ -319,7 +320,7 @@ def test_sglang_pools_hand_worked():
     assert predict_sglang(shape, "bf16", dataclasses.replace(s, max_total_tokens=1000))["max_total_num_tokens"] == 1000
     oss = predict_sglang(get_shape("gpt-oss-20b"), "mxfp4", s)
     assert oss["swa_max_total_num_tokens"] == int(oss["max_total_num_tokens"] * 0.8)
-    assert "Use Sliding window memory pool" in log_lines(oss)[1]
+    assert "Use Sliding window memory pool" in sglang_log_lines(oss)[1]
     starved = predict_sglang(get_shape("Llama-3.1-70B"), "bf16", SglangSettings(gpu_total_bytes=80 * GiB))
     assert not starved["startup"]["ok"] and starved["max_total_num_tokens"] == 0
 

@@ -910,10 +910,6 @@ def _vllm_startup(engine, rules, total, util, requested, ctx, outside_comm, weig
 
 def log_lines(result):
     """vLLM's own log lines for a `predict_vllm` result (or the failure), to compare line by line."""
-    if result["engine"] == "sglang":
-        from .sglang import log_lines as sglang_lines
-
-        return sglang_lines(result)
     L = result["max_model_len"]
     lines = []
     if result.get("max_model_len_auto"):

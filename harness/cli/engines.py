@@ -279,6 +279,7 @@ def engine_answer(a, spec, shape, gpu, taken, overheads):
         result = predict_vllm(shape, spec.dtype, settings, overheads, config)
     else:
         from formulas.engines.sglang import DEFAULT_SGLANG_VERSION, SglangSettings, predict_sglang
+        from formulas.engines.sglang import log_lines
 
         settings = SglangSettings(
             gpu_total_bytes=total, mem_fraction_static=a.mem_fraction_static or 0.0,
