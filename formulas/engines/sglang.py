@@ -111,7 +111,8 @@ class SglangSettings:
             raise ValueError(f"kv_dtype: {self.kv_dtype!r}; allowed: auto, {', '.join(_KV_DTYPE_BYTES)}")
         if self.page_size < 1 or self.max_total_tokens < 0 or self.cuda_graph_max_bs < 0 or \
                 self.chunked_prefill_size < -1:
-            raise ValueError("page_size must be ≥ 1; max_total_tokens, cuda_graph_max_bs ≥ 0; chunked_prefill_size ≥ -1")
+            raise ValueError("page_size must be ≥ 1; max_total_tokens, cuda_graph_max_bs ≥ 0; "
+                             "chunked_prefill_size ≥ -1")
         sglang_rules(self.version)
 
 

@@ -119,7 +119,7 @@ VLLM_RULES = (
      "the distributed init (vllm 0.9.2 vllm/worker/worker.py L188-L193; vllm/utils memory_profiling, PR #10511)"),
     ("0.8.0", "0.9.1", "v1", "budget", "torch_peak_plus_non_torch",
      "V1 gpu_worker.determine_available_memory before https://github.com/vllm-project/vllm/pull/19312: torch peak "
-     "+ (used − torch allocated), context included (0.8.5 read)"),
+     "+ (used − torch allocated), context and NCCL included (vllm 0.8.5 vllm/v1/worker/gpu_worker.py L178-L211)"),
     ("0.9.2", None, "v1", "budget", "memory_profiling",
      "V1 reuses memory_profiling (PR #19312; vllm 0.21.0 vllm/v1/worker/gpu_worker.py L388-L447)"),
     # ---- whether NCCL and the custom all-reduce buffers count against the KV budget (TP > 1)
@@ -217,8 +217,9 @@ VLLM_RULES = (
      "N = int(max_concurrency × max_model_len), the concurrency from the blocks one max_model_len request needs in "
      "every group (vllm 0.21.0 v1/core/kv_cache_utils.py L872-L891, L1686-L1716)"),
     ("0.2.0", "0.10.99", "v0", "log", "v0",
-     "V0 logs '# GPU blocks: N, # CPU blocks: M' (0.7–0.10 '# cuda blocks') and 'Maximum concurrency for L tokens "
-     "per request: C.CCx'"),
+     "V0 logs '# GPU blocks: N, # CPU blocks: M' (0.7–0.10 '# cuda blocks', vllm 0.7.3 executor/executor_base.py "
+     "L111-L116) and 'Maximum concurrency for L tokens per request: C.CCx'; then refuses 0 blocks or fewer tokens "
+     "than max_model_len (vllm 0.6.4 worker/worker.py raise_if_cache_size_invalid L486-L497)"),
     ("0.8.0", None, "v1", "log", "v1",
      "V1 logs 'Available KV cache memory: X GiB', 'GPU KV cache size: N tokens', 'Maximum concurrency …'"),
 )
@@ -470,7 +471,7 @@ def vllm_kv_plan(layer_groups, available_bytes, block_size, max_model_len, max_n
 
 
 def kv_tokens_logged(plan, max_model_len, style):
-    """'GPU KV cache size: N tokens' — blocks per group × block size (≤ 0.20), or concurrency × max_model_len (0.21)."""
+    """'GPU KV cache size: N tokens': blocks per group × block size (≤ 0.20), or concurrency × max_model_len (0.21)."""
     if style == "concurrency":
         return int(kv_concurrency(plan) * max_model_len)
     return plan.num_blocks // len(plan.groups) * plan.block_size
@@ -499,7 +500,8 @@ def kv_bytes_per_token_per_gpu(shape, dtype, kv_dtype="auto", tp=1, gpu_bf16=Tru
 # mxfp4 MoE kernels pad the expert matrices: Marlin rounds hidden to 256 and intermediate to 128, TRT-LLM both to
 # 256, the Triton (OpenAI triton_kernels) path intermediate to 64 (vllm 0.21.0 model_executor/layers/fused_moe/oracle/
 # mxfp4.py mxfp4_round_up_hidden_size_and_intermediate_size L561-L589). gpt-oss picks TRT-LLM on sm100, Triton on
-# sm90–sm10x, else Marlin (priority list L231-L249; experts/gpt_oss_triton_kernels_moe.py L524-L535: 9.0 ≤ cap < 11.0).
+# sm90–sm10x, else Marlin (priority list L231-L249; experts/gpt_oss_triton_kernels_moe.py L524-L535:
+# 9.0 ≤ capability < 11.0).
 _MXFP4_PAD = {"marlin": (256, 128), "trtllm": (256, 256), "triton": (1, 64)}
 
 
@@ -552,7 +554,8 @@ def _per_token_activation_elems(shape, tp):
     mlp = 3 * shape.intermediate // tp if shape.intermediate else 0
     moe = 0
     if shape.is_moe:
-        # fused_moe: intermediate_cache1 [T, k, 2·I_e/tp], cache2 [T·k, I_e/tp], cache3 [T, k, H], router logits [T, E]
+        # fused_moe: intermediate_cache1 [T, k, 2·I_e/tp], cache2 [T·k, I_e/tp], cache3 [T, k, H],
+        # router logits [T, E]
         k = shape.experts_per_token
         moe = k * (3 * shape.moe_intermediate // tp + H) + shape.n_experts
         if shape.shared_intermediate:
@@ -783,9 +786,11 @@ def predict_vllm(shape, weight_dtype, settings, overheads=DEFAULT_OVERHEADS, con
     if auto_len and plan.request_bytes > max(0, kv_budget):
         chosen_len = _auto_fit_len(layer_groups, kv_budget, settings.block_size, max_len, batched, hybrid)
         plan = vllm_kv_plan(layer_groups, kv_budget, settings.block_size, max(chosen_len, 1), batched, hybrid)
-    startup = _vllm_startup(engine, rules, total, util, requested, ctx, outside_comm, weights, activation,
-                            _physical_non_torch(settings.tp, tp_buffers, overheads), kv_budget, plan, chosen_len, auto_len, cudagraph, estimate_applied, shape, model_dtype,
-                            num_reqs, sampler, settings, layer_groups, batched, hybrid)
+    budget_terms = dict(total=total, util=util, requested=requested, ctx=ctx, outside_comm=outside_comm,
+                        weights=weights, activation=activation, kv_budget=kv_budget, cudagraph=cudagraph,
+                        non_torch=_physical_non_torch(settings.tp, tp_buffers, overheads))
+    startup = _vllm_startup(engine, budget_terms, plan, chosen_len, auto_len, shape, model_dtype, num_reqs, sampler,
+                            settings, layer_groups, batched, hybrid)
     # the blocks vLLM computed (and, V0, logged) before any later check refused them
     ok_kv = kv_budget > 0 and plan.num_blocks > 0 and startup["step"] not in ("request memory", "load weights",
                                                                               "profile run")
@@ -856,16 +861,20 @@ def _auto_fit_len(layer_groups, kv_budget, block, max_len, batched, hybrid):
     return lo
 
 
-def _vllm_startup(engine, rules, total, util, requested, ctx, outside_comm, weights, activation, non_torch, kv_budget,
-                  plan, max_len, auto_len, cudagraph, estimate_applied, shape, model_dtype, num_reqs, sampler, settings,
-                  layer_groups, batched, hybrid):
+def _vllm_startup(engine, b, plan, max_len, auto_len, shape, model_dtype, num_reqs, sampler, settings, layer_groups,
+                  batched, hybrid):
     """vLLM's start-up, in its order; the first step that cannot succeed, with vLLM's own message.
 
     Physical memory: what the process holds may not pass the card's total. Steps: the free memory at start against
     total × util (V1, vllm 0.21.0 v1/worker/utils.py request_memory L403-L421); loading the weights; the profiling
     run (weights + activation peak); the KV check (no memory at all, or less than one max_model_len request:
     v1/core/kv_cache_utils.py L689-L722; V0 worker.py raise_if_cache_size_invalid); the graph capture (after the KV
-    cache); V1's sampler warm-up with the KV cache and graphs in place (gpu_worker.py compile_or_warm_up_model)."""
+    cache); V1's sampler warm-up with the KV cache and graphs in place (gpu_worker.py compile_or_warm_up_model).
+    `b`: the budget's terms in bytes (total, util, requested, ctx, outside_comm, weights, activation, non_torch,
+    kv_budget, cudagraph)."""
+    total, util, requested, ctx, outside_comm = b["total"], b["util"], b["requested"], b["ctx"], b["outside_comm"]
+    weights, activation, non_torch, kv_budget, cudagraph = (b["weights"], b["activation"], b["non_torch"],
+                                                             b["kv_budget"], b["cudagraph"])
     free_at_start = total - ctx - outside_comm
     gib = lambda n: f"{n / GiB:.2f} GiB"  # noqa: E731
     if engine == "v1" and free_at_start < requested and not settings.kv_cache_memory_bytes:

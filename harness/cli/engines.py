@@ -89,7 +89,8 @@ def add_engine_arguments(p):
                    help="vLLM V0 (default: on above max_model_len 32,768)")
     g.add_argument("--kv-cache-memory", default=None, metavar="SIZE",
                    help="vLLM ≥ 0.10 --kv-cache-memory: the KV budget in bytes, replacing the profiled one")
-    g.add_argument("--vllm-version", default=None, help="vLLM release whose accounting applies (default: newest modelled)")
+    g.add_argument("--vllm-version", default=None,
+                   help="vLLM release whose accounting applies (default: newest modelled)")
     g.add_argument("--vllm-engine", choices=("v0", "v1"), default=None,
                    help="vLLM engine (VLLM_USE_V1; default: the release's — V1 from 0.8.0, V0 until 0.10.x)")
     g.add_argument("--vllm-sampler", choices=("sort", "flashinfer"), default=None,
@@ -105,7 +106,8 @@ def add_engine_arguments(p):
     g.add_argument("--cuda-graph-max-bs", type=int, default=None, help="SGLang (default: by GPU memory and TP)")
     g.add_argument("--page-size", type=int, default=None, help="SGLang --page-size (default 1)")
     g.add_argument("--disable-cuda-graph", action="store_true", help="SGLang: no CUDA graphs")
-    g.add_argument("--sglang-version", default=None, help="SGLang release whose defaults apply (default: newest modelled)")
+    g.add_argument("--sglang-version", default=None,
+                   help="SGLang release whose defaults apply (default: newest modelled)")
 
 
 def _given(a, dest):
@@ -138,7 +140,8 @@ def check_engine_flags(a, command="predict", shape=None, gpu_total=None):
             raise ValueError(f"{ENGINE_FLAGS[dest][0]} {v}: must be a whole number in [{lo:,}, {hi:,}]")
     if _given(a, "chunked_prefill_size") and a.chunked_prefill_size != -1 and \
             not 1 <= a.chunked_prefill_size <= _MAX_TOKENS:
-        raise ValueError(f"--chunked-prefill-size {a.chunked_prefill_size}: must be -1 (off) or in [1, {_MAX_TOKENS:,}]")
+        raise ValueError(f"--chunked-prefill-size {a.chunked_prefill_size}: must be -1 (off) or in "
+                         f"[1, {_MAX_TOKENS:,}]")
     if _given(a, "gpu_memory_utilization") and not 0 < a.gpu_memory_utilization <= 1:
         raise ValueError(f"--gpu-memory-utilization {a.gpu_memory_utilization:g}: must be in (0, 1]")
     if _given(a, "mem_fraction_static") and not 0 < a.mem_fraction_static < 1:
