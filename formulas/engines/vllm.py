@@ -798,7 +798,10 @@ def predict_vllm(shape, weight_dtype, settings, overheads=DEFAULT_OVERHEADS, con
     kv_bytes = num_blocks * plan.bytes_per_block_all_groups
     style = rules["kv_tokens_log"][0] if engine == "v1" else "blocks_per_group"
     tokens = kv_tokens_logged(plan, chosen_len, style) if ok_kv else 0
-    concurrency = kv_concurrency(plan) if ok_kv else 0.0
+    # V0: num_gpu_blocks × block_size / max_model_len (vllm 0.7.3 executor/executor_base.py L113-L116); V1: blocks
+    # over the blocks one request needs in every group
+    concurrency = 0.0 if not ok_kv else (kv_concurrency(plan) if engine == "v1" else
+                                         num_blocks * plan.block_size / chosen_len)
     counted = graph_rule == "estimate_counted" and not settings.enforce_eager
     # nvidia-smi once serving: context, NCCL, weights, workspaces, the KV cache, the graph pool, and (V1) the sampler
     # warm-up's segments, which the caching allocator keeps (gpu_worker.py: 'preallocate memory buffer for logits')

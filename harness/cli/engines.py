@@ -216,6 +216,27 @@ def _gpu_total(a, gpu):
     return gpu.usable_bytes
 
 
+# VllmSettings / SglangSettings name their fields; the CLI names the flags
+_FIELD_FLAGS = {"max_model_len": "--max-model-len", "kv_cache_memory_bytes": "--kv-cache-memory",
+                "gpu_memory_utilization": "--gpu-memory-utilization", "mem_fraction_static": "--mem-fraction-static",
+                "kv_dtype": "--kv-dtype", "dtype": "--model-dtype", "block_size": "--block-size", "tp": "--tp",
+                "gpu_total_bytes": "--gpu-total", "vllm version": "--vllm-version", "sglang version": "--sglang-version"}
+
+
+def _settings(cls, a, **kw):
+    """cls(**kw), its ValueError naming the flag instead of the field (and the engine for V0/V1 refusals)."""
+    try:
+        return cls(**kw)
+    except ValueError as e:
+        text = str(e)
+        for field, flag in _FIELD_FLAGS.items():
+            if text.startswith(field + ":") or text.startswith(field + " "):
+                raise ValueError(flag + text[len(field):]) from None
+        if text.startswith("vllm ") and " runs " in text:
+            raise ValueError(f"--vllm-engine {a.vllm_engine}: {text}") from None
+        raise
+
+
 def _model_config(spec):
     """The model's config.json dict (linear-attention states need fields the shape does not keep); {} if unreadable."""
     from formulas.catalog import load_config
@@ -270,8 +291,8 @@ def engine_answer(a, spec, shape, gpu, taken, overheads):
                      f"{spec.dtype} prices the weights as {spec.dtype} (pass --dtype {shape.stored_quant})")
     if a.engine == "vllm":
         n = _max_model_len(a.max_model_len) if a.max_model_len is not None else spec.seq + spec.gen
-        settings = VllmSettings(
-            gpu_total_bytes=total, max_model_len=n, gpu_memory_utilization=a.gpu_memory_utilization,
+        settings = _settings(
+            VllmSettings, a, gpu_total_bytes=total, max_model_len=n, gpu_memory_utilization=a.gpu_memory_utilization,
             max_num_seqs=a.max_num_seqs or 0, max_num_batched_tokens=a.max_num_batched_tokens or 0, tp=tp,
             kv_dtype=kv or "auto", dtype=a.model_dtype or "auto", block_size=a.block_size or 16,
             enforce_eager=a.enforce_eager, version=a.vllm_version or DEFAULT_VLLM_VERSION, engine=a.vllm_engine,
@@ -284,8 +305,8 @@ def engine_answer(a, spec, shape, gpu, taken, overheads):
         from formulas.engines.sglang import DEFAULT_SGLANG_VERSION, SglangSettings, predict_sglang
         from formulas.engines.sglang import log_lines
 
-        settings = SglangSettings(
-            gpu_total_bytes=total, mem_fraction_static=a.mem_fraction_static or 0.0,
+        settings = _settings(
+            SglangSettings, a, gpu_total_bytes=total, mem_fraction_static=a.mem_fraction_static or 0.0,
             max_total_tokens=a.max_total_tokens or 0, tp=tp, kv_dtype={"fp8": "fp8_e4m3"}.get(kv, kv or "auto"),
             dtype=a.model_dtype or "auto", page_size=a.page_size or 1, chunked_prefill_size=a.chunked_prefill_size or 0,
             cuda_graph_max_bs=a.cuda_graph_max_bs or 0, disable_cuda_graph=a.disable_cuda_graph,
