@@ -58,6 +58,18 @@ def _gpu(case):
         return None
 
 
+def _overheads(case):
+    """The uncalibrated device figures of the case's GPU architecture: the catalog's GPU, else the case's
+    `compute_capability` (a card the catalog lacks), else the default (sm90)."""
+    from formulas.device import compute_capability
+    from formulas.overhead import default_overheads
+
+    cc = compute_capability(_gpu(case))
+    if cc is None and case.get("compute_capability"):
+        cc = tuple(int(x) for x in str(case["compute_capability"]).split("."))
+    return default_overheads(cc)
+
+
 def vllm_settings(case):
     """VllmSettings of a published vLLM case; the GPU total from the log, else from the hardware catalog."""
     s = case["settings"]
@@ -91,7 +103,8 @@ def check_vllm():
     {id, metric 'startup', predicted, published} (published outcome: ok, or the step that failed)."""
     rows = []
     for case in load_cases("vllm.json"):
-        pred = predict_vllm(case_shape(case), case["weight_dtype"], vllm_settings(case), config=_config(case))
+        pred = predict_vllm(case_shape(case), case["weight_dtype"], vllm_settings(case), _overheads(case),
+                            config=_config(case))
         pub = case["published"]
         startup = pub.get("startup") or {"ok": True}
         rows.append({"id": case["id"], "metric": "startup", "predicted": pred["startup"],
@@ -128,7 +141,7 @@ def check_sglang():
                                   page_size=s.get("page_size", 1), version=case["version"],
                                   chunked_prefill_size=s.get("chunked_prefill_size", 0),
                                   cuda_graph_max_bs=s.get("cuda_graph_max_bs", 0), model_name=case["model"])
-        pred = predict_sglang(case_shape(case), case["weight_dtype"], settings, config=_config(case))
+        pred = predict_sglang(case_shape(case), case["weight_dtype"], settings, _overheads(case), config=_config(case))
         pub = case["published"]
         rows.append(_row(case, "max_total_num_tokens", pred["max_total_num_tokens"], pub["max_total_num_tokens"]))
     return rows

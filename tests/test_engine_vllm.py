@@ -12,6 +12,7 @@ import os
 import pytest
 
 from formulas.catalog import get_shape, load_config
+from formulas.overhead import DEFAULT_OVERHEADS  # noqa: I001
 from formulas.engines.sglang import SGLANG_RULES, SglangSettings, predict_sglang, sglang_defaults, sglang_rules
 from formulas.engines.sglang import log_lines as sglang_log_lines
 from formulas.engines.vllm import (
@@ -314,7 +315,7 @@ def test_sglang_pools_hand_worked():
     shape = get_shape("Llama-3.1-8B")
     s = SglangSettings(gpu_total_bytes=80 * GiB, mem_fraction_static=0.88)
     r = predict_sglang(shape, "bf16", s)
-    free = 80 * GiB - 512 * MiB
+    free = 80 * GiB - DEFAULT_OVERHEADS.cuda_context_bytes
     expected = int(free - vllm_weights_bytes(shape, "bf16", "bf16") - free * (1 - 0.88)) // 131072
     assert r["max_total_num_tokens"] == expected and r["startup"]["ok"]
     assert predict_sglang(shape, "bf16", dataclasses.replace(s, max_total_tokens=1000))["max_total_num_tokens"] == 1000
