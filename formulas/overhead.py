@@ -41,6 +41,13 @@ SLACK_RULES = {
     "inference": (20 * MiB, 0.10),
     "train": (20 * MiB, 0.25),
 }
+# With expandable_segments:True the allocator maps pages into one segment per stream and pool instead of a
+# segment per request, so freed ranges coalesce and are reused: the same rules, other shares (same source).
+SLACK_RULES_EXPANDABLE = {
+    "load": (2 * MiB, 0.0),
+    "inference": (20 * MiB, 0.05),
+    "train": (20 * MiB, 0.12),
+}
 
 
 @dataclass(frozen=True)
@@ -56,12 +63,26 @@ class Overheads:
     slack_share: tuple = tuple((k, v[1]) for k, v in SLACK_RULES.items())
     source: str = "uncalibrated defaults (formulas/device.py, formulas/overhead.py)"
     calibrated: bool = False  # True when the context and slack came from a calibration table (measurements)
+    alloc_conf: str = ""  # the caching allocator's settings the slack rules are for (PYTORCH_CUDA_ALLOC_CONF)
 
     def __post_init__(self):
         if self.cuda_context_bytes is None:
             object.__setattr__(self, "cuda_context_bytes", cuda_context_at_init(self.cc)[0])
 
     # ---------------------------------------------------------------- the figures
+
+    def with_alloc_conf(self, config):
+        """These figures under other allocator settings (formulas.allocator.AllocatorConfig): expandable segments
+        take their own slack shares; a calibration's shares stand only for the settings it was fitted under."""
+        text = getattr(config, "text", "") or ""
+        if text == self.alloc_conf:
+            return self
+        rules = SLACK_RULES_EXPANDABLE if getattr(config, "expandable_segments", False) else SLACK_RULES
+        from dataclasses import replace
+
+        return replace(self, alloc_conf=text, slack_fixed_bytes=tuple((k, v[0]) for k, v in rules.items()),
+                       slack_share=tuple((k, v[1]) for k, v in rules.items()),
+                       source=self.source + (f"; allocator {text}" if text else ""))
 
     def workspace_bytes(self, spec=None, biased=False):
         """One thread's cuBLAS workspace (and cuBLASLt's where it is separate and the model has biased linears)."""
