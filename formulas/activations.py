@@ -42,6 +42,7 @@ class ActContext:
     reentrant: bool = False  # reentrant checkpointing: inputs held on ctx are dropped outside the recomputed layer
     moe_param_lora: bool = False  # peft ≥ 0.20 LoRA on fused expert parameters: the experts' weight needs grad
     repeat_kv: bool = False  # SDPA on K/V copied to every query head (transformers < 4.54 or torch < 2.5)
+    sdpa_math: bool = False  # SDPA runs its math kernel (formulas.device.sdpa_backend: fp32 with grouped K/V heads)
 
 
 def _inputs_saved(ctx):
@@ -94,8 +95,13 @@ def _sdpa_saved(ctx, n_q, n_kv, qk_dim, v_dim, seq, q_is_fresh=False, shape=None
     # kernels lay their output out like q: for q = q_proj(x).view(B, S, H, D).transpose(1, 2) that is
     # (B, S, H, D) in memory and .contiguous() is a view; eager's matmul output and MLA's cat-built q
     # are (B, H, S, D), so there it is a real copy (docs/trace_findings.md #6).
-    copies = ctx.attn == "eager" or q_is_fresh
+    copies = ctx.attn == "eager" or q_is_fresh or (ctx.sdpa_math and ctx.attn == "sdpa")
     contiguous = n_q * v_dim * b if _inputs_saved(ctx) and copies else 0
+    if ctx.sdpa_math and ctx.attn == "sdpa":
+        # _scaled_dot_product_attention_math: matmul(q·s, (k_rep·s)^T) saves the scaled q and the scaled, repeated
+        # k; softmax saves its output, which matmul(attn, v_rep) saves too, with v_rep (attention.cpp; the tracer
+        # runs this composite kernel)
+        return 2 * n_q * qk_dim * b + n_q * seq * b + n_q * v_dim * b + contiguous
     if ctx.attn == "eager":
         # matmul(q, k_rep^T) saves q and the repeat_kv copies; softmax(fp32) saves its output;
         # matmul(probs_bf16, v_rep) saves probs and v_rep (transformers eager_attention_forward).
@@ -135,7 +141,8 @@ def _llama_attention_saved(ctx, shape, seq):
         saved += _lora_saved(ctx, m, fin)
     saved += _lora_shared_input(ctx, ("q_proj", "k_proj", "v_proj"), H, saved_already=_inputs_saved(ctx))  # input norm out
     # o_proj reads the kernel output through a view (flash / efficient layout), already saved; eager copies it
-    saved += _lora_shared_input(ctx, ("o_proj",), nH * hd, saved_already=ctx.attn != "eager" or _inputs_saved(ctx))
+    saved += _lora_shared_input(ctx, ("o_proj",), nH * hd,
+                                saved_already=(ctx.attn != "eager" and not ctx.sdpa_math) or _inputs_saved(ctx))
     return saved
 
 

@@ -157,18 +157,28 @@ def kernel_families(spec):
 
 # ------------------------------------------------------------------ SDPA's backend
 
-def sdpa_backend(spec, *, head_dim_qk, head_dim_v, grouped, masked=False):
-    """The kernel torch's SDPA picks on an sm80+ GPU: 'flash', 'efficient' or 'math' (cuDNN attention, preferred
-    on sm90/sm100 with cuDNN > 9.15 in recent torch, holds what flash holds and is counted as flash).
+def sdpa_backend(spec, *, head_dim_qk, head_dim_v, grouped, masked=False, cc=DEFAULT_CC, dtype=None):
+    """The kernel torch's SDPA picks on a GPU of compute capability `cc`: 'flash', 'efficient' or 'math' (cuDNN
+    attention, preferred on sm90/sm100 with cuDNN > 9.15 in recent torch, holds what flash holds and is counted as
+    flash).
 
     aten/src/ATen/native/transformers/cuda/sdp_utils.cpp select_sdp_backend: flash needs fp16/bf16, no mask,
     equal head dims ≤ 256, and takes grouped K/V heads (enable_gqa); memory-efficient takes fp32 and masks and
-    unequal head dims (aligned), but grouped K/V heads only from torch 2.13 (PR #191085: before, fp32 with
+    unequal head dims (aligned), but grouped K/V heads only from torch 2.14 (PR #191085: before, fp32 with
     enable_gqa falls to the math kernel, which materialises the fp32 score matrix). `grouped`: SDPA gets fewer
-    K/V heads than query heads (transformers passes enable_gqa=True when it does not repeat_kv)."""
-    half = spec.compute_dtype in ("bf16", "fp16")
-    if half and not masked and head_dim_qk == head_dim_v <= 256:
+    K/V heads than query heads (transformers passes enable_gqa=True when it does not repeat_kv); `dtype`: what
+    attention runs in (default the spec's compute dtype; fp32 in LoRA over a kbit-prepared base)."""
+    cc = cc or DEFAULT_CC
+    dtype = dtype or spec.compute_dtype  # what attention runs in: the compute dtype, fp32 after kbit prep
+    half = dtype in ("bf16", "fp16")
+    flash_hw = (8, 0) <= cc <= (12, 1)  # check_flash_attention_hardware_support: sm80–sm121
+    # check_requires_grad_and_head_dim_gt192_constraints_on_sm86_89_or_120: no flash backward for head dims in
+    # (192, 224] (or (224, 256] with dropout) on sm86–sm89 and sm120–121
+    consumer = (8, 6) <= cc <= (8, 9) or (12, 0) <= cc <= (12, 1)
+    big_head = spec.mode == "train" and (192 < head_dim_qk <= 224 or (head_dim_qk > 224 and spec.dropout))
+    if half and not masked and head_dim_qk == head_dim_v <= 256 and flash_hw and not (consumer and big_head):
         return "flash"
-    if grouped and not behaviour(spec, "sdpa_efficient_gqa"):
+    # memory-efficient before sm80 takes fp16 and fp32 only (less_than_sm80_mem_efficient_dtypes)
+    if (grouped and not behaviour(spec, "sdpa_efficient_gqa")) or (cc < (8, 0) and dtype == "bf16"):
         return "math"
     return "efficient"

@@ -321,9 +321,15 @@ def _static(spec, checkpoint=None):
         # The residual stream is fp32 under autocast when the embeddings are fp32 (full); a frozen
         # low-precision base keeps it in the compute dtype (freeze, LoRA).
         r = 4 if (amp and spec.method == "full") or kbit else cb
+        repeat = spec.attn == "sdpa" and sdpa_repeats_kv(spec)
+        grouped = shape.n_kv_heads < shape.n_heads and not repeat and shape.family in ("llama", "moe", "generic")
+        # the attention's dtype: fp32 after kbit prep (the stream), else the compute dtype (autocast casts to it)
+        attn_dtype = "fp32" if kbit else spec.compute_dtype
+        math = spec.attn == "sdpa" and grouped and sdpa_backend(
+            spec, head_dim_qk=shape.head_dim, head_dim_v=shape.head_dim, grouped=True, dtype=attn_dtype) == "math"
         ctx = ActContext(b=4 if kbit else cb, r=r, amp=amp, attn=spec.attn, dropout=spec.dropout,
                          reentrant=spec.grad_ckpt and behaviour(spec, "reentrant"),
-                         repeat_kv=spec.attn == "sdpa" and sdpa_repeats_kv(spec), **ctx_kw)
+                         repeat_kv=repeat, sdpa_math=math, **ctx_kw)
         ctx_head = ctx if spec.method != "freeze" else replace(ctx, linears_trainable=False, norms_trainable=False)
         if spec.method in ("lora", "qlora"):
             w_other += n_tr * tb  # adapters counted with the weights
@@ -447,24 +453,25 @@ def _fsdp_gathered(st, sl):
     return gathered * st.cb / 4 if fsdp_master_precision(st.spec) else gathered
 
 
-def _sdpa_math(st, repeats_kv):
-    """Whether SDPA runs its math kernel in this spec's prefill (formulas.device.sdpa_backend): transformers passes
-    grouped K/V heads (enable_gqa) unless it repeats them, and no mask without padding."""
+def _sdpa_math(st, repeats_kv, cc):
+    """Whether SDPA runs its math kernel in this spec's prefill on a GPU of compute capability `cc`
+    (formulas.device.sdpa_backend): transformers passes grouped K/V heads (enable_gqa) unless it repeats them, and no
+    mask without padding."""
     shape, s = st.shape, st.spec
     if s.attn != "sdpa" or shape.family not in ("llama", "moe", "generic"):
         return False
     grouped = shape.n_kv_heads < shape.n_heads and not repeats_kv
-    return sdpa_backend(s, head_dim_qk=shape.head_dim, head_dim_v=shape.head_dim, grouped=grouped) == "math"
+    return sdpa_backend(s, head_dim_qk=shape.head_dim, head_dim_v=shape.head_dim, grouped=grouped, cc=cc) == "math"
 
 
-def _phases_inference(st, sl, B, S, N):
+def _phases_inference(st, sl, B, S, N, cc=None):
     shape, s, cb = st.shape, st.spec, st.cb
     base = {**_weights_on(st, sl), C.BUFFERS: st.buffers}
     T = B * S
     kv_pf = kv_cache_bytes(shape, B, S, st.kvb, s.mla_cache, prefill=True) * sl.layer_frac / sl.kv_div
     # + int64 input ids per token, and cos/sin, position ids (and position embeddings) per position
     rep = sdpa_repeats_kv(s)
-    math = _sdpa_math(st, rep)
+    math = _sdpa_math(st, rep, cc)
     ws = (T * (prefill_working_set_per_token(shape, cb, s.attn, S, s.compute_dtype == "fp16", rep, math) + 8)
           + S * forward_extras_per_position(shape, cb) + state_layers_fixed_bytes(cb, shape, "ws")
           + (sdpa_math_mask_bytes(S, cb) if math else 0)) / sl.tp
@@ -559,8 +566,9 @@ def _phases_train(st, sl, B, S, N):
     qtemp = st.quant_temp + st.moe_delta_temp * sl.layer_frac / sl.tp  # (ΔW built in a MoE layer's forward)
     layer_transient = T * 4 * H / sl.tp
     if s.grad_ckpt:
-        layer_transient = T * prefill_working_set_per_token(shape, ab, s.attn, S, s.compute_dtype == "fp16",
-                                                            sdpa_repeats_kv(s)) / sl.tp
+        layer_transient = (T * prefill_working_set_per_token(shape, ab, s.attn, S, s.compute_dtype == "fp16",
+                                                             sdpa_repeats_kv(s), ctx.sdpa_math)
+                           + (sdpa_math_mask_bytes(S, ab) if ctx.sdpa_math else 0)) / sl.tp
     lb = ab  # logits come out of lm_head in the compute dtype (fp32 after kbit prep)
     # FSDP2 mixed precision: autograd's (unsharded) gradients come in the compute dtype, the shards are fp32
     ug = st.cb / 4 if (sl.fsdp and fsdp_master_precision(s)) else 1
@@ -678,7 +686,8 @@ def device_totals(st, peak_bd, allocated, reserved_max, overheads, loaded=()):
 
 
 def _slice_phases(st, sl, B, S, N, overheads):
-    raw = _phases_inference(st, sl, B, S, N) if st.spec.mode == "inference" else _phases_train(st, sl, B, S, N)
+    raw = _phases_inference(st, sl, B, S, N, overheads.cc) if st.spec.mode == "inference" else \
+        _phases_train(st, sl, B, S, N)
     out = {}
     for phase, bd in raw.items():
         full = {c: 0 for c in C.ALLOCATED_CATEGORIES}

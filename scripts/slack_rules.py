@@ -24,26 +24,25 @@ MiB = 2**20
 CONFIGS = {"default": "", "expandable": "expandable_segments:True"}
 
 INFERENCE_MODELS = ("Qwen/Qwen2.5-0.5B", "meta-llama/Llama-3.2-1B", "Qwen/Qwen3-1.7B", "EleutherAI/pythia-410m",
-                    "facebook/opt-350m", "openai-community/gpt2-medium", "Qwen/Qwen2.5-1.5B")
-TRAIN_MODELS = ("Qwen/Qwen2.5-0.5B", "meta-llama/Llama-3.2-1B", "EleutherAI/pythia-410m", "Qwen/Qwen3-0.6B")
+                    "facebook/opt-350m")
+TRAIN_MODELS = ("Qwen/Qwen2.5-0.5B", "meta-llama/Llama-3.2-1B", "EleutherAI/pythia-410m")
 
 
 def grid():
-    """The specs traced: inference prefill + decode at several batch and prompt sizes, in bf16 and fp32; training
-    (full, LoRA; with and without checkpointing) at a few batch and sequence sizes."""
+    """The specs traced, inference and training interleaved: inference prefill + decode at three batch and prompt
+    sizes in bf16 and fp32; training (full, LoRA; with and without checkpointing) at two sizes."""
     from formulas.spec import Spec
 
+    inference = [Spec(model=m, dtype=dtype, batch=batch, seq=seq, gen=8)
+                 for m in INFERENCE_MODELS for dtype in ("bf16", "fp32")
+                 for batch, seq in ((1, 256), (1, 2048), (8, 2048))]
+    train = [Spec(model=m, mode="train", method=method, dtype="bf16", precision="pure", grad_ckpt=ckpt, batch=batch,
+                  seq=seq)
+             for m in TRAIN_MODELS for method in ("full", "lora") for ckpt in (False, True)
+             for batch, seq in ((1, 512), (4, 1024))]
     out = []
-    for m in INFERENCE_MODELS:
-        for dtype in ("bf16", "fp32"):
-            for batch, seq in ((1, 256), (1, 2048), (4, 1024), (8, 2048), (16, 512)):
-                out.append(Spec(model=m, dtype=dtype, batch=batch, seq=seq, gen=8))
-    for m in TRAIN_MODELS:
-        for method in ("full", "lora"):
-            for ckpt in (False, True):
-                for batch, seq in ((1, 512), (2, 256), (4, 1024)):
-                    out.append(Spec(model=m, mode="train", method=method, dtype="bf16", precision="pure",
-                                    grad_ckpt=ckpt, batch=batch, seq=seq))
+    for i in range(max(len(inference), len(train))):
+        out += inference[i:i + 1] + train[i:i + 1]
     return out
 
 

@@ -9,14 +9,18 @@ the category tracker of harness/tracing/tracker.py counts the real tensors by ca
 What is recorded (the record's `measured`):
 - `cuda_context_bytes`: NVML device-used after CUDA initialisation minus before it (minus the
   one small allocator segment the probe tensor takes), once per process;
+- `workspaces_bytes`: the cuBLAS workspaces the measuring thread holds in the caching allocator at the
+  end of the workload (what clearing them frees; autograd's thread keeps its own in training);
+- `allocator_settings`: PYTORCH_ALLOC_CONF / PYTORCH_CUDA_ALLOC_CONF as the process ran;
 - per phase: max allocated / reserved (torch), peak device-used and process-used (NVML);
 - `peak_device_bytes`: the NVML peak minus what the device used before this process started
   CUDA, i.e. this process's footprint as nvidia-smi would show it; flagged when other processes
   used the GPU during the run;
 - `breakdown` and `tracked`: the tensor categories at the tracker's peak, per phase, and the
   tracker's own peak (what a traced record has, from real tensors);
-- `device_breakdown`: the device categories — context, workspaces (device peak − peak reserved −
-  context) and allocator slack (peak reserved − peak allocated);
+- `device_breakdown`: the device categories — what the device held outside the caching allocator
+  (device peak − peak reserved: the context and the kernel images loaded) and allocator slack (peak
+  reserved − peak allocated) — and the workspaces inside the allocated peak;
 - `process`: which process measured it — its pid, the NVML pid the driver reports for it (a
   host pid in a container), `cold` (a fresh process) or `warm` (the k-th experiment of a
   long-lived one, after `reset_between_experiments`), and what a warm reset left behind;
@@ -234,6 +238,19 @@ def reset_between_experiments():
             "nvml_residual_bytes": residual}
 
 
+def cublas_workspaces_bytes(torch):
+    """What this thread's cuBLAS workspaces held in the caching allocator: the drop in allocated memory when they are
+    cleared (aten/src/ATen/cuda/CublasHandlePool.cpp clearCublasWorkspaces). A training step's other workspace, on
+    autograd's device thread, is not this thread's to clear; None where torch has no such call."""
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is None:
+        return None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    clear()
+    return int(before - torch.cuda.memory_allocated())
+
+
 def cap_for(exp):
     """(card name or '', bytes) the experiment caps this process to, or None."""
     if exp.cap_gpu:
@@ -322,6 +339,7 @@ def measure(exp, process=None, local_rank=None):
                 else:
                     opt = make_optimizer_on_device(model, spec)
                 run_training(model, spec, mark=both, device="cuda", steps=exp.steps, optimizer=opt)
+        built["workspaces"] = cublas_workspaces_bytes(torch)
 
     with sampler:
         stats.mark("load")
@@ -345,6 +363,9 @@ def measure(exp, process=None, local_rank=None):
         "peak_device_bytes": (dev_peak - before) if dev_peak is not None and before is not None else None,
         "peak_device_phase": dev_phase,
         "cuda_context_bytes": proc["context"],
+        "workspaces_bytes": built.get("workspaces"),  # this thread's cuBLAS workspaces, inside peak allocated
+        "allocator_settings": {v: os.environ[v] for v in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+                               if os.environ.get(v)},
         "device_used_before_bytes": before,
         "other_processes": others,
         "device_figures_flagged": bool(others),

@@ -71,7 +71,7 @@ class TraceResult(TrackedMemory):
 
 # ------------------------------------------------------------------ CUDA-like kernels on the CPU
 
-def cuda_sdpa_backend(query, key, value, attn_mask=None, enable_gqa=False, spec=None):
+def cuda_sdpa_backend(query, key, value, attn_mask=None, enable_gqa=False, spec=None, cc=None):
     """The SDPA kernel CUDA picks on sm80+ (flash, efficient or math), after `sdp_utils.cpp` select_sdp_backend —
     the rules of formulas.device.sdpa_backend, read off the tensors.
 
@@ -81,25 +81,32 @@ def cuda_sdpa_backend(query, key, value, attn_mask=None, enable_gqa=False, spec=
     (cuDNN attention, which recent torch prefers on sm90/sm100, holds what flash holds.)"""
     import torch
 
+    from formulas.device import sdpa_backend
     from formulas.stack import behaviour
 
     if query.dim() != 4:
         return "math"
     hq, hk, hv = query.shape[-1], key.shape[-1], value.shape[-1]
     grouped = not (query.shape[1] == key.shape[1] == value.shape[1])
-    half = query.dtype in (torch.float16, torch.bfloat16)
-    if attn_mask is None and half and hq == hk == hv <= 256 and (not grouped or enable_gqa):
-        return "flash"
-    if grouped and not (enable_gqa and (spec is None or behaviour(spec, "sdpa_efficient_gqa"))):
+    if grouped and not enable_gqa:
         return "math"
+    if spec is not None:  # the formulas' rule on dtype, head dims, mask, grouped heads, architecture and torch version
+        backend = sdpa_backend(spec, head_dim_qk=hq, head_dim_v=hv, grouped=grouped, masked=attn_mask is not None,
+                               cc=cc)
+        if backend == "flash" and query.dtype not in (torch.float16, torch.bfloat16):
+            backend = "efficient"  # the spec's compute dtype says half; these tensors are not (an fp32 upcast)
+    else:
+        half = query.dtype in (torch.float16, torch.bfloat16)
+        backend = "flash" if attn_mask is None and half and hq == hk == hv <= 256 else \
+            "math" if grouped and not behaviour((), "sdpa_efficient_gqa") else "efficient"
     align = 16 // query.element_size()
-    if hq == hk and hq % align == 0 and hv % align == 0:
-        return "efficient"
-    return "math"
+    if backend == "efficient" and not (hq == hk and hq % align == 0 and hv % align == 0):
+        return "math"
+    return backend
 
 
 @contextlib.contextmanager
-def _cuda_like_kernels(notes, spec=None):
+def _cuda_like_kernels(notes, spec=None, cc=None):
     """Route dropout and SDPA to the kernels CUDA would run (see the module docstring); `spec`: whose stack decides
     (torch's version picks the SDPA kernels)."""
     import torch
@@ -122,7 +129,7 @@ def _cuda_like_kernels(notes, spec=None):
             query, key, value = (t.to(low) if t.is_floating_point() else t for t in (query, key, value))
             if attn_mask is not None and attn_mask.is_floating_point():
                 attn_mask = attn_mask.to(low)
-        backend = cuda_sdpa_backend(query, key, value, attn_mask, enable_gqa, spec)
+        backend = cuda_sdpa_backend(query, key, value, attn_mask, enable_gqa, spec, cc)
         if backend == "flash":
             used.add("flash")
             return torch.ops.aten._scaled_dot_product_flash_attention(
@@ -345,7 +352,7 @@ def _trace_rank(spec, shape, rank, overheads=None, allocator_config=None, keep_s
     notes = []
     fake_mode = FakeTensorMode()
     ranks = fake_ranks(spec.gpus, rank) if rank is not None else contextlib.nullcontext()
-    with ranks, fake_mode, _cuda_like_kernels(notes, spec):
+    with ranks, fake_mode, _cuda_like_kernels(notes, spec, (overheads or DEFAULT_OVERHEADS).cc):
         with _fake_module_conversions(fake_mode):
             model = build_model(spec)
         n_params = sum(p.numel() for p in model.parameters())
