@@ -14,7 +14,9 @@ GPUs (torchrun, NCCL) and their CPU rehearsal (torchrun, gloo). The spec decides
 - `--tp N`: the model's own tensor-parallel plan (`config.base_model_tp_plan`, "colwise" /
   "rowwise" for the linear layers; an untied head "colwise_gather_output") applied with
   `torch.distributed.tensor.parallel`; embeddings, norms and a tied head stay whole on every rank.
-  Over `--gpus` > `--tp` the data-parallel dimension is DDP.
+  Over `--gpus` > `--tp` the data-parallel dimension is DDP, or with `--zero 2|3` FSDP2 on the mesh's
+  `dp` dimension over the TP-sharded (DTensor) parameters — torchtitan's 2-D parallelism (TP first, then
+  `fully_shard` per decoder layer and the root on the data-parallel mesh).
 
 Pipeline parallelism, layer splits and offload are not built here.
 """
@@ -88,7 +90,7 @@ def shard(model, spec, device_type="cpu"):
         for layer in decoder_layers(model):
             fully_shard(layer, **kw)
         fully_shard(model, **kw)
-    elif strategy == "tp":
+    elif strategy in ("tp", "tp_fsdp"):
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
         mesh = _mesh(device_type, (world // spec.tp, spec.tp), ("dp", "tp"))
@@ -98,6 +100,24 @@ def shard(model, spec, device_type="cpu"):
                   "colwise_gather_output": lambda: ColwiseParallel(output_layouts=Replicate())}
         parallelize_module(model, mesh["tp"], {name: styles[style]() for name, style in tp_plan(model).items()})
         model._vramlab_dp_group = None
+        if strategy == "tp_fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+            with unset_fake_temporarily():  # a sub-mesh reads the rank map as real data
+                dp_mesh = mesh["dp"]
+            kw = {"mesh": dp_mesh, "reshard_after_forward": spec.zero == 3}
+            if spec.precision == "master":
+                import torch
+                from torch.distributed.fsdp import MixedPrecisionPolicy
+
+                kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch_dtype(spec.compute_dtype),
+                                                       reduce_dtype=torch.float32)
+            for layer in decoder_layers(model):
+                fully_shard(layer, **kw)
+            fully_shard(model, **kw)
+            return model
         if spec.mode == "train":
             from torch.distributed.tensor.parallel.ddp import _pre_dp_module_transform
 
