@@ -784,8 +784,16 @@ def _notes(st):
             notes.append("transformers 4.x builds each MoE expert as nn.Linear: bitsandbytes quantizes every expert")
     notes.extend(stack_notes(s, shape))
     if s.gpus > 1:
-        notes.append(f"per-GPU figures for {s.gpus} GPUs (tp={s.tp}, pp={s.pp}, zero={s.zero}"
-                     f"{', layer split' if s.layer_split else ''}{', offload ' + s.offload if s.offload != 'none' else ''})")
+        extra = "".join((f", cp={s.cp}" if s.cp > 1 else "", f", ep={s.ep}" if s.ep > 1 else "",
+                         ", sequence parallel" if s.sequence_parallel else "", ", layer split" if s.layer_split else "",
+                         f", offload {s.offload}" if s.offload != "none" else ""))
+        notes.append(f"per-GPU figures for {s.gpus} GPUs (tp={s.tp}, pp={s.pp}, zero={s.zero}{extra})")
+        if fsdp_offload(s):
+            notes.append("FSDP CPU offload: parameter shards, gradient shards, optimizer state and the optimizer step on the "
+                         "CPU; the GPU holds the layers being gathered")
+    if s.mode == "train" and s.grad_ckpt and s.ckpt_every > 1:
+        notes.append(f"checkpointing every {s.ckpt_every}th layer ({st.shape.n_layers // s.ckpt_every} of "
+                     f"{st.shape.n_layers}: torchtitan's selective layer AC); the others save everything")
     return notes
 
 

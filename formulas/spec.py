@@ -75,8 +75,16 @@ class Spec:
             object.__setattr__(self, "stack", tuple(tuple(x) for x in self.stack))
 
     def replace(self, **changes):
-        """A copy with some fields changed."""
-        return replace(self, **changes)
+        """A copy with some fields changed (dataclasses.replace's result, built without re-running __init__: the
+        planner makes thousands of these)."""
+        unknown = changes.keys() - _FIELD_NAMES
+        if unknown:
+            return replace(self, **changes)  # dataclasses' own error, naming the field
+        new = object.__new__(Spec)
+        new.__dict__.update(self.__dict__)
+        new.__dict__.update(changes)
+        new.__post_init__()
+        return new
 
     def to_dict(self):
         """Plain dict (tuples as lists) for JSON."""
@@ -84,6 +92,9 @@ class Spec:
         d["lora_targets"] = list(d["lora_targets"])
         d["stack"] = dict(self.stack)
         return d
+
+
+_FIELD_NAMES = frozenset(f.name for f in fields(Spec))
 
 
 def _choice(flag, value, allowed):
@@ -233,7 +244,7 @@ def validate(spec, shape):
         lora_dtype = (dtype if precision != "amp" else "fp32") if base else "fp32"
     mla_cache = spec.mla_cache if spec.mla_cache != "auto" else behaviour(stack, "mla_cache")
     # The model by its canonical name (catalog id or config path), so spellings hash alike.
-    return replace(spec, model=shape.name, dtype=dtype, compute_dtype=compute, precision=precision,
+    return spec.replace(model=shape.name, dtype=dtype, compute_dtype=compute, precision=precision,
                    kv_dtype=spec.kv_dtype or compute, optimizer_impl=impl, lora_dtype=lora_dtype, mla_cache=mla_cache,
                    stack=stack)
 
