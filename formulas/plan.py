@@ -255,8 +255,8 @@ def candidates(shape, spec, n, gpus_per_node):
             out.append(Strategy(gpus=n, layer_split=True))
         if n in tps:
             out.append(Strategy(gpus=n, tp=n))
-        for t in [1] + tps:
-            if t < n and n // t <= shape.n_layers and (n // t > 1):
+        for t in [1] + tps:  # pipeline stages alone only across nodes (inside one, the layer split is the same)
+            if t < n and n // t <= shape.n_layers and (t > 1 or n > gpus_per_node):
                 out.append(Strategy(gpus=n, tp=t, pp=n // t))
         return out
     cps = [c for c in (2, 4, 8) if spec.seq >= CP_MIN_SEQ and spec.seq % c == 0 and spec.attn in ("sdpa", "auto")]
@@ -473,7 +473,7 @@ class Planner:
 
     def _lightest(self, structs, levers):
         """The plans to try first when only fitting matters: most sharding and offload first, the lightest levers."""
-        key = lambda s: (s.offload != "params", s.offload != "optimizer", -s.zero, -s.tp * s.pp * s.cp, -s.ep)  # noqa: E731
+        key = lambda s: (s.offload != "params", s.offload != "optimizer", s.nvme, -s.zero, -s.tp * s.pp * s.cp, -s.ep)  # noqa: E731
         return [w[-1] for w in (self._with_levers(s, levers) for s in sorted(structs, key=key)) if w]
 
     def state_bytes_min(self):
@@ -536,28 +536,35 @@ class Planner:
         levers = self.lever_sets() if levers is None else levers
         fitting, misses = [], []
         for s in self.structures(n, offload):
-            plans = [x for x in self._with_levers(s, levers) if self._lever_ok(x)]
-            if not plans:
-                continue
-            lightest = self.evaluate(plans[-1])  # the levers only lower memory: if this misses, they all do
-            if lightest is None:
-                continue
-            if not lightest.fits:
-                misses.append(lightest)
-                continue
-            if self.train:
-                plans.sort(key=self._est_seconds)
-            for x in plans:
-                o = self.evaluate(x)
-                if o is not None and o.fits:
-                    fitting.append(o)
-                    break
+            o = self._best_levers(s, levers)
+            if o is not None:
+                (fitting if o.fits else misses).append(o)
+        # NVMe only where the CPU's RAM does not hold the offloaded state
+        bare = lambda s: replace(s, nvme=True, ckpt="", micro_batch=0)  # noqa: E731
+        cpu_ok = {bare(o.strategy) for o in fitting if o.strategy.offload != "none" and not o.strategy.nvme}
+        fitting = [o for o in fitting if not (o.strategy.nvme and bare(o.strategy) in cpu_ok)]
         if self.train:
             fitting.sort(key=self._speed_rank)
         else:
             fitting.sort(key=self._memory_rank)
         misses.sort(key=lambda o: o.per_gpu_bytes)
         return fitting, misses
+
+    def _best_levers(self, s, levers):
+        """The fastest fitting Option of strategy `s` over the lever sets, else its lightest miss (None: invalid)."""
+        plans = [x for x in self._with_levers(s, levers) if self._lever_ok(x)]
+        if not plans:
+            return None
+        lightest = self.evaluate(plans[-1])  # the levers only lower memory: if this misses, they all do
+        if lightest is None or not lightest.fits:
+            return lightest
+        if self.train:
+            plans.sort(key=self._est_seconds)
+        for x in plans:
+            o = self.evaluate(x)
+            if o is not None and o.fits:
+                return o
+        return lightest
 
     def _est_seconds(self, s):
         """Step time of a plan without predicting its memory (the levers change only time's FLOPs and micro-batches)."""
@@ -575,7 +582,7 @@ class Planner:
         s = o.strategy
         tier = round(math.log(o.step.seconds) / math.log(1.005)) if o.step.seconds > 0 else 0
         levers = (s.offload != "none") + s.nvme + (s.ckpt in ("full", "selective")) + bool(s.micro_batch)
-        return (tier, levers, (s.tp > 1) + (s.pp > 1) + (s.cp > 1) + (s.ep > 1), o.per_gpu_bytes)
+        return (tier, levers, (s.tp > 1) + (s.pp > 1) + (s.cp > 1) + (s.ep > 1), s.zero, o.per_gpu_bytes)
 
     @staticmethod
     def _memory_rank(o):
@@ -606,16 +613,30 @@ class Planner:
         fitting, _ = self.ranked_at(n, levers)
         return fitting[0] if fitting else None
 
-    def at_least(self, n_min, seconds_ok=None):
+    def at_least(self, n_min, seconds_ok=None, like=None):
         """The fastest fitting plan on the fewest grid counts ≥ n_min, or None; with `seconds_ok(option)`, the first
-        count whose fastest plan satisfies it (a deadline)."""
+        count where a plan satisfies it (a deadline). GPUs added for speed are searched with the plain data-parallel
+        strategies and `like` (the fewest plan) grown in its data-parallel dimension; the count found gets the
+        fastest plan of all."""
+        levers = self.lever_sets()
+
+        def quick(n):
+            family = [Strategy(gpus=n, zero=z) for z in ((0, 1, 2, 3) if n > 1 else (0,))]
+            if like is not None and n % (like.tp * like.pp * like.cp) == 0 and n > 1:
+                family.append(replace(like, gpus=n, ckpt="", micro_batch=0))
+            opts = [o for o in (self._best_levers(s, levers) for s in family) if o is not None and o.fits]
+            return min(opts, key=self._speed_rank) if opts else None
+
         def ok(n):
             if n < n_min:
                 return False
-            b = self.best_at(n)
+            b = quick(n)
             return b is not None and (seconds_ok is None or seconds_ok(b))
         n = self._grid_search(ok)
-        return self.best_at(n) if n is not None else None
+        if n is None:
+            return None
+        best = self.best_at(n)
+        return best if best is not None and (seconds_ok is None or seconds_ok(best)) else quick(n)
 
     # ------------------------------------------------------------------ levers and why plans lost
 
@@ -842,18 +863,27 @@ class Planner:
             tm["seconds_on_fewest"] = self.seconds_for(chosen, tokens)
             if deadline_s:
                 need = max(chosen.strategy.gpus, tm["gpus_for_compute"])
-                best = self.at_least(need, lambda o: self.seconds_for(o, tokens) <= deadline_s)
+                if self.seconds_for(chosen, tokens) <= deadline_s:
+                    best = chosen
+                else:
+                    best = self.at_least(need, lambda o: self.seconds_for(o, tokens) <= deadline_s, chosen.strategy)
+                tm["gpus_for_deadline"] = best.strategy.gpus if best else None
                 if best is not None:
                     final = best
-                    tm["gpus_for_deadline"] = best.strategy.gpus
                     tm["seconds_on_deadline_plan"] = self.seconds_for(best, tokens)
                     ans["binds"] = "compute" if best.strategy.gpus > chosen.strategy.gpus else "memory"
+                else:
+                    final = None
+                    ans["binds"] = "compute"
+                    tm["note"] = f"no plan finishes within the deadline on up to {self.max_gpus:,} × {self.hw.name}"
             ans["time"] = tm
-        ans["gpus_needed"] = final.strategy.gpus
-        ans["strategy"] = final.strategy.label(method)
-        ans["strategy_spec"] = final.strategy.to_dict(method)
-        ans["per_gpu_bytes"] = final.per_gpu_bytes
-        ans["framework"] = final.framework
+        if final is not None:
+            ans["gpus_needed"] = final.strategy.gpus
+            ans["strategy"] = final.strategy.label(method)
+            ans["strategy_spec"] = final.strategy.to_dict(method)
+            ans["per_gpu_bytes"] = final.per_gpu_bytes
+            ans["framework"] = final.framework
+            ans["plan_levers"] = final.strategy.levers(self.spec)
         return ans
 
     def _default_fastest_count(self, fewest, levers):
@@ -1007,7 +1037,7 @@ def finetune_table(rows, data_bytes, deadline_s, base_spec, gpu=None, tokens_per
             if pl.seconds_for(chosen, tokens) <= deadline_s:
                 best = chosen
             else:
-                best = pl.at_least(need, lambda o: pl.seconds_for(o, tokens) <= deadline_s)
+                best = pl.at_least(need, lambda o: pl.seconds_for(o, tokens) <= deadline_s, chosen.strategy)
             row.update(gpus_for_memory=chosen.strategy.gpus, gpus_for_compute=t["gpus_for_compute"], flops=t["flops"],
                        binds="compute" if best is not chosen else "memory")
             if best is None:

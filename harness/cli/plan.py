@@ -201,11 +201,15 @@ def render(ans, spec):
                  f"{t['matmul_path']} × MFU {t['mfu']:.0%} per GPU:")
         L.append(f"  on the fewest plan ({fw['gpus']} GPU{'s' if fw['gpus'] > 1 else ''}): "
                  f"{_dur(t['seconds_on_fewest'])}   [binds: {fw['step']['binds']}]")
-        if "gpus_for_deadline" in t:
-            L.append(f"  within {_dur(t['deadline_seconds'])}: {t['gpus_for_deadline']} × {ans['gpu']['name']} — "
-                     f"{ans['strategy']}, {fmt_gib(ans['per_gpu_bytes'])} per GPU, done in "
+        if t.get("gpus_for_deadline"):
+            L.append(f"  within {_dur(t['deadline_seconds'])}: {t['gpus_for_deadline']:,} × {ans['gpu']['name']} — "
+                     f"{ans['strategy']}{_levers_txt({'levers': ans['plan_levers']})}, {fmt_gib(ans['per_gpu_bytes'])} per GPU, done in "
                      f"{_dur(t['seconds_on_deadline_plan'])}   [binds: {ans['binds']}; compute alone needs "
-                     f"{t['gpus_for_compute']}, memory {fw['gpus']}]")
+                     f"{t['gpus_for_compute']:,}, memory {fw['gpus']:,}]")
+            L.append(f"    run with: {ans['framework']}")
+        elif "deadline_seconds" in t:
+            L.append(f"  within {_dur(t['deadline_seconds'])}: {t['note']}   [binds: compute; compute alone needs "
+                     f"{t['gpus_for_compute']:,}]")
     L.append("")
     L.append(calibration_line(ans["calibrated"], ans["overheads_source"]))
     L.append(_stack_line(spec))
@@ -261,8 +265,9 @@ def render_compare(answers, spec):
             secs = t.get("seconds_on_deadline_plan", t.get("seconds_on_fewest"))
             sp = _dur(secs) if secs else "—"
         price = _price(ans["gpu"]["name"])
-        if fw["gpus"] is None:
-            L.append(f"{g['name']:<21} {g['memory_bytes'] / GiB:>6.0f} {one:>13} {'—':>6}  {'no fit':<22} "
+        if fw["gpus"] is None or ans["gpus_needed"] is None:
+            L.append(f"{g['name']:<21} {g['memory_bytes'] / GiB:>6.0f} {one:>13} {'—':>6}  "
+                     f"{'no fit' if fw['gpus'] is None else 'not in time':<22} "
                      f"{'—':>7} {'—':>19}  {price}")
             continue
         L.append(f"{g['name']:<21} {g['memory_bytes'] / GiB:>6.0f} {one:>13} {ans['gpus_needed']:>6}  {ans['strategy']:<22} "
