@@ -52,7 +52,8 @@ BATCH_CAP = 1 << 16  # the largest-batch search stops here
 SEQ_CAP = 1 << 22  # the longest-context search stops here when the model states no window
 CP_MIN_SEQ = 8192  # context parallelism is tried from this sequence length on (long-context training)
 CKPT_LEVERS = ("none", "selective", "full")  # gradient checkpointing, least recompute first
-MAX_PP = 32  # pipeline stages tried at most (Llama 3 405B trained with 16)
+MAX_PP = 16  # pipeline stages tried at most (Llama 3 405B and DeepSeek-V3 trained with 16): powers of two, or
+# divisors of the layers (equal stages)
 HOST_RAM_FREE = 0.10  # share of a node's RAM left to the OS, the data loader and the page cache (an assumption)
 
 
@@ -187,6 +188,8 @@ def framework(strategy, spec):
         return "vLLM (tensor / pipeline parallel)" if s.pp > 1 else "vLLM, transformers (tp_plan)"
     if s.ckpt == "selective":
         return "torchtitan"
+    if spec.method != "full" and (s.tp > 1 or s.cp > 1 or s.ep > 1 or s.pp > 1):
+        return "NeMo (Megatron-Core with PEFT)"
     if s.cp > 1 or s.ep > 1 or s.pp > 1:
         return "Megatron-LM, torchtitan" + (" (distributed optimizer)" if s.zero == 1 else "")
     if s.tp > 1:
@@ -260,10 +263,17 @@ def candidates(shape, spec, n, gpus_per_node):
                 out.append(Strategy(gpus=n, tp=t, pp=n // t))
         return out
     cps = [c for c in (2, 4, 8) if spec.seq >= CP_MIN_SEQ and spec.seq % c == 0 and spec.attn in ("sdpa", "auto")]
+    if spec.method == "qlora" or spec.dtype in BNB_DTYPES:
+        # a bitsandbytes base trains under TRL / accelerate / DeepSpeed / fsdp_qlora: data parallelism, ZeRO, FSDP, offload
+        tps, cps, shape_ep = [], [], False
+    else:
+        shape_ep = True
     for t in [1] + tps:
         for c in [1] + [c for c in cps if t * c <= gpus_per_node and n % (t * c) == 0]:
             rest = n // (t * c)
-            for p in [1] + [p for p in range(2, min(rest, shape.n_layers, MAX_PP) + 1) if rest % p == 0]:
+            pps = [p for p in range(2, min(rest, shape.n_layers, MAX_PP) + 1)
+                   if rest % p == 0 and (p & (p - 1) == 0 or shape.n_layers % p == 0)] if shape_ep else []
+            for p in [1] + pps:
                 dp = rest // p
                 shard = dp * c
                 plain = t == p == c == 1
@@ -271,7 +281,7 @@ def candidates(shape, spec, n, gpus_per_node):
                 # (Megatron-LM's distributed optimizer, or FSDP2 in torchtitan)
                 zeros = [0] if shard == 1 else ([0, 1, 2, 3] if plain else [0, 1, 3] if p == c == 1 else [1, 3])
                 for z in zeros:
-                    for e in [1] + _ep_degrees(shape, shard, gpus_per_node):
+                    for e in [1] + (_ep_degrees(shape, shard, gpus_per_node) if shape_ep else []):
                         sp = t > 1
                         out.append(Strategy(gpus=n, tp=t, pp=p, cp=c, ep=e, zero=z, sp=sp))
                         if plain and z >= 1 and e == 1:
@@ -362,6 +372,8 @@ class Planner:
         self._static = {}
         self._est = {}
         self._state_min = None
+        self._offload_hope = {}
+        self._ranked = {}
 
     # ------------------------------------------------------------------ memory
 
@@ -476,6 +488,18 @@ class Planner:
         key = lambda s: (s.offload != "params", s.offload != "optimizer", s.nvme, -s.zero, -s.tp * s.pp * s.cp, -s.ep)  # noqa: E731
         return [w[-1] for w in (self._with_levers(s, levers) for s in sorted(structs, key=key)) if w]
 
+    def _offload_may_fit(self, s, levers):
+        """Whether an offloading plan like `s` fits on the most GPUs the search allows: its per-GPU memory (the
+        layers it gathers, the activations) and host RAM per node only fall as GPUs are added, so if it misses
+        there it misses on every count."""
+        key = (s.zero, s.offload, s.nvme, tuple(levers))
+        if key not in self._offload_hope:
+            n = self.max_gpus if self.max_gpus > 1 else 2
+            big = self._with_levers(replace(s, gpus=n), levers)
+            o = self.evaluate(big[-1]) if big else None
+            self._offload_hope[key] = o is None or o.fits
+        return self._offload_hope[key]
+
     def state_bytes_min(self):
         """A lower bound on the model state (weights, gradients, optimizer state) all GPUs together hold without
         offload — one copy of it, at the precision that stores the least — so n GPUs need at least this / n each."""
@@ -495,37 +519,51 @@ class Planner:
         """A plan that fits on n GPUs (the lightest levers), or None."""
         levers = self.lever_sets() if levers is None else levers
         structs = self.structures(n, offload)
-        if self.train and self.state_bytes_min() / n > self.usable_bytes:
-            structs = [s for s in structs if s.offload != "none"]  # one copy of the state does not fit on n GPUs
+        if self.train:
+            if self.state_bytes_min() / n > self.usable_bytes:
+                structs = [s for s in structs if s.offload != "none"]  # one copy of the state does not fit on n GPUs
+            structs = [s for s in structs if s.offload == "none" or self._offload_may_fit(s, levers)]
+            # of one layout the most sharding holds the least: ZeRO-3 before 0-2, the widest expert split
+            most = {}
+            for s in structs:
+                k = (s.tp, s.pp, s.cp, s.offload, s.nvme)
+                if k not in most or (s.zero, s.ep) > (most[k].zero, most[k].ep):
+                    most[k] = s
+            structs = list(most.values())
         for s in self._lightest(structs, levers):
             o = self.evaluate(s)
             if o is not None and o.fits:
                 return o
         return None
 
-    def _grid_search(self, ok):
-        """The smallest count on the grid (1 … one node, then whole nodes) where ok(n) holds, or None."""
+    def _grid_search(self, ok, start=1):
+        """The smallest count ≥ start on the grid (1 … one node, then whole nodes) where ok(n) holds, or None.
+        Whole nodes gallop, then bisect: more nodes never hold more per GPU."""
         small, gpn = self.counts()
         for n in small:
-            if ok(n):
+            if n >= start and ok(n):
                 return n
-        if gpn >= self.max_gpus:
+        k_min = max(2, -(-start // gpn))  # the first whole-node count past one node and ≥ start
+        if gpn >= self.max_gpus or k_min * gpn > self.max_gpus:
             return None
-        lo_k, k = 1, 2  # whole nodes: gallop, then bisect (more nodes never hold more per GPU)
-        while k * gpn <= self.max_gpus:
+        if ok(k_min * gpn):
+            return k_min * gpn
+        lo, k = k_min, 2 * k_min
+        while True:
+            if k * gpn > self.max_gpus:
+                k = self.max_gpus // gpn
+                if k <= lo or not ok(k * gpn):
+                    return None
+                break
             if ok(k * gpn):
                 break
-            lo_k, k = k, k * 2
-        else:
-            k = self.max_gpus // gpn
-            if k <= lo_k or not ok(k * gpn):
-                return None
-        while k - lo_k > 1:
-            mid = (lo_k + k) // 2
+            lo, k = k, 2 * k
+        while k - lo > 1:
+            mid = (lo + k) // 2
             if ok(mid * gpn):
                 k = mid
             else:
-                lo_k = mid
+                lo = mid
         return k * gpn
 
     def ranked_at(self, n, levers=None, offload=True):
@@ -534,6 +572,9 @@ class Planner:
         Levers are tried in order of the step time they cost (estimated without predicting memory), so each
         strategy needs a prediction only until one fits."""
         levers = self.lever_sets() if levers is None else levers
+        key = (n, tuple(levers), offload)
+        if key in self._ranked:
+            return self._ranked[key]
         fitting, misses = [], []
         for s in self.structures(n, offload):
             o = self._best_levers(s, levers)
@@ -548,6 +589,7 @@ class Planner:
         else:
             fitting.sort(key=self._memory_rank)
         misses.sort(key=lambda o: o.per_gpu_bytes)
+        self._ranked[key] = fitting, misses
         return fitting, misses
 
     def _best_levers(self, s, levers):
@@ -598,9 +640,9 @@ class Planner:
         levers = self.lever_sets()
         return [o for o in (self.evaluate(s) for s in self._lightest(self.structures(n), levers)) if o]
 
-    def fewest_gpus(self, levers=None, offload=True):
-        """(chosen Option, the other plans on that count) for the fewest GPUs where a plan fits, or (None, [])."""
-        n = self._grid_search(lambda k: self.feasible(k, levers, offload) is not None)
+    def fewest_gpus(self, levers=None, offload=True, start=1):
+        """(chosen Option, the other plans on that count) for the fewest GPUs (≥ start) where a plan fits, or (None, [])."""
+        n = self._grid_search(lambda k: self.feasible(k, levers, offload) is not None, start)
         if n is None:
             return None, []
         fitting, misses = self.ranked_at(n, levers, offload)
@@ -646,15 +688,15 @@ class Planner:
         s, out = chosen.strategy, []
         n = s.gpus
         if s.ckpt in ("full", "selective"):
-            without = self.fewest_gpus(levers=self.lever_sets(("none",)))[0]
+            without = self.fewest_gpus(levers=self.lever_sets(("none",)), start=n)[0]
             out.append({"lever": "gradient checkpointing", "flag": "--grad-ckpt", "gpus": n,
                         "gpus_without": without.strategy.gpus if without else None, "option": without})
         if s.offload != "none":
-            without = self.fewest_gpus(offload=False)[0]
+            without = self.fewest_gpus(offload=False, start=n)[0]
             out.append({"lever": "offload", "flag": f"--offload {s.offload}", "gpus": n,
                         "gpus_without": without.strategy.gpus if without else None, "option": without})
         if s.micro_batch and s.micro_batch < s.natural_batch(self.spec):
-            without = self.fewest_gpus(levers=self.lever_sets(micro=False))[0]
+            without = self.fewest_gpus(levers=self.lever_sets(micro=False), start=n)[0]
             out.append({"lever": "micro-batch 1 with gradient accumulation",
                         "flag": f"--batch 1 --grad-accum {self.spec.batch * self.spec.grad_accum}", "gpus": n,
                         "gpus_without": without.strategy.gpus if without else None, "option": without})
@@ -797,6 +839,8 @@ class Planner:
         if mfu is not None and mfu != self.mfu:
             self.mfu = mfu
             self._options.clear()
+            self._ranked.clear()
+            self._est.clear()
         mfu = self.mfu
         s = self.spec
         method = s.method if self.train else None

@@ -353,9 +353,21 @@ def _static(spec, checkpoint=None):
     )
 
 
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=8192)
 def _static_cached(spec, checkpoint):
-    return _static(spec, checkpoint)
+    if zero1_whole_tensors(spec):
+        return _static(spec, checkpoint)  # ZeroRedundancyOptimizer's partition depends on the world
+    # The static part depends on the layout only through FSDP's padded shard share and whether the data-parallel
+    # GPUs are several (FSDP2's master precision), and on checkpointing only when it is reentrant: one core per
+    # such class serves every count, split and lever the planner tries.
+    dp = spec.gpus // (spec.tp * spec.pp)
+    core_spec = spec.replace(gpus=2 if dp > 1 else 1, tp=1, pp=1, cp=1, ep=1, sequence_parallel=False, offload="none",
+                             layer_split=False, grad_accum=1, ckpt_every=1, zero=spec.zero if spec.zero >= 2 else 0,
+                             grad_ckpt=spec.grad_ckpt and behaviour(spec, "reentrant"))
+    if core_spec == spec:
+        return _static(spec, checkpoint)
+    core = _static_cached(core_spec, checkpoint)
+    return replace(core, spec=spec, fsdp_shard_frac=_fsdp_shard_frac(core.shape, spec))
 
 
 def workload_static(spec, checkpoint=None):
@@ -420,8 +432,14 @@ def _slices(st):
 
 def _head_tp(st, sl):
     """What the lm_head is split by: transformers' plans shard an untied head column-wise ("colwise_gather_output");
-    a tied one is the replicated embedding."""
-    return 1 if st.shape.tie_embeddings else sl.tp
+    a tied one is the replicated embedding. Megatron-LM and torchtitan (--sequence-parallel) split both."""
+    return sl.tp if (st.spec.sequence_parallel or not st.shape.tie_embeddings) else 1
+
+
+def _embed_tp(st, sl):
+    """What the token embedding is split by: whole on every rank in transformers' TP plans; vocabulary-parallel in
+    Megatron-LM (VocabParallelEmbedding) and torchtitan (RowwiseParallel on the embedding), --sequence-parallel."""
+    return sl.tp if st.spec.sequence_parallel else 1
 
 
 def _held(st, sl, layers, embed, head, other):
@@ -431,7 +449,8 @@ def _held(st, sl, layers, embed, head, other):
     embeddings and norms stay whole on every rank. ZeRO-3 / FSDP2 keeps 1/dp of everything at rest
     (the gathered layers are transients of the forward and backward, `_fsdp_gathered`)."""
     ep = sl.ep if sl.weight_div == 1 else 1  # under ZeRO-3 the experts' shards are 1/dp whatever ep is
-    w = layers * _layer_share(st, sl, ep) * sl.layer_frac + embed * sl.embed + head * sl.head / _head_tp(st, sl) + other
+    w = layers * _layer_share(st, sl, ep) * sl.layer_frac + embed * sl.embed / _embed_tp(st, sl) + \
+        head * sl.head / _head_tp(st, sl) + other
     if st.spec.offload == "params":
         w = 2 * layers * _layer_share(st, sl, ep) / st.shape.n_layers  # streamed: the running layer and the next
     if sl.weight_div > 1:
@@ -463,7 +482,7 @@ def _param_share(st, sl, ep=1):
     """This GPU's share of the trainable parameters before any ZeRO split (pipeline stage, tensor-parallel shards,
     and with `ep` the expert-parallel split, for what ZeRO does not shard)."""
     total = st.w_layers + st.w_embed + st.w_head + st.w_other
-    mine = st.w_layers * _layer_share(st, sl, ep) * sl.layer_frac + st.w_embed * sl.embed + \
+    mine = st.w_layers * _layer_share(st, sl, ep) * sl.layer_frac + st.w_embed * sl.embed / _embed_tp(st, sl) + \
         st.w_head * sl.head / _head_tp(st, sl) + st.w_other
     return mine / total if total else 1.0
 
@@ -472,7 +491,7 @@ def _fsdp_gathered(st, sl):
     """FSDP2's gathered weights beside the shards during forward and backward: the root's parameters (embeddings,
     final norm, head — the root does not reshard after forward) and, at ZeRO-2, every layer's (kept until backward).
     Under tensor parallelism what is gathered is this rank's TP shard (an untied head / tp, layers' linears / tp)."""
-    root = st.w_embed * sl.embed + st.w_head * sl.head / _head_tp(st, sl) + st.w_other
+    root = st.w_embed * sl.embed / _embed_tp(st, sl) + st.w_head * sl.head / _head_tp(st, sl) + st.w_other
     gathered = root + (st.w_layers * _layer_share(st, sl, sl.ep) * sl.layer_frac if sl.fsdp == 2 else 0)
     return gathered * st.cb / 4 if fsdp_master_precision(st.spec) else gathered
 
@@ -657,7 +676,7 @@ def _phases_train(st, sl, B, S, N):
     # A trained tied embedding gets two gradients, lm_head's and the embedding's (a dense (V, H) tensor,
     # aten embedding_dense_backward), which autograd sums before AccumulateGrad: at the very end of the
     # backward, the two and their sum are alive beside every other gradient (docs/trace_findings.md #18).
-    tied_grad = st.lm_grad * sl.head * sl.embed if (shape.tie_embeddings and s.method == "full") else 0
+    tied_grad = st.lm_grad * sl.head * sl.embed / _embed_tp(st, sl) if (shape.tie_embeddings and s.method == "full") else 0
     end_acts = one_layer + grad_buf
     end_grads = grads + layer_grads
     layer_moment = 1
