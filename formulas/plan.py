@@ -67,6 +67,7 @@ class Strategy:
     cp: int = 1
     ep: int = 1
     zero: int = 0
+    shard: int = 0  # hybrid sharding: ZeRO / FSDP inside groups of this many GPUs (one node), replicas across them
     offload: str = "none"  # none | optimizer | params
     nvme: bool = False  # the offloaded state on NVMe (DeepSpeed ZeRO-Infinity), not in host RAM
     layer_split: bool = False
@@ -91,7 +92,7 @@ class Strategy:
         of --batch × tp × cp sequences, and a pipeline --grad-accum × pp of them per step (its micro-batches
         in flight); micro-batch 1 moves the rest into gradient accumulation."""
         kw = dict(gpus=self.gpus, tp=self.tp, pp=self.pp, cp=self.cp, ep=self.ep, zero=self.zero,
-                  layer_split=self.layer_split, offload=self.offload, sequence_parallel=self.sp)
+                  layer_split=self.layer_split, offload=self.offload, sequence_parallel=self.sp, shard_gpus=self.shard)
         if self.ckpt:
             kw.update(grad_ckpt=self.ckpt != "none", ckpt_every=2 if self.ckpt == "selective" else 1)
         if spec.mode == "train" and self.gpus > 1:
@@ -141,7 +142,9 @@ class Strategy:
             dp_name = f"ZeRO-{self.zero}"
         elif self.dp > 1:
             dp_name = "DDP"
-        if dp_name:
+        if dp_name and self.shard:
+            parts.append(f"{dp_name} over {self.shard} × {shard // self.shard} replicas (hybrid)")
+        elif dp_name:
             over = shard if self.zero else self.dp
             parts.append(f"{dp_name} over {over}" if not parts or over > 1 else dp_name)
         text = " × ".join(parts)
@@ -167,7 +170,7 @@ class Strategy:
     def to_dict(self, method=None):
         return {"kind": self.kind, "label": self.label(method), "gpus": self.gpus, "tp": self.tp, "pp": self.pp,
                 "cp": self.cp, "ep": self.ep, "zero": self.zero, "layer_split": self.layer_split,
-                "offload": self.offload, "nvme": self.nvme, "sequence_parallel": self.sp, "ckpt": self.ckpt or None,
+                "shard_gpus": self.shard or None, "offload": self.offload, "nvme": self.nvme, "sequence_parallel": self.sp, "ckpt": self.ckpt or None,
                 "micro_batch": self.micro_batch or None}
 
 
@@ -197,6 +200,11 @@ def framework(strategy, spec):
                 3: "torchtitan (TP × FSDP2)"}.get(s.zero, "torchtitan")
     if s.gpus == 1:
         return "transformers Trainer / TRL"
+    if s.shard:
+        off = " with CPU offload" if s.offload == "params" else ""
+        if sharded_kbit(spec, s.zero, s.dp):
+            return f"Answer.AI fsdp_qlora (hybrid_full_shard){off}, accelerate FSDP HYBRID_SHARD + TRL"
+        return f"accelerate FSDP HYBRID_SHARD{off}, torchtitan (dp_replicate × dp_shard)"
     if sharded_kbit(spec, s.zero, s.dp):
         if s.nvme:
             return "DeepSpeed ZeRO-Infinity (offload to NVMe) + TRL"
@@ -288,6 +296,12 @@ def candidates(shape, spec, n, gpus_per_node):
                             out.append(Strategy(gpus=n, zero=z, offload="optimizer"))
                         if plain and z == 3 and e == 1:
                             out.append(Strategy(gpus=n, zero=3, offload="params"))
+                        if plain and z in (2, 3) and e == 1 and n > gpus_per_node and n % gpus_per_node == 0 \
+                                and gpus_per_node > 1:
+                            # hybrid sharding: FSDP inside each node, replicas across the nodes
+                            out.append(Strategy(gpus=n, zero=z, shard=gpus_per_node))
+                            if z == 3:
+                                out.append(Strategy(gpus=n, zero=3, shard=gpus_per_node, offload="params"))
     return out
 
 
@@ -427,7 +441,7 @@ class Planner:
         if strategy.offload == "none" or strategy.nvme:
             return 0
         st = workload_static(spec)
-        shard = spec.gpus // (spec.tp * spec.pp)
+        shard = spec.shard_gpus or spec.gpus // (spec.tp * spec.pp)
         per_gpu = st.opt_state + st.master + st.grads
         if strategy.offload == "params":
             per_gpu += st.w_layers + st.w_embed + st.w_head + st.w_other
@@ -526,7 +540,7 @@ class Planner:
             # of one layout the most sharding holds the least: ZeRO-3 before 0-2, the widest expert split
             most = {}
             for s in structs:
-                k = (s.tp, s.pp, s.cp, s.offload, s.nvme)
+                k = (s.tp, s.pp, s.cp, s.shard, s.offload, s.nvme)
                 if k not in most or (s.zero, s.ep) > (most[k].zero, most[k].ep):
                     most[k] = s
             structs = list(most.values())
@@ -664,6 +678,9 @@ class Planner:
 
         def quick(n):
             family = [Strategy(gpus=n, zero=z) for z in ((0, 1, 2, 3) if n > 1 else (0,))]
+            gpn = self.topo.gpus_per_node
+            if n > gpn > 1 and n % gpn == 0:
+                family += [Strategy(gpus=n, zero=z, shard=gpn) for z in (2, 3)]
             if like is not None and n % (like.tp * like.pp * like.cp) == 0 and n > 1:
                 family.append(replace(like, gpus=n, ckpt="", micro_batch=0))
             opts = [o for o in (self._best_levers(s, levers) for s in family) if o is not None and o.fits]
@@ -996,7 +1013,8 @@ class Planner:
             return a
         a += [
             "strategies per GPU count: DDP, ZeRO-1/2/3, + optimizer or parameter offload (NVMe where the host RAM "
-            "does not hold it), FSDP-QLoRA; TP (+SP) inside a node only and never on bitsandbytes weights, × DDP, "
+            "does not hold it), FSDP-QLoRA, hybrid sharding (FSDP inside a node, replicas across nodes); TP (+SP) "
+            "inside a node only and never on bitsandbytes weights (bitsandbytes bases: data parallelism only), × DDP, "
             "FSDP or the distributed optimizer; pipeline stages; context parallelism from "
             f"{CP_MIN_SEQ:,} tokens; expert parallelism for MoE; beyond one node, whole nodes",
             "levers tried where the workload does not set them: gradient checkpointing (none, selective every 2nd "

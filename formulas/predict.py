@@ -152,7 +152,7 @@ def _recast(spec):
 def _fsdp_shard_frac(shape, spec):
     """Rank 0's share of the parameters under FSDP2: each tensor's first dimension split in `dp` chunks of
     ceil(d0 / dp) rows (`torch.chunk`; the last ranks' shards are padded to that), so rank 0 holds the most."""
-    dp = spec.gpus // (spec.tp * spec.pp)
+    dp = shard_world(spec)
     if spec.zero < 2 or dp < 2:
         return 0.0
     params = [t for t in shape.tensors if t.kind != "buffer" and t.shape]
@@ -166,12 +166,18 @@ def _routed_expert(t):
     return t.kind == "experts" or (".experts." in t.name and "shared" not in t.name)
 
 
+def shard_world(spec):
+    """The data-parallel GPUs ZeRO / FSDP shards over: all of them (--gpus / (--tp × --pp), context-parallel ones
+    included, as torchtitan's fsdp = dp_shard × cp), or the hybrid-sharding group (--shard-gpus)."""
+    return spec.shard_gpus or spec.gpus // (spec.tp * spec.pp)
+
+
 def zero1_whole_tensors(spec):
     """ZeRO-1 as torch's ZeroRedundancyOptimizer builds it (whole tensors per rank, what the tracer runs) — over
     plain data parallelism. Beside tensor, pipeline, context or expert parallelism ZeRO-1 is Megatron-LM's
     distributed optimizer (and DeepSpeed's stage 1): a flat buffer split evenly over the data-parallel ranks."""
     dp = spec.gpus // (spec.tp * spec.pp)
-    return spec.zero == 1 and dp > 1 and spec.tp == spec.pp == spec.cp == spec.ep == 1
+    return spec.zero == 1 and dp > 1 and spec.tp == spec.pp == spec.cp == spec.ep == 1 and not spec.shard_gpus
 
 
 def fsdp_offload(spec):
@@ -362,6 +368,7 @@ def _static_cached(spec, checkpoint):
     # such class serves every count, split and lever the planner tries.
     dp = spec.gpus // (spec.tp * spec.pp)
     core_spec = spec.replace(gpus=2 if dp > 1 else 1, tp=1, pp=1, cp=1, ep=1, sequence_parallel=False, offload="none",
+                             shard_gpus=0,
                              layer_split=False, grad_accum=1, ckpt_every=1, zero=spec.zero if spec.zero >= 2 else 0,
                              grad_ckpt=spec.grad_ckpt and behaviour(spec, "reentrant"))
     if core_spec == spec:
@@ -404,14 +411,15 @@ def _slices(st):
     s, shape = st.spec, st.shape
     tp, pp = s.tp, s.pp
     dp = s.gpus // (tp * pp)
+    shard = shard_world(s)  # hybrid sharding: ZeRO over groups of `shard`, plain replicas across the groups
     if shape.is_mla and s.mla_cache == "compressed":
         kv_div = 1.0  # one latent per token, replicated on every TP rank
     else:
         kv_div = min(tp, shape.n_kv_heads) if tp > 1 else 1
     z = s.zero
     train = s.mode == "train"
-    common = dict(tp=tp, kv_div=kv_div, state_div=dp if z >= 1 else 1, grad_div=dp if z >= 2 else 1,
-                  weight_div=dp if z >= 2 else 1, ddp_bucket=(dp > 1 and z <= 1 and train),
+    common = dict(tp=tp, kv_div=kv_div, state_div=shard if z >= 1 else 1, grad_div=shard if z >= 2 else 1,
+                  weight_div=shard if z >= 2 else 1, ddp_bucket=(dp > 1 and z <= 1 and train),
                   zero1=train and zero1_whole_tensors(s), fsdp=z if (dp > 1 and z >= 2 and train) else 0, ep=s.ep)
     if s.layer_split and s.gpus > 1:
         g = s.gpus

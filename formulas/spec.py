@@ -65,6 +65,8 @@ class Spec:
     ep: int = 1  # expert-parallel degree: MoE routed experts split over ep of the data-parallel GPUs
     sequence_parallel: bool = False  # TP as Megatron-LM / torchtitan run it: norm inputs sequence-sharded, logits vocab-parallel
     ckpt_every: int = 1  # with grad_ckpt: checkpoint every k-th decoder layer (torchtitan's layer SAC); 1 = every layer
+    shard_gpus: int = 0  # ZeRO / FSDP shards over groups of this many data-parallel GPUs and replicates over the groups
+    #                      (hybrid sharding: FSDP HYBRID_SHARD, torchtitan dp_shard × dp_replicate); 0 = over all of them
     # library versions ((package, version), ...) the prediction assumes (formulas/stack.py); () = the newest modelled
     stack: tuple = ()
 
@@ -126,6 +128,7 @@ def validate(spec, shape):
     _positive("seq", spec.seq, maximum=MAX_TOKENS)
     _positive("gen", spec.gen, zero_ok=True, maximum=MAX_TOKENS)
     _positive("trainable-layers", spec.trainable_layers)
+    _positive("shard-gpus", spec.shard_gpus, zero_ok=True)
     _choice("method", spec.method, METHODS)
     _choice("compute-dtype", spec.compute_dtype, ("bf16", "fp16", "fp32"))
     _choice("lora-dtype", spec.lora_dtype, ("auto",) + FLOAT_DTYPES)
@@ -213,6 +216,11 @@ def validate(spec, shape):
         if (spec.gpus // (spec.tp * spec.pp)) % spec.ep:
             raise SpecError(f"--ep {spec.ep}: must divide the data-parallel GPUs --gpus / (--tp × --pp) = "
                             f"{spec.gpus // (spec.tp * spec.pp)} (experts are split over data-parallel ranks)")
+    if spec.shard_gpus:
+        dp_all = spec.gpus // (spec.tp * spec.pp)
+        if not spec.zero or spec.shard_gpus < 2 or dp_all % spec.shard_gpus or spec.shard_gpus % spec.cp:
+            raise SpecError(f"--shard-gpus {spec.shard_gpus}: with --zero, a divisor ≥ 2 of the data-parallel GPUs "
+                            f"--gpus / (--tp × --pp) = {dp_all} (and a multiple of --cp)")
     if spec.sequence_parallel and spec.tp < 2:
         raise SpecError("--sequence-parallel: shards what tensor parallelism replicates; give --tp ≥ 2")
     if spec.tp > 1:

@@ -183,23 +183,28 @@ def step_time(spec, st, topo, flops_per_token, flops_per_s):
     # pipeline: each micro-batch's activation forward and its gradient backward cross a stage boundary
     if pp > 1:
         busy(tp * cp * dp * 2, m * 2 * b * (S // cp) * H * cb)
-    # data parallel over dp × cp ranks
+    # data parallel over dp × cp ranks; hybrid sharding shards over groups of shard_gpus and all-reduces the
+    # sharded gradients across the groups
     fsdp_cpu = spec.offload == "params" and spec.zero >= 2
     if shard > 1:
-        span = tp * cp * dp  # dp × cp ranks at stride tp
+        group = spec.shard_gpus if (spec.zero and spec.shard_gpus) else shard
+        span = tp * group  # the group's ranks at stride tp (context-parallel ranks inside it)
         gathered = w_local * (cb / 4 if (spec.precision == "master" and spec.method == "full") else 1)
         if spec.zero == 3:  # FSDP: gather for the forward and again for the backward, reduce-scatter, every micro-batch
-            busy(span, m * (2 * all_gather_bytes(gathered, shard) + all_gather_bytes(g_local, shard)))
+            busy(span, m * (2 * all_gather_bytes(gathered, group) + all_gather_bytes(g_local, group)))
         elif spec.zero == 2:  # gathered once, kept to the backward; gradients reduce-scattered per micro-batch
-            busy(span, m * (all_gather_bytes(gathered, shard) + all_gather_bytes(g_local, shard)))
+            busy(span, m * (all_gather_bytes(gathered, group) + all_gather_bytes(g_local, group)))
         else:  # DDP / ZeRO-1: one all-reduce (or reduce-scatter + all-gather) of the gradients per step
-            busy(span, all_reduce_bytes(g_local, shard))
+            busy(span, all_reduce_bytes(g_local, group))
+        if group < shard:  # the replicas' all-reduce of each group's gradient shards, once per step
+            busy(tp * cp * dp, all_reduce_bytes(g_local / group, shard // group))
     # offload: copies over each GPU's own PCIe link, and the optimizer step on the node's CPUs
-    trainable_shard = st.n_trainable * (w_local / w_all if w_all else 1) / (shard if spec.zero else 1)
+    shard_div = (spec.shard_gpus or shard) if spec.zero else 1
+    trainable_shard = st.n_trainable * (w_local / w_all if w_all else 1) / shard_div
     if fsdp_cpu:
-        busy_pcie(links, topo, m * (2 * w_local / shard + g_local / shard))
+        busy_pcie(links, topo, m * (2 * w_local / shard_div + g_local / shard_div))
     elif spec.offload == "optimizer":
-        busy_pcie(links, topo, g_local / max(1, shard) + trainable_shard * cb)
+        busy_pcie(links, topo, g_local / shard_div + trainable_shard * cb)
     if fsdp_cpu or spec.offload == "optimizer":
         on_node = min(topo.gpus_per_node, spec.gpus)
         exposed["CPU optimizer step"] = CPU_ADAM_BYTES_PER_PARAM * trainable_shard * on_node / topo.host_bw
@@ -224,7 +229,7 @@ def busy_pcie(links, topo, nbytes):
 def nvme_seconds(spec, st, topo):
     """Reading and writing the offloaded optimizer state and parameters from NVMe once per step (ZeRO-Infinity)."""
     on_node = min(topo.gpus_per_node, spec.gpus)
-    shard = spec.gpus // (spec.tp * spec.pp)
+    shard = spec.shard_gpus or spec.gpus // (spec.tp * spec.pp)
     per_gpu = (st.opt_state + st.master + st.w_layers + st.w_embed + st.w_head) / max(1, shard)
     return 2 * per_gpu * on_node / NVME_BYTES_PER_S
 

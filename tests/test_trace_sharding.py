@@ -110,3 +110,15 @@ def test_tp_times_fsdp2_on_fake_ranks(tiny, fields, rank):
     assert at_rest < predict(spec.replace(zero=0)).phases["optimizer_step"][C.WEIGHTS]
     assert at_rest > predict(spec.replace(tp=1)).phases["optimizer_step"][C.WEIGHTS]
 
+
+
+@pytest.mark.slow
+def test_hybrid_sharding_on_fake_ranks(tiny):
+    """FSDP2 over a 2-D (replicate, shard) mesh: 4 ranks, FSDP inside pairs, two replicas. Each rank holds what FSDP
+    over 2 holds, to the byte."""
+    spec = Spec(model=tiny, mode="train", method="full", seq=64, batch=2, gpus=4, zero=3, shard_gpus=2,
+                precision="pure")
+    traced, predicted = _check(spec, 0)
+    pair = predict(spec.replace(gpus=2, shard_gpus=0))
+    for c in STATE:
+        assert predicted.phases["optimizer_step"][c] == pair.phases["optimizer_step"][c], c

@@ -83,6 +83,9 @@ def add_spec_arguments(p):
     p.add_argument("--sequence-parallel", action="store_true",
                    help="with --tp: Megatron-LM / torchtitan tensor parallelism (norm inputs split along the sequence, "
                         "vocabulary-parallel loss)")
+    p.add_argument("--shard-gpus", type=int, default=0,
+                   help="with --zero: shard over groups of this many data-parallel GPUs, replicate across them "
+                        "(hybrid sharding, FSDP HYBRID_SHARD; default: over all)")
     p.add_argument("--grad-ckpt-every", type=int, default=1,
                    help="with --grad-ckpt: checkpoint every k-th layer (torchtitan's selective layer AC; default 1: all)")
     add_stack_arguments(p)
@@ -127,6 +130,7 @@ def spec_from_args(a, resolve=True):
         gptq_kernel=a.gptq_kernel,
         dropout=not a.no_dropout, gpus=a.gpus, zero=a.zero, tp=a.tp, pp=a.pp, layer_split=a.layer_split,
         offload=a.offload, cp=a.cp, ep=a.ep, sequence_parallel=a.sequence_parallel, ckpt_every=a.grad_ckpt_every,
+        shard_gpus=a.shard_gpus,
         kbit_prep=a.kbit_prep, stack=stack_from_args(a).versions,
     )
 

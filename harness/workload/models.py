@@ -92,6 +92,9 @@ def strategy_of(spec):
                      ("--grad-ckpt-every", spec.ckpt_every > 1)):
         if on:
             raise SpecError(f"{flag}: multi-rank runs build DDP, ZeRO-1/2/3 (FSDP2), tensor parallelism and TP × FSDP2 only")
+    if spec.shard_gpus and (spec.tp > 1 or spec.zero < 2):
+        raise SpecError(f"--shard-gpus {spec.shard_gpus}: multi-rank runs build hybrid sharding with FSDP2 (--zero 2/3) "
+                        "without --tp")
     if spec.tp > 1:
         if spec.zero == 1:
             raise SpecError(f"--zero 1 with --tp {spec.tp}: tensor parallelism runs with DDP (--zero 0) or FSDP2 "

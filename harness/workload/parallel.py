@@ -10,7 +10,8 @@ GPUs (torchrun, NCCL) and their CPU rehearsal (torchrun, gloo). The spec decides
   (whole parameters per rank, greedily balanced by size: `formulas.predict.zero1_partition`).
 - `--zero 2` / `--zero 3`: FSDP2 `fully_shard` on every decoder layer and on the root, with
   `reshard_after_forward` False / True (parameters stay gathered from forward to backward, or are
-  freed after each layer's forward and gathered again in backward).
+  freed after each layer's forward and gathered again in backward). With `--shard-gpus G` the mesh is
+  2-D (replicate, shard): hybrid sharding, FSDP over groups of G and replicas across them.
 - `--tp N`: the model's own tensor-parallel plan (`config.base_model_tp_plan`, "colwise" /
   "rowwise" for the linear layers; an untied head "colwise_gather_output") applied with
   `torch.distributed.tensor.parallel`; embeddings, norms and a tied head stay whole on every rank.
@@ -83,7 +84,9 @@ def shard(model, spec, device_type="cpu"):
         import torch
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        mesh = _mesh(device_type, (world,))
+        # --shard-gpus: hybrid sharding, FSDP2 over a 2-D (replicate, shard) mesh
+        mesh = _mesh(device_type, (world // spec.shard_gpus, spec.shard_gpus), ("replicate", "shard")) \
+            if spec.shard_gpus and spec.shard_gpus < world else _mesh(device_type, (world,))
         kw = {"mesh": mesh, "reshard_after_forward": spec.zero == 3}
         if spec.precision == "master":
             kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch_dtype(spec.compute_dtype), reduce_dtype=torch.float32)
