@@ -669,20 +669,22 @@ class Planner:
         fitting, _ = self.ranked_at(n, levers)
         return fitting[0] if fitting else None
 
-    def at_least(self, n_min, seconds_ok=None, like=None):
+    def at_least(self, n_min, seconds_ok=None, likes=()):
         """The fastest fitting plan on the fewest grid counts ≥ n_min, or None; with `seconds_ok(option)`, the first
         count where a plan satisfies it (a deadline). GPUs added for speed are searched with the plain data-parallel
-        strategies and `like` (the fewest plan) grown in its data-parallel dimension; the count found gets the
-        fastest plan of all."""
+        strategies (hybrid sharding across nodes) and the layouts in `likes` (the fewest plan, the fewest without
+        offload) grown in their data-parallel dimension; the count found gets the fastest plan of all."""
         levers = self.lever_sets()
+        _, gpn = self.counts()
+        likes = [x for x in likes if x is not None]
 
         def quick(n):
             family = [Strategy(gpus=n, zero=z) for z in ((0, 1, 2, 3) if n > 1 else (0,))]
-            gpn = self.topo.gpus_per_node
             if n > gpn > 1 and n % gpn == 0:
                 family += [Strategy(gpus=n, zero=z, shard=gpn) for z in (2, 3)]
-            if like is not None and n % (like.tp * like.pp * like.cp) == 0 and n > 1:
-                family.append(replace(like, gpus=n, ckpt="", micro_batch=0))
+            for x in likes:
+                if n % (x.tp * x.pp * x.cp) == 0 and n > 1 and not (x.shard and n % x.shard):
+                    family.append(replace(x, gpus=n, ckpt="", micro_batch=0))
             opts = [o for o in (self._best_levers(s, levers) for s in family) if o is not None and o.fits]
             return min(opts, key=self._speed_rank) if opts else None
 
@@ -927,7 +929,9 @@ class Planner:
                 if self.seconds_for(chosen, tokens) <= deadline_s:
                     best = chosen
                 else:
-                    best = self.at_least(need, lambda o: self.seconds_for(o, tokens) <= deadline_s, chosen.strategy)
+                    no_offload = self.fewest_gpus(offload=False, start=chosen.strategy.gpus)[0]
+                    best = self.at_least(need, lambda o: self.seconds_for(o, tokens) <= deadline_s,
+                                         (chosen.strategy, no_offload and no_offload.strategy))
                 tm["gpus_for_deadline"] = best.strategy.gpus if best else None
                 if best is not None:
                     final = best
@@ -1085,6 +1089,8 @@ def finetune_table(rows, data_bytes, deadline_s, base_spec, gpu=None, tokens_per
         pl = Planner(spec, name, margin, max_gpus, overheads_for(name) if overheads_for else DEFAULT_OVERHEADS,
                      mfu=mfu, **topology_kw)
         chosen, _ = pl.fewest_gpus()
+        no_offload = pl.fewest_gpus(offload=False, start=chosen.strategy.gpus)[0] if chosen else None
+        likes = (chosen and chosen.strategy, no_offload and no_offload.strategy)
         for size in data_bytes:
             tokens = size * tokens_per_byte
             row = {"model": model_label(pl.shape.name), "method": r["method"], "dtype": pl.spec.dtype, "gpu": pl.hw.name,
@@ -1099,12 +1105,12 @@ def finetune_table(rows, data_bytes, deadline_s, base_spec, gpu=None, tokens_per
             if pl.seconds_for(chosen, tokens) <= deadline_s:
                 best = chosen
             else:
-                best = pl.at_least(need, lambda o: pl.seconds_for(o, tokens) <= deadline_s, chosen.strategy)
+                best = pl.at_least(need, lambda o: pl.seconds_for(o, tokens) <= deadline_s, likes)
             row.update(gpus_for_memory=chosen.strategy.gpus, gpus_for_compute=t["gpus_for_compute"], flops=t["flops"],
                        binds="compute" if best is not chosen else "memory")
             if best is None:
-                row.update(gpus=None, strategy="no plan within the deadline", per_gpu_bytes=None, seconds=None,
-                           framework=None)
+                row.update(gpus=None, strategy=f"not within the deadline on ≤ {pl.max_gpus:,}", per_gpu_bytes=None,
+                           seconds=None, framework=None)
             else:
                 row.update(gpus=best.strategy.gpus, strategy=best.strategy.label(pl.spec.method),
                            per_gpu_bytes=best.per_gpu_bytes, seconds=pl.seconds_for(best, tokens),
