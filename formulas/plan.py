@@ -374,6 +374,8 @@ class Planner:
         self.usable_bytes = int(self.hw.usable_bytes * (1 - margin))
         self.host_ram_usable = int(self.topo.host_ram_bytes * (1 - HOST_RAM_FREE))
         self.max_gpus = min(max_gpus, nodes * self.topo.gpus_per_node) if nodes else max_gpus
+        if not self.topo.net_bw_per_gpu:  # nodes that are not joined (a Jetson module): one node at most
+            self.max_gpus = min(self.max_gpus, self.topo.gpus_per_node)
         self.shape = get_shape(spec.model)
         self.spec = validate(spec, self.shape)  # fail on bad flags before any search
         self.user_spec = spec
@@ -697,6 +699,12 @@ class Planner:
         if n is None:
             return None
         best = self.best_at(n)
+        if best is not None and seconds_ok is not None and best.strategy not in likes:
+            # the fastest plan there may be a layout the family lacked: grown or shrunk, it may finish on fewer
+            likes.append(replace(best.strategy, ckpt="", micro_batch=0))
+            fewer = self._grid_search(lambda k: k < n and ok(k), n_min)
+            if fewer is not None:
+                n, best = fewer, self.best_at(fewer)
         return best if best is not None and (seconds_ok is None or seconds_ok(best)) else quick(n)
 
     # ------------------------------------------------------------------ levers and why plans lost
@@ -910,7 +918,8 @@ class Planner:
             ans["cheapest"]["gpu_seconds_per_million_tokens"] = cheap.seconds_per_token * 1e6
         # limits and speed on the user's own plan when it fits, else on the fewest-GPU plan
         limits = self.predict(plan_spec).spec
-        ans["limits_on"] = strategy_of(limits).label(limits.method)
+        ans["limits_on"] = (strategy_of(limits).label(limits.method) if fit["fits"] else
+                            chosen.strategy.label(method) + "".join(f" + {x}" for x in chosen.strategy.levers(self.spec)))
         ans["largest_batch"] = self.largest_batch(plan_spec)
         ans["longest_context"] = self.longest_context(plan_spec)
         if s.mode == "inference":

@@ -250,10 +250,13 @@ def _runner_ups(p):
 def render_compare(answers, spec):
     """One line per GPU type: fewest GPUs, strategy, per-GPU memory, a speed bound, price."""
     a0 = answers[0]
+    note = "decode speeds are bounds" if spec.mode == "inference" else \
+        "times are estimates: compute at peak × MFU, communication at the links' peak"
     L = [_head(a0, spec).split("\n")[0],
-         "on each GPU type: the GPUs needed (memory, or the deadline when one is given); speeds are bounds", ""]
-    speed = "decode tok/s/seq ≤" if spec.mode == "inference" else "time ≥"
-    head = f"{'GPU':<21} {'GiB':>6} {'fits on 1?':>13} {'GPUs':>6}  {'strategy':<22} {'GiB/GPU':>7} {speed:>19}  price"
+         f"on each GPU type: the GPUs needed (memory, or the deadline when one is given); {note}", ""]
+    speed = "decode tok/s/seq ≤" if spec.mode == "inference" else "time"
+    w = max([22] + [len(a["strategy"] or "") for a in answers])
+    head = f"{'GPU':<21} {'GiB':>6} {'fits on 1?':>13} {'GPUs':>6}  {'strategy':<{w}} {'GiB/GPU':>7} {speed:>19}  price"
     L += [head, "-" * len(head)]
     for ans in answers:
         g, f, fw = ans["gpu"], ans["fit"], ans["fewest"]
@@ -267,10 +270,10 @@ def render_compare(answers, spec):
         price = _price(ans["gpu"]["name"])
         if fw["gpus"] is None or ans["gpus_needed"] is None:
             L.append(f"{g['name']:<21} {g['memory_bytes'] / GiB:>6.0f} {one:>13} {'—':>6}  "
-                     f"{'no fit' if fw['gpus'] is None else 'not in time':<22} "
+                     f"{'no fit' if fw['gpus'] is None else 'not in time':<{w}} "
                      f"{'—':>7} {'—':>19}  {price}")
             continue
-        L.append(f"{g['name']:<21} {g['memory_bytes'] / GiB:>6.0f} {one:>13} {ans['gpus_needed']:>6}  {ans['strategy']:<22} "
+        L.append(f"{g['name']:<21} {g['memory_bytes'] / GiB:>6.0f} {one:>13} {ans['gpus_needed']:>6}  {ans['strategy']:<{w}} "
                  f"{ans['per_gpu_bytes'] / GiB:>7.2f} {sp:>19}  {price}")
     L.append("")
     L += sorted({calibration_line(a["calibrated"], a["overheads_source"]) for a in answers})
