@@ -397,7 +397,7 @@ def ckpt_saved_per_token(ctx, shape, seq=0):
 
 # ---------------------------------------------------------------- inference (no grad)
 
-def prefill_working_set_per_token(shape, b, attn, seq, fp16=False, repeat_kv=False):
+def prefill_working_set_per_token(shape, b, attn, seq, fp16=False, repeat_kv=False, sdpa_math=False):
     """Live forward tensors per token at the worst moment inside one layer (no grad: nothing is saved).
 
     Beside every op of a layer, hidden-size tensors stay bound by the Python code: the model's
@@ -406,7 +406,11 @@ def prefill_working_set_per_token(shape, b, attn, seq, fp16=False, repeat_kv=Fal
     holds act, up and their product (3·I); RMSNorm two fp32 copies; MoE runs transformers'
     `grouped_mm` experts over all T·k routed rows at once; eager attention holds the score matrix,
     its fp32 softmax and the cast back, the additive mask, and — bound to `_` by the decoder
-    layer — the probabilities until the layer returns.
+    layer — the probabilities until the layer returns. SDPA left with its math kernel (`sdpa_math`:
+    formulas.device.sdpa_backend) holds the scaled query and key, K and V repeated to every query head
+    (grouped models), the score matrix and its softmax (aten/src/ATen/native/transformers/attention.cpp
+    _scaled_dot_product_attention_math; read off it on fake tensors); its S × S causal mask is the
+    caller's (`sdpa_math_mask_bytes`).
     Source: transformers 5 modeling_*.py and integrations/moe.py; checked by the tracer
     (docs/trace_findings.md #1-#5)."""
     H, I, nH = shape.hidden, shape.intermediate, shape.n_heads
@@ -453,9 +457,18 @@ def prefill_working_set_per_token(shape, b, attn, seq, fp16=False, repeat_kv=Fal
         if shape.eager_per_score and b == 2:  # what this model's eager code holds per score (read off it)
             per_score = shape.eager_per_score[0]
         attn_ws = attn_ws + nH * seq * per_score + seq * b
+    elif sdpa_math and shape.family != "gpt2":
+        grouped = shape.n_kv_heads < nH and not repeat_kv
+        attn_ws = attn_ws + nH * seq * 2 * b + nH * shape.head_dim * b * (4 if grouped else 2)
     elif shape.sdpa_per_score and b == 2:  # SDPA left with the math kernel: its score matrices
         attn_ws = attn_ws + nH * seq * shape.sdpa_per_score[0]
     return vmax(vmax(norm, mlp), attn_ws)
+
+
+def sdpa_math_mask_bytes(seq, b):
+    """The causal mask SDPA's math kernel builds once per call: a bool S × S `ones`, its `tril`, and the additive
+    mask in the compute dtype (attention.cpp convert_boolean_attn_mask)."""
+    return seq * seq * (b + 2)
 
 
 def forward_extras_per_position(shape, b):

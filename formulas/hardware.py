@@ -36,6 +36,7 @@ class Hardware:
     interconnect: tuple  # ((name, bytes_per_s both directions summed), ...)
     price: dict  # {"amount", "currency", "kind"} or None
     sources: tuple  # URLs and datasheet names
+    architecture: str = ""  # family and chip, e.g. "Ada Lovelace AD102" (formulas.device reads the chip)
     node: str = ""  # the node profile it usually sits in (catalog "nodes")
 
     @property
@@ -95,7 +96,8 @@ def _from_entry(e):
         bandwidth_bytes_per_s=int(e["bandwidth_bytes_per_s"]),
         dense_flops={k: (None if v is None else v * 1e12) for k, v in tf.items()},
         interconnect=tuple((i["name"], int(i["bytes_per_s"])) for i in e.get("interconnect", ())),
-        price=e.get("price"), sources=tuple(e.get("sources", ())), node=e.get("node", ""),
+        price=e.get("price"), sources=tuple(e.get("sources", ())), architecture=e.get("architecture", ""),
+        node=e.get("node", ""),
     )
 
 

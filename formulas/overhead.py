@@ -1,44 +1,134 @@
-"""Device-level overheads: what NVML sees beyond the caching allocator's live tensors.
+"""Device-level figures of one environment: workspaces, the CUDA context, allocator slack.
 
-Three device categories (formulas/categories.py), each a named parameter so a calibration
-table (results/calibration/, fitted by `vramlab fit`) can replace it with a value measured on
-a given GPU, driver and library stack. The defaults are documented guesses, and every
-prediction made with them says it is uncalibrated.
+`Overheads` holds them for one GPU architecture and software stack. The defaults come from
+formulas/device.py, which says where each number comes from (a measurement, a published
+figure, or the library's source); a calibration table (results/calibration/, fitted by
+`vramlab fit`) replaces the context and the slack with values measured in one environment.
+
+How a prediction uses them (formulas/predict.py):
+- `workspaces(spec, phase)`: cuBLAS workspaces, inside the caching allocator and so inside the
+  allocated peak — none while loading, one per thread that has run a GEMM after that;
+- `context(spec)`: everything outside the caching allocator — the context at CUDA init plus the
+  kernel images the workload loads;
+- `slack(spec, phase, allocated, transient)`: reserved − allocated at the phase's peak, from the
+  rules derived from the allocator simulation (harness/tracing/allocator.py; docs/device.md):
+  inference prefill and decode leave cached the blocks of the widest transient of a layer; a
+  training step also keeps the blocks its backward and optimizer step freed.
 """
 
 from dataclasses import dataclass
 
 from . import categories as C
+from .device import (
+    DEFAULT_CC,
+    KERNEL_IMAGES,
+    WORKSPACE_THREADS,
+    cublas_workspace_bytes,
+    cublaslt_extra_bytes,
+    cuda_context_at_init,
+    kernel_families,
+)
 from .elementwise import to_int, vmax
 from .units import MiB
+
+# Allocator slack rules (reserved − allocated at the peak), by phase kind: a fixed part (segment rounding:
+# at most one 20 MiB kLargeBuffer segment split by small requests, CUDACachingAllocator.cpp) and a share of the
+# phase's transient bytes (what the phase allocates and frees within itself), whose freed blocks stay cached and
+# are not all reused. The shares are what the simulation gives on traced workloads (scripts/slack_rules.py;
+# docs/device.md "Allocator slack"), not fitted on GPU records.
+SLACK_RULES = {
+    "load": (2 * MiB, 0.0),
+    "inference": (20 * MiB, 0.10),
+    "train": (20 * MiB, 0.25),
+}
+# With expandable_segments:True the allocator maps pages into one segment per stream and pool instead of a
+# segment per request, so freed ranges coalesce and are reused: the same rules, other shares (same source).
+SLACK_RULES_EXPANDABLE = {
+    "load": (2 * MiB, 0.0),
+    "inference": (20 * MiB, 0.05),
+    "train": (20 * MiB, 0.12),
+}
 
 
 @dataclass(frozen=True)
 class Overheads:
-    """Named overhead parameters; the defaults are documented guesses, not measurements."""
+    """The device-level figures a prediction adds to its tensors, for one architecture and environment."""
 
-    # The CUDA context: driver state and loaded kernel images, outside the caching allocator.
-    # With CUDA ≥ 11.7 lazy module loading a PyTorch context is typically a few hundred MiB.
-    cuda_context_bytes: int = 512 * MiB
-    # Workspaces outside the context: cuBLAS/cuBLASLt (PyTorch CublasHandlePool.cpp:
-    # CUBLAS_WORKSPACE_CONFIG default ":4096:8" on Hopper = 8 × 4 MiB), cuDNN, library handles.
-    workspaces_bytes: int = 32 * MiB
-    # Reserved-but-unused memory of the caching allocator, as a fraction of peak allocated,
-    # plus a floor for the rounding of large segments (20 MiB kLargeBuffer in CUDACachingAllocator.cpp).
-    allocator_slack_fraction: float = 0.05
-    allocator_slack_min_bytes: int = 20 * MiB
-    source: str = "uncalibrated defaults (formulas/overhead.py)"
-    calibrated: bool = False  # True when the values were fitted from measurements
+    cc: tuple = DEFAULT_CC  # compute capability these figures are for
+    cuda_context_bytes: int = None  # the context at CUDA init (None: formulas.device's row for `cc`, filled in)
+    kernel_images: tuple = tuple(KERNEL_IMAGES.items())  # (family, bytes) lazy loading brings in
+    cublas_workspace: int = None  # one cuBLAS workspace (None: formulas.device's rule for `cc` and the stack)
+    environ: tuple = ()  # ((variable, value), ...): CUBLAS_WORKSPACE_CONFIG and the like, as torch would read them
+    slack_fixed_bytes: tuple = tuple((k, v[0]) for k, v in SLACK_RULES.items())
+    slack_share: tuple = tuple((k, v[1]) for k, v in SLACK_RULES.items())
+    source: str = "uncalibrated defaults (formulas/device.py, formulas/overhead.py)"
+    calibrated: bool = False  # True when the context and slack came from a calibration table (measurements)
+    alloc_conf: str = ""  # the caching allocator's settings the slack rules are for (PYTORCH_CUDA_ALLOC_CONF)
 
-    def allocator_slack(self, peak_allocated):
-        """Reserved minus allocated at the peak, estimated from the allocated bytes (a number or an array)."""
-        return vmax(to_int(peak_allocated * self.allocator_slack_fraction, rounding=False),
-                    self.allocator_slack_min_bytes)
+    def __post_init__(self):
+        if self.cuda_context_bytes is None:
+            object.__setattr__(self, "cuda_context_bytes", cuda_context_at_init(self.cc)[0])
 
-    def device_breakdown(self, peak_allocated):
-        """{device category: bytes} on top of `peak_allocated` tensor bytes."""
-        return {C.CUDA_CONTEXT: self.cuda_context_bytes, C.WORKSPACES: self.workspaces_bytes,
-                C.ALLOCATOR_SLACK: self.allocator_slack(peak_allocated)}
+    # ---------------------------------------------------------------- the figures
+
+    def with_alloc_conf(self, config):
+        """These figures under other allocator settings (formulas.allocator.AllocatorConfig): expandable segments
+        take their own slack shares; a calibration's shares stand only for the settings it was fitted under."""
+        text = getattr(config, "text", "") or ""
+        if text == self.alloc_conf:
+            return self
+        rules = SLACK_RULES_EXPANDABLE if getattr(config, "expandable_segments", False) else SLACK_RULES
+        from dataclasses import replace
+
+        return replace(self, alloc_conf=text, slack_fixed_bytes=tuple((k, v[0]) for k, v in rules.items()),
+                       slack_share=tuple((k, v[1]) for k, v in rules.items()),
+                       source=self.source + (f"; allocator {text}" if text else ""))
+
+    def workspace_bytes(self, spec=None, biased=False):
+        """One thread's cuBLAS workspace (and cuBLASLt's where it is separate and the model has biased linears)."""
+        env = dict(self.environ)
+        ws = self.cublas_workspace if self.cublas_workspace is not None else cublas_workspace_bytes(self.cc, spec, env)
+        return ws + (cublaslt_extra_bytes(spec, env) if biased else 0)
+
+    def workspaces(self, spec, phase, biased=False):
+        """Workspace bytes inside the allocator in `phase`: none while loading, one per GEMM thread after."""
+        if phase == "load":
+            return 0
+        return WORKSPACE_THREADS[spec.mode] * self.workspace_bytes(spec, biased)
+
+    def context(self, spec, loaded=()):
+        """Bytes outside the caching allocator: the context at init and the kernel images the workload loads (less
+        the families in `loaded`, which an earlier workload of the same process brought in)."""
+        images = dict(self.kernel_images)
+        fams = set(kernel_families(spec)) | set(loaded)
+        return self.cuda_context_bytes + sum(images.get(f, 0) for f in fams)
+
+    def transient(self, phase_bd):
+        """What a phase allocates and frees within itself: its allocated bytes less the model's state, the KV cache,
+        the optimizer's state and the workspaces."""
+        kept = (C.WEIGHTS, C.QUANT_STATE, C.BUFFERS, C.KV_CACHE, C.OPTIMIZER_STATES, C.MASTER_WEIGHTS, C.WORKSPACES)
+        return sum(v for c, v in phase_bd.items() if c not in kept)
+
+    def slack(self, spec, phase, transient):
+        """Reserved − allocated at a phase's peak: the rule's fixed part plus its share of the phase's transient
+        bytes (a number or a numpy array)."""
+        kind = "load" if phase == "load" else spec.mode
+        fixed, share = dict(self.slack_fixed_bytes)[kind], dict(self.slack_share)[kind]
+        return vmax(to_int(transient * share, rounding=False) + fixed, fixed)
+
+    # ---------------------------------------------------------------- what older callers read
+    @property
+    def workspaces_bytes(self):
+        """One inference thread's workspace (the engines' rules read it as the post-context increase)."""
+        return self.workspace_bytes()
 
 
 DEFAULT_OVERHEADS = Overheads()
+
+
+def default_overheads(cc=None, environ=()):
+    """The uncalibrated figures for an architecture (None: DEFAULT_CC), with the environment variables that change them."""
+    cc = cc or DEFAULT_CC
+    _, src = cuda_context_at_init(cc)
+    return Overheads(cc=cc, environ=tuple(environ),
+                     source=f"uncalibrated defaults for sm{cc[0]}{cc[1]} (formulas/device.py: context {src.split(':')[0]})")

@@ -8,9 +8,11 @@ The workload modelled is the one vramlab's harness runs with transformers:
   the optimizer state from step 1 is alive in every later step, which is where the
   steady-state peak is.
 
-`peak_allocated_bytes` is the sum of tensor categories at the peak moment (what
-torch.cuda.max_memory_allocated reports); `peak_device_bytes` adds the device categories —
-CUDA context, workspaces and allocator slack (what NVML reports) — from `Overheads`.
+`peak_allocated_bytes` is the sum of tensor categories at the peak moment plus the library
+workspaces the caching allocator holds then (what torch.cuda.max_memory_allocated reports);
+`peak_reserved_bytes` adds the allocator's slack (torch.cuda.max_memory_reserved) and
+`peak_device_bytes` the CUDA context outside the allocator (what NVML reports), from `Overheads`
+(formulas/overhead.py, formulas/device.py).
 Multi-GPU specs are predicted per GPU, for the GPU that needs the most.
 
 `predict` answers one spec. The steps it takes are public so that `grid.predict_grid` can run
@@ -32,9 +34,11 @@ from .activations import (
     layers_saved_per_token,
     model_saved_per_token,
     prefill_working_set_per_token,
+    sdpa_math_mask_bytes,
     state_layers_fixed_bytes,
 )
 from .catalog import get_shape
+from .device import sdpa_backend
 from .dtypes import BNB_DTYPES, DTYPE_BYTES
 from .elementwise import pick as _pick
 from .elementwise import to_int, vmax
@@ -55,14 +59,15 @@ class Prediction:
     model: str  # model name as resolved
     n_params: int  # parameters of the whole model
     breakdown: dict  # category → bytes at the peak moment, device categories included
-    peak_allocated_bytes: int  # sum of tensor categories at the peak
-    peak_device_bytes: int  # + CUDA context, workspaces, allocator slack
+    peak_allocated_bytes: int  # tensor categories + workspaces at the peak
+    peak_device_bytes: int  # + allocator slack and the CUDA context
     peak_phase: str  # load | prefill | decode | forward | backward | optimizer_step
-    phases: dict  # phase → {tensor category → bytes} at that phase's own peak
+    phases: dict  # phase → {allocated category → bytes} at that phase's own peak
     notes: list = field(default_factory=list)  # assumptions worth reading
     overheads_source: str = ""  # where the device overheads came from
     calibrated: bool = False  # True when the overheads came from a calibration table (measurements)
     weights_source: str = "formula"  # formula | checkpoint (the safetensors headers' stored bytes)
+    peak_reserved_bytes: int = 0  # what the caching allocator holds at its peak (max_memory_reserved)
 
     def to_dict(self):
         """JSON-ready dict; bytes stay integers."""
@@ -107,6 +112,7 @@ class _Static:
     fsdp_shard_frac: float = 0.0  # FSDP2: rank 0's share of the parameters, each first dimension padded to the world
     moe_merged: int = 0  # peft ≥ 0.20 LoRA on fused experts: one MoE layer's W + ΔW (compute dtype), saved for backward
     moe_delta_temp: int = 0  # … and the largest ΔW while it is built (fp32 einsum, then its cast)
+    biased: bool = False  # the model has biased linears (cuBLASLt GEMMs where torch keeps their workspace apart)
     ep_frac: float = 0.0  # share of the layers' weight bytes in routed experts (what expert parallelism splits)
 
 
@@ -246,6 +252,10 @@ def _static(spec, checkpoint=None):
     quant_temp = quant_temp_tok = 0
     if spec.dtype in ("nf4", "fp4", "gptq-int4", "awq-int4"):
         quant_temp = st.largest_quantized * cb  # a whole weight dequantized for a multi-token matmul
+        if spec.dtype in ("nf4", "fp4") and spec.double_quant:
+            # bitsandbytes' _dequant_linear_fallback (backends/cuda/ops.py, 0.50): the nested absmax dequantized to
+            # fp32, then `absmax_dq + absmax_offset`, a second fp32 copy, beside the dequantized weight
+            quant_temp += 2 * 4 * -(-st.largest_quantized // spec.group_size if spec.group_size else 0)
     if spec.dtype == "gptq-int4" and spec.gptq_kernel == "exllamav2":
         # AutoGPTQ's exllamav2_post_init: one fp16 scratch tensor per device, the largest of every quantized
         # linear's scratch_space_fixed(max_input_len=2048, max_batch_size=8) = (in·out·2 + 128) + (out·2048·8·4 + 128),
@@ -355,7 +365,7 @@ def _static(spec, checkpoint=None):
         autocast_copies=copies, autocast_head=copies_head, autocast_layer=copies_layer, lm_grad=lm_grad, ctx=ctx,
         ctx_head=ctx_head, saved_layers_trainable=saved_layers, tp_lin_frac=tp_lin_frac, opt_steps=opt_steps,
         zero1_state=zero1_state, fsdp_shard_frac=_fsdp_shard_frac(shape, spec), moe_merged=moe_merged,
-        moe_delta_temp=moe_delta_temp, ep_frac=ep_frac,
+        moe_delta_temp=moe_delta_temp, biased=any(t.kind == "bias" for t in shape.tensors), ep_frac=ep_frac,
     )
 
 
@@ -504,6 +514,16 @@ def _fsdp_gathered(st, sl):
     return gathered * st.cb / 4 if fsdp_master_precision(st.spec) else gathered
 
 
+def _sdpa_math(st, repeats_kv):
+    """Whether SDPA runs its math kernel in this spec's prefill (formulas.device.sdpa_backend): transformers passes
+    grouped K/V heads (enable_gqa) unless it repeats them, and no mask without padding."""
+    shape, s = st.shape, st.spec
+    if s.attn != "sdpa" or shape.family not in ("llama", "moe", "generic"):
+        return False
+    grouped = shape.n_kv_heads < shape.n_heads and not repeats_kv
+    return sdpa_backend(s, head_dim_qk=shape.head_dim, head_dim_v=shape.head_dim, grouped=grouped) == "math"
+
+
 def _phases_inference(st, sl, B, S, N):
     shape, s, cb = st.shape, st.spec, st.cb
     base = {**_weights_on(st, sl), C.BUFFERS: st.buffers}
@@ -511,8 +531,10 @@ def _phases_inference(st, sl, B, S, N):
     kv_pf = kv_cache_bytes(shape, B, S, st.kvb, s.mla_cache, prefill=True) * sl.layer_frac / sl.kv_div
     # + int64 input ids per token, and cos/sin, position ids (and position embeddings) per position
     rep = sdpa_repeats_kv(s)
-    ws = (T * (prefill_working_set_per_token(shape, cb, s.attn, S, s.compute_dtype == "fp16", rep) + 8) + S * forward_extras_per_position(shape, cb)
-          + state_layers_fixed_bytes(cb, shape, "ws")) / sl.tp
+    math = _sdpa_math(st, rep)
+    ws = (T * (prefill_working_set_per_token(shape, cb, s.attn, S, s.compute_dtype == "fp16", rep, math) + 8)
+          + S * forward_extras_per_position(shape, cb) + state_layers_fixed_bytes(cb, shape, "ws")
+          + (sdpa_math_mask_bytes(S, cb) if math else 0)) / sl.tp
     qtemp = st.quant_temp + T * st.quant_temp_per_token / sl.tp
     head_act = 2 * T * shape.hidden * cb * sl.head
     upcast_fwd = behaviour(s, "logits_upcast") == "forward"
@@ -522,12 +544,21 @@ def _phases_inference(st, sl, B, S, N):
         logits = T * shape.vocab * (cb + (4 if cb != 4 else 0)) * sl.head
     else:
         logits = (B * shape.vocab * (cb + 4) if s.logits == "last" else T * shape.vocab * cb) * sl.head
-    in_layer = ws + qtemp
+    ws_q = ws
+    if s.dtype in ("nf4", "fp4") and st.quant_temp and shape.n_dense_layers:
+        # bitsandbytes dequantizes a whole weight inside gemm_4bit for a many-token matmul. The SwiGLU moment (act,
+        # up and their product: 3·I per token) holds no dequantized weight; the up_proj moment (act, up's output
+        # and the dequantized weight) holds one I-wide tensor less: the layer's peak is the larger of the two.
+        ws_dq = ws - T * shape.intermediate * cb / sl.tp
+        dq = (ws_dq + qtemp) > ws
+        ws_q = _pick(dq, ws_dq, ws)
+        qtemp = _pick(dq, qtemp, 0)
+    in_layer = ws_q + qtemp
     at_head = head_act + logits
     pick = in_layer >= at_head
     prefill = dict(base)
     prefill[C.KV_CACHE] = kv_pf
-    prefill[C.ACTIVATIONS] = _pick(pick, ws, head_act)
+    prefill[C.ACTIVATIONS] = _pick(pick, ws_q, head_act)
     prefill[C.TEMPORARIES] = _pick(pick, qtemp, 0)
     prefill[C.LOGITS] = _pick(pick, 0, logits)
     has_dec = (N > 0) * 1
@@ -722,29 +753,38 @@ def paged_bytes(st, phase_bd):
 
 
 def allocated_bytes(st, phase_bd):
-    """Bytes the caching allocator holds in a phase: its tensor categories less paged optimizer state."""
+    """Bytes the caching allocator holds in a phase: its tensor categories and workspaces less paged optimizer state."""
     return sum(phase_bd.values()) - paged_bytes(st, phase_bd)
 
 
-def device_totals(st, phase_bd, allocated, overheads):
-    """(device categories, peak device bytes) on top of `allocated`; paged optimizer state counts on the device."""
-    device = overheads.device_breakdown(allocated)
-    return device, allocated + paged_bytes(st, phase_bd) + sum(device.values())
+def reserved_bytes(st, phase, phase_bd, allocated, overheads):
+    """What the caching allocator has reserved at a phase's peak: `allocated` plus the slack rule's figure."""
+    return allocated + overheads.slack(st.spec, phase, overheads.transient(phase_bd))
 
 
-def _slice_phases(st, sl, B, S, N):
+def device_totals(st, peak_bd, allocated, reserved_max, overheads, loaded=()):
+    """(device categories, peak device bytes): the CUDA context outside the allocator and, as allocator slack, what
+    the largest reservation (with paged optimizer state, which counts on the device) adds to the allocated peak.
+    `loaded`: kernel-image families an earlier workload of the process loaded (formulas.device.KERNEL_IMAGES)."""
+    ctx = overheads.context(st.spec, loaded)
+    device = ctx + reserved_max
+    return {C.CUDA_CONTEXT: ctx, C.ALLOCATOR_SLACK: device - ctx - allocated - paged_bytes(st, peak_bd)}, device
+
+
+def _slice_phases(st, sl, B, S, N, overheads):
     raw = _phases_inference(st, sl, B, S, N) if st.spec.mode == "inference" else _phases_train(st, sl, B, S, N)
     out = {}
     for phase, bd in raw.items():
-        full = {c: 0 for c in C.TENSOR_CATEGORIES}
+        full = {c: 0 for c in C.ALLOCATED_CATEGORIES}
         full.update(bd)
+        full[C.WORKSPACES] = overheads.workspaces(st.spec, phase, st.biased)
         out[phase] = {c: to_int(v) for c, v in full.items()}
     return out
 
 
-def per_gpu_phases(st, batch, seq, gen):
-    """[{phase: {tensor category: bytes}}], one per distinct GPU of the spec's layout (numbers or numpy arrays)."""
-    return [_slice_phases(st, sl, batch, seq, gen) for sl in _slices(st)]
+def per_gpu_phases(st, batch, seq, gen, overheads=DEFAULT_OVERHEADS):
+    """[{phase: {allocated category: bytes}}], one per distinct GPU of the spec's layout (numbers or numpy arrays)."""
+    return [_slice_phases(st, sl, batch, seq, gen, overheads) for sl in _slices(st)]
 
 
 def _notes(st):
@@ -848,17 +888,22 @@ def predict(spec, overheads=DEFAULT_OVERHEADS, checkpoint=None):
                             f"{spec.dtype}" + (f" (--dtype {checkpoint.dtype} loads it as stored)" if checkpoint.dtype
                                                else " (a float --dtype loads it as stored)"))
     best = None  # the GPU and phase that hold the most
-    for phases in per_gpu_phases(st, spec.batch, spec.seq, spec.gen):
+    for phases in per_gpu_phases(st, spec.batch, spec.seq, spec.gen, overheads):
+        if spec.mode == "inference" and spec.gen == 0:
+            phases = {k: v for k, v in phases.items() if k != "decode"}
+        res = 0  # this GPU's largest reservation: reserved memory only grows (no empty_cache in the workload)
+        for phase, bd in phases.items():
+            alloc = allocated_bytes(st, bd)
+            res = max(res, reserved_bytes(st, phase, bd, alloc, overheads) + paged_bytes(st, bd))
         for phase, bd in phases.items():
             alloc = allocated_bytes(st, bd)
             if best is None or alloc > best[0]:
-                best = (alloc, phase, bd, phases)
-    alloc, phase, bd, phases = best
-    device_bd, device = device_totals(st, bd, alloc, overheads)
-    if spec.mode == "inference" and spec.gen == 0:
-        phases = {k: v for k, v in phases.items() if k != "decode"}
+                best = (alloc, phase, bd, phases, res)
+    alloc, phase, bd, phases, res = best
+    device_bd, device = device_totals(st, bd, alloc, res, overheads)
     return Prediction(
         spec=spec, model=shape.name, n_params=shape.n_params, breakdown={**bd, **device_bd},
         peak_allocated_bytes=alloc, peak_device_bytes=device, peak_phase=phase, phases=phases,
         notes=notes, overheads_source=overheads.source, calibrated=overheads.calibrated, weights_source=source,
+        peak_reserved_bytes=res,
     )

@@ -340,7 +340,7 @@ def _cmd_engine_plan(a, margin, overheads):
     from .engines import engine_flags, plan_engine, render_engine_plan
 
     gpu = get_hardware(a.gpu)
-    taken = engine_flags(a)
+    taken = engine_flags(a, "plan")
     from formulas.spec import validate
 
     spec = spec_from_args(a)

@@ -49,13 +49,16 @@ from dataclasses import dataclass, field
 
 from formulas import categories as C
 
-from .allocator import CachingAllocatorModel
+from .allocator import DEFAULT_CONFIG, CachingAllocatorModel
 
 HOST = "host"  # storages that live on the CPU in a CUDA run: not counted
 PEAK_TENSORS = 16  # how many of the largest transient storages at each peak the result lists
 
 
 _ALLOC, _FREE, _RELABEL, _MARK = range(4)
+# aten ops that run cuBLAS: the first on a thread allocates that thread's workspace through the caching allocator
+# (aten/src/ATen/cuda/CublasHandlePool.cpp getCurrentCUDABlasHandle → setCublasWorkspace)
+_CUBLAS_OPS = frozenset(("mm", "addmm", "bmm", "baddbmm", "addbmm", "mv", "addmv", "_scaled_mm", "_int_mm"))
 _KV_GROWTH = "kv_growth"  # context marker inside Cache.update; its outputs are temporaries until adopted
 DDP_BUCKETS = "ddp_buckets"  # context marker while DDP wraps a model: float storages are gradient buckets, the rest host
 
@@ -92,10 +95,13 @@ def _tracker_class():
         — optimizer state created inside step 1 — can carry its final category from birth.
         Only storages on `device_type` count (a GPU run's host tensors do not)."""
 
-        def __init__(self, vocab, device_type="cpu"):
+        def __init__(self, vocab, device_type="cpu", workspace_bytes=0):
             super().__init__()
             self.vocab = vocab
             self.device_type = device_type
+            self.workspace_bytes = workspace_bytes  # one thread's cuBLAS workspace (0: not logged)
+            self.gemm_threads = set()  # threads that have run a GEMM: "main", and "autograd" in backward
+            self.phase = "load"
             self.events = []  # (_ALLOC, sid) | (_FREE, sid) | (_RELABEL, sid, category) | (_MARK, phase)
             self.records = []  # sid → _Record
             self.retro = {}  # sid → category it carries from birth (decided after the fact)
@@ -173,7 +179,19 @@ def _tracker_class():
 
         def mark(self, phase):
             """Workload callback: `phase` begins."""
+            self.phase = phase
             self.events.append((_MARK, phase))
+
+        def workspace(self):
+            """A GEMM ran: the first on its thread allocates the thread's cuBLAS workspace, kept to the end. On a GPU
+            the backward runs on autograd's device thread, which has a cuBLAS handle and workspace of its own."""
+            thread = "autograd" if self.phase == "backward" else "main"
+            if not self.workspace_bytes or thread in self.gemm_threads:
+                return
+            self.gemm_threads.add(thread)
+            self.records.append(_Record(self.workspace_bytes, C.WORKSPACES, ("cublas_workspace", (), thread),
+                                        len(self.events)))
+            self.events.append((_ALLOC, len(self.records) - 1))
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
@@ -219,9 +237,36 @@ def _tracker_class():
                             old = self._sid.get(args[0][0].untyped_storage())
                             if old is not None:
                                 self.kv_pending[old] = sid
+            if name in _CUBLAS_OPS:
+                self.workspace()
             return out
 
     return _Tracker
+
+
+class _Recorder:
+    """Passes malloc/free/mark on to a simulated allocator (`sim`, or none) and keeps them as a stream if asked."""
+
+    def __init__(self, sim, keep):
+        self.sim, self.events = sim, [] if keep else None
+
+    def malloc(self, key, nbytes):
+        if self.sim is not None:
+            self.sim.malloc(key, nbytes)
+        if self.events is not None:
+            self.events.append(("malloc", key, nbytes))
+
+    def free(self, key):
+        if self.sim is not None:
+            self.sim.free(key)
+        if self.events is not None:
+            self.events.append(("free", key))
+
+    def mark(self, phase):
+        if self.sim is not None:
+            self.sim.mark(phase)
+        if self.events is not None:
+            self.events.append(("mark", phase))
 
 
 def _replay(tracker, allocator, capture=()):
@@ -231,7 +276,7 @@ def _replay(tracker, allocator, capture=()):
     breakdown, event index), phase_peaks = {phase: (total, breakdown, event index)}, phase_max =
     {phase: {category: its largest value in the phase}} and captured = {event index: [(sid,
     category) alive after it]} for the indices in `capture`."""
-    live = dict.fromkeys(C.TENSOR_CATEGORIES, 0)
+    live = dict.fromkeys(C.ALLOCATED_CATEGORIES, 0)
     total = 0
     phase = "load"
     label = {}
@@ -276,6 +321,7 @@ def _replay(tracker, allocator, capture=()):
             label[sid] = cat
         else:
             phase = ev[1]
+            allocator.mark(phase)
         timeline.append((i, phase, total, {c: v for c, v in live.items() if v}))
         if kind != _FREE:
             # ">=": among equal totals the later moment wins (step 2 over step 1, the end of a plateau).
@@ -510,15 +556,19 @@ def _quant_state_tensors(param):
 class TrackedMemory:
     """What a CategoryTracker counted, as integer bytes by memory category."""
 
-    breakdown: dict  # tensor category → bytes at the overall peak
-    peak_allocated_bytes: int  # live tensor bytes at the peak (unrounded max_memory_allocated)
+    breakdown: dict  # allocated category (tensors, workspaces) → bytes at the overall peak
+    peak_allocated_bytes: int  # live tensor and workspace bytes at the peak (unrounded max_memory_allocated)
     peak_phase: str  # phase holding the peak
-    phases: dict  # phase → {tensor category → bytes} at that phase's own peak
+    phases: dict  # phase → {allocated category → bytes} at that phase's own peak
     timeline: list  # (event index, phase, total bytes, {category: bytes}) per allocation / free / phase mark
     estimated_reserved_bytes: int  # peak reserved by a modelled CUDA caching allocator
     estimated_max_allocated_bytes: int  # peak allocated with the allocator's 512-byte rounding
     n_ops: int  # aten ops dispatched
     category_max: dict = field(default_factory=dict)  # phase → {category → its own largest value in the phase}
+    # phase → {"max_allocated_bytes", "max_reserved_bytes"} of the allocator simulation (as measurement records them)
+    estimated_phases: dict = field(default_factory=dict)
+    # the allocation stream the simulation replayed: ("malloc", sid, bytes) | ("free", sid) | ("mark", phase)
+    stream: list = field(default_factory=list, repr=False)
     peak_tensors: list = field(default_factory=list)  # largest storages alive at the peak (weights, buffers, optimizer state left out)
     phase_tensors: dict = field(default_factory=dict)  # phase → the same list at that phase's own peak
 
@@ -545,9 +595,9 @@ class CategoryTracker:
     storages on `device_type` count. What is freed after the block (the workload's return value, the
     model) is not the workload's and is not logged."""
 
-    def __init__(self, model, spec, vocab, device_type="cpu"):
+    def __init__(self, model, spec, vocab, device_type="cpu", workspace_bytes=0):
         self.model, self.spec = model, spec
-        self._log = _tracker_class()(vocab=vocab, device_type=device_type)
+        self._log = _tracker_class()(vocab=vocab, device_type=device_type, workspace_bytes=workspace_bytes)
         self._stack = contextlib.ExitStack()
 
     def __enter__(self):
@@ -577,22 +627,25 @@ class CategoryTracker:
         self.model = None  # the tracker must not keep the model alive past the workload
         return self._stack.__exit__(*exc)
 
-    def result(self):
-        """Replay the log into a TrackedMemory (phases in the workload's order)."""
+    def result(self, allocator_config=None, keep_stream=False):
+        """Replay the log into a TrackedMemory (phases in the workload's order), through a simulated caching
+        allocator with `allocator_config` (harness.tracing.allocator.AllocatorConfig; None: torch's defaults).
+        `keep_stream`: keep the allocation stream in the result (to replay it under other settings)."""
         log = self._log
-        allocator = CachingAllocatorModel()
+        allocator = _Recorder(CachingAllocatorModel(allocator_config or DEFAULT_CONFIG), keep_stream)
         (total, peak_phase, bd, peak_event), phase_peaks, phase_max, timeline, _ = _replay(log, allocator)
         wanted = {peak_event} | {pk[2] for pk in phase_peaks.values()}
-        captured = _replay(log, CachingAllocatorModel(), capture=wanted)[-1]
+        captured = _replay(log, _Recorder(None, False), capture=wanted)[-1]
         phases, category_max = {}, {}
         for ph in (C.PHASES_INFERENCE if self.spec.mode == "inference" else C.PHASES_TRAIN):
             if ph in phase_peaks:
-                phases[ph] = {c: phase_peaks[ph][1].get(c, 0) for c in C.TENSOR_CATEGORIES}
-                category_max[ph] = {c: phase_max[ph].get(c, 0) for c in C.TENSOR_CATEGORIES}
+                phases[ph] = {c: phase_peaks[ph][1].get(c, 0) for c in C.ALLOCATED_CATEGORIES}
+                category_max[ph] = {c: phase_max[ph].get(c, 0) for c in C.ALLOCATED_CATEGORIES}
         return TrackedMemory(
-            breakdown={c: bd.get(c, 0) for c in C.TENSOR_CATEGORIES}, peak_allocated_bytes=total,
+            breakdown={c: bd.get(c, 0) for c in C.ALLOCATED_CATEGORIES}, peak_allocated_bytes=total,
             peak_phase=peak_phase, phases=phases, timeline=timeline,
-            estimated_reserved_bytes=allocator.peak_reserved_bytes,
-            estimated_max_allocated_bytes=allocator.peak_allocated_bytes, n_ops=log.ops,
+            estimated_reserved_bytes=allocator.sim.peak_reserved_bytes,
+            estimated_max_allocated_bytes=allocator.sim.peak_allocated_bytes, n_ops=log.ops,
+            estimated_phases={ph: dict(v) for ph, v in allocator.sim.stats.phases.items()}, stream=allocator.events or [],
             category_max=category_max, peak_tensors=_largest(log, captured.get(peak_event, [])),
             phase_tensors={ph: _largest(log, captured.get(phase_peaks[ph][2], [])) for ph in phases})
