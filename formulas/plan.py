@@ -170,7 +170,8 @@ class Strategy:
     def to_dict(self, method=None):
         return {"kind": self.kind, "label": self.label(method), "gpus": self.gpus, "tp": self.tp, "pp": self.pp,
                 "cp": self.cp, "ep": self.ep, "zero": self.zero, "layer_split": self.layer_split,
-                "shard_gpus": self.shard or None, "offload": self.offload, "nvme": self.nvme, "sequence_parallel": self.sp, "ckpt": self.ckpt or None,
+                "shard_gpus": self.shard or None, "offload": self.offload, "nvme": self.nvme,
+                "sequence_parallel": self.sp, "ckpt": self.ckpt or None,
                 "micro_batch": self.micro_batch or None}
 
 
@@ -501,7 +502,8 @@ class Planner:
 
     def _lightest(self, structs, levers):
         """The plans to try first when only fitting matters: most sharding and offload first, the lightest levers."""
-        key = lambda s: (s.offload != "params", s.offload != "optimizer", s.nvme, -s.zero, -s.tp * s.pp * s.cp, -s.ep)  # noqa: E731
+        def key(s):
+            return (s.offload != "params", s.offload != "optimizer", s.nvme, -s.zero, -s.tp * s.pp * s.cp, -s.ep)
         return [w[-1] for w in (self._with_levers(s, levers) for s in sorted(structs, key=key)) if w]
 
     def _offload_may_fit(self, s, levers):
@@ -657,7 +659,8 @@ class Planner:
         return [o for o in (self.evaluate(s) for s in self._lightest(self.structures(n), levers)) if o]
 
     def fewest_gpus(self, levers=None, offload=True, start=1):
-        """(chosen Option, the other plans on that count) for the fewest GPUs (≥ start) where a plan fits, or (None, [])."""
+        """(chosen Option, the other plans on that count) for the fewest GPUs (≥ start) where a plan fits, or
+        (None, [])."""
         n = self._grid_search(lambda k: self.feasible(k, levers, offload) is not None, start)
         if n is None:
             return None, []

@@ -591,7 +591,9 @@ def _phases_train(st, sl, B, S, N):
     H, V = shape.hidden, shape.vocab
     share = _param_share(st, sl)
     # expert parallelism splits the experts' state where ZeRO does not already shard it over the data-parallel GPUs
-    ep_share = (lambda div: _param_share(st, sl, sl.ep) if div == 1 else share) if sl.ep > 1 else (lambda div: share)  # noqa: E731
+    def ep_share(div):
+        return _param_share(st, sl, sl.ep) if (sl.ep > 1 and div == 1) else share
+
     held = {**_weights_on(st, sl), C.BUFFERS: st.buffers}
     shard = (lambda x, div: x * st.fsdp_shard_frac) if sl.fsdp else (lambda x, div: x / div)  # noqa: E731
     grads = shard(st.grads * ep_share(sl.grad_div), sl.grad_div)
@@ -856,8 +858,8 @@ def _notes(st):
                          f", offload {s.offload}" if s.offload != "none" else ""))
         notes.append(f"per-GPU figures for {s.gpus} GPUs (tp={s.tp}, pp={s.pp}, zero={s.zero}{extra})")
         if fsdp_offload(s):
-            notes.append("FSDP CPU offload: parameter shards, gradient shards, optimizer state and the optimizer step on the "
-                         "CPU; the GPU holds the layers being gathered")
+            notes.append("FSDP CPU offload: parameter shards, gradient shards, optimizer state and the optimizer step "
+                         "on the CPU; the GPU holds the layers being gathered")
     if s.mode == "train" and s.grad_ckpt and s.ckpt_every > 1:
         notes.append(f"checkpointing every {s.ckpt_every}th layer ({st.shape.n_layers // s.ckpt_every} of "
                      f"{st.shape.n_layers}: torchtitan's selective layer AC); the others save everything")

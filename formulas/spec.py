@@ -63,7 +63,7 @@ class Spec:
     #                        CPU offload: parameters, gradients and the optimizer step on the CPU)
     cp: int = 1  # context-parallel degree: each sequence split over cp GPUs (ring attention; training)
     ep: int = 1  # expert-parallel degree: MoE routed experts split over ep of the data-parallel GPUs
-    sequence_parallel: bool = False  # TP as Megatron-LM / torchtitan run it: norm inputs sequence-sharded, logits vocab-parallel
+    sequence_parallel: bool = False  # TP as Megatron-LM / torchtitan run it: norm inputs sequence-sharded, vocab-parallel loss
     ckpt_every: int = 1  # with grad_ckpt: checkpoint every k-th decoder layer (torchtitan's layer SAC); 1 = every layer
     shard_gpus: int = 0  # ZeRO / FSDP shards over groups of this many data-parallel GPUs and replicates over the groups
     #                      (hybrid sharding: FSDP HYBRID_SHARD, torchtitan dp_shard × dp_replicate); 0 = over all of them
@@ -196,7 +196,8 @@ def validate(spec, shape):
         what = "--tp × --pp" + (" × --cp" if spec.cp > 1 else "")
         raise SpecError(f"--gpus {spec.gpus}: must be a multiple of {what} = {model_parallel}")
     if spec.ckpt_every > 1 and not spec.grad_ckpt:
-        raise SpecError(f"--grad-ckpt-every {spec.ckpt_every}: checkpoints every k-th layer of --grad-ckpt; give --grad-ckpt")
+        raise SpecError(f"--grad-ckpt-every {spec.ckpt_every}: checkpoints every k-th layer of --grad-ckpt; "
+                        "give --grad-ckpt")
     if spec.ckpt_every > shape.n_layers:
         raise SpecError(f"--grad-ckpt-every {spec.ckpt_every}: {shape.name} has {shape.n_layers} layers")
     if spec.cp > 1:

@@ -402,3 +402,19 @@ def test_hybrid_sharding_across_nodes_keeps_fsdp_inside_the_box():
     assert pl.best_at(12).strategy.shard == 4
     with pytest.raises(SpecError, match="--shard-gpus"):
         predict(Spec(model=LLAMA8, mode="train", gpus=8, zero=3, shard_gpus=3))
+
+
+def test_every_gpu_sits_in_a_node_profile_with_its_basis():
+    import json as _json
+
+    from formulas.hardware import CATALOG_PATH, hardware_names
+
+    doc = _json.load(open(CATALOG_PATH, encoding="utf-8"))
+    profiles = {k: v for k, v in doc["nodes"].items() if not k.startswith("_")}
+    for g in doc["gpus"]:
+        assert g["node"] in profiles, g["name"]
+    for key, p in profiles.items():
+        assert p["gpus_per_node"] >= 1 and p["nvlink_domain"] <= p["gpus_per_node"]
+        # a vendor fact has a source; anything else says it is assumed
+        assert p["sources"] or "assumed" in p["basis"] or p["gpus_per_node"] == 1, key
+    assert {node_of(get_hardware(n)).key for n in hardware_names()} == set(profiles)

@@ -37,8 +37,8 @@ def add_parsers(subparsers):
     p.add_argument("--gpu", default=None, help="GPU type from the hardware catalog, e.g. 'RTX 4090', 'A100 80GB', H100")
     p.add_argument("--margin", default="0%", help="safety margin kept free on each GPU, e.g. 5%% or 0.05 (default 0%%)")
     p.add_argument("--max-gpus", type=int, default=1024, help="how far the fewest-GPU search looks (default 1024)")
-    t = p.add_argument_group("topology", "the nodes the GPUs sit in (defaults: the catalog's node for the GPU type — 8 per "
-                                         "node for data-centre parts, a 4-card box for consumer cards)")
+    t = p.add_argument_group("topology", "the nodes the GPUs sit in (defaults: the catalog's node for the GPU type — "
+                                         "8 per node for data-centre parts, a 4-card box for consumer cards)")
     t.add_argument("--gpus-per-node", type=int, default=None,
                    help="GPUs per node: tensor parallelism stays inside one (default: the GPU type's usual node)")
     t.add_argument("--nodes", type=int, default=0, help="at most this many nodes (default: as many as needed)")
@@ -107,7 +107,8 @@ def _head(ans, spec):
     g = ans["gpu"]
     base = "nvidia-smi's reported total" if g["reported_total_bytes"] else "nominal"
     usable = f"usable {fmt_gib(g['usable_bytes'])} ({base}, {ans['safety_margin']:.0%} safety margin)"
-    return f"{ans['model']} · {work}\non {g['name']}: {fmt_gib(g['memory_bytes'])} nominal, {usable}\n" + _topology_line(ans)
+    head = f"{ans['model']} · {work}\non {g['name']}: {fmt_gib(g['memory_bytes'])} nominal, {usable}"
+    return head + "\n" + _topology_line(ans)
 
 
 def _topology_line(ans):
@@ -203,7 +204,8 @@ def render(ans, spec):
                  f"{_dur(t['seconds_on_fewest'])}   [binds: {fw['step']['binds']}]")
         if t.get("gpus_for_deadline"):
             L.append(f"  within {_dur(t['deadline_seconds'])}: {t['gpus_for_deadline']:,} × {ans['gpu']['name']} — "
-                     f"{ans['strategy']}{_levers_txt({'levers': ans['plan_levers']})}, {fmt_gib(ans['per_gpu_bytes'])} per GPU, done in "
+                     f"{ans['strategy']}{_levers_txt({'levers': ans['plan_levers']})}, "
+                     f"{fmt_gib(ans['per_gpu_bytes'])} per GPU, done in "
                      f"{_dur(t['seconds_on_deadline_plan'])}   [binds: {ans['binds']}; compute alone needs "
                      f"{t['gpus_for_compute']:,}, memory {fw['gpus']:,}]")
             L.append(f"    run with: {ans['framework']}")
@@ -273,7 +275,8 @@ def render_compare(answers, spec):
                      f"{'no fit' if fw['gpus'] is None else 'not in time':<{w}} "
                      f"{'—':>7} {'—':>19}  {price}")
             continue
-        L.append(f"{g['name']:<21} {g['memory_bytes'] / GiB:>6.0f} {one:>13} {ans['gpus_needed']:>6}  {ans['strategy']:<{w}} "
+        L.append(f"{g['name']:<21} {g['memory_bytes'] / GiB:>6.0f} {one:>13} {ans['gpus_needed']:>6}  "
+                 f"{ans['strategy']:<{w}} "
                  f"{ans['per_gpu_bytes'] / GiB:>7.2f} {sp:>19}  {price}")
     L.append("")
     L += sorted({calibration_line(a["calibrated"], a["overheads_source"]) for a in answers})

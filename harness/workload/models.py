@@ -91,7 +91,8 @@ def strategy_of(spec):
     for flag, on in (("--cp", spec.cp > 1), ("--ep", spec.ep > 1), ("--sequence-parallel", spec.sequence_parallel),
                      ("--grad-ckpt-every", spec.ckpt_every > 1)):
         if on:
-            raise SpecError(f"{flag}: multi-rank runs build DDP, ZeRO-1/2/3 (FSDP2), tensor parallelism and TP × FSDP2 only")
+            raise SpecError(f"{flag}: multi-rank runs build DDP, ZeRO-1/2/3 (FSDP2), tensor parallelism and "
+                            "TP × FSDP2 only")
     if spec.shard_gpus and (spec.tp > 1 or spec.zero < 2):
         raise SpecError(f"--shard-gpus {spec.shard_gpus}: multi-rank runs build hybrid sharding with FSDP2 (--zero 2/3) "
                         "without --tp")
