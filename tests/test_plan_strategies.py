@@ -383,6 +383,10 @@ def test_cli_predict_takes_the_new_strategy_flags(capsys):
     (["predict", "--model", LLAMA8, "--mode", "train", "--gpus", "2", "--cp", "2", "--seq", "2047"], "--cp"),
     (["predict", "--model", LLAMA8, "--mode", "train", "--gpus", "8", "--ep", "2"], "--ep"),
     (["predict", "--model", LLAMA8, "--mode", "train", "--grad-ckpt-every", "2"], "--grad-ckpt-every"),
+    (["trace", "--model", "Llama-3.2-1B", "--mode", "train", "--grad-ckpt", "--grad-ckpt-every", "2", "--seq", "64"],
+     "--grad-ckpt-every"),
+    (["trace", "--model", "Llama-3.2-1B", "--mode", "train", "--gpus", "4", "--cp", "2", "--zero", "3", "--seq", "64"],
+     "--cp"),
 ])
 def test_cli_bad_topology_and_strategy_input_is_one_line(capsys, argv, flag):
     code, out, err = vramlab(capsys, *argv)

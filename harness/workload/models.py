@@ -60,6 +60,9 @@ def check_traceable(spec):
         raise SpecError(f"{flag}: pipeline stages and offload are not built; trace --tp, --zero or DDP over --gpus")
     if spec.layer_split:
         raise SpecError("--layer-split: the tracer runs one device; trace without --layer-split")
+    if spec.grad_ckpt and spec.ckpt_every > 1:
+        raise SpecError(f"--grad-ckpt-every {spec.ckpt_every}: torchtitan's layer-selective checkpointing is predicted, "
+                        "not built; trace --grad-ckpt (every layer)")
     if spec.gpus > 1:
         strategy_of(spec)  # the multi-rank combinations that are built, else one line
         kv = get_shape(spec.model).n_kv_heads
@@ -88,8 +91,7 @@ def strategy_of(spec):
         return "replicas"  # every GPU serves the whole model on its own share of the batch or spec.layer_split or spec.offload != "none":
         flag = "--pp" if spec.pp > 1 else "--layer-split" if spec.layer_split else f"--offload {spec.offload}"
         raise SpecError(f"{flag}: multi-rank runs build DDP, ZeRO-1/2/3 (FSDP2) and tensor parallelism only")
-    for flag, on in (("--cp", spec.cp > 1), ("--ep", spec.ep > 1), ("--sequence-parallel", spec.sequence_parallel),
-                     ("--grad-ckpt-every", spec.ckpt_every > 1)):
+    for flag, on in (("--cp", spec.cp > 1), ("--ep", spec.ep > 1), ("--sequence-parallel", spec.sequence_parallel)):
         if on:
             raise SpecError(f"{flag}: multi-rank runs build DDP, ZeRO-1/2/3 (FSDP2), tensor parallelism and "
                             "TP × FSDP2 only")
