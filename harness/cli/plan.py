@@ -1,7 +1,7 @@
 """`vramlab plan`: argument parsing and rendering for the planner (logic in formulas/plan.py).
 
 Shares the workload flags of `vramlab predict` (cli/common.py) and adds the GPU, the safety
-margin and the time questions. Device overheads come from the same calibration lookup as
+margin, the topology (GPUs per node, nodes, the network between them, host RAM) and the time questions. Device overheads come from the same calibration lookup as
 `vramlab predict` (the newest table fitted on that GPU, else the uncalibrated defaults). Bad
 input is one line on stderr naming the flag, exit status 2. No torch, no pandas.
 """
