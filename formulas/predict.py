@@ -113,6 +113,7 @@ class _Static:
     moe_merged: int = 0  # peft ≥ 0.20 LoRA on fused experts: one MoE layer's W + ΔW (compute dtype), saved for backward
     moe_delta_temp: int = 0  # … and the largest ΔW while it is built (fp32 einsum, then its cast)
     biased: bool = False  # the model has biased linears (cuBLASLt GEMMs where torch keeps their workspace apart)
+    ep_frac: float = 0.0  # share of the layers' weight bytes in routed experts (what expert parallelism splits)
 
 
 def _trainable_copies(t, shape, k):
@@ -157,13 +158,39 @@ def _recast(spec):
 def _fsdp_shard_frac(shape, spec):
     """Rank 0's share of the parameters under FSDP2: each tensor's first dimension split in `dp` chunks of
     ceil(d0 / dp) rows (`torch.chunk`; the last ranks' shards are padded to that), so rank 0 holds the most."""
-    dp = spec.gpus // (spec.tp * spec.pp)
+    dp = shard_world(spec)
     if spec.zero < 2 or dp < 2:
         return 0.0
     params = [t for t in shape.tensors if t.kind != "buffer" and t.shape]
     total = sum(t.total_numel for t in params)
     mine = sum(-(-t.shape[0] // dp) * (t.numel // t.shape[0]) * t.count for t in params)
     return mine / total if total else 1.0 / dp
+
+
+def _routed_expert(t):
+    """A tensor of the routed experts: fused 3-D experts, or transformers 4.x's nn.Linear per expert."""
+    return t.kind == "experts" or (".experts." in t.name and "shared" not in t.name)
+
+
+def shard_world(spec):
+    """The data-parallel GPUs ZeRO / FSDP shards over: all of them (--gpus / (--tp × --pp), context-parallel ones
+    included, as torchtitan's fsdp = dp_shard × cp), or the hybrid-sharding group (--shard-gpus)."""
+    return spec.shard_gpus or spec.gpus // (spec.tp * spec.pp)
+
+
+def zero1_whole_tensors(spec):
+    """ZeRO-1 as torch's ZeroRedundancyOptimizer builds it (whole tensors per rank, what the tracer runs) — over
+    plain data parallelism. Beside tensor, pipeline, context or expert parallelism ZeRO-1 is Megatron-LM's
+    distributed optimizer (and DeepSpeed's stage 1): a flat buffer split evenly over the data-parallel ranks."""
+    dp = spec.gpus // (spec.tp * spec.pp)
+    return spec.zero == 1 and dp > 1 and spec.tp == spec.pp == spec.cp == spec.ep == 1 and not spec.shard_gpus
+
+
+def fsdp_offload(spec):
+    """FSDP's CPU offload (`--offload params` under ZeRO-2/3): parameters, gradients and the optimizer step on the
+    CPU. torch 2.13 torch/distributed/fsdp/api.py:230-241 (CPUOffload: "offloads gradients to CPU as well, meaning
+    that the optimizer step runs on CPU") and _fully_shard/_fsdp_api.py:183-189 (CPUOffloadPolicy, FSDP2)."""
+    return spec.mode == "train" and spec.offload == "params" and spec.zero >= 2 and spec.gpus // (spec.tp * spec.pp) > 1
 
 
 def fsdp_master_precision(spec):
@@ -243,7 +270,10 @@ def _static(spec, checkpoint=None):
     n_tr = grads = state = master = opt_temp = copies = copies_head = copies_layer = lm_grad = opt_steps = zero1_state = 0
     moe_merged = moe_delta_temp = 0
     lin = sum(t.total_numel for t in shape.tensors if t.kind in ("linear", "experts") and _is_layer(t))
-    tp_lin_frac = lin / sum(t.total_numel for t in shape.tensors if _is_layer(t)) if lin else 0.0
+    layer_numel = sum(t.total_numel for t in shape.tensors if _is_layer(t))
+    tp_lin_frac = lin / layer_numel if lin else 0.0
+    routed = sum(t.total_numel for t in shape.tensors if _is_layer(t) and _routed_expert(t))
+    ep_frac = routed / layer_numel if routed else 0.0
     paged = False
     ctx = ctx_head = None
     saved_layers = shape.n_layers
@@ -313,7 +343,7 @@ def _static(spec, checkpoint=None):
         state, master, opt_temp, paged = om.state_bytes, om.master_bytes, om.step_temp_bytes, om.paged
         opt_steps = om.step_counter_bytes
         dp = spec.gpus // (spec.tp * spec.pp)
-        if spec.zero == 1 and dp > 1:
+        if zero1_whole_tensors(spec):
             # torch's ZeroRedundancyOptimizer gives each rank whole parameters, largest first to the lightest rank
             ranks = zero1_partition(trainable, tb, dp)
             zero1_state = max(optimizer_memory(r, tb, spec.optimizer, spec.optimizer_impl,
@@ -341,13 +371,26 @@ def _static(spec, checkpoint=None):
         autocast_copies=copies, autocast_head=copies_head, autocast_layer=copies_layer, lm_grad=lm_grad, ctx=ctx,
         ctx_head=ctx_head, saved_layers_trainable=saved_layers, tp_lin_frac=tp_lin_frac, opt_steps=opt_steps,
         zero1_state=zero1_state, fsdp_shard_frac=_fsdp_shard_frac(shape, spec), moe_merged=moe_merged,
-        moe_delta_temp=moe_delta_temp, biased=any(t.kind == "bias" for t in shape.tensors),
+        moe_delta_temp=moe_delta_temp, biased=any(t.kind == "bias" for t in shape.tensors), ep_frac=ep_frac,
     )
 
 
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=8192)
 def _static_cached(spec, checkpoint):
-    return _static(spec, checkpoint)
+    if zero1_whole_tensors(spec):
+        return _static(spec, checkpoint)  # ZeroRedundancyOptimizer's partition depends on the world
+    # The static part depends on the layout only through FSDP's padded shard share and whether the data-parallel
+    # GPUs are several (FSDP2's master precision), and on checkpointing only when it is reentrant: one core per
+    # such class serves every count, split and lever the planner tries.
+    dp = spec.gpus // (spec.tp * spec.pp)
+    core_spec = spec.replace(gpus=2 if dp > 1 else 1, tp=1, pp=1, cp=1, ep=1, sequence_parallel=False, offload="none",
+                             shard_gpus=0,
+                             layer_split=False, grad_accum=1, ckpt_every=1, zero=spec.zero if spec.zero >= 2 else 0,
+                             grad_ckpt=spec.grad_ckpt and behaviour(spec, "reentrant"))
+    if core_spec == spec:
+        return _static(spec, checkpoint)
+    core = _static_cached(core_spec, checkpoint)
+    return replace(core, spec=spec, fsdp_shard_frac=_fsdp_shard_frac(core.shape, spec))
 
 
 def workload_static(spec, checkpoint=None):
@@ -376,6 +419,7 @@ class _Slice:
     ddp_bucket: bool = False  # DDP keeps a bucketed copy of the gradients for all-reduce
     zero1: bool = False  # optimizer state split by whole parameters (ZeroRedundancyOptimizer)
     fsdp: int = 0  # FSDP2 (2: parameters stay gathered from forward to backward; 3: gathered per layer)
+    ep: int = 1  # expert-parallel degree: routed experts / ep where ZeRO does not shard them already
     label: str = "gpu"
 
 
@@ -383,15 +427,16 @@ def _slices(st):
     s, shape = st.spec, st.shape
     tp, pp = s.tp, s.pp
     dp = s.gpus // (tp * pp)
+    shard = shard_world(s)  # hybrid sharding: ZeRO over groups of `shard`, plain replicas across the groups
     if shape.is_mla and s.mla_cache == "compressed":
         kv_div = 1.0  # one latent per token, replicated on every TP rank
     else:
         kv_div = min(tp, shape.n_kv_heads) if tp > 1 else 1
     z = s.zero
     train = s.mode == "train"
-    common = dict(tp=tp, kv_div=kv_div, state_div=dp if z >= 1 else 1, grad_div=dp if z >= 2 else 1,
-                  weight_div=dp if z >= 2 else 1, ddp_bucket=(dp > 1 and z <= 1 and train),
-                  zero1=(dp > 1 and z == 1 and train), fsdp=z if (dp > 1 and z >= 2 and train) else 0)
+    common = dict(tp=tp, kv_div=kv_div, state_div=shard if z >= 1 else 1, grad_div=shard if z >= 2 else 1,
+                  weight_div=shard if z >= 2 else 1, ddp_bucket=(dp > 1 and z <= 1 and train),
+                  zero1=train and zero1_whole_tensors(s), fsdp=z if (dp > 1 and z >= 2 and train) else 0, ep=s.ep)
     if s.layer_split and s.gpus > 1:
         g = s.gpus
         per = -(-shape.n_layers // g) / shape.n_layers
@@ -411,8 +456,14 @@ def _slices(st):
 
 def _head_tp(st, sl):
     """What the lm_head is split by: transformers' plans shard an untied head column-wise ("colwise_gather_output");
-    a tied one is the replicated embedding."""
-    return 1 if st.shape.tie_embeddings else sl.tp
+    a tied one is the replicated embedding. Megatron-LM and torchtitan (--sequence-parallel) split both."""
+    return sl.tp if (st.spec.sequence_parallel or not st.shape.tie_embeddings) else 1
+
+
+def _embed_tp(st, sl):
+    """What the token embedding is split by: whole on every rank in transformers' TP plans; vocabulary-parallel in
+    Megatron-LM (VocabParallelEmbedding) and torchtitan (RowwiseParallel on the embedding), --sequence-parallel."""
+    return sl.tp if st.spec.sequence_parallel else 1
 
 
 def _held(st, sl, layers, embed, head, other):
@@ -421,35 +472,51 @@ def _held(st, sl, layers, embed, head, other):
     Tensor parallelism (transformers' plans) splits the layers' linear weights and an untied head;
     embeddings and norms stay whole on every rank. ZeRO-3 / FSDP2 keeps 1/dp of everything at rest
     (the gathered layers are transients of the forward and backward, `_fsdp_gathered`)."""
-    lin = layers * st.tp_lin_frac
-    w = (layers - lin + lin / sl.tp) * sl.layer_frac + embed * sl.embed + head * sl.head / _head_tp(st, sl) + other
+    ep = sl.ep if sl.weight_div == 1 else 1  # under ZeRO-3 the experts' shards are 1/dp whatever ep is
+    w = layers * _layer_share(st, sl, ep) * sl.layer_frac + embed * sl.embed / _embed_tp(st, sl) + \
+        head * sl.head / _head_tp(st, sl) + other
     if st.spec.offload == "params":
-        w = 2 * (layers - lin + lin / sl.tp) / st.shape.n_layers  # streamed: the running layer and the next
+        w = 2 * layers * _layer_share(st, sl, ep) / st.shape.n_layers  # streamed: the running layer and the next
     if sl.weight_div > 1:
         w = w * st.fsdp_shard_frac if sl.fsdp else w / sl.weight_div
     return w
 
 
+def _layer_share(st, sl, ep=1):
+    """Share of a decoder layer's weight bytes one GPU holds: linear weights / tp (routed experts / (tp × ep))."""
+    dense_lin = st.tp_lin_frac - st.ep_frac
+    return (1 - st.tp_lin_frac) + dense_lin / sl.tp + st.ep_frac / (sl.tp * ep)
+
+
 def _weights_on(st, sl):
-    """{weights, quant_state} one GPU holds."""
+    """{weights, quant_state} one GPU holds.
+
+    bitsandbytes' 4-bit quantization state is a module attribute outside FSDP's flat parameters
+    (bitsandbytes 0.50.2 bitsandbytes/nn/modules.py:487-501, `fix_4bit_weight_quant_state_from_module`: "the quant
+    state got lost when the parameter got converted. This happens for example for fsdp"): under FSDP-QLoRA every
+    rank keeps all of it on its GPU, whether or not the packed weights are sharded or offloaded."""
+    quant = _held(st, sl, st.q_layers, 0, 0, st.q_other)
+    if sl.fsdp and st.spec.dtype in BNB_DTYPES:
+        quant = st.q_layers * sl.layer_frac + st.q_other
     return {C.WEIGHTS: _held(st, sl, st.w_layers - st.q_layers, st.w_embed, st.w_head, st.w_other - st.q_other),
-            C.QUANT_STATE: _held(st, sl, st.q_layers, 0, 0, st.q_other)}
+            C.QUANT_STATE: quant}
 
 
-def _param_share(st, sl):
-    """This GPU's share of the trainable parameters before any ZeRO split (pipeline stage, tensor-parallel shards)."""
+def _param_share(st, sl, ep=1):
+    """This GPU's share of the trainable parameters before any ZeRO split (pipeline stage, tensor-parallel shards,
+    and with `ep` the expert-parallel split, for what ZeRO does not shard)."""
     total = st.w_layers + st.w_embed + st.w_head + st.w_other
-    lin = st.w_layers * st.tp_lin_frac
-    mine = (st.w_layers - lin + lin / sl.tp) * sl.layer_frac + st.w_embed * sl.embed + \
+    mine = st.w_layers * _layer_share(st, sl, ep) * sl.layer_frac + st.w_embed * sl.embed / _embed_tp(st, sl) + \
         st.w_head * sl.head / _head_tp(st, sl) + st.w_other
     return mine / total if total else 1.0
 
 
 def _fsdp_gathered(st, sl):
     """FSDP2's gathered weights beside the shards during forward and backward: the root's parameters (embeddings,
-    final norm, head — the root does not reshard after forward) and, at ZeRO-2, every layer's (kept until backward)."""
-    total = st.w_layers + st.w_embed + st.w_head + st.w_other
-    gathered = total if sl.fsdp == 2 else total - st.w_layers
+    final norm, head — the root does not reshard after forward) and, at ZeRO-2, every layer's (kept until backward).
+    Under tensor parallelism what is gathered is this rank's TP shard (an untied head / tp, layers' linears / tp)."""
+    root = st.w_embed * sl.embed / _embed_tp(st, sl) + st.w_head * sl.head / _head_tp(st, sl) + st.w_other
+    gathered = root + (st.w_layers * _layer_share(st, sl, sl.ep) * sl.layer_frac if sl.fsdp == 2 else 0)
     return gathered * st.cb / 4 if fsdp_master_precision(st.spec) else gathered
 
 
@@ -530,21 +597,33 @@ def _phases_train(st, sl, B, S, N):
     shape, s, ctx = st.shape, st.spec, st.ctx
     H, V = shape.hidden, shape.vocab
     share = _param_share(st, sl)
+    # expert parallelism splits the experts' state where ZeRO does not already shard it over the data-parallel GPUs
+    def ep_share(div):
+        return _param_share(st, sl, sl.ep) if (sl.ep > 1 and div == 1) else share
+
     held = {**_weights_on(st, sl), C.BUFFERS: st.buffers}
     shard = (lambda x, div: x * st.fsdp_shard_frac) if sl.fsdp else (lambda x, div: x / div)  # noqa: E731
-    grads = shard(st.grads * share, sl.grad_div)
-    bucket = st.grads * share if sl.ddp_bucket else 0
-    offload_opt = s.offload == "optimizer"
+    grads = shard(st.grads * ep_share(sl.grad_div), sl.grad_div)
+    bucket = st.grads * ep_share(1) if sl.ddp_bucket else 0
+    cpu_step = fsdp_offload(s)  # FSDP CPU offload: sharded gradients go to the CPU in the backward, the step runs there
+    offload_opt = s.offload == "optimizer" or cpu_step
+    if cpu_step:
+        grads = 0
     # every rank keeps a step counter per tensor it holds (FSDP2 and TP: all of them)
-    state = 0 if offload_opt else shard((st.opt_state - st.opt_steps) * share, sl.state_div) + st.opt_steps
+    sshare = ep_share(sl.state_div)
+    state = 0 if offload_opt else shard((st.opt_state - st.opt_steps) * sshare, sl.state_div) + st.opt_steps
     if sl.zero1 and not offload_opt:
         state = st.zero1_state
-    master = 0 if offload_opt else shard(st.master * share, sl.state_div)
-    opt_temp = 0 if offload_opt else shard(st.opt_temp * share, sl.state_div)
+    master = 0 if offload_opt else shard(st.master * sshare, sl.state_div)
+    opt_temp = 0 if offload_opt else shard(st.opt_temp * sshare, sl.state_div)
     copies = st.autocast_copies * share / sl.weight_div
     if s.grad_ckpt:  # casts inside checkpointed layers are not saved: lm_head's, plus the layer running
         copies = (st.autocast_head + st.autocast_layer) * share / sl.weight_div
-    T = B * S
+    if s.cp > 1:  # context parallelism: each GPU holds seq / cp positions of every sequence
+        S_local = S / s.cp
+        T = B * S_local
+    else:
+        S_local, T = S, B * S
     frac_layers = st.saved_layers_trainable / shape.n_layers
     if s.method == "freeze":
         per_layer = layer_saved_per_token(ctx, shape, S, shape.n_moe_layers > 0)
@@ -553,17 +632,29 @@ def _phases_train(st, sl, B, S, N):
     else:
         acts = T * layers_saved_per_token(ctx, shape, S) + \
             state_layers_fixed_bytes(ctx.b, shape, "saved" if ctx.linears_trainable else "frozen")
-    # Tensor parallel splits everything in a layer but the norms' inputs (Korthikanti et al. §4.2.2).
+    # Tensor parallel splits everything in a layer but the norms' inputs (Korthikanti et al. §4.2.2); with
+    # sequence parallelism (Megatron-LM, torchtitan) those are split along the sequence too (§4.2.2, eq. 4).
+    sp = s.sequence_parallel
     replicated = T * shape.n_layers * 2 * (4 * H + ctx.r * H) * frac_layers
-    acts = (acts - replicated) / sl.tp + replicated if sl.tp > 1 else acts
+    if sl.tp > 1:
+        acts = acts / sl.tp if sp else (acts - replicated) / sl.tp + replicated
     acts = (acts + shape.n_moe_layers * st.moe_merged * sl.layer_frac / sl.tp) * sl.act_frac
     # final norm, lm_head input and ids per token; RoPE cos/sin and position ids per position
     ab = ctx.b  # the activations' dtype: the compute dtype, or fp32 after kbit prep
-    model_saved = (T * model_saved_per_token(st.ctx_head, shape) + S * forward_extras_per_position(shape, ab)) * sl.head
+    model_saved = (T * model_saved_per_token(st.ctx_head, shape) + S_local * forward_extras_per_position(shape, ab)) \
+        * sl.head
     ids_fwd = 0 if st.ctx_head.linears_trainable else T * 8  # the input ids, alive during the forward
     if s.grad_ckpt:
-        acts = T * ckpt_saved_per_token(ctx, shape, S) * frac_layers * sl.act_frac
+        ckpt = T * ckpt_saved_per_token(ctx, shape, S) * frac_layers * sl.act_frac / (sl.tp if sp else 1)
+        # torchtitan's layer SAC wraps every k-th block (v0.2.2 torchtitan/distributed/activation_checkpoint.py:27-49,
+        # `_layer_sac_count % ac_freq == 0`): L // k layers keep their input only, the others all they save
+        kept = shape.n_layers // s.ckpt_every
+        acts = ckpt if kept == shape.n_layers else ckpt * kept / shape.n_layers + acts * (1 - kept / shape.n_layers)
     qtemp = st.quant_temp + st.moe_delta_temp * sl.layer_frac / sl.tp  # (ΔW built in a MoE layer's forward)
+    if sl.ep > 1 and shape.n_moe_layers:
+        # expert parallelism: a MoE layer's tokens, permuted by expert (T · k rows) and received from the other
+        # ranks by the all-to-all (as many again, with balanced routing), while the layer runs
+        qtemp = qtemp + 2 * T * shape.experts_per_token * H * ab
     layer_transient = T * 4 * H / sl.tp
     if s.grad_ckpt:
         layer_transient = (T * prefill_working_set_per_token(shape, ab, s.attn, S, s.compute_dtype == "fp16",
@@ -576,8 +667,12 @@ def _phases_train(st, sl, B, S, N):
     # forward, at the loss: the logits and their fp32 copy (transformers < 4.46 upcast in the forward, freeing
     # the low-precision ones), the shifted copy (< 4.49: `logits[..., :-1, :].contiguous()`), the log-softmax
     fp32_logits = 4 if behaviour(s, "logits_upcast") == "forward" else lb + (4 if lb != 4 else 0)
-    fwd_logits = T * V * (fp32_logits + 4 + (4 if behaviour(s, "shift_copy") else 0)) * sl.head
-    bwd_logits = vmax(T * V * 12 * sl.head, T * V * lb * sl.head + st.lm_grad * ug * sl.head / _head_tp(st, sl))
+    # (under sequence parallelism the loss is vocabulary-parallel, as Megatron-LM and torchtitan's loss_parallel
+    # compute it: each rank its V / tp columns of the logits)
+    vocab_div = sl.tp if sp else 1
+    fwd_logits = T * V * (fp32_logits + 4 + (4 if behaviour(s, "shift_copy") else 0)) * sl.head / vocab_div
+    bwd_logits = vmax(T * V * 12 * sl.head / vocab_div,
+                      T * V * lb * sl.head / vocab_div + st.lm_grad * ug * sl.head / _head_tp(st, sl))
     acc_grads = grads * ((s.grad_accum > 1) * 1)
     persistent = {**held, C.OPTIMIZER_STATES: state, C.MASTER_WEIGHTS: master}
 
@@ -588,10 +683,11 @@ def _phases_train(st, sl, B, S, N):
         # input (one layer's unsharded gradients) until the next one (docs/trace_findings.md #21).
         gathered = _fsdp_gathered(st, sl)
         root = _fsdp_gathered(st, replace(sl, fsdp=3))  # the root's parameters only
-        layer_flat = st.w_layers / shape.n_layers if sl.fsdp == 3 else 0
+        one_w = st.w_layers / shape.n_layers * _layer_share(st, sl, sl.ep)  # one layer's (TP / EP shard's) weights
+        layer_flat = one_w if sl.fsdp == 3 else 0
         if fsdp_master_precision(s):
             layer_flat = layer_flat * st.cb / 4  # gathered in the compute dtype
-        rs_held = st.grads * (st.w_layers / shape.n_layers) / (st.w_layers + st.w_embed + st.w_head + st.w_other)
+        rs_held = st.grads * one_w / (st.w_layers + st.w_embed + st.w_head + st.w_other)
     fwd = dict(persistent)
     fwd[C.WEIGHTS] = persistent[C.WEIGHTS] + gathered
     fwd[C.GRADIENTS] = acc_grads + bucket
@@ -611,7 +707,7 @@ def _phases_train(st, sl, B, S, N):
     # the last layer recomputed while the checkpointed inputs are still held; its end (nearly all
     # gradients while the first layer's activations — saved or recomputed — are consumed).
     one_layer = (T * largest_layer_saved_per_token(ctx, shape, S) + (st.moe_merged if shape.n_moe_layers else 0)) / sl.tp
-    grad_buf = 2 * T * H * ctx.r  # gradient of the (replicated) hidden state flowing back, and its successor
+    grad_buf = 2 * T * H * ctx.r / (sl.tp if sp else 1)  # gradient of the hidden state flowing back, and its successor
     early_grads = acc_grads if s.grad_accum > 1 else st.lm_grad * sl.head / _head_tp(st, sl)
     start_total = acts + model_saved + bwd_logits + acc_grads + copies + layer_flat + (gathered - root)
     mid_total = (acts + one_layer + grad_buf + early_grads + copies) if s.grad_ckpt else 0
@@ -621,15 +717,15 @@ def _phases_train(st, sl, B, S, N):
         # FSDP2, a layer's backward: its parameters gathered (and, at ZeRO-3, the flat all-gather buffer), its
         # unsharded gradients beside the previous layer's reduce-scatter input, and an untied head's unsharded
         # gradient, which the root reduce-scatters only at the end (docs/trace_findings.md #21).
-        layer_w = st.w_layers / shape.n_layers * (st.cb / 4 if fsdp_master_precision(s) else 1)
+        layer_w = one_w * (st.cb / 4 if fsdp_master_precision(s) else 1)
         layer_grads = rs_held * ug
-        head_ug = st.lm_grad * ug * sl.head if (not shape.tie_embeddings and s.method == "full") else 0
+        head_ug = st.lm_grad * ug * sl.head / _head_tp(st, sl) if (not shape.tie_embeddings and s.method == "full") else 0
         layer_grads += head_ug
         end_total = grads + grad_buf + one_layer + rs_held + layer_grads + layer_w + layer_flat
     # A trained tied embedding gets two gradients, lm_head's and the embedding's (a dense (V, H) tensor,
     # aten embedding_dense_backward), which autograd sums before AccumulateGrad: at the very end of the
     # backward, the two and their sum are alive beside every other gradient (docs/trace_findings.md #18).
-    tied_grad = st.lm_grad * sl.head * sl.embed if (shape.tie_embeddings and s.method == "full") else 0
+    tied_grad = st.lm_grad * sl.head * sl.embed / _embed_tp(st, sl) if (shape.tie_embeddings and s.method == "full") else 0
     end_acts = one_layer + grad_buf
     end_grads = grads + layer_grads
     layer_moment = 1
@@ -766,8 +862,16 @@ def _notes(st):
             notes.append("transformers 4.x builds each MoE expert as nn.Linear: bitsandbytes quantizes every expert")
     notes.extend(stack_notes(s, shape))
     if s.gpus > 1:
-        notes.append(f"per-GPU figures for {s.gpus} GPUs (tp={s.tp}, pp={s.pp}, zero={s.zero}"
-                     f"{', layer split' if s.layer_split else ''}{', offload ' + s.offload if s.offload != 'none' else ''})")
+        extra = "".join((f", cp={s.cp}" if s.cp > 1 else "", f", ep={s.ep}" if s.ep > 1 else "",
+                         ", sequence parallel" if s.sequence_parallel else "", ", layer split" if s.layer_split else "",
+                         f", offload {s.offload}" if s.offload != "none" else ""))
+        notes.append(f"per-GPU figures for {s.gpus} GPUs (tp={s.tp}, pp={s.pp}, zero={s.zero}{extra})")
+        if fsdp_offload(s):
+            notes.append("FSDP CPU offload: parameter shards, gradient shards, optimizer state and the optimizer step "
+                         "on the CPU; the GPU holds the layers being gathered")
+    if s.mode == "train" and s.grad_ckpt and s.ckpt_every > 1:
+        notes.append(f"checkpointing every {s.ckpt_every}th layer ({st.shape.n_layers // s.ckpt_every} of "
+                     f"{st.shape.n_layers}: torchtitan's selective layer AC); the others save everything")
     return notes
 
 

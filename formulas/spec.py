@@ -59,7 +59,14 @@ class Spec:
     tp: int = 1  # tensor-parallel degree
     pp: int = 1  # pipeline-parallel degree
     layer_split: bool = False  # split layers over the GPUs like device_map="auto" (no data parallel)
-    offload: str = "none"  # none | optimizer (ZeRO-Offload) | params (weights streamed from CPU)
+    offload: str = "none"  # none | optimizer (ZeRO-Offload) | params (weights streamed from CPU; under ZeRO-2/3 FSDP's
+    #                        CPU offload: parameters, gradients and the optimizer step on the CPU)
+    cp: int = 1  # context-parallel degree: each sequence split over cp GPUs (ring attention; training)
+    ep: int = 1  # expert-parallel degree: MoE routed experts split over ep of the data-parallel GPUs
+    sequence_parallel: bool = False  # TP as Megatron-LM / torchtitan run it: norm inputs sequence-sharded, vocab-parallel loss
+    ckpt_every: int = 1  # with grad_ckpt: checkpoint every k-th decoder layer (torchtitan's layer SAC); 1 = every layer
+    shard_gpus: int = 0  # ZeRO / FSDP shards over groups of this many data-parallel GPUs and replicates over the groups
+    #                      (hybrid sharding: FSDP HYBRID_SHARD, torchtitan dp_shard × dp_replicate); 0 = over all of them
     # library versions ((package, version), ...) the prediction assumes (formulas/stack.py); () = the newest modelled
     stack: tuple = ()
 
@@ -70,8 +77,16 @@ class Spec:
             object.__setattr__(self, "stack", tuple(tuple(x) for x in self.stack))
 
     def replace(self, **changes):
-        """A copy with some fields changed."""
-        return replace(self, **changes)
+        """A copy with some fields changed (dataclasses.replace's result, built without re-running __init__: the
+        planner makes thousands of these)."""
+        unknown = changes.keys() - _FIELD_NAMES
+        if unknown:
+            return replace(self, **changes)  # dataclasses' own error, naming the field
+        new = object.__new__(Spec)
+        new.__dict__.update(self.__dict__)
+        new.__dict__.update(changes)
+        new.__post_init__()
+        return new
 
     def to_dict(self):
         """Plain dict (tuples as lists) for JSON."""
@@ -79,6 +94,9 @@ class Spec:
         d["lora_targets"] = list(d["lora_targets"])
         d["stack"] = dict(self.stack)
         return d
+
+
+_FIELD_NAMES = frozenset(f.name for f in fields(Spec))
 
 
 def _choice(flag, value, allowed):
@@ -103,12 +121,14 @@ def validate(spec, shape):
     _choice("mode", spec.mode, MODES)
     _choice("dtype", spec.dtype, WEIGHT_DTYPES)
     for flag, v in (("lora-rank", spec.lora_rank), ("grad-accum", spec.grad_accum), ("gpus", spec.gpus),
-                    ("tp", spec.tp), ("pp", spec.pp), ("group-size", spec.group_size)):
+                    ("tp", spec.tp), ("pp", spec.pp), ("cp", spec.cp), ("ep", spec.ep), ("group-size", spec.group_size),
+                    ("grad-ckpt-every", spec.ckpt_every)):
         _positive(flag, v)
     _positive("batch", spec.batch, maximum=MAX_BATCH)
     _positive("seq", spec.seq, maximum=MAX_TOKENS)
     _positive("gen", spec.gen, zero_ok=True, maximum=MAX_TOKENS)
     _positive("trainable-layers", spec.trainable_layers)
+    _positive("shard-gpus", spec.shard_gpus, zero_ok=True)
     _choice("method", spec.method, METHODS)
     _choice("compute-dtype", spec.compute_dtype, ("bf16", "fp16", "fp32"))
     _choice("lora-dtype", spec.lora_dtype, ("auto",) + FLOAT_DTYPES)
@@ -171,8 +191,39 @@ def validate(spec, shape):
     if precision in ("amp", "master") and dtype == "fp32":
         raise SpecError(f"--precision {precision} with --dtype fp32: mixed precision needs a bf16 or fp16 compute dtype")
     # parallelism
-    if spec.gpus % (spec.tp * spec.pp):
-        raise SpecError(f"--gpus {spec.gpus}: must be a multiple of --tp × --pp = {spec.tp * spec.pp}")
+    model_parallel = spec.tp * spec.pp * spec.cp
+    if spec.gpus % model_parallel:
+        what = "--tp × --pp" + (" × --cp" if spec.cp > 1 else "")
+        raise SpecError(f"--gpus {spec.gpus}: must be a multiple of {what} = {model_parallel}")
+    if spec.ckpt_every > 1 and not spec.grad_ckpt:
+        raise SpecError(f"--grad-ckpt-every {spec.ckpt_every}: checkpoints every k-th layer of --grad-ckpt; "
+                        "give --grad-ckpt")
+    if spec.ckpt_every > shape.n_layers:
+        raise SpecError(f"--grad-ckpt-every {spec.ckpt_every}: {shape.name} has {shape.n_layers} layers")
+    if spec.cp > 1:
+        if spec.mode != "train":
+            raise SpecError(f"--cp {spec.cp}: context parallelism is modelled for --mode train")
+        if spec.seq % spec.cp:
+            raise SpecError(f"--cp {spec.cp}: must divide --seq {spec.seq} (each GPU holds seq / cp positions)")
+        if spec.attn != "sdpa":
+            raise SpecError(f"--cp {spec.cp}: ring attention runs on SDPA; use --attn sdpa")
+    if spec.ep > 1:
+        if spec.mode != "train":
+            raise SpecError(f"--ep {spec.ep}: expert parallelism is modelled for --mode train")
+        if not shape.is_moe:
+            raise SpecError(f"--ep {spec.ep}: {shape.name} has no routed experts")
+        if shape.n_experts % spec.ep:
+            raise SpecError(f"--ep {spec.ep}: does not divide the {shape.n_experts} routed experts of {shape.name}")
+        if (spec.gpus // (spec.tp * spec.pp)) % spec.ep:
+            raise SpecError(f"--ep {spec.ep}: must divide the data-parallel GPUs --gpus / (--tp × --pp) = "
+                            f"{spec.gpus // (spec.tp * spec.pp)} (experts are split over data-parallel ranks)")
+    if spec.shard_gpus:
+        dp_all = spec.gpus // (spec.tp * spec.pp)
+        if not spec.zero or spec.shard_gpus < 2 or dp_all % spec.shard_gpus or spec.shard_gpus % spec.cp:
+            raise SpecError(f"--shard-gpus {spec.shard_gpus}: with --zero, a divisor ≥ 2 of the data-parallel GPUs "
+                            f"--gpus / (--tp × --pp) = {dp_all} (and a multiple of --cp)")
+    if spec.sequence_parallel and spec.tp < 2:
+        raise SpecError("--sequence-parallel: shards what tensor parallelism replicates; give --tp ≥ 2")
     if spec.tp > 1:
         if shape.n_heads % spec.tp:
             raise SpecError(f"--tp {spec.tp}: does not divide the {shape.n_heads} attention heads of {shape.name}")
@@ -181,12 +232,16 @@ def validate(spec, shape):
             raise SpecError(f"--tp {spec.tp}: neither divides nor is divided by the {kv} KV heads of {shape.name}")
     if spec.pp > shape.n_layers:
         raise SpecError(f"--pp {spec.pp}: more pipeline stages than the {shape.n_layers} layers of {shape.name}")
-    if spec.layer_split and (spec.tp > 1 or spec.pp > 1 or spec.zero):
-        raise SpecError("--layer-split: splits layers over --gpus by itself; do not combine with --tp, --pp or --zero")
+    if spec.layer_split and (spec.tp > 1 or spec.pp > 1 or spec.zero or spec.cp > 1 or spec.ep > 1):
+        raise SpecError("--layer-split: splits layers over --gpus by itself; do not combine with --tp, --pp, --cp, --ep "
+                        "or --zero")
     if spec.layer_split and spec.gpus > shape.n_layers:
         raise SpecError(f"--gpus {spec.gpus} with --layer-split: more GPUs than the {shape.n_layers} layers")
     if spec.zero and spec.gpus // (spec.tp * spec.pp) < 2:
         raise SpecError(f"--zero {spec.zero}: needs at least 2 data-parallel GPUs (--gpus / (--tp × --pp))")
+    if spec.offload == "params" and spec.mode == "train" and 0 < spec.zero < 2:
+        raise SpecError(f"--offload params with --zero {spec.zero}: parameters are offloaded by ZeRO-3 / FSDP "
+                        "(--zero 3) or, unsharded, by a device map (--zero 0)")
     if spec.offload == "optimizer" and spec.mode != "train":
         raise SpecError("--offload optimizer: only applies to --mode train")
     impl = spec.optimizer_impl
@@ -198,7 +253,7 @@ def validate(spec, shape):
         lora_dtype = (dtype if precision != "amp" else "fp32") if base else "fp32"
     mla_cache = spec.mla_cache if spec.mla_cache != "auto" else behaviour(stack, "mla_cache")
     # The model by its canonical name (catalog id or config path), so spellings hash alike.
-    return replace(spec, model=shape.name, dtype=dtype, compute_dtype=compute, precision=precision,
+    return spec.replace(model=shape.name, dtype=dtype, compute_dtype=compute, precision=precision,
                    kv_dtype=spec.kv_dtype or compute, optimizer_impl=impl, lora_dtype=lora_dtype, mla_cache=mla_cache,
                    stack=stack)
 

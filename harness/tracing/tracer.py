@@ -208,12 +208,30 @@ def fake_ranks(world, rank=0):
         orig[2](self, *args, **kwargs)
         self.register_comm_hook(None, bucket_as_is)
 
+    # A DeviceMesh computes its rank tensor (and its coordinates) from real index tensors when it is built
+    # and each time it is read; FSDP2 over a TP-sharded model builds one, concatenating the dp and tp
+    # meshes, inside the fake mode. That arithmetic runs on real tensors.
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    from torch.distributed.device_mesh import DeviceMesh
+
+    mesh_prop, mesh_init = DeviceMesh.mesh, DeviceMesh.__init__
+
+    def real_mesh(self):
+        with unset_fake_temporarily():
+            return mesh_prop.fget(self)
+
+    def real_init(self, *args, **kwargs):
+        with unset_fake_temporarily():
+            mesh_init(self, *args, **kwargs)
+
     ddp._verify_param_shape_across_processes = ddp._sync_module_states = lambda *a, **k: None
     ddp.DistributedDataParallel.__init__ = ddp_init
+    DeviceMesh.mesh, DeviceMesh.__init__ = property(real_mesh), real_init
     try:
         yield
     finally:
         ddp._verify_param_shape_across_processes, ddp._sync_module_states, ddp.DistributedDataParallel.__init__ = orig
+        DeviceMesh.mesh, DeviceMesh.__init__ = mesh_prop, mesh_init
         dist.destroy_process_group()
         _clear_dtensor_caches()
 
