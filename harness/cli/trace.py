@@ -41,7 +41,6 @@ def render_trace(result, prediction, alloc_conf=""):
     lines.append(f"{'peak allocated':<22}{gib_cell(result.peak_allocated_bytes, 12)}{gib_cell(prediction.peak_allocated_bytes, 15)}"
                  f"{_ratio(result.peak_allocated_bytes, prediction.peak_allocated_bytes):>8}"
                  f"   at {result.peak_phase} (predicted at {prediction.peak_phase})")
-    traced_device = result.device_breakdown
     sim_reserved = result.estimated_reserved_bytes
     lines.append(f"{'peak reserved':<22}{gib_cell(sim_reserved, 12)}{gib_cell(prediction.peak_reserved_bytes, 15)}"
                  f"{_ratio(sim_reserved, prediction.peak_reserved_bytes):>8}   simulated: the traced allocation stream "
