@@ -38,8 +38,8 @@ from .units import MiB
 # docs/device.md "Allocator slack"), not fitted on GPU records.
 SLACK_RULES = {
     "load": (2 * MiB, 0.0),
-    "inference": (20 * MiB, 0.10),
-    "train": (20 * MiB, 0.25),
+    "inference": (20 * MiB, 0.20),
+    "train": (20 * MiB, 0.30),
 }
 # With expandable_segments:True the allocator maps pages into one segment per stream and pool instead of a
 # segment per request, so freed ranges coalesce and are reused: the same rules, other shares (same source).
@@ -109,12 +109,18 @@ class Overheads:
         kept = (C.WEIGHTS, C.QUANT_STATE, C.BUFFERS, C.KV_CACHE, C.OPTIMIZER_STATES, C.MASTER_WEIGHTS, C.WORKSPACES)
         return sum(v for c, v in phase_bd.items() if c not in kept)
 
-    def slack(self, spec, phase, transient):
-        """Reserved − allocated at a phase's peak: the rule's fixed part plus its share of the phase's transient
-        bytes (a number or a numpy array)."""
+    def slack(self, spec, phase, transient, load_slack=None):
+        """Reserved − allocated at a phase's peak: what loading the weights left (`load_slack`, from
+        `load_slack_bytes`; else the rule's fixed part) plus the rule's share of the phase's transient bytes (a
+        number or a numpy array)."""
         kind = "load" if phase == "load" else spec.mode
-        fixed, share = dict(self.slack_fixed_bytes)[kind], dict(self.slack_share)[kind]
+        fixed = dict(self.slack_fixed_bytes)[kind] if load_slack is None else load_slack
+        share = dict(self.slack_share)[kind]
         return vmax(to_int(transient * share, rounding=False) + fixed, fixed)
+
+    @property
+    def expandable(self):
+        return "expandable_segments:True" in self.alloc_conf
 
     # ---------------------------------------------------------------- what older callers read
     @property
@@ -124,6 +130,49 @@ class Overheads:
 
 
 DEFAULT_OVERHEADS = Overheads()
+
+
+def load_slack_bytes(shape, dtype, compute_dtype="bf16", double_quant=True, group_size=128, config=None):
+    """Reserved − allocated once the model is loaded: every weight tensor (and its quantization state) allocated in
+    module order — the embeddings, then layer by layer, then the rest — through the caching-allocator simulation
+    (formulas/allocator.py), against their exact bytes. The segment rounding of the weights (a tensor of 10 MiB or more
+    gets a segment rounded up to 2 MiB; smaller ones share 20 MiB segments) stays reserved for the whole run."""
+    from .allocator import DEFAULT_CONFIG, CachingAllocatorModel
+    from .weights import _is_layer, _tensor_storage
+
+    cb = {"fp32": 4, "bf16": 2, "fp16": 2}.get(dtype) or {"fp32": 4}.get(compute_dtype, 2)
+    sim = CachingAllocatorModel(config or DEFAULT_CONFIG)
+    exact = 0
+    key = 0
+
+    def alloc(nbytes):
+        nonlocal key, exact
+        if nbytes > 0:
+            key += 1
+            sim.malloc(key, nbytes)
+            exact += nbytes
+
+    def one(t, copies):
+        w, q, _ = _tensor_storage(t, dtype, cb, shape.n_layers, double_quant, group_size, shape.tie_embeddings)
+        for _ in range(copies):
+            alloc(w // t.count)
+            alloc(q // t.count)
+
+    layer = [t for t in shape.tensors if _is_layer(t)]
+    first = [t for t in shape.tensors if not _is_layer(t) and t.kind == "embedding"]
+    rest = [t for t in shape.tensors if not _is_layer(t) and t.kind != "embedding"]
+    for t in first:
+        one(t, t.count)
+    L = shape.n_layers
+    for i in range(L):
+        for t in layer:
+            if t.count >= L:  # in every layer (several copies per layer: count // L)
+                one(t, t.count // L)
+            elif i >= L - t.count:  # in the last `count` layers only (MoE blocks after dense first layers)
+                one(t, 1)
+    for t in rest:
+        one(t, t.count)
+    return sim.reserved_bytes - exact
 
 
 def default_overheads(cc=None, environ=()):

@@ -767,9 +767,26 @@ def allocated_bytes(st, phase_bd):
     return sum(phase_bd.values()) - paged_bytes(st, phase_bd)
 
 
+@lru_cache(maxsize=1024)
+def _load_slack(model, stored, compute_dtype, double_quant, group_size, expandable):
+    from .allocator import parse_alloc_conf
+    from .overhead import load_slack_bytes
+
+    config = parse_alloc_conf("expandable_segments:True") if expandable else None
+    return load_slack_bytes(get_shape(model), stored, compute_dtype, double_quant, group_size, config)
+
+
+def load_slack(st, overheads):
+    """Reserved − allocated the loaded weights leave (formulas.overhead.load_slack_bytes), on this spec's GPUs."""
+    s = st.spec
+    stored = s.dtype if not (s.mode == "train" and s.precision == "amp" and s.method == "full") else "fp32"
+    whole = _load_slack(s.model, stored, s.compute_dtype, s.double_quant, s.group_size, overheads.expandable)
+    return whole if s.gpus == 1 else whole // s.gpus
+
+
 def reserved_bytes(st, phase, phase_bd, allocated, overheads):
     """What the caching allocator has reserved at a phase's peak: `allocated` plus the slack rule's figure."""
-    return allocated + overheads.slack(st.spec, phase, overheads.transient(phase_bd))
+    return allocated + overheads.slack(st.spec, phase, overheads.transient(phase_bd), load_slack(st, overheads))
 
 
 def device_totals(st, peak_bd, allocated, reserved_max, overheads, loaded=()):
