@@ -46,8 +46,11 @@ RUN_FIELDS = {
     "cap_gpu": (str, "", True, "cap the process to this card's memory (a GPU from the hardware catalog, e.g. RTX 4090)"),
     "cap_bytes": (int, 0, True, "cap the process to this many bytes of device memory"),
     "timeout_s": (int, 600, False, "seconds before the experiment's process is killed"),
-    "sample_interval_ms": (float, 1.0, False, "NVML sampling interval"),
+    "sample_interval_ms": (float, 1.0, False, "NVML sampling interval where memory moves"),
+    "sample_max_interval_ms": (float, 50.0, False, "NVML sampling interval on plateaus (harness/gpu/sampler.py)"),
     "track_categories": (bool, True, False, "count the measured tensors by memory category (the tracer's tracker)"),
+    "track_window": (str, "last", False, "which steps the tracker counts op by op: last (the load, prefill, last two "
+                                         "decode steps, last optimizer step) or all"),
     # inference engines (harness/engines): an experiment with `engine` set loads a random-weight GGUF in the engine
     # on the CPU and records the buffers it logs under the record's `engine` object
     "engine": (str, "", True, "inference engine: llama.cpp (measured on the CPU), or '' for transformers"),
@@ -58,9 +61,9 @@ RUN_FIELDS = {
     "engine_kv_dtype": (str, "f16", True, "engine KV cache type: f16, q8_0, q4_0 (llama.cpp -ctk/-ctv)"),
     "cut_layers": (int, 0, True, "engine experiments: keep only the first N decoder layers (0 = all)"),
 }
-RUN_MINIMUMS = {"steps": 1, "timeout_s": 1, "sample_interval_ms": 0.01, "cap_bytes": 0, "ctx": 0, "parallel": 1,
-                "ubatch": 1, "cut_layers": 0}
-RUN_CHOICES = {"engine": ("", "llama.cpp"), "engine_kv_dtype": ("f16", "q8_0", "q4_0")}
+RUN_MINIMUMS = {"steps": 1, "timeout_s": 1, "sample_interval_ms": 0.01, "sample_max_interval_ms": 0.01, "cap_bytes": 0,
+                "ctx": 0, "parallel": 1, "ubatch": 1, "cut_layers": 0}
+RUN_CHOICES = {"engine": ("", "llama.cpp"), "engine_kv_dtype": ("f16", "q8_0", "q4_0"), "track_window": ("last", "all")}
 # `strategy:` is sugar over the Spec's parallel fields (resolved before hashing, so it names nothing new):
 # ddp → zero 0 (or the zero 1 given), fsdp → zero 3 (or the zero 2 given), tp → tp = gpus (or the tp given),
 # layer_split → layer_split true.
@@ -91,7 +94,9 @@ class Experiment:
     cap_bytes: int = 0
     timeout_s: int = 600
     sample_interval_ms: float = 1.0
+    sample_max_interval_ms: float = 50.0
     track_categories: bool = True
+    track_window: str = "last"
     engine: str = ""  # inference engine measured on the CPU ("" = transformers)
     ctx: int = 0
     parallel: int = 1
