@@ -54,6 +54,7 @@ def run(out, exp, mode, n, fallback=None):
             outcome = "error"
     write_record(out, {"schema_version": SCHEMA_VERSION, "spec_hash": exp["spec_hash"], "spec": exp["spec"],
                        "group": exp.get("group", ""), "search": exp.get("search"),
+                       **{k: v for k, v in exp.items() if k not in ("spec", "spec_hash", "group", "search")},
                        "outcome": outcome, "source": "traced",
                        "traced": {"peak_allocated_bytes": 1000 + seq, "process": process},
                        "measured": None, "predicted": {"peak_allocated_bytes": 1000},

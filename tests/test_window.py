@@ -232,3 +232,41 @@ def test_a_rehearsed_probe_is_json_round_trip(tmp_path):
     probe = exps.searches[0].probe(4)
     back = Experiment.from_dict(json.loads(json.dumps(probe.to_dict())))
     assert back == probe and back.spec_hash == probe.spec_hash and back.search == ("batch", 1, 16, 1)
+
+
+# ------------------------------------------------------------------ the report's tables
+
+@pytest.mark.parametrize("offset,within", [(0, "yes"), (3, "no")])
+def test_the_report_puts_the_measured_boundary_beside_vramlab_plan(tmp_path, monkeypatch, offset, within):
+    from harness.analysis.report import boundary_table
+    from harness.sweep.search import planned_boundary
+
+    doc = {"defaults": {"model": "meta-llama/Llama-3.1-8B", "mode": "inference", "dtype": "bf16", "seq": 4096,
+                        "gen": 2, "cap_gpu": "RTX 4090", "timeout_s": 30},
+           "groups": [{"name": "edge", "search": {"axis": "batch", "lo": 1, "hi": 64, "step": 1}}]}
+    exps = expand_sweep(doc, "edge.yaml")
+    plan = planned_boundary(exps.searches[0].base.spec, "batch", "RTX 4090")
+    assert 2 <= plan < 60
+    monkeypatch.setenv("STANDIN_LIMIT", f"batch={plan + offset}")  # the card holds `offset` more than predicted
+    out = str(tmp_path / "out")
+    run_sweep([], out, worker_cmd=STANDIN + [out], progress=False, poll_s=0.02, searches=exps.searches)
+    if offset == 0:
+        assert exps.searches[0].result()["probes"] == 2  # a right prediction: two probes
+    (row,) = boundary_table(list(iter_records(out)))
+    assert row["largest that ran"] == f"{plan + offset:,}" and row["smallest OOM"] == f"{plan + offset + 1:,}"
+    assert row["vramlab plan"] == f"{plan:,}" and row["within one step"] == within and row["state"] == "settled"
+    assert "Llama-3.1-8B inference bf16 seq 4096: batch 1..64 step 1 under RTX 4090" in row["search"]
+
+
+def test_the_category_table_reads_the_h200_records():
+    """The README's table of measured vs predicted by category and mode, per environment, from the committed records."""
+    from harness.analysis.report import category_table
+
+    rows = category_table(list(iter_records(os.path.join(ROOT, "results", "runs"))))
+    h200 = [r for r in rows if r["environment"].startswith("NVIDIA H200 · driver 580.159.04 (measured)")]
+    assert {r["mode"] for r in h200} >= {"inference", "train"}
+    cats = {(r["mode"], r["category"]): r for r in h200}
+    assert abs(cats["inference", "weights"]["error of sums"]) < 0.01 and cats["inference", "weights"]["n"] >= 50
+    for key in (("inference", "kv_cache"), ("inference", "cuda_context"), ("train", "optimizer_states"),
+                ("train", "peak device")):
+        assert key in cats, key
