@@ -11,6 +11,9 @@ the environment fingerprint, writing the record).
     python benchmarks/measure_bench.py              # JSON lines, one per part
     python benchmarks/measure_bench.py --repeat 5   # the median of 5 runs of each
 
+Seconds are CPU seconds of this process (`time.process_time`, one torch thread): on a shared machine wall time
+mostly measures the neighbours.
+
 A model of Qwen2.5-0.5B's depth (24 layers, GQA) with tiny widths keeps the op count of the real one
 while the arithmetic costs nothing.
 """
@@ -66,16 +69,16 @@ def time_case(path, name, window):
     torch.manual_seed(0)
     model = build_on_device(spec, device="cpu")
     if window is None:
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         _workload(model, spec, steps, lambda phase: None)
-        return {"workload_s": time.perf_counter() - t0, "ops": 0, "replay_s": 0.0}
+        return {"workload_s": time.process_time() - t0, "ops": 0, "replay_s": 0.0}
     tracker = CategoryTracker(model, spec, get_shape(path).vocab, device_type="cpu", window=window)
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     with tracker:
         _workload(model, spec, steps, tracker.mark)
-    t1 = time.perf_counter()
+    t1 = time.process_time()
     mem = tracker.result(timeline=False, reserved=False)
-    t2 = time.perf_counter()
+    t2 = time.process_time()
     return {"workload_s": t1 - t0, "ops": mem.n_ops, "replay_s": t2 - t1,
             "peak_allocated_bytes": mem.peak_allocated_bytes, "peak_phase": mem.peak_phase}
 
