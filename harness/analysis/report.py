@@ -202,6 +202,7 @@ def boundary_table(records):
     from ..env import environment_key
     from ..sweep.schema import Experiment
     from ..sweep.search import BoundarySearch
+    from .calibrate import overheads_for
 
     searches = {}
     for r in records:
@@ -217,8 +218,9 @@ def boundary_table(records):
                environment_key(r.get("env") or {}), r.get("source"))
         if key not in searches:
             base = Experiment.from_dict({**r, "spec": {**r["spec"], axis: lo}})
-            searches[key] = (BoundarySearch(base=base, axis=axis, lo=lo, hi=hi, step=step, group=exp.group),
-                             environment_label(r.get("env") or {}))
+            search = BoundarySearch(base=base, axis=axis, lo=lo, hi=hi, step=step, group=exp.group,
+                                    overheads=overheads_for(exp.cap_gpu) if exp.cap_gpu else None)
+            searches[key] = (search, environment_label(r.get("env") or {}))
         searches[key][0].feed(getattr(exp.spec, axis), r.get("outcome"))
     out = []
     for key, (search, env) in sorted(searches.items(), key=lambda kv: (kv[0][0], kv[0][1])):

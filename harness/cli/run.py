@@ -130,6 +130,11 @@ def cmd_run(a):
         if mode == "trace" and not a.dry_run:
             print("vramlab run: no NVIDIA GPU found — tracing the experiments on fake tensors instead of measuring",
                   file=sys.stderr)
+    if searches:  # each search starts from `vramlab plan --gpu CAP`'s answer, with the overheads plan would use
+        from ..analysis.calibrate import overheads_for
+
+        for sr in searches:
+            sr.overheads = overheads_for(sr.base.cap_gpu) if sr.base.cap_gpu else None
     out = a.out or default_out_dir(name, mode)
     if a.order != "file":
         exps = order_experiments(exps, a.order, measured_elsewhere(os.path.dirname(os.path.abspath(out)), skip=out))

@@ -9,7 +9,7 @@ not).
 
 Where it starts: vramlab's own answer to the same question — `vramlab plan`'s largest batch or
 longest context on the card the sweep caps the process to (formulas/plan.py, with the overheads
-`vramlab plan --gpu` would use), taken down to the grid — so that where the prediction is right two
+`vramlab plan --gpu` would use: `overheads`, which `vramlab run` and the report look up), taken down to the grid — so that where the prediction is right two
 probes settle it. From there it gallops up while probes run (1, 2, 4 … steps) and down while they run
 out of memory, then bisects. The next probe is a function of the outcomes known so far, not of their
 order, so a rerun reads the records already written and goes on where it stopped.
@@ -35,6 +35,7 @@ class BoundarySearch:
     step: int
     group: str = ""
     start: int = None  # the first value to probe; None: vramlab plan's answer (`predicted`)
+    overheads: object = None  # the device overheads `vramlab plan --gpu CAP` uses (calibrate.overheads_for); None: defaults
     outcomes: dict = field(default_factory=dict)  # axis value → outcome of its probe
     stopped: str = ""  # why the search ended before finding its boundary
 
@@ -60,7 +61,7 @@ class BoundarySearch:
     def predicted(self):
         """vramlab's answer on the capped card: `vramlab plan --gpu CAP`'s largest batch or longest sequence, or None
         when the sweep caps nothing."""
-        return planned_boundary(self.base.spec, self.axis, self.base.cap_gpu)
+        return planned_boundary(self.base.spec, self.axis, self.base.cap_gpu, self.overheads)
 
     def start_index(self):
         p = self.predicted() if self.start is None else self.start
@@ -123,16 +124,16 @@ class BoundarySearch:
                 "probes": len(self.outcomes), "done": done, "stopped": self.stopped}
 
 
-def planned_boundary(spec, axis, gpu):
+def planned_boundary(spec, axis, gpu, overheads=None):
     """`vramlab plan --gpu GPU`'s answer for one GPU: the largest micro-batch (inference: concurrent sequences) at the
-    spec's sequence, or the longest sequence at its batch; None without a GPU."""
+    spec's sequence, or the longest sequence at its batch; None without a GPU. `overheads`: what `vramlab plan`
+    uses for that GPU (harness.analysis.calibrate.overheads_for; the callers look it up), else the defaults."""
     if not gpu:
         return None
+    from formulas.overhead import DEFAULT_OVERHEADS
     from formulas.plan import Planner
 
-    from ..analysis.calibrate import overheads_for
-
-    planner = Planner(spec.replace(gpus=1), gpu, overheads=overheads_for(gpu))
+    planner = Planner(spec.replace(gpus=1), gpu, overheads=overheads or DEFAULT_OVERHEADS)
     if axis == "batch":
         return planner.largest_batch(spec)["value"]
     return planner.longest_context(spec)["seq"]
