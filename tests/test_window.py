@@ -270,3 +270,22 @@ def test_the_category_table_reads_the_h200_records():
     for key in (("inference", "kv_cache"), ("inference", "cuda_context"), ("train", "optimizer_states"),
                 ("train", "peak device")):
         assert key in cats, key
+
+
+def test_check_tells_allocator_twins_apart(tmp_path):
+    """A baseline with the expandable_segments twin, a new set without it: the twin is missing, not 'not comparable'."""
+    from harness.analysis.check import check
+    from harness.records import SCHEMA_VERSION, write_record
+
+    exps = expand_sweep({"defaults": {"model": "gpt2", "seq": 32, "mode": "train"},
+                         "grid": {"alloc_conf": ["", "expandable_segments:True"]}}, "t.yaml")
+
+    def rec(e):
+        return {"schema_version": SCHEMA_VERSION, "spec_hash": e.spec_hash, **e.to_dict(), "source": "traced",
+                "outcome": "ok", "traced": {"peak_allocated_bytes": 10**9}, "predicted": {}, "env": {}}
+
+    for e in exps:
+        write_record(str(tmp_path / "base"), rec(e))
+    write_record(str(tmp_path / "new"), rec(exps[0]))
+    statuses = {c.spec_hash: c.status for c in check(str(tmp_path / "base"), str(tmp_path / "new"))}
+    assert statuses == {exps[0].spec_hash: "unchanged", exps[1].spec_hash: "missing"}

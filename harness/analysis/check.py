@@ -125,8 +125,10 @@ def load_runs(path):
 
 def _label(rec):
     s = rec.get("spec") or {}
+    # the run fields that make another experiment of the same spec: a cap, the allocator's settings (the twins)
+    run = "|".join(str(rec.get(k) or "") for k in ("cap_gpu", "alloc_conf"))
     return "|".join(str(s.get(k)) for k in ("model", "mode", "method", "dtype", "batch", "seq", "gen", "optimizer",
-                                            "grad_ckpt", "attn")) + f"|{rec.get('group', '')}"
+                                            "grad_ckpt", "attn")) + f"|{rec.get('group', '')}|{run}"
 
 
 def metric_value(rec, metric):
