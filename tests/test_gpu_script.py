@@ -2,7 +2,8 @@
 
 The GPU session that runs it has minutes, so every path of the script runs here first: a new environment
 (smoke, then the reference and rtx4090 sweeps in the window's order, the boundary searches, the
-expandable_segments twins), the same environment again (smoke complete: resumed), a call whose time box
+expandable_segments twins), the same environment again with the doctor first (smoke complete: resumed), a call
+whose time box
 leaves no time for sweeps (analysis and packing still run), and after each the fit, the report with its
 tables, the checks against the other environment's records (a copy of the H200's here) and the packing
 into the three files the device tool brings back."""
@@ -19,9 +20,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 H200 = "nvidia-h200-580.159.04"
 
 
-def _call(out, runs, budget, reserve=45):
+def _call(out, runs, budget, reserve=45, doctor=False):
     env = {**os.environ, "MODE": "trace", "SHARD": "1/130", "BUDGET_S": str(budget), "RESERVE_S": str(reserve),
-           "OUT": str(out), "RUNS": str(runs)}
+           "OUT": str(out), "RUNS": str(runs), "DOCTOR": "1" if doctor else "0"}
     t0 = time.monotonic()
     r = subprocess.run(["bash", "scripts/gpu_calibration.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=900)
@@ -65,10 +66,11 @@ def test_rehearsal_on_the_cpu(tmp_path):
     assert any(n.startswith("calibration/nvidia-h200") for n in analysis)
     print(f"new environment: {seconds:.0f} s")
 
-    # 2. the same environment again: smoke is complete, the sweeps resume (this shard is done: nothing reruns)
-    summary, seconds = _call(tmp_path / "out2", runs, budget=480)
-    _has(summary, "smoke already complete here: a measured environment, resuming", "reference: exit 0",
-         "rtx4090: exit 0", "report: exit 0")
+    # 2. the same environment again, doctor first: smoke is complete, the sweeps resume (this shard is done)
+    summary, seconds = _call(tmp_path / "out2", runs, budget=480, doctor=True)
+    _has(summary, "doctor: exit 0", "smoke already complete here: a measured environment, resuming",
+         "reference: exit 0", "rtx4090: exit 0", "report: exit 0")
+    assert "doctor.log" in tarfile.open(tmp_path / "out2" / "records.tar.gz").getnames()
     assert "smoke: start" not in summary and "ran 0, skipped" in summary
     print(f"known environment: {seconds:.0f} s")
 

@@ -289,3 +289,18 @@ def test_check_tells_allocator_twins_apart(tmp_path):
     write_record(str(tmp_path / "new"), rec(exps[0]))
     statuses = {c.spec_hash: c.status for c in check(str(tmp_path / "base"), str(tmp_path / "new"))}
     assert statuses == {exps[0].spec_hash: "unchanged", exps[1].spec_hash: "missing"}
+
+
+def test_shard_and_only_slice_the_searches_too(capsys):
+    pytest.importorskip("yaml")
+    from harness.cli import main
+
+    def searches(*args):
+        assert main(["run", os.path.join(ROOT, "experiments", "rtx4090.yaml"), "--dry-run", *args]) == 0
+        return [line for line in capsys.readouterr().out.splitlines() if line.startswith("search ")]
+
+    assert len(searches()) == 8
+    assert len(searches("--shard", "1/4")) == 2 and len(searches("--shard", "4/4")) == 2
+    inference = searches("--only", "mode=inference")
+    assert len(inference) == 2 and all("R1-Distill-Qwen-7B inference" in line for line in inference)
+    assert searches("--only", "alloc_conf=expandable_segments:True") == []  # the searches run the default allocator
