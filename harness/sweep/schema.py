@@ -90,7 +90,8 @@ SEARCH_AXES = ("batch", "seq")
 # PYTORCH_CUDA_ALLOC_CONF's syntax, `<option>:<value>,<option2>:<value2>` (PyTorch docs/source/notes/cuda.rst,
 # "Optimizing memory usage with PYTORCH_CUDA_ALLOC_CONF"); the options themselves change between torch versions and
 # torch refuses an unknown one when the worker starts, so only the syntax is checked here.
-ALLOC_CONF = re.compile(r"[a-z_0-9]+:[^,:\s]+(,[a-z_0-9]+:[^,:\s]+)*")
+_ALLOC_OPTION = r"[a-z_0-9]+:(\[[^\]\s]*\]|[^,:\s\[\]]+)"  # a value, or a bracketed list (roundup_power2_divisions)
+ALLOC_CONF = re.compile(f"{_ALLOC_OPTION}(,{_ALLOC_OPTION})*")
 # The optional `launcher:` block: settings of `vramlab run --launcher slurm|ray` (its flags win over them);
 # (type, minimum) per key.
 LAUNCHER_KEYS = {"slurm": {"partition": (str, None), "time_min": (int, 1), "gpus_per_task": (int, 0)},
