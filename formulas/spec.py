@@ -116,6 +116,24 @@ def _positive(flag, value, zero_ok=False, maximum=None):
         raise SpecError(f"--{flag} {value:,}: must be at most {maximum:,}")
 
 
+# Position-embedding tables: a model that looks its positions up (GPT-2, GPTBigCode, OPT) has no row past its
+# n_positions / max_position_embeddings, and indexing past it is a device-side assert on the GPU (measured on the
+# H200: GPT-2-medium at a 1,024-token prompt + 16 generated tokens). Rotary models compute positions and run past
+# their nominal window, so only these are held to it. A prediction of such a spec is still a number (what the
+# tensors would take); what must run — a sweep's experiments — is checked (harness/sweep/schema.py).
+POSITION_TABLES = ("wpe.weight", "embed_positions.weight")
+
+
+def check_positions(spec, shape):
+    """A spec that needs more positions than the model's learned position table has is one SpecError."""
+    table = shape.max_positions if any(t.name in POSITION_TABLES for t in shape.tensors) else 0
+    gen = spec.gen if spec.mode == "inference" else 0
+    if table and spec.seq + gen > table:
+        asked = f"seq {spec.seq:,} + gen {gen:,} = {spec.seq + gen:,} positions" if gen else f"seq {spec.seq:,}"
+        most = f"at most seq {table - gen:,} with gen {gen:,}" if gen else f"at most seq {table:,}"
+        raise SpecError(f"{asked}: {shape.name} has {table:,} learned positions (max_position_embeddings); {most}")
+
+
 def validate(spec, shape):
     """Check `spec` against itself and the model; return it with 'auto' fields resolved."""
     _choice("mode", spec.mode, MODES)

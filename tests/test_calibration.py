@@ -5,6 +5,7 @@ import random
 
 import pytest
 
+from formulas import categories as C
 from formulas.predict import predict
 from formulas.units import MiB
 from harness.analysis.calibrate import (
@@ -16,6 +17,7 @@ from harness.analysis.calibrate import (
     write_calibration,
 )
 from harness.analysis.check import CheckError, check, is_regression, parse_thresholds
+from harness.records import measured_device_breakdown
 from harness.cli import main
 from harness.records import SCHEMA_VERSION, write_record
 from harness.sweep.schema import expand_sweep
@@ -182,6 +184,57 @@ def test_check_catches_and_names_planted_regression(tmp_path):
     for c in worse:
         assert c.moved[0] == "CUDA context +300 MiB"
     assert all(c.status in ("worse", "unchanged", "new failure") for c in comps.values())
+
+
+ENV_H200 = {"gpu": {"name": "NVIDIA H200", "driver": "580.159.04"}, "torch_cuda": "13.0",
+            "packages": {"torch": "2.11.0", "transformers": "5.17.0", "bitsandbytes": "0.50.2"}}
+
+
+def _in_environment(rec, env, context_delta=0, workspace_delta=0, activations_delta=0):
+    """`rec` as another environment measured it: the same tensors (its breakdown the prediction's), another context
+    and workspaces; `activations_delta` plants a tensor-level change."""
+    m = dict(rec["measured"])
+    bd = {c: v for c, v in rec["predicted"]["breakdown"].items() if c in C.TENSOR_CATEGORIES}
+    bd["activations"] = bd.get("activations", 0) + activations_delta
+    m["breakdown"] = bd
+    m["peak_allocated_bytes"] += activations_delta
+    m["peak_reserved_bytes"] += activations_delta
+    m["cuda_context_bytes"] += context_delta
+    m["peak_device_bytes"] += activations_delta + context_delta + workspace_delta
+    m["device_breakdown"] = measured_device_breakdown(m)
+    return {**rec, "env": env, "measured": m}
+
+
+def test_check_across_environments_names_context_and_workspaces_not_tensor_categories(tmp_path, capsys):
+    """H100 records against H200 ones: the context 90 MiB smaller, the workspaces 120 MiB larger, the tensors alike —
+    every experiment differs by environment, none is a regression, and no tensor category is named; the same move
+    within one environment would be compared as before. A tensor category that moves across environments is."""
+    exps = _experiments()
+    rng = random.Random(5)
+    base_recs = [_in_environment(_record(e, rng), ENV) for e in exps]
+    new_recs = [_in_environment(r, ENV_H200, context_delta=-90 * MiB, workspace_delta=120 * MiB) for r in base_recs]
+    base, new = _write(tmp_path / "h100", base_recs), _write(tmp_path / "h200", new_recs)
+    comps = check(base, new)
+    assert not is_regression(comps)
+    assert {c.status for c in comps} == {"environment"}
+    for c in comps:
+        named = {item.rsplit(" ", 2)[0] for item in c.environment}
+        assert named == {"CUDA context", "workspaces"}, c.line()
+        assert not c.moved and not any(cat in c.line() for cat in C.TENSOR_CATEGORIES)
+    assert main(["check", base, new]) == 0
+    out = capsys.readouterr().out
+    assert "environment effect: CUDA context differs in" in out and "(median -90 MiB)" in out
+    assert "environment effect: workspaces differs in" in out and "(median +120 MiB)" in out
+    # a tensor category that moves is a regression across environments too, and is named
+    grown = exps[2].spec_hash
+    new_recs = [_in_environment(r, ENV_H200, context_delta=-90 * MiB, workspace_delta=120 * MiB,
+                                activations_delta=2048 * MiB if r["spec_hash"] == grown else 0) for r in base_recs]
+    comps = {c.spec_hash: c for c in check(base, _write(tmp_path / "h200-grown", new_recs))}
+    assert is_regression(comps.values()) and comps[grown].status == "worse"
+    assert comps[grown].moved[0] == "activations +2,048 MiB" and "CUDA context" not in " ".join(comps[grown].moved)
+    # within one environment the same context change is still compared as a regression where it counts
+    same = [_in_environment(r, ENV, context_delta=300 * MiB) for r in base_recs]
+    assert is_regression(check(base, _write(tmp_path / "h100-again", same)))
 
 
 def test_check_statuses_fixed_and_not_comparable(tmp_path):

@@ -384,7 +384,10 @@ def find_calibration(gpu_name, directory=CALIBRATION_DIR):
             return want == have
         return bool(want_key) and want_key in "".join(ch for ch in gpu.lower() if ch.isalnum())
 
-    return _newest(c for c in _tables(directory) if matches(c))
+    found = [c for c in _tables(directory) if matches(c)]
+    # a table fitted under non-default allocator settings (`alloc=` in its key) answers only when there is no other
+    default = [c for c in found if "|alloc=" not in c.provenance.get("environment_key", "")]
+    return _newest(default or found)
 
 
 def calibration_for_environment(key, directory=CALIBRATION_DIR):

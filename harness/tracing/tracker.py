@@ -41,6 +41,17 @@ How a storage gets its category (first match wins; later re-labels move its byte
   activations);
 - `.grad` after accumulation → gradients;
 - everything else born in forward/backward/prefill/decode → activations.
+
+Which steps are counted op by op (`window`): `all` (tracing), or `last` (GPU measurement, where
+every dispatched op costs ~50 µs of Python, most of a small model's step): the load, the prefill,
+the last two decode steps and the last optimizer step. Between them the dispatch mode is off but
+the hooks stay on, so the storages that outlive a step are still logged as they are made and
+freed — gradients, optimizer state, KV-cache tensors — and the counted steps start with every
+long-lived storage known. The decode peak is at the last step (the largest cache) and the
+training peak in the last step (the optimizer state exists from step 1 on), so the peak and its
+categories are those of `all` (tests/test_measure_speed.py compares both on real tensors); the
+second-to-last decode step is counted too because the logits the last one starts with are born
+there. Light steps log fewer storages, so their totals are too low and never the peak.
 """
 
 import contextlib
@@ -52,6 +63,7 @@ from formulas import categories as C
 from .allocator import DEFAULT_CONFIG, CachingAllocatorModel
 
 HOST = "host"  # storages that live on the CPU in a CUDA run: not counted
+WINDOWS = ("all", "last")  # which steps the dispatch mode counts op by op (CategoryTracker's `window`)
 PEAK_TENSORS = 16  # how many of the largest transient storages at each peak the result lists
 
 
@@ -219,7 +231,13 @@ def _tracker_class():
                     default = C.TEMPORARIES
             else:
                 default = C.ACTIVATIONS
-            for t in tree_flatten(out)[0]:
+            if isinstance(out, torch.Tensor):
+                outs = (out,)
+            elif isinstance(out, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in out):
+                outs = out  # most multi-output ops: skip pytree
+            else:
+                outs = tree_flatten(out)[0]
+            for t in outs:
                 if isinstance(t, torch.Tensor):
                     t = _local(t)
                     st = t.untyped_storage()
@@ -269,13 +287,14 @@ class _Recorder:
             self.events.append(("mark", phase))
 
 
-def _replay(tracker, allocator, capture=()):
+def _replay(tracker, allocator, capture=(), timeline=True):
     """Replay the log: live bytes per category after every event, peaks overall and per phase.
 
     Returns (peak, phase_peaks, phase_max, timeline, captured) where peak = (total, phase,
     breakdown, event index), phase_peaks = {phase: (total, breakdown, event index)}, phase_max =
     {phase: {category: its largest value in the phase}} and captured = {event index: [(sid,
-    category) alive after it]} for the indices in `capture`."""
+    category) alive after it]} for the indices in `capture`. `timeline=False` leaves the timeline
+    empty (a tuple and a dict per event: a third of the replay's time)."""
     live = dict.fromkeys(C.ALLOCATED_CATEGORIES, 0)
     total = 0
     phase = "load"
@@ -284,7 +303,7 @@ def _replay(tracker, allocator, capture=()):
     phase_peaks = {}
     phase_max = {}
     captured = {}
-    timeline = []
+    timeline = [] if timeline else None
     records, retro = tracker.records, tracker.retro
     for i, ev in enumerate(tracker.events):
         kind = ev[0]
@@ -322,7 +341,8 @@ def _replay(tracker, allocator, capture=()):
         else:
             phase = ev[1]
             allocator.mark(phase)
-        timeline.append((i, phase, total, {c: v for c, v in live.items() if v}))
+        if timeline is not None:
+            timeline.append((i, phase, total, {c: v for c, v in live.items() if v}))
         if kind != _FREE:
             # ">=": among equal totals the later moment wins (step 2 over step 1, the end of a plateau).
             if total >= peak[0]:
@@ -336,7 +356,7 @@ def _replay(tracker, allocator, capture=()):
                     mx[c] = v
         if i in capture:
             captured[i] = [(sid, c) for sid, c in label.items() if c != HOST]
-    return peak, phase_peaks, phase_max, timeline, captured
+    return peak, phase_peaks, phase_max, timeline or [], captured
 
 
 
@@ -593,19 +613,34 @@ class CategoryTracker:
 
     The model's parameters, their quantization state and its buffers are registered on entry; only
     storages on `device_type` count. What is freed after the block (the workload's return value, the
-    model) is not the workload's and is not logged."""
+    model) is not the workload's and is not logged. `window`: WINDOWS (the module docstring); with
+    `last`, `steps` is the number of optimizer steps the workload runs (its last is counted)."""
 
-    def __init__(self, model, spec, vocab, device_type="cpu", workspace_bytes=0):
+    def __init__(self, model, spec, vocab, device_type="cpu", workspace_bytes=0, window="all", steps=2):
+        if window not in WINDOWS:
+            raise ValueError(f"track_window: {window!r} is not one of {', '.join(WINDOWS)}")
         self.model, self.spec = model, spec
         self._log = _tracker_class()(vocab=vocab, device_type=device_type, workspace_bytes=workspace_bytes)
         self._stack = contextlib.ExitStack()
+        self.window = window
+        # the mark that opens the counted steps: the first forward of the last optimizer step, or the
+        # second-to-last decode step (numbered from 1); None: every op is counted
+        self._counted_from = None
+        if window == "last":
+            if spec.mode == "train":
+                self._counted_from = ("forward", (max(steps, 1) - 1) * max(spec.grad_accum, 1) + 1)
+            elif spec.gen > 2:
+                self._counted_from = ("decode", spec.gen - 1)
+        self._marks = {}  # phase → how many times it has begun
+        self._dispatching = False  # the dispatch mode is on the mode stack
 
     def __enter__(self):
         log = self._log
         self._stack.enter_context(_instrument(self.model, log, self.spec))
         if _uses_fsdp(self.model):
             self._stack.enter_context(_instrument_fsdp(log))
-        self._stack.enter_context(log)
+        self._dispatch(True)
+        self._stack.callback(self._dispatch, False)
         for p in self.model.parameters():
             log.track(p, C.WEIGHTS, ("parameter", tuple(p.shape), str(p.dtype)))
             for q in _quant_state_tensors(p):
@@ -614,9 +649,23 @@ class CategoryTracker:
             log.track(b, C.BUFFERS, ("buffer", tuple(b.shape), str(b.dtype)))
         return self
 
+    def _dispatch(self, on):
+        """Put the dispatch mode on the mode stack, or take it off (hooks and finalizers stay)."""
+        if on and not self._dispatching:
+            self._log.__enter__()
+        elif not on and self._dispatching:
+            self._log.__exit__(None, None, None)
+        self._dispatching = on
+
     def mark(self, phase):
-        """Workload callback: `phase` begins."""
+        """Workload callback: `phase` begins (and, with window `last`, whether its ops are counted)."""
         self._log.mark(phase)
+        n = self._marks[phase] = self._marks.get(phase, 0) + 1
+        if self._counted_from is not None and phase == self._counted_from[0]:
+            counted = n >= self._counted_from[1]
+            self._dispatch(counted)
+            if counted:
+                self._counted_from = None  # counted from here to the end
 
     def labelled(self, category):
         """Context: storages born inside are `category` (DDP's gradient buckets, made when it wraps the model)."""
@@ -627,15 +676,19 @@ class CategoryTracker:
         self.model = None  # the tracker must not keep the model alive past the workload
         return self._stack.__exit__(*exc)
 
-    def result(self, allocator_config=None, keep_stream=False):
+    def result(self, allocator_config=None, keep_stream=False, timeline=True, reserved=True):
         """Replay the log into a TrackedMemory (phases in the workload's order), through a simulated caching
-        allocator with `allocator_config` (harness.tracing.allocator.AllocatorConfig; None: torch's defaults).
-        `keep_stream`: keep the allocation stream in the result (to replay it under other settings)."""
+        allocator with `allocator_config` (formulas.allocator.AllocatorConfig; None: torch's defaults).
+        `keep_stream`: keep the allocation stream in the result (to replay it under other settings). A GPU
+        measurement needs neither the timeline nor the reserved estimate (`timeline=False, reserved=False`: less
+        than half the replay's time)."""
         log = self._log
-        allocator = _Recorder(CachingAllocatorModel(allocator_config or DEFAULT_CONFIG), keep_stream)
-        (total, peak_phase, bd, peak_event), phase_peaks, phase_max, timeline, _ = _replay(log, allocator)
+        sim = CachingAllocatorModel(allocator_config or DEFAULT_CONFIG) if reserved else None
+        allocator = _Recorder(sim, keep_stream)
+        (total, peak_phase, bd, peak_event), phase_peaks, phase_max, timeline, _ = _replay(log, allocator,
+                                                                                             timeline=timeline)
         wanted = {peak_event} | {pk[2] for pk in phase_peaks.values()}
-        captured = _replay(log, _Recorder(None, False), capture=wanted)[-1]
+        captured = _replay(log, _Recorder(None, False), capture=wanted, timeline=False)[-1]
         phases, category_max = {}, {}
         for ph in (C.PHASES_INFERENCE if self.spec.mode == "inference" else C.PHASES_TRAIN):
             if ph in phase_peaks:
@@ -644,8 +697,9 @@ class CategoryTracker:
         return TrackedMemory(
             breakdown={c: bd.get(c, 0) for c in C.ALLOCATED_CATEGORIES}, peak_allocated_bytes=total,
             peak_phase=peak_phase, phases=phases, timeline=timeline,
-            estimated_reserved_bytes=allocator.sim.peak_reserved_bytes,
-            estimated_max_allocated_bytes=allocator.sim.peak_allocated_bytes, n_ops=log.ops,
-            estimated_phases={ph: dict(v) for ph, v in allocator.sim.stats.phases.items()}, stream=allocator.events or [],
+            estimated_reserved_bytes=sim.peak_reserved_bytes if sim else None,
+            estimated_max_allocated_bytes=sim.peak_allocated_bytes if sim else None, n_ops=log.ops,
+            estimated_phases={ph: dict(v) for ph, v in sim.stats.phases.items()} if sim else {},
+            stream=allocator.events or [],
             category_max=category_max, peak_tensors=_largest(log, captured.get(peak_event, [])),
             phase_tensors={ph: _largest(log, captured.get(phase_peaks[ph][2], [])) for ph in phases})
