@@ -58,7 +58,12 @@ def _record(exp, rng, context=PLANTED_CONTEXT, outcome="ok"):
     mode = exp.spec.mode
     alloc = int(pred["peak_allocated_bytes"] * (1 + rng.uniform(-NOISE, NOISE)))
     transient = DEFAULT_OVERHEADS.transient(pred_obj.phases[pred_obj.peak_phase])
-    reserved = alloc + dict(DEFAULT_OVERHEADS.slack_fixed_bytes)[mode] + int(PLANTED_SHARE[mode] * transient)
+    from formulas.catalog import get_shape
+    from formulas.predict import load_slack, workload_static
+    from formulas.spec import validate
+
+    st = workload_static(validate(pred_obj.spec, get_shape(pred_obj.spec.model)))
+    reserved = alloc + load_slack(st, DEFAULT_OVERHEADS) + int(PLANTED_SHARE[mode] * transient)
     outside = context + PLANTED_IMAGES["gemm"] + (PLANTED_IMAGES["train"] if mode == "train" else 0)
     rec["measured"] = {
         "peak_allocated_bytes": alloc, "peak_reserved_bytes": reserved, "peak_device_bytes": reserved + outside,
@@ -192,13 +197,15 @@ ENV_H200 = {"gpu": {"name": "NVIDIA H200", "driver": "580.159.04"}, "torch_cuda"
 
 def _in_environment(rec, env, context_delta=0, workspace_delta=0, activations_delta=0):
     """`rec` as another environment measured it: the same tensors (its breakdown the prediction's), another context
-    and workspaces; `activations_delta` plants a tensor-level change."""
+    (outside the allocator) and cuBLAS workspaces (inside it: allocated, reserved and device move with them);
+    `activations_delta` plants a tensor-level change."""
     m = dict(rec["measured"])
     bd = {c: v for c, v in rec["predicted"]["breakdown"].items() if c in C.TENSOR_CATEGORIES}
     bd["activations"] = bd.get("activations", 0) + activations_delta
     m["breakdown"] = bd
-    m["peak_allocated_bytes"] += activations_delta
-    m["peak_reserved_bytes"] += activations_delta
+    m["workspaces_bytes"] = 32 * MiB + workspace_delta
+    m["peak_allocated_bytes"] += activations_delta + workspace_delta
+    m["peak_reserved_bytes"] += activations_delta + workspace_delta
     m["cuda_context_bytes"] += context_delta
     m["peak_device_bytes"] += activations_delta + context_delta + workspace_delta
     m["device_breakdown"] = measured_device_breakdown(m)
@@ -206,7 +213,7 @@ def _in_environment(rec, env, context_delta=0, workspace_delta=0, activations_de
 
 
 def test_check_across_environments_names_context_and_workspaces_not_tensor_categories(tmp_path, capsys):
-    """H100 records against H200 ones: the context 90 MiB smaller, the workspaces 120 MiB larger, the tensors alike —
+    """H100 records against H200 ones: the context 90 MiB smaller, the cuBLAS workspaces 120 MiB larger, the tensors alike —
     every experiment differs by environment, none is a regression, and no tensor category is named; the same move
     within one environment would be compared as before. A tensor category that moves across environments is."""
     exps = _experiments()

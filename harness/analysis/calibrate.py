@@ -12,8 +12,9 @@ measured records, never mixed across environments:
 - `kernel_images.<family>` (formulas.device.KERNEL_IMAGES): least squares of what the device peak
   holds outside the allocator (peak device − peak reserved − the context) on which kernel families
   the record's process had loaded by then (a warm worker keeps earlier experiments' images);
-- `slack_share.<mode>`: the median of (measured reserved − measured allocated − the rule's fixed
-  part) / the phase's predicted transient bytes, per mode (inference, train).
+- `slack_share.<mode>`: the median of (measured reserved − measured allocated − what loading the
+  weights leaves, formulas.predict.load_slack) / the peak phase's predicted transient bytes, per mode
+  (inference, train).
 
 Accuracy is reported held out by model: for each model, the table is fitted on the records of every
 other model and scores that model's records (`heldout_by_model`); random splits of one model's
@@ -125,8 +126,11 @@ def fit_overheads(recs, base, loaded):
         sol, *_ = np.linalg.lstsq(A[:, seen] * w[:, None], y * w, rcond=None)
         for f, v in zip([f for f, s in zip(FAMILIES, seen) if s], sol):
             images[f] = max(int(round(v)), 0)
-    # slack: per mode, the median share of the transient bytes beyond the fixed part
-    fixed = dict(base.slack_fixed_bytes)
+    # slack: per mode, the median share of the transient bytes beyond what loading the weights left
+    from formulas.catalog import get_shape
+    from formulas.predict import load_slack, workload_static
+    from formulas.spec import validate
+
     share = dict(base.slack_share)
     for mode in MODES:
         ratios = []
@@ -135,7 +139,8 @@ def fit_overheads(recs, base, loaded):
             tr = _transient(p, base)
             if p.spec.mode != mode or tr <= 0 or x.get("peak_reserved_bytes") is None:
                 continue
-            ratios.append((x["peak_reserved_bytes"] - x["peak_allocated_bytes"] - fixed[mode]) / tr)
+            loaded = load_slack(workload_static(validate(p.spec, get_shape(p.spec.model))), base)
+            ratios.append((x["peak_reserved_bytes"] - x["peak_allocated_bytes"] - loaded) / tr)
         if ratios:
             share[mode] = max(float(np.median(ratios)), 0.0)
     return Overheads(cc=base.cc, cuda_context_bytes=context, kernel_images=tuple(images.items()),
@@ -257,7 +262,7 @@ def write_calibration(result, out_dir=CALIBRATION_DIR, records_path=""):
                      "least squares: device − reserved − context on the kernel families loaded by then"))
     for m in MODES:
         rows.append((f"slack_share.{m}", f"{share.get(m, SLACK_RULES[m][1]):.6f}",
-                     "median (reserved − allocated − fixed part) / predicted transient bytes"))
+                     "median (reserved − allocated − the weights' load slack) / predicted transient bytes"))
     for metric, stats in sorted(result["heldout"].items()):
         for k, v in stats.items():
             rows.append((f"heldout.{metric}.{k}", "" if v is None else (v if k == "n" else f"{v:.6f}"),

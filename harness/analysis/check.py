@@ -268,14 +268,15 @@ def compare_experiment(h, base_recs, new_recs, thresholds):
             if c in cb and c in cn and _exceeds(cn[c] - cb[c], base_alloc, 0, rules):
                 worse |= cn[c] > cb[c]
                 better |= cn[c] < cb[c]
-        device = [(cn[k] - cb[k], k) for k in C.DEVICE_CATEGORIES
+        # the device level and the cuBLAS workspaces (inside the allocated peak, sized by architecture)
+        device = [(cn[k] - cb[k], k) for k in C.DEVICE_CATEGORIES + (C.WORKSPACES,)
                   if cb.get(k) is not None and cn.get(k) is not None and abs(cn[k] - cb[k]) >= abs_floor / 4]
         if env_moved or any(abs(d) >= abs_floor for d, _ in device):
             device.sort(key=lambda t: -abs(t[0]))
             cmp.environment = [f"{COMPONENT_NAMES.get(k, k)} {_mib(d)}" for d, k in device] or env_moved
     cmp.status = "worse" if worse else "better" if better else ENVIRONMENT if cmp.environment else "unchanged"
     if cmp.status in ("worse", "better"):
-        skip = set(C.DEVICE_CATEGORIES) if across else set()  # across environments those are named apart
+        skip = set(C.DEVICE_CATEGORIES + (C.WORKSPACES,)) if across else set()  # across environments: named apart
         moved = [(cn[k] - cb[k], k) for k in cb if k in cn and k not in skip and abs(cn[k] - cb[k]) >= abs_floor]
         moved.sort(key=lambda t: -abs(t[0]))
         cmp.moved = [f"{COMPONENT_NAMES.get(k, k)} {_mib(d)}" for d, k in moved]

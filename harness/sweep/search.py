@@ -127,13 +127,14 @@ class BoundarySearch:
 def planned_boundary(spec, axis, gpu, overheads=None):
     """`vramlab plan --gpu GPU`'s answer for one GPU: the largest micro-batch (inference: concurrent sequences) at the
     spec's sequence, or the longest sequence at its batch; None without a GPU. `overheads`: what `vramlab plan`
-    uses for that GPU (harness.analysis.calibrate.overheads_for; the callers look it up), else the defaults."""
+    uses for that GPU (harness.analysis.calibrate.overheads_for, which this looks up when not given)."""
     if not gpu:
         return None
-    from formulas.overhead import DEFAULT_OVERHEADS
     from formulas.plan import Planner
 
-    planner = Planner(spec.replace(gpus=1), gpu, overheads=overheads or DEFAULT_OVERHEADS)
+    from ..analysis.calibrate import overheads_for
+
+    planner = Planner(spec.replace(gpus=1), gpu, overheads=overheads or overheads_for(gpu))
     if axis == "batch":
         return planner.largest_batch(spec)["value"]
     return planner.longest_context(spec)["seq"]
