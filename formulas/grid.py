@@ -81,7 +81,7 @@ def predict_grid(specs, overheads=DEFAULT_OVERHEADS):
                     arrs = {c: np.where(N > 0, v, 0) for c, v in arrs.items()}
                 arrs_by_phase[ph] = arrs
                 tot = allocated_bytes(st, arrs)
-                r = np.asarray(reserved_bytes(st, ph, arrs, tot, overheads) + paged_bytes(st, arrs), dtype=np.int64)
+                r = np.asarray(reserved_bytes(st, ph, arrs, tot, overheads, B, S) + paged_bytes(st, arrs), dtype=np.int64)
                 res = np.maximum(res, np.where(tot > 0, r, 0))
             for ph, arrs in arrs_by_phase.items():
                 tot = allocated_bytes(st, arrs)

@@ -784,9 +784,16 @@ def load_slack(st, overheads):
     return whole if s.gpus == 1 else whole // s.gpus
 
 
-def reserved_bytes(st, phase, phase_bd, allocated, overheads):
-    """What the caching allocator has reserved at a phase's peak: `allocated` plus the slack rule's figure."""
-    return allocated + overheads.slack(st.spec, phase, overheads.transient(phase_bd), load_slack(st, overheads))
+def reserved_bytes(st, phase, phase_bd, allocated, overheads, batch=1, seq=1):
+    """What the caching allocator has reserved at a phase's peak: `allocated` plus the slack rule's figure. The math
+    kernel's score matrices (prefill) are left out of the transient bytes the rule scales: every layer allocates
+    them again at the same sizes, so their cached blocks are reused, not left over (the H200's fp32 prefills)."""
+    transient = overheads.transient(phase_bd)
+    if phase == "prefill" and st.spec.mode == "inference" and _sdpa_math(st, sdpa_repeats_kv(st.spec), overheads.cc):
+        shape = st.shape
+        scores = batch * shape.n_heads * seq * seq * 2 * st.cb + sdpa_math_mask_bytes(seq, st.cb)
+        transient = vmax(transient - scores, 0)
+    return allocated + overheads.slack(st.spec, phase, transient, load_slack(st, overheads))
 
 
 def device_totals(st, peak_bd, allocated, reserved_max, overheads, loaded=()):
@@ -922,7 +929,7 @@ def predict(spec, overheads=DEFAULT_OVERHEADS, checkpoint=None):
         res = 0  # this GPU's largest reservation: reserved memory only grows (no empty_cache in the workload)
         for phase, bd in phases.items():
             alloc = allocated_bytes(st, bd)
-            res = max(res, reserved_bytes(st, phase, bd, alloc, overheads) + paged_bytes(st, bd))
+            res = max(res, reserved_bytes(st, phase, bd, alloc, overheads, spec.batch, spec.seq) + paged_bytes(st, bd))
         for phase, bd in phases.items():
             alloc = allocated_bytes(st, bd)
             if best is None or alloc > best[0]:
