@@ -7,7 +7,8 @@
 formulas/allocator.py under torch's default settings and under expandable_segments:True, and keeps per phase
 the simulated allocated and reserved peaks beside the formula's figures for the same spec (its allocated
 peak, transient bytes, KV cache, gradients). `fit` derives the rules' constants from those simulated
-figures only — no GPU record is used, so scoring the rules on GPU records is scoring them on data they
+figures only (the formula's figures are computed again at fit time, so the dataset stays valid as the
+formulas change) — no GPU record is used, so scoring the rules on GPU records is scoring them on data they
 never saw.
 """
 
@@ -44,6 +45,12 @@ def grid():
     for i in range(max(len(inference), len(train))):
         out += inference[i:i + 1] + train[i:i + 1]
     return out
+
+
+def _spec_fields(d):
+    """A stored spec dict's fields as Spec takes them (lists back to tuples)."""
+    return {k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
+            for k, v in d.items()}
 
 
 def features(spec):
@@ -129,6 +136,7 @@ def fit(rows):
     import statistics
 
     from formulas.allocator import parse_alloc_conf
+    from formulas.spec import Spec
     from formulas.catalog import get_shape
     from formulas.overhead import load_slack_bytes
 
@@ -137,7 +145,7 @@ def fit(rows):
         cfg = parse_alloc_conf(text) if text else None
         ratios, cache = {}, {}
         for r in rows:
-            f = r["formula"]
+            f = features(Spec(**_spec_fields(json.loads(r["spec"]))))  # the formulas as they are now
             pk = f["phases"][f["peak_phase"]]
             sim = r["simulated"][config]
             reserved = max(v["max_reserved_bytes"] for v in sim.values())
@@ -146,12 +154,12 @@ def fit(rows):
                 cache[key] = load_slack_bytes(get_shape(r["model"]), r["dtype"], config=cfg)
             if pk["transient"] > 0:
                 share = (reserved - f["peak_allocated"] - cache[key]) / pk["transient"]
-                ratios.setdefault(r["mode"], []).append((share, r, reserved, cache[key]))
+                ratios.setdefault(r["mode"], []).append((share, f, reserved, cache[key]))
         out[config] = {}
         for mode, items in sorted(ratios.items()):
             share = max(statistics.median(x[0] for x in items), 0.0)
             errs = sorted(abs((f["peak_allocated"] + load + share * f["phases"][f["peak_phase"]]["transient"]) / res - 1)
-                          for _, row, res, load in items for f in [row["formula"]])
+                          for _, f, res, load in items)
             out[config][mode] = {"share": round(share, 4), "n": len(items),
                                  "median_abs_error_on_simulated_reserved": round(statistics.median(errs), 4),
                                  "worst": round(errs[-1], 4)}

@@ -7,6 +7,7 @@
     run, results      cli/run.py       sweeps (harness/sweep/) and their records
     import            cli/importing.py published measurement sets → records (harness/analysis/published.py)
     fit, check, report  cli/fit.py, cli/check.py, cli/report.py   what the records say (harness/analysis/)
+    show              cli/show.py      one measured record explained, its memory timeline
     doctor            cli/doctor.py    is this machine ready to measure (harness/doctor.py)
 
 argparse (not a third-party CLI library) keeps `vramlab predict` free of heavy imports: it must
