@@ -49,6 +49,7 @@ TRAIN = dict(mode="train", batch=2, seq=64)
 CASES = {
     "inf-llama-bf16-sdpa": ("llama", dict(INF), {}),
     "inf-llama-fp32-eager": ("llama", dict(INF, dtype="fp32", attn="eager"), {}),
+    "inf-llama-fp32-sdpa": ("llama", dict(INF, dtype="fp32"), {}),  # grouped heads in fp32: SDPA's math kernel
     "inf-moe-bf16-sdpa": ("moe", dict(INF), {}),
     "inf-mla-bf16-sdpa": ("mla", dict(INF, mla_cache="compressed"), {}),
     "inf-gpt2-fp32-sdpa": ("gpt2", dict(INF, dtype="fp32"), {}),
