@@ -32,6 +32,7 @@ from .activations import (
     layers_saved_per_token,
     model_saved_per_token,
     prefill_working_set_per_token,
+    selective_saved_per_token,
     state_layers_fixed_bytes,
 )
 from .catalog import get_shape
@@ -41,6 +42,7 @@ from .elementwise import to_int, vmax
 from .kv_cache import cache_summary, kv_cache_bytes
 from .lora import default_targets, lora_params, lora_tensors, resolve_targets
 from .overhead import DEFAULT_OVERHEADS
+from . import recipes as R
 from .spec import Spec, SpecError, validate
 from .stack import behaviour, linear_experts, sdpa_repeats_kv, stack_notes
 from .training import gradient_bytes, optimizer_memory, zero1_partition
@@ -63,6 +65,8 @@ class Prediction:
     overheads_source: str = ""  # where the device overheads came from
     calibrated: bool = False  # True when the overheads came from a calibration table (measurements)
     weights_source: str = "formula"  # formula | checkpoint (the safetensors headers' stored bytes)
+    # Host RAM the workload keeps activations in (a recipe's offloaded checkpointing), not a device category
+    host_ram_bytes: int = 0
 
     def to_dict(self):
         """JSON-ready dict; bytes stay integers."""
@@ -107,6 +111,8 @@ class _Static:
     fsdp_shard_frac: float = 0.0  # FSDP2: rank 0's share of the parameters, each first dimension padded to the world
     moe_merged: int = 0  # peft ≥ 0.20 LoRA on fused experts: one MoE layer's W + ΔW (compute dtype), saved for backward
     moe_delta_temp: int = 0  # … and the largest ΔW while it is built (fp32 einsum, then its cast)
+    rules: object = None  # formulas.recipes.Rules: what the fine-tuning recipe does to the step
+    lm_head_elem_bytes: int = 2  # bytes per element of lm_head's weight (fp32 after kbit prep or under amp full training)
 
 
 def _trainable_copies(t, shape, k):
@@ -191,6 +197,7 @@ def stack_shape(spec):
 
 def _static(spec, checkpoint=None):
     shape = stack_shape(spec)
+    rl = R.rules(spec, shape)
     cb = DTYPE_BYTES[spec.compute_dtype]
     kvb = DTYPE_BYTES[spec.kv_dtype]
     train = spec.mode == "train"
@@ -311,9 +318,11 @@ def _static(spec, checkpoint=None):
         # The residual stream is fp32 under autocast when the embeddings are fp32 (full); a frozen
         # low-precision base keeps it in the compute dtype (freeze, LoRA).
         r = 4 if (amp and spec.method == "full") or kbit else cb
+        reentrant = behaviour(spec, "reentrant") if rl.ckpt_reentrant is None else rl.ckpt_reentrant
         ctx = ActContext(b=4 if kbit else cb, r=r, amp=amp, attn=spec.attn, dropout=spec.dropout,
-                         reentrant=spec.grad_ckpt and behaviour(spec, "reentrant"),
-                         repeat_kv=spec.attn == "sdpa" and sdpa_repeats_kv(spec), **ctx_kw)
+                         reentrant=spec.grad_ckpt and reentrant,
+                         repeat_kv=spec.attn == "sdpa" and sdpa_repeats_kv(spec), norm_kernel=rl.norm_kernel,
+                         swiglu_kernel=rl.swiglu_kernel, fused_lora=rl.fused_lora, **ctx_kw)
         ctx_head = ctx if spec.method != "freeze" else replace(ctx, linears_trainable=False, norms_trainable=False)
         if spec.method in ("lora", "qlora"):
             w_other += n_tr * tb  # adapters counted with the weights
@@ -325,7 +334,8 @@ def _static(spec, checkpoint=None):
         autocast_copies=copies, autocast_head=copies_head, autocast_layer=copies_layer, lm_grad=lm_grad, ctx=ctx,
         ctx_head=ctx_head, saved_layers_trainable=saved_layers, tp_lin_frac=tp_lin_frac, opt_steps=opt_steps,
         zero1_state=zero1_state, fsdp_shard_frac=_fsdp_shard_frac(shape, spec), moe_merged=moe_merged,
-        moe_delta_temp=moe_delta_temp,
+        moe_delta_temp=moe_delta_temp, rules=rl,
+        lm_head_elem_bytes=4 if (kbit or (amp and spec.method == "full") or spec.compute_dtype == "fp32") else cb,
     )
 
 
@@ -539,6 +549,23 @@ def _phases_train(st, sl, B, S, N):
     fp32_logits = 4 if behaviour(s, "logits_upcast") == "forward" else lb + (4 if lb != 4 else 0)
     fwd_logits = T * V * (fp32_logits + 4 + (4 if behaviour(s, "shift_copy") else 0)) * sl.head
     bwd_logits = vmax(T * V * 12 * sl.head, T * V * lb * sl.head + st.lm_grad * ug * sl.head / _head_tp(st, sl))
+    rl = st.rules
+    lm_in = T * H * (ab if st.ctx_head.amp else st.ctx_head.r) if st.ctx_head.linears_trainable else 0
+    loss_hidden_bwd = 0  # what of the final hidden state the loss keeps for the backward (activations)
+    model_saved_bwd = model_saved
+    loss_temp_fwd = loss_temp_bwd = 0
+    if rl.loss != "full":
+        loss = _recipe_loss(st, T, B, S)
+        fwd_logits, bwd_logits, loss_hidden_bwd = loss["fwd"], loss["bwd"], loss["bwd_acts"]
+        loss_temp_fwd, loss_temp_bwd = loss["fwd_temp"], loss["bwd_temp"]
+        if not loss["keeps_lm_in"]:  # the fused and chunked losses save no lm_head input
+            model_saved_bwd = model_saved - lm_in
+    ckpt_buffers = host = 0
+    mode = R.effective_ckpt_mode(rl, S)
+    if s.grad_ckpt and mode == "offload":
+        acts, ckpt_buffers = _offloaded_acts(st, T, S)
+    elif s.grad_ckpt and mode == "selective":
+        acts = acts + T * shape.n_layers * selective_saved_per_token(ctx, shape)
     acc_grads = grads * ((s.grad_accum > 1) * 1)
     persistent = {**held, C.OPTIMIZER_STATES: state, C.MASTER_WEIGHTS: master}
 
@@ -556,7 +583,9 @@ def _phases_train(st, sl, B, S, N):
     fwd = dict(persistent)
     fwd[C.WEIGHTS] = persistent[C.WEIGHTS] + gathered
     fwd[C.GRADIENTS] = acc_grads + bucket
-    pick = fwd_logits >= layer_transient
+    if (rl.recipe != "hf" or rl.loss != "full") and not s.grad_ckpt:  # the last layer's LoRA MLP, as below
+        layer_transient = vmax(layer_transient, T * _lora_recompute_per_token(ctx, shape))
+    pick = fwd_logits + loss_temp_fwd >= layer_transient
     # The final norm's output stays bound while lm_head and the loss run: beside its saved bf16 cast
     # under autocast (#11), or unsaved when lm_head is frozen (LoRA, freeze: #5).
     head_hidden = 0
@@ -564,19 +593,27 @@ def _phases_train(st, sl, B, S, N):
         head_hidden = T * H * 4 * sl.head
     elif not st.ctx_head.linears_trainable:
         head_hidden = T * H * ctx.r * sl.head
-    fwd[C.ACTIVATIONS] = acts + model_saved + ids_fwd + _pick(pick, head_hidden, layer_transient)
+    fwd[C.ACTIVATIONS] = acts + ckpt_buffers + model_saved + ids_fwd + _pick(pick, head_hidden, layer_transient)
     fwd[C.LOGITS] = _pick(pick, fwd_logits, 0)
-    fwd[C.TEMPORARIES] = copies + qtemp + layer_flat
+    fwd[C.TEMPORARIES] = copies + qtemp + layer_flat + _pick(pick, loss_temp_fwd, 0)
 
     # Backward, three moments: its start (all saved activations + logits gradients); under checkpointing,
     # the last layer recomputed while the checkpointed inputs are still held; its end (nearly all
     # gradients while the first layer's activations — saved or recomputed — are consumed).
     one_layer = (T * largest_layer_saved_per_token(ctx, shape, S) + (st.moe_merged if shape.n_moe_layers else 0)) / sl.tp
     grad_buf = 2 * T * H * ctx.r  # gradient of the (replicated) hidden state flowing back, and its successor
+    if rl.recipe != "hf" or rl.loss != "full":
+        # Without the full-vocabulary logits the peak moves into a layer: under checkpointing, its recompute at
+        # the start of its backward (one incoming gradient, not two), where a LoRA MLP projection's forward holds
+        # its transients beside what the layer has saved so far (_lora_recompute_per_token)
+        if s.grad_ckpt:
+            one_layer = one_layer + T * _lora_recompute_per_token(ctx, shape) - T * H * ctx.r
     early_grads = acc_grads if s.grad_accum > 1 else st.lm_grad * sl.head / _head_tp(st, sl)
-    start_total = acts + model_saved + bwd_logits + acc_grads + copies + layer_flat + (gathered - root)
+    acts = acts + ckpt_buffers  # Unsloth's staging buffers stay for the whole run
+    start_total = acts + model_saved_bwd + loss_hidden_bwd + bwd_logits + loss_temp_bwd + acc_grads + copies + \
+        layer_flat + (gathered - root)
     mid_total = (acts + one_layer + grad_buf + early_grads + copies) if s.grad_ckpt else 0
-    end_total = grads + grad_buf + one_layer + rs_held
+    end_total = grads + grad_buf + one_layer + rs_held + ckpt_buffers
     layer_w = layer_grads = 0
     if sl.fsdp:
         # FSDP2, a layer's backward: its parameters gathered (and, at ZeRO-3, the flat all-gather buffer), its
@@ -591,35 +628,136 @@ def _phases_train(st, sl, B, S, N):
     # aten embedding_dense_backward), which autograd sums before AccumulateGrad: at the very end of the
     # backward, the two and their sum are alive beside every other gradient (docs/trace_findings.md #18).
     tied_grad = st.lm_grad * sl.head * sl.embed if (shape.tie_embeddings and s.method == "full") else 0
-    end_acts = one_layer + grad_buf
+    end_acts = one_layer + grad_buf + ckpt_buffers
     end_grads = grads + layer_grads
     layer_moment = 1
+    end_logits = 0
     if tied_grad:
         # under FSDP2 the embedding's shard is not written yet, and the sum is the unsharded gradient it reduces
         done = grads - shard(tied_grad, sl.grad_div) if sl.fsdp else grads - tied_grad
-        tied_total = done + 3 * tied_grad * ug + grad_buf + rs_held
+        tied_total = done + 3 * tied_grad * ug + grad_buf + rs_held + ckpt_buffers
         tied_wins = tied_total > end_total
         end_total = vmax(end_total, tied_total)
-        end_acts = _pick(tied_wins, 3 * tied_grad * ug + grad_buf, end_acts)
+        end_acts = _pick(tied_wins, 3 * tied_grad * ug + grad_buf + ckpt_buffers, end_acts)
         end_grads = _pick(tied_wins, done, end_grads)
         layer_moment = 1 - tied_wins
+        if rl.loss_impl == "liger":  # Liger's backward hands back the lm_head gradient its forward made (logits)
+            end_logits = _pick(tied_wins, tied_grad * ug, 0)
+            end_acts = end_acts - end_logits
     p_start = (start_total >= end_total) * (start_total >= mid_total)
     p_mid = ((mid_total > start_total) * (mid_total >= end_total)) if s.grad_ckpt else 0
     p_end = 1 - p_start - p_mid
     bwd = dict(persistent)
     # ZeRO-2 keeps every layer gathered until its own backward: all of them at its start, one at the end
     bwd[C.WEIGHTS] = persistent[C.WEIGHTS] + (p_start + p_mid) * gathered + p_end * (root + layer_moment * layer_w)
-    bwd[C.ACTIVATIONS] = p_start * (acts + model_saved) + p_mid * (acts + one_layer + grad_buf) + p_end * end_acts
-    bwd[C.LOGITS] = p_start * bwd_logits
+    bwd[C.ACTIVATIONS] = p_start * (acts + model_saved_bwd + loss_hidden_bwd) + p_mid * (acts + one_layer + grad_buf) + \
+        p_end * end_acts
+    bwd[C.LOGITS] = p_start * bwd_logits + p_end * end_logits
     bwd[C.GRADIENTS] = p_start * acc_grads + p_mid * early_grads + p_end * (end_grads + rs_held) + bucket
-    bwd[C.TEMPORARIES] = (p_start + p_mid) * copies + qtemp + p_start * layer_flat + p_end * layer_moment * layer_flat
+    bwd[C.TEMPORARIES] = (p_start + p_mid) * copies + qtemp + p_start * (layer_flat + loss_temp_bwd) + \
+        p_end * layer_moment * layer_flat
 
     opt = dict(persistent)
     opt[C.GRADIENTS] = grads + bucket
     opt[C.TEMPORARIES] = opt_temp
+    opt[C.ACTIVATIONS] = ckpt_buffers
     load = dict(held)
     load[C.GRADIENTS] = bucket  # DDP allocates its buckets when it wraps the model
     return {"load": load, "forward": fwd, "backward": bwd, "optimizer_step": opt}
+
+
+def _recipe_loss(st, T, B, S):
+    """A recipe's loss on one GPU (the recipes are modelled on one): {fwd, bwd: bytes (logits category) at its
+    worst forward moment and at the start of the backward; fwd_temp, bwd_temp: temporaries then; bwd_acts: what
+    of the hidden states it keeps for, or makes at, the backward's start (activations); keeps_lm_in: whether
+    lm_head's input stays saved}.
+
+    fused, Unsloth: torch.compile's graph for a chunk holds the chunk's logits in lm_head's dtype, reuses them
+    for their gradient, then the chunk's hidden-state gradient (scripts/check_unsloth_ce_compile.py); the
+    forward keeps grad_inputs (and lm_head's gradient) for the backward, which scales them out of place.
+    fused, Liger: grad_input zeros, a fp32 loss per row and a bool mask; per chunk its logits (gradient in
+    place) and grad_logits @ W; grad_input is what the backward gets.
+    chunked, TRL: the hidden states of the valid positions gathered (kept by the chunks' checkpoints) with the
+    int64 order and labels; per chunk lm_head cast to fp32 (a temporary), the chunk's fp32 input and logits; in
+    the backward the recomputed chunk's logits, log-softmax, exp and entropy product, and the gathered states'
+    gradient.
+    cut: the fp32 log-sum-exp and the hidden states; the backward's de.
+    inplace (Unsloth < 2025.8.6): the logits kept, their gradient written over them, then grad_input."""
+    s, shape, rl = st.spec, st.shape, st.rules
+    H, V = shape.hidden, shape.vocab
+    hb = st.ctx.b  # the hidden state's dtype
+    wb = st.lm_head_elem_bytes
+    lb = st.cb if st.ctx.amp else hb  # a chunk's logits: the input dtype (autocast's under amp)
+    w_grad = V * H * wb if st.lm_grad else 0  # a trainable lm_head's gradient, made in the forward
+    labels = T * 8  # the shifted int64 labels
+    out = {"fwd_temp": 0, "bwd_temp": 0, "bwd_acts": 0, "keeps_lm_in": False}
+    if rl.loss_impl == "unsloth":
+        n = R.unsloth_ce_chunks(T, V, rl.ce_target_bytes)
+        c = -(-T // n)
+        cast = c * H * wb if hb != wb else 0
+        out.update(fwd=labels + T * H * hb + w_grad + c * V * wb + max(c * H * wb, w_grad) + cast,
+                   bwd=T * H * hb + w_grad, bwd_acts=T * H * hb + w_grad)  # saved, and scaled out of place
+    elif rl.loss_impl == "liger":
+        c = R.liger_chunk_tokens(T, H, V)
+        chunk = c * V * lb + max(c * H * lb, (V * H * (lb + 4)) if st.lm_grad else 0)
+        out.update(fwd=labels + T * H * hb + w_grad + T * 4 + T + chunk, bwd=T * H * hb + w_grad)
+    elif rl.loss_impl == "cce":
+        keep = 0 if st.ctx_head.linears_trainable else T * H * hb  # e (the final hidden state), saved
+        out.update(fwd=labels + T * 4, bwd=labels + T * 4, keeps_lm_in=True,
+                   bwd_acts=keep + T * H * hb + (V * H * wb if st.lm_grad else 0))  # + de (and dc)
+    elif rl.loss_impl == "unsloth_inplace":
+        out.update(fwd=labels + T * V * wb + 2 * T * 4, bwd=labels + T * V * wb + T * 4, bwd_acts=T * H * hb)
+    else:  # chunked (TRL)
+        tv = B * (S - 1)
+        c = min(R.TRL_CHUNK_TOKENS, tv) or 1
+        w32 = V * H * 4 if wb != 4 else 0  # `w.float()`: lm_head's fp32 copy, each chunk
+        kept = tv * H * hb + 2 * tv * 8 + tv  # gathered states, order and labels (int64), the valid mask
+        out.update(fwd=kept + c * H * 4 + c * V * 4, fwd_temp=w32, bwd=kept + 4 * c * V * 4, bwd_temp=w32,
+                   bwd_acts=tv * H * hb)
+    return out
+
+
+def _lora_recompute_per_token(ctx, shape):
+    """Per token, what a LoRA MLP adds inside its forward beyond the layer's saved tensors, at its widest
+    projection (up_proj: gate's output is saved, down_proj has not run): peft's LoRA Linear holds the base
+    output, the scaled LoRA output and their sum (promoted to the adapters' dtype), less what down_proj will
+    save (its input cast, or the product itself); Unsloth's LoRA_MLP holds silu(e)·g. Dense Llama-style
+    layers; 0 elsewhere or without adapters on the MLP.
+    Source: peft tuners/lora/layer.py Linear.forward (result + lora_B(lora_A(x)) * scaling, then the cast back);
+    traced (harness/workload/recipes.py)."""
+    if shape.family != "llama" or "up_proj" not in ctx.lora:
+        return 0
+    I, b, lx = shape.intermediate, ctx.b, ctx.lora_x_bytes
+    if ctx.fused_lora and all(m in ctx.lora for m in ("gate_proj", "down_proj")):
+        return I * b
+    down_saved = 0
+    if "down_proj" in ctx.lora:
+        down_saved = I * lx if ctx.lora_input_copied else I * b
+    return I * (b + lx + max(b, lx)) - down_saved
+
+
+def _offloaded_acts(st, T, S):
+    """(kept on the GPU between forward and backward, Unsloth's staging buffers) under its offloaded checkpointing.
+
+    From the second step on, the last layer's input stays on the GPU; the others are in pinned host RAM (unless
+    one input is not above 2 MiB: then all stay, as with plain reentrant checkpointing). The buffers: one of
+    max(2·256·2048 elements, a layer input), and since 2026.5 a second one as large from the second step on.
+    Source: unsloth-zoo gradient_checkpointing.py lines 56-58, 605-700, 705-900."""
+    shape, ctx, rl = st.shape, st.ctx, st.rules
+    H, L = shape.hidden, shape.n_layers
+    per_layer = T * H * ctx.r + (S * ctx.b if ctx.attn == "eager" else 0)
+    kept = L - R.unsloth_offloaded_layers(T, H, ctx.r, L)
+    buf = max(R.UNSLOTH_GPU_BUFFER_ELEMENTS, T * H) * st.cb
+    buffers = buf + (buf if rl.double_buffer else 0)
+    return kept * per_layer, buffers
+
+
+def host_ram_bytes(st, batch, seq):
+    """Host RAM a recipe keeps activations in (Unsloth's pinned offload buffers), 0 where none."""
+    s = st.spec
+    if s.mode != "train" or not s.grad_ckpt or R.effective_ckpt_mode(st.rules, seq) != "offload":
+        return 0
+    return R.unsloth_host_bytes(batch * seq, st.shape.hidden, st.ctx.r, st.shape.n_layers)
 
 
 def paged_bytes(st, phase_bd):
@@ -716,6 +854,8 @@ def _notes(st):
         else:
             notes.append("transformers 4.x builds each MoE expert as nn.Linear: bitsandbytes quantizes every expert")
     notes.extend(stack_notes(s, shape))
+    if s.mode == "train":
+        notes.extend(R.describe(st.rules, s))
     if s.gpus > 1:
         notes.append(f"per-GPU figures for {s.gpus} GPUs (tp={s.tp}, pp={s.pp}, zero={s.zero}"
                      f"{', layer split' if s.layer_split else ''}{', offload ' + s.offload if s.offload != 'none' else ''})")
@@ -759,4 +899,5 @@ def predict(spec, overheads=DEFAULT_OVERHEADS, checkpoint=None):
         spec=spec, model=shape.name, n_params=shape.n_params, breakdown={**bd, **device_bd},
         peak_allocated_bytes=alloc, peak_device_bytes=device, peak_phase=phase, phases=phases,
         notes=notes, overheads_source=overheads.source, calibrated=overheads.calibrated, weights_source=source,
+        host_ram_bytes=to_int(host_ram_bytes(st, spec.batch, spec.seq)),
     )

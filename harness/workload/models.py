@@ -197,5 +197,8 @@ def prepare_for_training(model, spec):
         for name, module in model.named_modules():
             if name.endswith((".lora_A", ".lora_B")):
                 module.to(adapter_dtype)  # peft made them fp32 (autocast_adapter_dtype); the spec decides
+    from .recipes import apply_recipe
+
+    model = apply_recipe(model, spec)  # the recipe's loss, checkpointing and kernels (formulas/recipes.py)
     model.train()
     return model
