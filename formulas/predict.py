@@ -791,7 +791,7 @@ def per_gpu_phases(st, batch, seq, gen):
     return [_slice_phases(st, sl, batch, seq, gen) for sl in _slices(st)]
 
 
-def _notes(st):
+def _notes(st, spec=None):
     s, shape = st.spec, st.shape
     notes = []
     if s.mode == "train":
@@ -855,7 +855,7 @@ def _notes(st):
             notes.append("transformers 4.x builds each MoE expert as nn.Linear: bitsandbytes quantizes every expert")
     notes.extend(stack_notes(s, shape))
     if s.mode == "train":
-        notes.extend(R.describe(st.rules, s))
+        notes.extend(R.describe(st.rules, spec or s))
     if s.gpus > 1:
         notes.append(f"per-GPU figures for {s.gpus} GPUs (tp={s.tp}, pp={s.pp}, zero={s.zero}"
                      f"{', layer split' if s.layer_split else ''}{', offload ' + s.offload if s.offload != 'none' else ''})")
@@ -870,7 +870,7 @@ def predict(spec, overheads=DEFAULT_OVERHEADS, checkpoint=None):
     shape = get_shape(spec.model)
     spec = validate(spec, shape)
     st = workload_static(spec, checkpoint)
-    notes = _notes(st)
+    notes = _notes(st, spec)
     source = "formula"
     if checkpoint is not None:
         stored_as = checkpoint.dtype or f"{checkpoint.quant_method or 'a format'} (not modelled by the formula)"
