@@ -691,29 +691,35 @@ def _recipe_loss(st, T, B, S):
     w_grad = V * H * wb if st.lm_grad else 0  # a trainable lm_head's gradient, made in the forward
     labels = T * 8  # the shifted int64 labels
     out = {"fwd_temp": 0, "bwd_temp": 0, "bwd_acts": 0, "keeps_lm_in": False}
-    if rl.loss_impl == "unsloth":
+    impl = R.loss_impl(rl, T)
+    if impl == "unsloth":
         n = R.unsloth_ce_chunks(T, V, rl.ce_target_bytes)
         c = -(-T // n)
         cast = c * H * wb if hb != wb else 0
         out.update(fwd=labels + T * H * hb + w_grad + c * V * wb + max(c * H * wb, w_grad) + cast,
                    bwd=T * H * hb + w_grad, bwd_acts=T * H * hb + w_grad)  # saved, and scaled out of place
-    elif rl.loss_impl == "liger":
+    elif impl == "liger":
         c = R.liger_chunk_tokens(T, H, V)
         chunk = c * V * lb + max(c * H * lb, (V * H * (lb + 4)) if st.lm_grad else 0)
         out.update(fwd=labels + T * H * hb + w_grad + T * 4 + T + chunk, bwd=T * H * hb + w_grad)
-    elif rl.loss_impl == "cce":
+    elif impl == "cce":
         keep = 0 if st.ctx_head.linears_trainable else T * H * hb  # e (the final hidden state), saved
         out.update(fwd=labels + T * 4, bwd=labels + T * 4, keeps_lm_in=True,
                    bwd_acts=keep + T * H * hb + (V * H * wb if st.lm_grad else 0))  # + de (and dc)
-    elif rl.loss_impl == "unsloth_inplace":
+    elif impl == "unsloth_inplace":
         out.update(fwd=labels + T * V * wb + 2 * T * 4, bwd=labels + T * V * wb + T * 4, bwd_acts=T * H * hb)
     else:  # chunked (TRL)
         tv = B * (S - 1)
         c = min(R.TRL_CHUNK_TOKENS, tv) or 1
         w32 = V * H * 4 if wb != 4 else 0  # `w.float()`: lm_head's fp32 copy, each chunk
         kept = tv * H * hb + 2 * tv * 8 + tv  # gathered states, order and labels (int64), the valid mask
-        out.update(fwd=kept + c * H * 4 + c * V * 4, fwd_temp=w32, bwd=kept + 4 * c * V * 4, bwd_temp=w32,
-                   bwd_acts=tv * H * hb)
+        # a chunk's forward: its matmul (lm_head's fp32 copy, the fp32 input, the logits) or its entropy (logits,
+        # log-softmax, exp and their product), whichever holds more
+        matmul = w32 + c * H * 4 + c * V * 4
+        entropy = 4 * c * V * 4
+        at_matmul = matmul >= entropy
+        out.update(fwd=kept + _pick(at_matmul, c * H * 4 + c * V * 4, entropy), fwd_temp=_pick(at_matmul, w32, 0),
+                   bwd=kept + 4 * c * V * 4, bwd_temp=w32, bwd_acts=tv * H * hb)
     return out
 
 

@@ -106,12 +106,14 @@ VERSIONED = (
     Versioned("trl", "quantized_adapter_dtype", "0.26.0", "auto", "bf16",
               "over a bitsandbytes base, SFTTrainer casts the trainable (LoRA) parameters to bf16",
               "trl 2af35fb0d (v0.26.0); sft_trainer.py lines 1127-1130 at v1.9.0"),
-    Versioned("unsloth", "loss", "2025.8.6", "inplace", "fused",
-              "the causal-LM loss: the bf16 logits of every position with their gradient written in place "
-              "(fast_cross_entropy_loss) became unsloth_fused_ce_loss: chunks of hidden states through lm_head and "
-              "the cross-entropy inside torch.func.grad_and_value, compiled, the hidden-state gradient kept for "
-              "backward",
-              "unsloth 806bee2433 (2025-08-13; first release 2025.8.6); models/llama.py lines 1465-1520 at 2026.8.19"),
+    Versioned("unsloth", "loss", "2025.8.6", "cut", "fused",
+              "the causal-LM loss: Cut Cross-Entropy (unsloth-zoo's fused_linear_cross_entropy over apple's "
+              "cut_cross_entropy, a dependency) above 1,024 tokens a micro-batch, and below that the bf16 logits of "
+              "every position with their gradient written in place (fast_cross_entropy_loss), became "
+              "unsloth_fused_ce_loss at every length: chunks of hidden states through lm_head and the cross-entropy "
+              "inside torch.func.grad_and_value, compiled, the hidden-state gradient kept for backward",
+              "unsloth fa8e59eb1b (2024-11-17, the CCE path: models/llama.py lines 1013-1025 at 2025.1.5) and "
+              "806bee2433 (2025-08-13; first release 2025.8.6); models/llama.py lines 1465-1520 at 2026.8.19"),
     Versioned("unsloth", "ce_cap", "2026.7.1", False, True,
               "the fused loss's chunk target is capped at 4 GiB of fp32 logits (before: half the free VRAM)",
               "unsloth-zoo d9fe1f43 (2026-07-06, release 2026.7.1); fused_losses/cross_entropy_loss.py line 149"),
@@ -216,6 +218,17 @@ def rules(spec, shape=None):
     )
 
 
+UNSLOTH_CCE_MIN_TOKENS = 1025  # models/llama.py at 2025.1.5 line 1015: `if bsz*q_len <= 1024: RETURN_LOGITS = True`
+
+
+def loss_impl(r, tokens):
+    """The loss implementation a step of `tokens` (batch × seq) runs: Unsloth before 2025.8.6 used Cut
+    Cross-Entropy only above 1,024 tokens, its in-place loss on the logits below."""
+    if r.recipe == "unsloth" and r.loss_impl == "cce" and tokens < UNSLOTH_CCE_MIN_TOKENS:
+        return "unsloth_inplace"
+    return r.loss_impl
+
+
 def effective_ckpt_mode(r, seq):
     """The checkpointing a step of `seq` tokens per sequence runs: Unsloth falls back from offloading to plain
     (reentrant) checkpointing below 512 (models/_utils.py apply_unsloth_gradient_checkpointing, line 376)."""
@@ -274,7 +287,10 @@ def describe(r, spec):
                   "64-70, 130-230)"),
         "cut": "loss: Cut Cross-Entropy (log-sum-exp only; hidden states kept for backward: cce.py line 141)",
         "inplace": "loss: Unsloth's fast_cross_entropy_loss (bf16 logits kept, gradient written in place)",
-    }[r.loss]
+    }["inplace" if loss_impl(r, spec.batch * spec.seq) == "unsloth_inplace" else r.loss]
+    if r.recipe == "unsloth" and r.loss == "cut":
+        loss += " — Unsloth's path from late 2024 to 2025.8.5 (unsloth-zoo fused_linear_cross_entropy), in-place " \
+                "bf16 logits at 1,024 tokens or fewer"
     out.append(f"{head}: {loss}")
     if spec.grad_ckpt:
         out.append(f"{head}: checkpointing " + ("plain (reentrant) below 512 tokens, as Unsloth falls back: " if

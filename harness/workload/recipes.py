@@ -455,16 +455,17 @@ def _loss_module(rules):
 
         def forward(self, hidden, weight, labels):
             fns = loss_functions()
-            if self.impl == "trl":
+            impl = R.loss_impl(rules, labels.numel())
+            if impl == "trl":
                 return fns["trl"](hidden, weight, labels)
             shifted = F.pad(labels, (0, 1), value=-100)[..., 1:].contiguous().view(-1)
-            if self.impl == "unsloth":
+            if impl == "unsloth":
                 b, s, _ = hidden.shape
                 chunks = R.unsloth_ce_chunks(b * s, weight.shape[0], rules.ce_target_bytes)
                 return fns["unsloth"].apply(hidden, weight, labels, chunks)
-            if self.impl == "liger":
+            if impl == "liger":
                 return fns["liger"].apply(hidden.view(-1, hidden.shape[-1]), weight, shifted)
-            if self.impl == "cce":
+            if impl == "cce":
                 return fns["cce"].apply(hidden.view(-1, hidden.shape[-1]), weight, shifted)
             logits = F.linear(hidden, weight)  # unsloth_inplace: lm_head's logits, kept
             return fns["unsloth_inplace"].apply(logits.view(-1, logits.shape[-1]), shifted)
