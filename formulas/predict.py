@@ -752,7 +752,12 @@ def _offloaded_acts(st, T, S):
     shape, ctx, rl = st.shape, st.ctx, st.rules
     H, L = shape.hidden, shape.n_layers
     per_layer = T * H * ctx.r + (S * ctx.b if ctx.attn == "eager" else 0)
-    kept = L - R.unsloth_offloaded_layers(T, H, ctx.r, L)
+    off = R.unsloth_offloaded_layers(T, H, ctx.r, L)
+    kept = L - off
+    if off and st.spec.method != "full":
+        # a frozen embedding's output is made to require grad (enable_input_require_grads): a leaf, which the
+        # autograd graph's AccumulateGrad node holds until the backward, offloaded copy or not
+        kept += 1
     buf = max(R.UNSLOTH_GPU_BUFFER_ELEMENTS, T * H) * st.cb
     buffers = buf + (buf if rl.double_buffer else 0)
     return kept * per_layer, buffers
