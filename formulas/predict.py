@@ -602,16 +602,21 @@ def _phases_train(st, sl, B, S, N):
     # gradients while the first layer's activations — saved or recomputed — are consumed).
     one_layer = (T * largest_layer_saved_per_token(ctx, shape, S) + (st.moe_merged if shape.n_moe_layers else 0)) / sl.tp
     grad_buf = 2 * T * H * ctx.r  # gradient of the (replicated) hidden state flowing back, and its successor
+    bwd_layer = 0
     if rl.recipe != "hf" or rl.loss != "full":
         # Without the full-vocabulary logits the peak moves into a layer: under checkpointing, its recompute at
         # the start of its backward (one incoming gradient, not two), where a LoRA MLP projection's forward holds
-        # its transients beside what the layer has saved so far (_lora_recompute_per_token)
+        # its transients beside what the layer has saved so far; without checkpointing, the last layer's MLP
+        # backward beside every saved tensor, about as large (_lora_recompute_per_token)
+        widest = vmax(_lora_recompute_per_token(ctx, shape) if s.grad_ckpt else 0, _mlp_backward_per_token(ctx, shape))
         if s.grad_ckpt:
-            one_layer = one_layer + T * _lora_recompute_per_token(ctx, shape) - T * H * ctx.r
+            one_layer = one_layer + T * widest - T * H * ctx.r
+        else:
+            bwd_layer = T * widest
     early_grads = acc_grads if s.grad_accum > 1 else st.lm_grad * sl.head / _head_tp(st, sl)
     acts = acts + ckpt_buffers  # Unsloth's staging buffers stay for the whole run
     start_total = acts + model_saved_bwd + loss_hidden_bwd + bwd_logits + loss_temp_bwd + acc_grads + copies + \
-        layer_flat + (gathered - root)
+        layer_flat + (gathered - root) + bwd_layer
     mid_total = (acts + one_layer + grad_buf + early_grads + copies) if s.grad_ckpt else 0
     end_total = grads + grad_buf + one_layer + rs_held + ckpt_buffers
     layer_w = layer_grads = 0
@@ -650,8 +655,8 @@ def _phases_train(st, sl, B, S, N):
     bwd = dict(persistent)
     # ZeRO-2 keeps every layer gathered until its own backward: all of them at its start, one at the end
     bwd[C.WEIGHTS] = persistent[C.WEIGHTS] + (p_start + p_mid) * gathered + p_end * (root + layer_moment * layer_w)
-    bwd[C.ACTIVATIONS] = p_start * (acts + model_saved_bwd + loss_hidden_bwd) + p_mid * (acts + one_layer + grad_buf) + \
-        p_end * end_acts
+    bwd[C.ACTIVATIONS] = p_start * (acts + model_saved_bwd + loss_hidden_bwd + bwd_layer) + \
+        p_mid * (acts + one_layer + grad_buf) + p_end * end_acts
     bwd[C.LOGITS] = p_start * bwd_logits + p_end * end_logits
     bwd[C.GRADIENTS] = p_start * acc_grads + p_mid * early_grads + p_end * (end_grads + rs_held) + bucket
     bwd[C.TEMPORARIES] = (p_start + p_mid) * copies + qtemp + p_start * (layer_flat + loss_temp_bwd) + \
@@ -721,6 +726,22 @@ def _recipe_loss(st, T, B, S):
         out.update(fwd=kept + _pick(at_matmul, c * H * 4 + c * V * 4, entropy), fwd_temp=_pick(at_matmul, w32, 0),
                    bwd=kept + 4 * c * V * 4, bwd_temp=w32, bwd_acts=tv * H * hb)
     return out
+
+
+def _mlp_backward_per_token(ctx, shape):
+    """Per token, the widest moment of a gated MLP's backward beyond the saved tensors: the product's gradient and
+    the two it makes (3 × intermediate); Liger's SiLU·mul and Unsloth's LoRA_MLP write those into their saved
+    inputs (one intermediate-wide tensor); a LoRA down_proj with adapters in another dtype first holds the
+    gradient of its input cast, the cast back and the base's (adapter bytes + 2 × activation bytes).
+    Dense Llama-style layers; 0 elsewhere."""
+    if shape.family != "llama":
+        return 0
+    I, b, lx = shape.intermediate, ctx.b, ctx.lora_x_bytes
+    if ctx.fused_lora and all(m in ctx.lora for m in ("gate_proj", "up_proj", "down_proj")):
+        return I * b
+    product = (1 if ctx.swiglu_kernel else 3) * I * b
+    down = (lx + 2 * b) * I if ("down_proj" in ctx.lora and ctx.lora_input_copied) else 0
+    return max(product, down)
 
 
 def _lora_recompute_per_token(ctx, shape):
