@@ -732,7 +732,7 @@ def _mlp_backward_per_token(ctx, shape):
     """Per token, the widest moment of a gated MLP's backward beyond the saved tensors: the product's gradient and
     the two it makes (3 × intermediate); Liger's SiLU·mul and Unsloth's LoRA_MLP write those into their saved
     inputs (one intermediate-wide tensor); a LoRA down_proj with adapters in another dtype first holds the
-    gradient of its input cast, the cast back and the base's (adapter bytes + 2 × activation bytes).
+    gradient of its input cast and its cast back (the base's gradient is then added in place).
     Dense Llama-style layers; 0 elsewhere."""
     if shape.family != "llama":
         return 0
@@ -740,7 +740,7 @@ def _mlp_backward_per_token(ctx, shape):
     if ctx.fused_lora and all(m in ctx.lora for m in ("gate_proj", "up_proj", "down_proj")):
         return I * b
     product = (1 if ctx.swiglu_kernel else 3) * I * b
-    down = (lx + 2 * b) * I if ("down_proj" in ctx.lora and ctx.lora_input_copied) else 0
+    down = (lx + b) * I if ("down_proj" in ctx.lora and ctx.lora_input_copied) else 0
     return max(product, down)
 
 
