@@ -127,6 +127,7 @@ class Experiment:
         else:
             core += f" {s.method} {s.optimizer} {s.precision}" + (" ckpt" if s.grad_ckpt else "")
         core += "" if s.attn == "sdpa" else f" {s.attn}"
+        core += f" recipe {s.recipe}" if s.recipe != "hf" else ""
         return core + (f" {s.gpus}gpu {parallel_label(s)}" if s.gpus > 1 else "")
 
 

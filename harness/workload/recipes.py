@@ -733,6 +733,33 @@ def _fuse_qkv(attn, parts, fn):
     attn.v_proj.forward = types.MethodType(kv_forward("v"), attn.v_proj)
 
 
+def _on_gpu(model):
+    return any(p.device.type == "cuda" for p in model.parameters())
+
+
+def _real_kernels(model, spec, rules, causal_lm):
+    """On a GPU the recipe's own kernels run, not the emulation (whose arithmetic would be device memory there):
+    Liger's through liger-kernel; TRL's chunked loss and selective checkpointing are plain PyTorch already.
+    Unsloth (its own model loading, pinned to transformers ≤ 5.5 in 2026.8.19) and Cut Cross-Entropy are not
+    built for measurement."""
+    from formulas.spec import SpecError
+
+    if spec.recipe == "unsloth" or rules.loss in ("cut", "inplace"):
+        raise SpecError(f"--recipe {spec.recipe} --loss {rules.loss}: measured on a GPU only with the package itself "
+                        "(Unsloth's FastLanguageModel, apple's cut_cross_entropy), which vramlab does not build; "
+                        "`vramlab predict` and `vramlab trace` model it")
+    if rules.norm_kernel or rules.swiglu_kernel or rules.loss == "fused":
+        try:
+            from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+        except ImportError:
+            raise SpecError(f"--recipe {spec.recipe}: measuring Liger's kernels needs liger-kernel on the GPU machine "
+                            "(../shared/tools/gpu-wheels liger-kernel, then install the wheel)") from None
+        fused = rules.loss == "fused"
+        _apply_liger_kernel_to_instance(model=causal_lm, rope=rules.norm_kernel, rms_norm=rules.norm_kernel,
+                                        swiglu=rules.swiglu_kernel, fused_linear_cross_entropy=fused,
+                                        cross_entropy=False)
+
+
 def apply_recipe(model, spec):
     """Make `model` (from models.prepare_for_training, validated `spec`) run the recipe's step; returns it."""
     from formulas.catalog import get_shape
@@ -742,6 +769,13 @@ def apply_recipe(model, spec):
         return model
     from ..tracing.tracker import _causal_lm  # the *ForCausalLM inside a PeftModel
 
+    if _on_gpu(model):
+        if spec.grad_ckpt:
+            _patch_checkpointing(model, spec, rules)
+        if rules.loss == "chunked":
+            _patch_loss(_causal_lm(model), rules)
+        _real_kernels(model, spec, rules, _causal_lm(model))
+        return model
     if spec.grad_ckpt:
         _patch_checkpointing(model, spec, rules)
     if rules.norm_kernel or rules.swiglu_kernel or rules.fused_lora:
