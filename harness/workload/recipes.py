@@ -449,9 +449,8 @@ def _loss_module(rules):
     import torch.nn.functional as F
 
     class RecipeLoss(torch.nn.Module):
-        def __init__(self, impl):
-            super().__init__()
-            self.impl = impl
+        """The recipe's loss on the final hidden states and lm_head's weight (the implementation by token count:
+        formulas.recipes.loss_impl)."""
 
         def forward(self, hidden, weight, labels):
             fns = loss_functions()
@@ -470,7 +469,7 @@ def _loss_module(rules):
             logits = F.linear(hidden, weight)  # unsloth_inplace: lm_head's logits, kept
             return fns["unsloth_inplace"].apply(logits.view(-1, logits.shape[-1]), shifted)
 
-    return RecipeLoss(rules.loss_impl)
+    return RecipeLoss()
 
 
 def _patch_loss(causal_lm, rules):
@@ -672,8 +671,6 @@ def _patch_kernels(model, spec, rules):
     """Put the recipe's kernels into the decoder layers (Llama-style dense layers only, as formulas/recipes.py)."""
     import types
 
-    import torch
-
     fns = functions()
     if rules.norm_kernel:
         for m in model.modules():
@@ -702,7 +699,6 @@ def _patch_kernels(model, spec, rules):
             if o:
                 o_proj = attn.o_proj
                 o_proj.forward = types.MethodType(lambda self, x, _o=o: fns["LoRAW"].apply(x, *_o), o_proj)
-    del torch
 
 
 def _fuse_qkv(attn, parts, fn):
