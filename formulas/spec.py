@@ -189,8 +189,9 @@ def validate(spec, shape):
     if spec.grad_ckpt_mode == "selective" and spec.recipe == "unsloth":
         raise SpecError("--grad-ckpt-mode selective: saves ops inside non-reentrant checkpoints; Unsloth checkpoints "
                         "reentrantly (use full or offload)")
-    if spec.recipe != "hf" and (spec.gpus > 1 or spec.offload != "none"):
-        raise SpecError(f"--recipe {spec.recipe}: the recipes are modelled on one GPU (--gpus 1, no --offload)")
+    if spec.recipe != "hf" and (spec.zero or spec.tp > 1 or spec.pp > 1 or spec.layer_split or spec.offload != "none"):
+        raise SpecError(f"--recipe {spec.recipe}: the recipes are modelled on one GPU or on DDP replicas (--gpus N "
+                        "without --zero, --tp, --pp, --layer-split or --offload)")
     precision = spec.precision
     if precision == "auto":
         # Single GPU / DDP: PyTorch autocast. ZeRO (DeepSpeed bf16/fp16, FSDP mixed precision):

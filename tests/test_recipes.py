@@ -49,6 +49,14 @@ def test_unsloth_keeps_layer_inputs_in_host_ram():
     assert predict(_spec(recipe="liger")).host_ram_bytes == 0
 
 
+def test_ddp_replicas_hold_the_single_gpu_step_and_the_buckets():
+    one = predict(_spec(recipe="unsloth"))
+    two = predict(_spec(recipe="unsloth", gpus=2))
+    grads = one.phases["optimizer_step"][C.GRADIENTS]
+    assert two.peak_allocated_bytes == one.peak_allocated_bytes + grads  # DDP's bucket copy of the LoRA gradients
+    assert two.host_ram_bytes == one.host_ram_bytes
+
+
 def test_liger_notes_cite_its_kernels():
     notes = " ".join(predict(_spec(recipe="liger")).notes)
     for where in ("fused_linear_cross_entropy.py", "rms_norm.py line 657", "swiglu.py line 262"):
@@ -114,6 +122,7 @@ def test_kernels_only_for_dense_llama_style_layers():
     (dict(recipe="unsloth", grad_ckpt=True, grad_ckpt_mode="selective"), "--grad-ckpt-mode selective"),
     (dict(mode="inference", method="full", recipe="liger"), "--recipe liger"),
     (dict(recipe="unsloth", gpus=2, zero=2), "--recipe unsloth"),
+    (dict(recipe="liger", gpus=2, tp=2), "--recipe liger"),
 ])
 def test_bad_recipe_input_is_one_line(fields, flag):
     base = dict(model="Llama-3.1-8B", mode="train", method="lora")

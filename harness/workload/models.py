@@ -60,6 +60,9 @@ def check_traceable(spec):
         raise SpecError(f"{flag}: pipeline stages and offload are not built; trace --tp, --zero or DDP over --gpus")
     if spec.layer_split:
         raise SpecError("--layer-split: the tracer runs one device; trace without --layer-split")
+    if spec.recipe != "hf" and spec.gpus > 1:
+        raise SpecError(f"--recipe {spec.recipe} with --gpus {spec.gpus}: trace one GPU (DDP replicas each run the "
+                        "same step, plus the gradient buckets)")
     if spec.gpus > 1:
         strategy_of(spec)  # the multi-rank combinations that are built, else one line
         kv = get_shape(spec.model).n_kv_heads
