@@ -319,12 +319,9 @@ def _replay(tracker, allocator, capture=()):
 
 def _causal_lm(model):
     """The transformers *ForCausalLM module inside `model` (a PeftModel wraps one)."""
-    from transformers import PreTrainedModel
+    from ..workload.recipes import causal_lm
 
-    for _, m in model.named_modules():
-        if isinstance(m, PreTrainedModel) and m.get_output_embeddings() is not None:
-            return m
-    raise ValueError(f"{type(model).__name__}: no module with an output embedding")
+    return causal_lm(model)
 
 
 @contextlib.contextmanager

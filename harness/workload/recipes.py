@@ -60,6 +60,16 @@ def current_label():
     return _LABELS[-1] if _LABELS else None
 
 
+def causal_lm(model):
+    """The transformers *ForCausalLM module inside `model` (a PeftModel wraps one)."""
+    from transformers import PreTrainedModel
+
+    for _, m in model.named_modules():
+        if isinstance(m, PreTrainedModel) and m.get_output_embeddings() is not None:
+            return m
+    raise ValueError(f"{type(model).__name__}: no module with an output embedding")
+
+
 # ------------------------------------------------------------------ kernels
 
 def _functions():
@@ -763,19 +773,17 @@ def apply_recipe(model, spec):
     rules = R.rules(spec, get_shape(spec.model))
     if spec.mode != "train" or spec.recipe == "hf" and rules.loss == "full" and rules.ckpt_mode == "full":
         return model
-    from ..tracing.tracker import _causal_lm  # the *ForCausalLM inside a PeftModel
-
     if _on_gpu(model):
         if spec.grad_ckpt:
             _patch_checkpointing(model, spec, rules)
         if rules.loss == "chunked":
-            _patch_loss(_causal_lm(model), rules)
-        _real_kernels(model, spec, rules, _causal_lm(model))
+            _patch_loss(causal_lm(model), rules)
+        _real_kernels(model, spec, rules, causal_lm(model))
         return model
     if spec.grad_ckpt:
         _patch_checkpointing(model, spec, rules)
     if rules.norm_kernel or rules.swiglu_kernel or rules.fused_lora:
         _patch_kernels(model, spec, rules)
     if rules.loss != "full":
-        _patch_loss(_causal_lm(model), rules)
+        _patch_loss(causal_lm(model), rules)
     return model
