@@ -351,6 +351,10 @@ def _trace_rank(spec, shape, rank):
                      "whatever --mla-cache says; compare with --mla-cache compressed")
     if spec.mode == "train":
         notes.append(f"{TRAIN_STEPS} optimizer steps of {spec.grad_accum} micro-batch(es); figures are the max over them")
+        if spec.recipe != "hf" or spec.loss != "auto":
+            notes.append(f"recipe {spec.recipe}: its kernels and loss run as PyTorch functions that allocate what the "
+                         "kernels allocate (outputs, saved tensors); their arithmetic, in registers on a GPU, is not "
+                         "counted (harness/workload/recipes.py); host RAM: its pinned offload buffers")
     notes.append("fake tensors on the CPU: CUDA kernel workspaces, context and allocator slack are not in peak_allocated_bytes")
     return TraceResult(spec=spec, seconds=seconds, notes=notes, n_params=n_params, rank=rank, **vars(memory))
 
