@@ -38,7 +38,7 @@ from .activations import (
 from .catalog import get_shape
 from .dtypes import BNB_DTYPES, DTYPE_BYTES
 from .elementwise import pick as _pick
-from .elementwise import to_int, vmax
+from .elementwise import to_int, vmax, vmin
 from .kv_cache import cache_summary, kv_cache_bytes
 from .lora import default_targets, lora_params, lora_tensors, resolve_targets
 from .overhead import DEFAULT_OVERHEADS
@@ -558,13 +558,14 @@ def _phases_train(st, sl, B, S, N):
         loss = _recipe_loss(st, T, B, S)
         fwd_logits, bwd_logits, loss_hidden_bwd = loss["fwd"], loss["bwd"], loss["bwd_acts"]
         loss_temp_fwd, loss_temp_bwd = loss["fwd_temp"], loss["bwd_temp"]
-        if not loss["keeps_lm_in"]:  # the fused and chunked losses save no lm_head input
-            model_saved_bwd = model_saved - lm_in
+        model_saved_bwd = model_saved - lm_in * (1 - loss["keeps_lm_in"])  # fused, chunked: no lm_head input saved
     ckpt_buffers = host = 0
-    mode = R.effective_ckpt_mode(rl, S)
-    if s.grad_ckpt and mode == "offload":
-        acts, ckpt_buffers = _offloaded_acts(st, T, S)
-    elif s.grad_ckpt and mode == "selective":
+    if s.grad_ckpt and rl.ckpt_mode == "offload":
+        # Unsloth checkpoints plainly below 512 tokens (recipes.effective_ckpt_mode)
+        plain = S < R.UNSLOTH_OFFLOAD_MIN_SEQ
+        off_acts, off_buffers = _offloaded_acts(st, T, S)
+        acts, ckpt_buffers = _pick(plain, acts, off_acts), _pick(plain, 0, off_buffers)
+    elif s.grad_ckpt and rl.ckpt_mode == "selective":
         acts = acts + T * shape.n_layers * selective_saved_per_token(ctx, shape)
     acc_grads = grads * ((s.grad_accum > 1) * 1)
     persistent = {**held, C.OPTIMIZER_STATES: state, C.MASTER_WEIGHTS: master}
@@ -688,34 +689,43 @@ def _recipe_loss(st, T, B, S):
     gradient.
     cut: the fp32 log-sum-exp and the hidden states; the backward's de.
     inplace (Unsloth < 2025.8.6): the logits kept, their gradient written over them, then grad_input."""
-    s, shape, rl = st.spec, st.shape, st.rules
+    rl = st.rules
+    if rl.recipe == "unsloth" and rl.loss_impl == "cce":  # its Cut Cross-Entropy above 1,024 tokens only
+        small = T < R.UNSLOTH_CCE_MIN_TOKENS
+        cut, inplace = _loss_terms(st, "cce", T, B, S), _loss_terms(st, "unsloth_inplace", T, B, S)
+        return {k: _pick(small, inplace[k], cut[k]) for k in cut}
+    return _loss_terms(st, rl.loss_impl, T, B, S)
+
+
+def _loss_terms(st, impl, T, B, S):
+    """_recipe_loss for one implementation (keeps_lm_in is 1 or 0)."""
+    shape = st.shape
     H, V = shape.hidden, shape.vocab
     hb = st.ctx.b  # the hidden state's dtype
     wb = st.lm_head_elem_bytes
     lb = st.cb if st.ctx.amp else hb  # a chunk's logits: the input dtype (autocast's under amp)
     w_grad = V * H * wb if st.lm_grad else 0  # a trainable lm_head's gradient, made in the forward
     labels = T * 8  # the shifted int64 labels
-    out = {"fwd_temp": 0, "bwd_temp": 0, "bwd_acts": 0, "keeps_lm_in": False}
-    impl = R.loss_impl(rl, T)
+    out = {"fwd_temp": 0, "bwd_temp": 0, "bwd_acts": 0, "keeps_lm_in": 0}
     if impl == "unsloth":
-        n = R.unsloth_ce_chunks(T, V, rl.ce_target_bytes)
+        n = R.unsloth_ce_chunks(T, V, st.rules.ce_target_bytes)
         c = -(-T // n)
         cast = c * H * wb if hb != wb else 0
-        out.update(fwd=labels + T * H * hb + w_grad + c * V * wb + max(c * H * wb, w_grad) + cast,
+        out.update(fwd=labels + T * H * hb + w_grad + c * V * wb + vmax(c * H * wb, w_grad) + cast,
                    bwd=T * H * hb + w_grad, bwd_acts=T * H * hb + w_grad)  # saved, and scaled out of place
     elif impl == "liger":
         c = R.liger_chunk_tokens(T, H, V)
-        chunk = c * V * lb + max(c * H * lb, (V * H * (lb + 4)) if st.lm_grad else 0)
+        chunk = c * V * lb + vmax(c * H * lb, (V * H * (lb + 4)) if st.lm_grad else 0)
         out.update(fwd=labels + T * H * hb + w_grad + T * 4 + T + chunk, bwd=T * H * hb + w_grad)
     elif impl == "cce":
         keep = 0 if st.ctx_head.linears_trainable else T * H * hb  # e (the final hidden state), saved
-        out.update(fwd=labels + T * 4, bwd=labels + T * 4, keeps_lm_in=True,
+        out.update(fwd=labels + T * 4, bwd=labels + T * 4, keeps_lm_in=1,
                    bwd_acts=keep + T * H * hb + (V * H * wb if st.lm_grad else 0))  # + de (and dc)
     elif impl == "unsloth_inplace":
         out.update(fwd=labels + T * V * wb + 2 * T * 4, bwd=labels + T * V * wb + T * 4, bwd_acts=T * H * hb)
     else:  # chunked (TRL)
         tv = B * (S - 1)
-        c = min(R.TRL_CHUNK_TOKENS, tv) or 1
+        c = vmax(vmin(R.TRL_CHUNK_TOKENS, tv), 1)
         w32 = V * H * 4 if wb != 4 else 0  # `w.float()`: lm_head's fp32 copy, each chunk
         kept = tv * H * hb + 2 * tv * 8 + tv  # gathered states, order and labels (int64), the valid mask
         # a chunk's forward: its matmul (lm_head's fp32 copy, the fp32 input, the logits) or its entropy (logits,
@@ -775,11 +785,11 @@ def _offloaded_acts(st, T, S):
     per_layer = T * H * ctx.r + (S * ctx.b if ctx.attn == "eager" else 0)
     off = R.unsloth_offloaded_layers(T, H, ctx.r, L)
     kept = L - off
-    if off and st.spec.method != "full":
+    if st.spec.method != "full":
         # a frozen embedding's output is made to require grad (enable_input_require_grads): a leaf, which the
         # autograd graph's AccumulateGrad node holds until the backward, offloaded copy or not
-        kept += 1
-    buf = max(R.UNSLOTH_GPU_BUFFER_ELEMENTS, T * H) * st.cb
+        kept = kept + (off > 0)
+    buf = vmax(R.UNSLOTH_GPU_BUFFER_ELEMENTS, T * H) * st.cb
     buffers = buf + (buf if rl.double_buffer else 0)
     return kept * per_layer, buffers
 
@@ -787,9 +797,10 @@ def _offloaded_acts(st, T, S):
 def host_ram_bytes(st, batch, seq):
     """Host RAM a recipe keeps activations in (Unsloth's pinned offload buffers), 0 where none."""
     s = st.spec
-    if s.mode != "train" or not s.grad_ckpt or R.effective_ckpt_mode(st.rules, seq) != "offload":
+    if s.mode != "train" or not s.grad_ckpt or st.rules.ckpt_mode != "offload":
         return 0
-    return R.unsloth_host_bytes(batch * seq, st.shape.hidden, st.ctx.r, st.shape.n_layers)
+    host = R.unsloth_host_bytes(batch * seq, st.shape.hidden, st.ctx.r, st.shape.n_layers)
+    return _pick(seq < R.UNSLOTH_OFFLOAD_MIN_SEQ, 0, host)
 
 
 def paged_bytes(st, phase_bd):

@@ -34,6 +34,7 @@ Pure Python: no torch, no I/O.
 
 from dataclasses import dataclass
 
+from .elementwise import pick, vmax
 from .stack import parse_version
 
 RECIPES = ("hf", "trl", "unsloth", "liger", "axolotl")
@@ -237,36 +238,46 @@ def effective_ckpt_mode(r, seq):
     return r.ckpt_mode
 
 
+# The token counts below may be numpy arrays (formulas.grid): only + - * // and comparisons are used.
+
 def unsloth_ce_chunks(tokens, vocab, target_bytes):
     """Chunks of Unsloth's fused loss: the fp32 logits over the target, rounded up to a multiple of 4 (1 when they
     fit once). target 0: one chunk (the pre-2026.7 target, half the free VRAM, is taken as enough).
     Source: unsloth-zoo fused_losses/cross_entropy_loss.py get_chunk_size, lines 161-175."""
-    if not target_bytes or tokens * vocab * 4 <= target_bytes:
-        return 1
-    return -(-tokens * vocab * 4 // (4 * target_bytes)) * 4
+    if not target_bytes:
+        return tokens * 0 + 1
+    fp32 = tokens * vocab * 4
+    return pick(fp32 <= target_bytes, 1, -(-fp32 // (4 * target_bytes)) * 4)
+
+
+def _next_pow2(x):
+    """The smallest power of two ≥ x (x ≥ 1), elementwise."""
+    p = x * 0 + 1
+    for _ in range(63):
+        p = p + p * (p < x)
+    return p
 
 
 def liger_chunk_tokens(tokens, hidden, vocab):
     """Rows of one Liger fused-linear-cross-entropy chunk: next_power_of_2(ceil(BT / ceil(V / H))), so that a
     chunk's logits are about as large as the hidden states. Source: Liger-Kernel
     ops/fused_linear_cross_entropy.py lines 64-66."""
-    rows = -(-tokens // -(-vocab // hidden))
-    return 1 << max(0, (rows - 1).bit_length())
+    return _next_pow2(-(-tokens // -(-vocab // hidden)))
 
 
 def unsloth_offloaded_layers(tokens, hidden, act_bytes, n_layers):
     """Layers whose input Unsloth's checkpointing sends to host RAM: all but the last (after the first step),
     and none when one layer input is not above 2 MiB (MINIMUM_SIZE)."""
-    return n_layers - 1 if tokens * hidden * act_bytes > UNSLOTH_OFFLOAD_MIN_BYTES else 0
+    return (n_layers - 1) * (tokens * hidden * act_bytes > UNSLOTH_OFFLOAD_MIN_BYTES)
 
 
 def unsloth_host_bytes(tokens, hidden, act_bytes, n_layers):
     """Pinned host RAM of Unsloth's offloaded checkpointing: 200 buffers of 128 Ki elements, the first ones grown to
     one layer input each for every layer the first step offloaded (all of them; it keeps the last on the GPU from
     the second step, but its host buffer stays). Source: unsloth-zoo gradient_checkpointing.py lines 639, 808-815."""
-    grown = n_layers if tokens * hidden * act_bytes > UNSLOTH_OFFLOAD_MIN_BYTES else 0
-    per = max(tokens * hidden, UNSLOTH_CPU_BUFFER_ELEMENTS) * act_bytes
-    return grown * per + max(0, UNSLOTH_CPU_BUFFERS - grown) * UNSLOTH_CPU_BUFFER_ELEMENTS * act_bytes
+    grown = n_layers * (tokens * hidden * act_bytes > UNSLOTH_OFFLOAD_MIN_BYTES)
+    per = vmax(tokens * hidden, UNSLOTH_CPU_BUFFER_ELEMENTS) * act_bytes
+    return grown * per + vmax(0, UNSLOTH_CPU_BUFFERS - grown) * UNSLOTH_CPU_BUFFER_ELEMENTS * act_bytes
 
 
 def describe(r, spec):

@@ -69,6 +69,21 @@ def test_recipes_predict_less_than_the_full_loss_path():
         assert predict(_spec(recipe=recipe)).peak_allocated_bytes < 0.8 * hf, recipe
 
 
+def test_grid_predicts_the_recipes_as_predict_does():
+    pytest.importorskip("numpy")
+    pytest.importorskip("pandas")
+    from formulas.grid import expand_grid, predict_grid
+
+    for recipe, extra in (("unsloth", {}), ("unsloth", {"recipe_version": "2025.1.5"}), ("liger", {}), ("trl", {}),
+                          ("axolotl", {"grad_ckpt_mode": "selective"}), ("hf", {"loss": "cut"})):
+        specs = expand_grid(dict(QLORA_8B, recipe=recipe, **extra), batch=[1, 2], seq=[256, 400, 1024, 4096])
+        df = predict_grid(specs)
+        for spec, (_, row) in zip(specs, df.iterrows()):
+            p = predict(spec)
+            assert row.peak_allocated_bytes == p.peak_allocated_bytes, (recipe, spec.batch, spec.seq)
+            assert row.host_ram_bytes == p.host_ram_bytes, (recipe, spec.batch, spec.seq)
+
+
 # ------------------------------------------------------------------ rules per version
 
 @pytest.mark.parametrize("recipe,version,key,expected", [
