@@ -42,6 +42,7 @@ class ActContext:
     reentrant: bool = False  # reentrant checkpointing: inputs held on ctx are dropped outside the recomputed layer
     moe_param_lora: bool = False  # peft ≥ 0.20 LoRA on fused expert parameters: the experts' weight needs grad
     repeat_kv: bool = False  # SDPA on K/V copied to every query head (transformers < 4.54 or torch < 2.5)
+    sdpa_math: bool = False  # SDPA runs its math kernel (formulas.device.sdpa_backend: fp32 with grouped K/V heads)
     # Fine-tuning recipes' kernels (formulas/recipes.py), on dense Llama-style layers:
     norm_kernel: bool = False  # Liger / Unsloth RMSNorm: saves its input (as it comes) and a fp32 rstd per row
     swiglu_kernel: bool = False  # Liger SiLU·mul: saves gate and up, recomputes silu(gate) in backward
@@ -102,8 +103,13 @@ def _sdpa_saved(ctx, n_q, n_kv, qk_dim, v_dim, seq, q_is_fresh=False, shape=None
     # kernels lay their output out like q: for q = q_proj(x).view(B, S, H, D).transpose(1, 2) that is
     # (B, S, H, D) in memory and .contiguous() is a view; eager's matmul output and MLA's cat-built q
     # are (B, H, S, D), so there it is a real copy (docs/trace_findings.md #6).
-    copies = ctx.attn == "eager" or q_is_fresh
+    copies = ctx.attn == "eager" or q_is_fresh or (ctx.sdpa_math and ctx.attn == "sdpa")
     contiguous = n_q * v_dim * b if _inputs_saved(ctx) and copies else 0
+    if ctx.sdpa_math and ctx.attn == "sdpa":
+        # _scaled_dot_product_attention_math: matmul(q·s, (k_rep·s)^T) saves the scaled q and the scaled, repeated
+        # k; softmax saves its output, which matmul(attn, v_rep) saves too, with v_rep (attention.cpp; the tracer
+        # runs this composite kernel)
+        return 2 * n_q * qk_dim * b + n_q * seq * b + n_q * v_dim * b + contiguous
     if ctx.attn == "eager":
         # matmul(q, k_rep^T) saves q and the repeat_kv copies; softmax(fp32) saves its output;
         # matmul(probs_bf16, v_rep) saves probs and v_rep (transformers eager_attention_forward).
@@ -156,12 +162,13 @@ def _llama_attention_saved(ctx, shape, seq):
         saved += H * ctx.b
     else:
         saved += _lora_shared_input(ctx, ("q_proj", "k_proj", "v_proj"), H, saved_already=_inputs_saved(ctx))
-    # o_proj reads the kernel output through a view (flash / efficient layout), already saved; eager copies it.
-    # Unsloth's LoRA_W (line 612) saves that same input.
+    # o_proj reads the kernel output through a view (flash / efficient layout), already saved; eager (and SDPA's
+    # math kernel) copies it. Unsloth's LoRA_W (line 612) saves that same input.
+    copied = ctx.attn == "eager" or ctx.sdpa_math
     if fused_o:
-        saved += nH * hd * ctx.b if ctx.attn == "eager" and not _inputs_saved(ctx) else 0
+        saved += nH * hd * ctx.b if copied and not _inputs_saved(ctx) else 0
     else:
-        saved += _lora_shared_input(ctx, ("o_proj",), nH * hd, saved_already=ctx.attn != "eager" or _inputs_saved(ctx))
+        saved += _lora_shared_input(ctx, ("o_proj",), nH * hd, saved_already=not copied or _inputs_saved(ctx))
     return saved
 
 
@@ -433,7 +440,7 @@ def selective_saved_per_token(ctx, shape):
 
 # ---------------------------------------------------------------- inference (no grad)
 
-def prefill_working_set_per_token(shape, b, attn, seq, fp16=False, repeat_kv=False):
+def prefill_working_set_per_token(shape, b, attn, seq, fp16=False, repeat_kv=False, sdpa_math=False):
     """Live forward tensors per token at the worst moment inside one layer (no grad: nothing is saved).
 
     Beside every op of a layer, hidden-size tensors stay bound by the Python code: the model's
@@ -442,7 +449,11 @@ def prefill_working_set_per_token(shape, b, attn, seq, fp16=False, repeat_kv=Fal
     holds act, up and their product (3·I); RMSNorm two fp32 copies; MoE runs transformers'
     `grouped_mm` experts over all T·k routed rows at once; eager attention holds the score matrix,
     its fp32 softmax and the cast back, the additive mask, and — bound to `_` by the decoder
-    layer — the probabilities until the layer returns.
+    layer — the probabilities until the layer returns. SDPA left with its math kernel (`sdpa_math`:
+    formulas.device.sdpa_backend) holds the scaled query and key, K and V repeated to every query head
+    (grouped models), the score matrix and its softmax (aten/src/ATen/native/transformers/attention.cpp
+    _scaled_dot_product_attention_math; read off it on fake tensors); its S × S causal mask is the
+    caller's (`sdpa_math_mask_bytes`).
     Source: transformers 5 modeling_*.py and integrations/moe.py; checked by the tracer
     (docs/trace_findings.md #1-#5)."""
     H, I, nH = shape.hidden, shape.intermediate, shape.n_heads
@@ -489,9 +500,18 @@ def prefill_working_set_per_token(shape, b, attn, seq, fp16=False, repeat_kv=Fal
         if shape.eager_per_score and b == 2:  # what this model's eager code holds per score (read off it)
             per_score = shape.eager_per_score[0]
         attn_ws = attn_ws + nH * seq * per_score + seq * b
+    elif sdpa_math and shape.family != "gpt2":
+        grouped = shape.n_kv_heads < nH and not repeat_kv
+        attn_ws = attn_ws + nH * seq * 2 * b + nH * shape.head_dim * b * (4 if grouped else 2)
     elif shape.sdpa_per_score and b == 2:  # SDPA left with the math kernel: its score matrices
         attn_ws = attn_ws + nH * seq * shape.sdpa_per_score[0]
     return vmax(vmax(norm, mlp), attn_ws)
+
+
+def sdpa_math_mask_bytes(seq, b):
+    """The causal mask SDPA's math kernel builds once per call: a bool S × S `ones`, its `tril`, and the additive
+    mask in the compute dtype (attention.cpp convert_boolean_attn_mask)."""
+    return seq * seq * (b + 2)
 
 
 def forward_extras_per_position(shape, b):

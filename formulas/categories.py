@@ -2,10 +2,11 @@
 
 Every breakdown in vramlab — predicted by `formulas`, traced on fake tensors,
 measured on a GPU — is keyed by these names, so the three line up category by
-category. Tensor categories add up to `peak_allocated_bytes` (what
-`torch.cuda.max_memory_allocated` reports); device categories are what NVML sees
-on top of that: the context made at CUDA init, the workspaces libraries allocate
-outside the caching allocator, and the allocator's reserved-but-free slack.
+category. Tensor categories and the library workspaces the caching allocator holds
+add up to `peak_allocated_bytes` (what `torch.cuda.max_memory_allocated` reports);
+device categories are what NVML sees on top of that: the CUDA context (everything
+outside the caching allocator) and the allocator's reserved-but-free slack.
+Where each sits, and its sources: formulas/device.py.
 """
 
 WEIGHTS = "weights"  # the model's parameters (LoRA adapters included), at their storage dtype
@@ -18,9 +19,13 @@ ACTIVATIONS = "activations"  # tensors saved for backward (training) or the live
 KV_CACHE = "kv_cache"  # keys and values kept for decoding
 LOGITS = "logits"  # vocabulary logits, their fp32 upcast, log-softmax and loss
 TEMPORARIES = "temporaries"  # short-lived workspace: optimizer foreach buffers, autocast weight copies, dequantization
-CUDA_CONTEXT = "cuda_context"  # the CUDA context itself: driver state and loaded kernel images, made at CUDA init
-WORKSPACES = "workspaces"  # device memory beyond the context and the caching allocator: cuBLAS/cuDNN workspaces, handles
-ALLOCATOR_SLACK = "allocator_slack"  # reserved by the caching allocator but not holding a live tensor
+# library workspaces held in the caching allocator (counted in torch's allocated peak): cuBLAS/cuBLASLt, one per
+# thread and stream that runs GEMMs (aten/src/ATen/cuda/CublasHandlePool.cpp)
+WORKSPACES = "workspaces"
+# everything outside the caching allocator: the context made at CUDA init, kernel images loaded lazily as kernels
+# first run, library handles
+CUDA_CONTEXT = "cuda_context"
+ALLOCATOR_SLACK = "allocator_slack"  # reserved by the caching allocator but not holding a live tensor or workspace
 
 TENSOR_CATEGORIES = (
     WEIGHTS,
@@ -34,8 +39,9 @@ TENSOR_CATEGORIES = (
     LOGITS,
     TEMPORARIES,
 )
-DEVICE_CATEGORIES = (CUDA_CONTEXT, WORKSPACES, ALLOCATOR_SLACK)
-ALL_CATEGORIES = TENSOR_CATEGORIES + DEVICE_CATEGORIES
+ALLOCATED_CATEGORIES = TENSOR_CATEGORIES + (WORKSPACES,)  # what adds up to peak_allocated_bytes
+DEVICE_CATEGORIES = (CUDA_CONTEXT, ALLOCATOR_SLACK)  # on top of it: what adds up to peak_device_bytes
+ALL_CATEGORIES = ALLOCATED_CATEGORIES + DEVICE_CATEGORIES
 
 # Phases of a workload, in order; a prediction names the one holding its peak.
 PHASES_INFERENCE = ("load", "prefill", "decode")

@@ -12,7 +12,9 @@ from itertools import product
 from . import categories as C
 from .catalog import get_shape
 from .overhead import DEFAULT_OVERHEADS
-from .predict import allocated_bytes, device_totals, host_ram_bytes, per_gpu_phases, workload_static
+from .predict import (
+    allocated_bytes, device_totals, host_ram_bytes, paged_bytes, per_gpu_phases, reserved_bytes, workload_static
+)
 from .spec import MAX_BATCH, MAX_TOKENS, Spec, SpecError, validate
 
 
@@ -69,17 +71,30 @@ def predict_grid(specs, overheads=DEFAULT_OVERHEADS):
         B, S, N = B_all[idx], S_all[idx], N_all[idx]
         best = np.full(len(idx), -1, dtype=np.int64)
         best_phase = np.empty(len(idx), dtype=object)
-        best_bd = {c: np.zeros(len(idx), dtype=np.int64) for c in C.TENSOR_CATEGORIES}
-        for phases in per_gpu_phases(st, B, S, N):
+        best_bd = {c: np.zeros(len(idx), dtype=np.int64) for c in C.ALLOCATED_CATEGORIES}
+        best_res = np.zeros(len(idx), dtype=np.int64)
+        for phases in per_gpu_phases(st, B, S, N, overheads):
+            if key.mode == "inference":
+                phases = {ph: bd for ph, bd in phases.items() if ph != "decode"} if not N.any() else phases
+            res = np.zeros(len(idx), dtype=np.int64)  # this GPU's largest reservation
+            arrs_by_phase = {}
             for ph, bd in phases.items():
                 arrs = {c: np.broadcast_to(np.asarray(v, dtype=np.int64), B.shape) for c, v in bd.items()}
+                if ph == "decode":  # specs without decode steps (gen 0) have no decode phase
+                    arrs = {c: np.where(N > 0, v, 0) for c, v in arrs.items()}
+                arrs_by_phase[ph] = arrs
+                tot = allocated_bytes(st, arrs)
+                r = np.asarray(reserved_bytes(st, ph, arrs, tot, overheads, B, S) + paged_bytes(st, arrs), dtype=np.int64)
+                res = np.maximum(res, np.where(tot > 0, r, 0))
+            for ph, arrs in arrs_by_phase.items():
                 tot = allocated_bytes(st, arrs)
                 better = tot > best
                 best = np.where(better, tot, best)
                 best_phase = np.where(better, ph, best_phase)
-                for c in C.TENSOR_CATEGORIES:
+                best_res = np.where(better, res, best_res)
+                for c in C.ALLOCATED_CATEGORIES:
                     best_bd[c] = np.where(better, arrs[c], best_bd[c])
-        device_bd, device_total = device_totals(st, best_bd, best, overheads)
+        device_bd, device_total = device_totals(st, best_bd, best, best_res, overheads)
         alloc[idx] = best
         device[idx] = device_total
         host[idx] = np.broadcast_to(np.asarray(host_ram_bytes(st, B, S), dtype=np.int64), B.shape)

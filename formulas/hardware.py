@@ -1,4 +1,5 @@
-"""The hardware catalog: memory, bandwidth, dense tensor throughput, interconnect and price per GPU.
+"""The hardware catalog: memory, bandwidth, dense tensor throughput, interconnect and price per GPU, and the node each
+GPU type usually sits in (GPUs per node, NVLink domain, the network between nodes, host memory).
 
 Facts live in `catalog/hardware.json`, each GPU with its sources; this module only reads
 that file and answers lookups. Bytes are integers: `memory_bytes` is the vendor's nominal
@@ -35,6 +36,8 @@ class Hardware:
     interconnect: tuple  # ((name, bytes_per_s both directions summed), ...)
     price: dict  # {"amount", "currency", "kind"} or None
     sources: tuple  # URLs and datasheet names
+    architecture: str = ""  # family and chip, e.g. "Ada Lovelace AD102" (formulas.device reads the chip)
+    node: str = ""  # the node profile it usually sits in (catalog "nodes")
 
     @property
     def usable_bytes(self):
@@ -50,6 +53,30 @@ class Hardware:
         if flops is None and path == "fp16":
             flops, path = self.dense_flops.get("bf16"), "bf16"
         return flops, path
+
+
+    def link(self, kind):
+        """(name, bytes per second one way) of the first interconnect whose name contains `kind`, or None."""
+        for name, both in self.interconnect:
+            if kind.lower() in name.lower():
+                return name, both // 2
+        return None
+
+
+@dataclass(frozen=True)
+class Node:
+    """A node (box) as the catalog's `nodes` profile describes it; bandwidths both directions summed."""
+
+    key: str
+    name: str
+    gpus_per_node: int
+    nvlink_domain: int  # GPUs one NVLink / Infinity Fabric domain joins (1: none)
+    scale_out_name: str  # "" where nodes are not joined
+    scale_out_bytes_per_s: int  # the whole node's network, both directions summed (0: none)
+    host_memory_bytes: int  # 0: not one product, unknown
+    host_memory_bandwidth_bytes_per_s: int  # 0: unknown
+    basis: str  # "vendor system", or vramlab's assumption and why
+    sources: tuple
 
 
 class UnknownGPUError(ValueError):
@@ -69,15 +96,44 @@ def _from_entry(e):
         bandwidth_bytes_per_s=int(e["bandwidth_bytes_per_s"]),
         dense_flops={k: (None if v is None else v * 1e12) for k, v in tf.items()},
         interconnect=tuple((i["name"], int(i["bytes_per_s"])) for i in e.get("interconnect", ())),
-        price=e.get("price"), sources=tuple(e.get("sources", ())),
+        price=e.get("price"), sources=tuple(e.get("sources", ())), architecture=e.get("architecture", ""),
+        node=e.get("node", ""),
     )
+
+
+def _node_from(key, e):
+    out = e.get("scale_out") or {}
+    return Node(key=key, name=e["name"], gpus_per_node=int(e["gpus_per_node"]), nvlink_domain=int(e["nvlink_domain"]),
+                scale_out_name=out.get("name", ""), scale_out_bytes_per_s=int(out.get("bytes_per_s") or 0),
+                host_memory_bytes=int(e.get("host_memory_bytes") or 0),
+                host_memory_bandwidth_bytes_per_s=int(e.get("host_memory_bandwidth_bytes_per_s") or 0),
+                basis=e.get("basis", ""), sources=tuple(e.get("sources", ())))
+
+
+@lru_cache(maxsize=1)
+def _document():
+    with open(CATALOG_PATH, encoding="utf-8") as f:
+        return json.load(f)
 
 
 @lru_cache(maxsize=1)
 def _catalog():
-    with open(CATALOG_PATH, encoding="utf-8") as f:
-        doc = json.load(f)
-    return tuple(_from_entry(e) for e in doc["gpus"])
+    return tuple(_from_entry(e) for e in _document()["gpus"])
+
+
+@lru_cache(maxsize=1)
+def _nodes():
+    return {k: _node_from(k, e) for k, e in _document().get("nodes", {}).items() if not k.startswith("_")}
+
+
+def node_of(hw):
+    """The node profile a GPU type usually sits in (the catalog's `nodes`); one GPU alone where it names none."""
+    node = _nodes().get(hw.node)
+    if node is None:
+        return Node(key="", name="one GPU", gpus_per_node=1, nvlink_domain=1, scale_out_name="", scale_out_bytes_per_s=0,
+                    host_memory_bytes=0, host_memory_bandwidth_bytes_per_s=0, basis="no node profile in the catalog",
+                    sources=())
+    return node
 
 
 @lru_cache(maxsize=1)

@@ -8,9 +8,11 @@ The workload modelled is the one vramlab's harness runs with transformers:
   the optimizer state from step 1 is alive in every later step, which is where the
   steady-state peak is.
 
-`peak_allocated_bytes` is the sum of tensor categories at the peak moment (what
-torch.cuda.max_memory_allocated reports); `peak_device_bytes` adds the device categories —
-CUDA context, workspaces and allocator slack (what NVML reports) — from `Overheads`.
+`peak_allocated_bytes` is the sum of tensor categories at the peak moment plus the library
+workspaces the caching allocator holds then (what torch.cuda.max_memory_allocated reports);
+`peak_reserved_bytes` adds the allocator's slack (torch.cuda.max_memory_reserved) and
+`peak_device_bytes` the CUDA context outside the allocator (what NVML reports), from `Overheads`
+(formulas/overhead.py, formulas/device.py).
 Multi-GPU specs are predicted per GPU, for the GPU that needs the most.
 
 `predict` answers one spec. The steps it takes are public so that `grid.predict_grid` can run
@@ -32,10 +34,12 @@ from .activations import (
     layers_saved_per_token,
     model_saved_per_token,
     prefill_working_set_per_token,
+    sdpa_math_mask_bytes,
     selective_saved_per_token,
     state_layers_fixed_bytes,
 )
 from .catalog import get_shape
+from .device import sdpa_backend
 from .dtypes import BNB_DTYPES, DTYPE_BYTES
 from .elementwise import pick as _pick
 from .elementwise import to_int, vmax, vmin
@@ -57,14 +61,15 @@ class Prediction:
     model: str  # model name as resolved
     n_params: int  # parameters of the whole model
     breakdown: dict  # category → bytes at the peak moment, device categories included
-    peak_allocated_bytes: int  # sum of tensor categories at the peak
-    peak_device_bytes: int  # + CUDA context, workspaces, allocator slack
+    peak_allocated_bytes: int  # tensor categories + workspaces at the peak
+    peak_device_bytes: int  # + allocator slack and the CUDA context
     peak_phase: str  # load | prefill | decode | forward | backward | optimizer_step
-    phases: dict  # phase → {tensor category → bytes} at that phase's own peak
+    phases: dict  # phase → {allocated category → bytes} at that phase's own peak
     notes: list = field(default_factory=list)  # assumptions worth reading
     overheads_source: str = ""  # where the device overheads came from
     calibrated: bool = False  # True when the overheads came from a calibration table (measurements)
     weights_source: str = "formula"  # formula | checkpoint (the safetensors headers' stored bytes)
+    peak_reserved_bytes: int = 0  # what the caching allocator holds at its peak (max_memory_reserved)
     # Host RAM the workload keeps activations in (a recipe's offloaded checkpointing), not a device category
     host_ram_bytes: int = 0
 
@@ -111,6 +116,8 @@ class _Static:
     fsdp_shard_frac: float = 0.0  # FSDP2: rank 0's share of the parameters, each first dimension padded to the world
     moe_merged: int = 0  # peft ≥ 0.20 LoRA on fused experts: one MoE layer's W + ΔW (compute dtype), saved for backward
     moe_delta_temp: int = 0  # … and the largest ΔW while it is built (fp32 einsum, then its cast)
+    biased: bool = False  # the model has biased linears (cuBLASLt GEMMs where torch keeps their workspace apart)
+    ep_frac: float = 0.0  # share of the layers' weight bytes in routed experts (what expert parallelism splits)
     rules: object = None  # formulas.recipes.Rules: what the fine-tuning recipe does to the step
     lm_head_elem_bytes: int = 2  # bytes per element of lm_head's weight (fp32 after kbit prep or under amp full training)
 
@@ -157,13 +164,39 @@ def _recast(spec):
 def _fsdp_shard_frac(shape, spec):
     """Rank 0's share of the parameters under FSDP2: each tensor's first dimension split in `dp` chunks of
     ceil(d0 / dp) rows (`torch.chunk`; the last ranks' shards are padded to that), so rank 0 holds the most."""
-    dp = spec.gpus // (spec.tp * spec.pp)
+    dp = shard_world(spec)
     if spec.zero < 2 or dp < 2:
         return 0.0
     params = [t for t in shape.tensors if t.kind != "buffer" and t.shape]
     total = sum(t.total_numel for t in params)
     mine = sum(-(-t.shape[0] // dp) * (t.numel // t.shape[0]) * t.count for t in params)
     return mine / total if total else 1.0 / dp
+
+
+def _routed_expert(t):
+    """A tensor of the routed experts: fused 3-D experts, or transformers 4.x's nn.Linear per expert."""
+    return t.kind == "experts" or (".experts." in t.name and "shared" not in t.name)
+
+
+def shard_world(spec):
+    """The data-parallel GPUs ZeRO / FSDP shards over: all of them (--gpus / (--tp × --pp), context-parallel ones
+    included, as torchtitan's fsdp = dp_shard × cp), or the hybrid-sharding group (--shard-gpus)."""
+    return spec.shard_gpus or spec.gpus // (spec.tp * spec.pp)
+
+
+def zero1_whole_tensors(spec):
+    """ZeRO-1 as torch's ZeroRedundancyOptimizer builds it (whole tensors per rank, what the tracer runs) — over
+    plain data parallelism. Beside tensor, pipeline, context or expert parallelism ZeRO-1 is Megatron-LM's
+    distributed optimizer (and DeepSpeed's stage 1): a flat buffer split evenly over the data-parallel ranks."""
+    dp = spec.gpus // (spec.tp * spec.pp)
+    return spec.zero == 1 and dp > 1 and spec.tp == spec.pp == spec.cp == spec.ep == 1 and not spec.shard_gpus
+
+
+def fsdp_offload(spec):
+    """FSDP's CPU offload (`--offload params` under ZeRO-2/3): parameters, gradients and the optimizer step on the
+    CPU. torch 2.13 torch/distributed/fsdp/api.py:230-241 (CPUOffload: "offloads gradients to CPU as well, meaning
+    that the optimizer step runs on CPU") and _fully_shard/_fsdp_api.py:183-189 (CPUOffloadPolicy, FSDP2)."""
+    return spec.mode == "train" and spec.offload == "params" and spec.zero >= 2 and spec.gpus // (spec.tp * spec.pp) > 1
 
 
 def fsdp_master_precision(spec):
@@ -226,6 +259,10 @@ def _static(spec, checkpoint=None):
     quant_temp = quant_temp_tok = 0
     if spec.dtype in ("nf4", "fp4", "gptq-int4", "awq-int4"):
         quant_temp = st.largest_quantized * cb  # a whole weight dequantized for a multi-token matmul
+        if spec.dtype in ("nf4", "fp4") and spec.double_quant:
+            # bitsandbytes' _dequant_linear_fallback (backends/cuda/ops.py, 0.50): the nested absmax dequantized to
+            # fp32, then `absmax_dq + absmax_offset`, a second fp32 copy, beside the dequantized weight
+            quant_temp += 2 * 4 * -(-st.largest_quantized // spec.group_size if spec.group_size else 0)
     if spec.dtype == "gptq-int4" and spec.gptq_kernel == "exllamav2":
         # AutoGPTQ's exllamav2_post_init: one fp16 scratch tensor per device, the largest of every quantized
         # linear's scratch_space_fixed(max_input_len=2048, max_batch_size=8) = (in·out·2 + 128) + (out·2048·8·4 + 128),
@@ -240,7 +277,10 @@ def _static(spec, checkpoint=None):
     n_tr = grads = state = master = opt_temp = copies = copies_head = copies_layer = lm_grad = opt_steps = zero1_state = 0
     moe_merged = moe_delta_temp = 0
     lin = sum(t.total_numel for t in shape.tensors if t.kind in ("linear", "experts") and _is_layer(t))
-    tp_lin_frac = lin / sum(t.total_numel for t in shape.tensors if _is_layer(t)) if lin else 0.0
+    layer_numel = sum(t.total_numel for t in shape.tensors if _is_layer(t))
+    tp_lin_frac = lin / layer_numel if lin else 0.0
+    routed = sum(t.total_numel for t in shape.tensors if _is_layer(t) and _routed_expert(t))
+    ep_frac = routed / layer_numel if routed else 0.0
     paged = False
     ctx = ctx_head = None
     saved_layers = shape.n_layers
@@ -310,7 +350,7 @@ def _static(spec, checkpoint=None):
         state, master, opt_temp, paged = om.state_bytes, om.master_bytes, om.step_temp_bytes, om.paged
         opt_steps = om.step_counter_bytes
         dp = spec.gpus // (spec.tp * spec.pp)
-        if spec.zero == 1 and dp > 1:
+        if zero1_whole_tensors(spec):
             # torch's ZeroRedundancyOptimizer gives each rank whole parameters, largest first to the lightest rank
             ranks = zero1_partition(trainable, tb, dp)
             zero1_state = max(optimizer_memory(r, tb, spec.optimizer, spec.optimizer_impl,
@@ -318,11 +358,16 @@ def _static(spec, checkpoint=None):
         # The residual stream is fp32 under autocast when the embeddings are fp32 (full); a frozen
         # low-precision base keeps it in the compute dtype (freeze, LoRA).
         r = 4 if (amp and spec.method == "full") or kbit else cb
+        repeat = spec.attn == "sdpa" and sdpa_repeats_kv(spec)
+        grouped = shape.n_kv_heads < shape.n_heads and not repeat and shape.family in ("llama", "moe", "generic")
+        # the attention's dtype: fp32 after kbit prep (the stream), else the compute dtype (autocast casts to it)
+        attn_dtype = "fp32" if kbit else spec.compute_dtype
+        math = spec.attn == "sdpa" and grouped and sdpa_backend(
+            spec, head_dim_qk=shape.head_dim, head_dim_v=shape.head_dim, grouped=True, dtype=attn_dtype) == "math"
         reentrant = behaviour(spec, "reentrant") if rl.ckpt_reentrant is None else rl.ckpt_reentrant
         ctx = ActContext(b=4 if kbit else cb, r=r, amp=amp, attn=spec.attn, dropout=spec.dropout,
-                         reentrant=spec.grad_ckpt and reentrant,
-                         repeat_kv=spec.attn == "sdpa" and sdpa_repeats_kv(spec), norm_kernel=rl.norm_kernel,
-                         swiglu_kernel=rl.swiglu_kernel, fused_lora=rl.fused_lora, **ctx_kw)
+                         reentrant=spec.grad_ckpt and reentrant, repeat_kv=repeat, sdpa_math=math,
+                         norm_kernel=rl.norm_kernel, swiglu_kernel=rl.swiglu_kernel, fused_lora=rl.fused_lora, **ctx_kw)
         ctx_head = ctx if spec.method != "freeze" else replace(ctx, linears_trainable=False, norms_trainable=False)
         if spec.method in ("lora", "qlora"):
             w_other += n_tr * tb  # adapters counted with the weights
@@ -334,14 +379,27 @@ def _static(spec, checkpoint=None):
         autocast_copies=copies, autocast_head=copies_head, autocast_layer=copies_layer, lm_grad=lm_grad, ctx=ctx,
         ctx_head=ctx_head, saved_layers_trainable=saved_layers, tp_lin_frac=tp_lin_frac, opt_steps=opt_steps,
         zero1_state=zero1_state, fsdp_shard_frac=_fsdp_shard_frac(shape, spec), moe_merged=moe_merged,
-        moe_delta_temp=moe_delta_temp, rules=rl,
-        lm_head_elem_bytes=4 if (kbit or (amp and spec.method == "full") or spec.compute_dtype == "fp32") else cb,
+        moe_delta_temp=moe_delta_temp, biased=any(t.kind == "bias" for t in shape.tensors), ep_frac=ep_frac,
+        rules=rl, lm_head_elem_bytes=4 if (kbit or (amp and spec.method == "full") or spec.compute_dtype == "fp32") else cb,
     )
 
 
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=8192)
 def _static_cached(spec, checkpoint):
-    return _static(spec, checkpoint)
+    if zero1_whole_tensors(spec):
+        return _static(spec, checkpoint)  # ZeroRedundancyOptimizer's partition depends on the world
+    # The static part depends on the layout only through FSDP's padded shard share and whether the data-parallel
+    # GPUs are several (FSDP2's master precision), and on checkpointing only when it is reentrant: one core per
+    # such class serves every count, split and lever the planner tries.
+    dp = spec.gpus // (spec.tp * spec.pp)
+    core_spec = spec.replace(gpus=2 if dp > 1 else 1, tp=1, pp=1, cp=1, ep=1, sequence_parallel=False, offload="none",
+                             shard_gpus=0,
+                             layer_split=False, grad_accum=1, ckpt_every=1, zero=spec.zero if spec.zero >= 2 else 0,
+                             grad_ckpt=spec.grad_ckpt and behaviour(spec, "reentrant"))
+    if core_spec == spec:
+        return _static(spec, checkpoint)
+    core = _static_cached(core_spec, checkpoint)
+    return replace(core, spec=spec, fsdp_shard_frac=_fsdp_shard_frac(core.shape, spec))
 
 
 def workload_static(spec, checkpoint=None):
@@ -370,6 +428,7 @@ class _Slice:
     ddp_bucket: bool = False  # DDP keeps a bucketed copy of the gradients for all-reduce
     zero1: bool = False  # optimizer state split by whole parameters (ZeroRedundancyOptimizer)
     fsdp: int = 0  # FSDP2 (2: parameters stay gathered from forward to backward; 3: gathered per layer)
+    ep: int = 1  # expert-parallel degree: routed experts / ep where ZeRO does not shard them already
     label: str = "gpu"
 
 
@@ -377,15 +436,16 @@ def _slices(st):
     s, shape = st.spec, st.shape
     tp, pp = s.tp, s.pp
     dp = s.gpus // (tp * pp)
+    shard = shard_world(s)  # hybrid sharding: ZeRO over groups of `shard`, plain replicas across the groups
     if shape.is_mla and s.mla_cache == "compressed":
         kv_div = 1.0  # one latent per token, replicated on every TP rank
     else:
         kv_div = min(tp, shape.n_kv_heads) if tp > 1 else 1
     z = s.zero
     train = s.mode == "train"
-    common = dict(tp=tp, kv_div=kv_div, state_div=dp if z >= 1 else 1, grad_div=dp if z >= 2 else 1,
-                  weight_div=dp if z >= 2 else 1, ddp_bucket=(dp > 1 and z <= 1 and train),
-                  zero1=(dp > 1 and z == 1 and train), fsdp=z if (dp > 1 and z >= 2 and train) else 0)
+    common = dict(tp=tp, kv_div=kv_div, state_div=shard if z >= 1 else 1, grad_div=shard if z >= 2 else 1,
+                  weight_div=shard if z >= 2 else 1, ddp_bucket=(dp > 1 and z <= 1 and train),
+                  zero1=train and zero1_whole_tensors(s), fsdp=z if (dp > 1 and z >= 2 and train) else 0, ep=s.ep)
     if s.layer_split and s.gpus > 1:
         g = s.gpus
         per = -(-shape.n_layers // g) / shape.n_layers
@@ -405,8 +465,14 @@ def _slices(st):
 
 def _head_tp(st, sl):
     """What the lm_head is split by: transformers' plans shard an untied head column-wise ("colwise_gather_output");
-    a tied one is the replicated embedding."""
-    return 1 if st.shape.tie_embeddings else sl.tp
+    a tied one is the replicated embedding. Megatron-LM and torchtitan (--sequence-parallel) split both."""
+    return sl.tp if (st.spec.sequence_parallel or not st.shape.tie_embeddings) else 1
+
+
+def _embed_tp(st, sl):
+    """What the token embedding is split by: whole on every rank in transformers' TP plans; vocabulary-parallel in
+    Megatron-LM (VocabParallelEmbedding) and torchtitan (RowwiseParallel on the embedding), --sequence-parallel."""
+    return sl.tp if st.spec.sequence_parallel else 1
 
 
 def _held(st, sl, layers, embed, head, other):
@@ -415,47 +481,76 @@ def _held(st, sl, layers, embed, head, other):
     Tensor parallelism (transformers' plans) splits the layers' linear weights and an untied head;
     embeddings and norms stay whole on every rank. ZeRO-3 / FSDP2 keeps 1/dp of everything at rest
     (the gathered layers are transients of the forward and backward, `_fsdp_gathered`)."""
-    lin = layers * st.tp_lin_frac
-    w = (layers - lin + lin / sl.tp) * sl.layer_frac + embed * sl.embed + head * sl.head / _head_tp(st, sl) + other
+    ep = sl.ep if sl.weight_div == 1 else 1  # under ZeRO-3 the experts' shards are 1/dp whatever ep is
+    w = layers * _layer_share(st, sl, ep) * sl.layer_frac + embed * sl.embed / _embed_tp(st, sl) + \
+        head * sl.head / _head_tp(st, sl) + other
     if st.spec.offload == "params":
-        w = 2 * (layers - lin + lin / sl.tp) / st.shape.n_layers  # streamed: the running layer and the next
+        w = 2 * layers * _layer_share(st, sl, ep) / st.shape.n_layers  # streamed: the running layer and the next
     if sl.weight_div > 1:
         w = w * st.fsdp_shard_frac if sl.fsdp else w / sl.weight_div
     return w
 
 
+def _layer_share(st, sl, ep=1):
+    """Share of a decoder layer's weight bytes one GPU holds: linear weights / tp (routed experts / (tp × ep))."""
+    dense_lin = st.tp_lin_frac - st.ep_frac
+    return (1 - st.tp_lin_frac) + dense_lin / sl.tp + st.ep_frac / (sl.tp * ep)
+
+
 def _weights_on(st, sl):
-    """{weights, quant_state} one GPU holds."""
+    """{weights, quant_state} one GPU holds.
+
+    bitsandbytes' 4-bit quantization state is a module attribute outside FSDP's flat parameters
+    (bitsandbytes 0.50.2 bitsandbytes/nn/modules.py:487-501, `fix_4bit_weight_quant_state_from_module`: "the quant
+    state got lost when the parameter got converted. This happens for example for fsdp"): under FSDP-QLoRA every
+    rank keeps all of it on its GPU, whether or not the packed weights are sharded or offloaded."""
+    quant = _held(st, sl, st.q_layers, 0, 0, st.q_other)
+    if sl.fsdp and st.spec.dtype in BNB_DTYPES:
+        quant = st.q_layers * sl.layer_frac + st.q_other
     return {C.WEIGHTS: _held(st, sl, st.w_layers - st.q_layers, st.w_embed, st.w_head, st.w_other - st.q_other),
-            C.QUANT_STATE: _held(st, sl, st.q_layers, 0, 0, st.q_other)}
+            C.QUANT_STATE: quant}
 
 
-def _param_share(st, sl):
-    """This GPU's share of the trainable parameters before any ZeRO split (pipeline stage, tensor-parallel shards)."""
+def _param_share(st, sl, ep=1):
+    """This GPU's share of the trainable parameters before any ZeRO split (pipeline stage, tensor-parallel shards,
+    and with `ep` the expert-parallel split, for what ZeRO does not shard)."""
     total = st.w_layers + st.w_embed + st.w_head + st.w_other
-    lin = st.w_layers * st.tp_lin_frac
-    mine = (st.w_layers - lin + lin / sl.tp) * sl.layer_frac + st.w_embed * sl.embed + \
+    mine = st.w_layers * _layer_share(st, sl, ep) * sl.layer_frac + st.w_embed * sl.embed / _embed_tp(st, sl) + \
         st.w_head * sl.head / _head_tp(st, sl) + st.w_other
     return mine / total if total else 1.0
 
 
 def _fsdp_gathered(st, sl):
     """FSDP2's gathered weights beside the shards during forward and backward: the root's parameters (embeddings,
-    final norm, head — the root does not reshard after forward) and, at ZeRO-2, every layer's (kept until backward)."""
-    total = st.w_layers + st.w_embed + st.w_head + st.w_other
-    gathered = total if sl.fsdp == 2 else total - st.w_layers
+    final norm, head — the root does not reshard after forward) and, at ZeRO-2, every layer's (kept until backward).
+    Under tensor parallelism what is gathered is this rank's TP shard (an untied head / tp, layers' linears / tp)."""
+    root = st.w_embed * sl.embed / _embed_tp(st, sl) + st.w_head * sl.head / _head_tp(st, sl) + st.w_other
+    gathered = root + (st.w_layers * _layer_share(st, sl, sl.ep) * sl.layer_frac if sl.fsdp == 2 else 0)
     return gathered * st.cb / 4 if fsdp_master_precision(st.spec) else gathered
 
 
-def _phases_inference(st, sl, B, S, N):
+def _sdpa_math(st, repeats_kv, cc):
+    """Whether SDPA runs its math kernel in this spec's prefill on a GPU of compute capability `cc`
+    (formulas.device.sdpa_backend): transformers passes grouped K/V heads (enable_gqa) unless it repeats them, and no
+    mask without padding."""
+    shape, s = st.shape, st.spec
+    if s.attn != "sdpa" or shape.family not in ("llama", "moe", "generic"):
+        return False
+    grouped = shape.n_kv_heads < shape.n_heads and not repeats_kv
+    return sdpa_backend(s, head_dim_qk=shape.head_dim, head_dim_v=shape.head_dim, grouped=grouped, cc=cc) == "math"
+
+
+def _phases_inference(st, sl, B, S, N, cc=None):
     shape, s, cb = st.shape, st.spec, st.cb
     base = {**_weights_on(st, sl), C.BUFFERS: st.buffers}
     T = B * S
     kv_pf = kv_cache_bytes(shape, B, S, st.kvb, s.mla_cache, prefill=True) * sl.layer_frac / sl.kv_div
     # + int64 input ids per token, and cos/sin, position ids (and position embeddings) per position
     rep = sdpa_repeats_kv(s)
-    ws = (T * (prefill_working_set_per_token(shape, cb, s.attn, S, s.compute_dtype == "fp16", rep) + 8) + S * forward_extras_per_position(shape, cb)
-          + state_layers_fixed_bytes(cb, shape, "ws")) / sl.tp
+    math = _sdpa_math(st, rep, cc)
+    ws = (T * (prefill_working_set_per_token(shape, cb, s.attn, S, s.compute_dtype == "fp16", rep, math) + 8)
+          + S * forward_extras_per_position(shape, cb) + state_layers_fixed_bytes(cb, shape, "ws")
+          + (sdpa_math_mask_bytes(S, cb) if math else 0)) / sl.tp
     qtemp = st.quant_temp + T * st.quant_temp_per_token / sl.tp
     head_act = 2 * T * shape.hidden * cb * sl.head
     upcast_fwd = behaviour(s, "logits_upcast") == "forward"
@@ -465,12 +560,21 @@ def _phases_inference(st, sl, B, S, N):
         logits = T * shape.vocab * (cb + (4 if cb != 4 else 0)) * sl.head
     else:
         logits = (B * shape.vocab * (cb + 4) if s.logits == "last" else T * shape.vocab * cb) * sl.head
-    in_layer = ws + qtemp
+    ws_q = ws
+    if s.dtype in ("nf4", "fp4") and st.quant_temp and shape.n_dense_layers:
+        # bitsandbytes dequantizes a whole weight inside gemm_4bit for a many-token matmul. The SwiGLU moment (act,
+        # up and their product: 3·I per token) holds no dequantized weight; the up_proj moment (act, up's output
+        # and the dequantized weight) holds one I-wide tensor less: the layer's peak is the larger of the two.
+        ws_dq = ws - T * shape.intermediate * cb / sl.tp
+        dq = (ws_dq + qtemp) > ws
+        ws_q = _pick(dq, ws_dq, ws)
+        qtemp = _pick(dq, qtemp, 0)
+    in_layer = ws_q + qtemp
     at_head = head_act + logits
     pick = in_layer >= at_head
     prefill = dict(base)
     prefill[C.KV_CACHE] = kv_pf
-    prefill[C.ACTIVATIONS] = _pick(pick, ws, head_act)
+    prefill[C.ACTIVATIONS] = _pick(pick, ws_q, head_act)
     prefill[C.TEMPORARIES] = _pick(pick, qtemp, 0)
     prefill[C.LOGITS] = _pick(pick, 0, logits)
     has_dec = (N > 0) * 1
@@ -502,21 +606,33 @@ def _phases_train(st, sl, B, S, N):
     shape, s, ctx = st.shape, st.spec, st.ctx
     H, V = shape.hidden, shape.vocab
     share = _param_share(st, sl)
+    # expert parallelism splits the experts' state where ZeRO does not already shard it over the data-parallel GPUs
+    def ep_share(div):
+        return _param_share(st, sl, sl.ep) if (sl.ep > 1 and div == 1) else share
+
     held = {**_weights_on(st, sl), C.BUFFERS: st.buffers}
     shard = (lambda x, div: x * st.fsdp_shard_frac) if sl.fsdp else (lambda x, div: x / div)  # noqa: E731
-    grads = shard(st.grads * share, sl.grad_div)
-    bucket = st.grads * share if sl.ddp_bucket else 0
-    offload_opt = s.offload == "optimizer"
+    grads = shard(st.grads * ep_share(sl.grad_div), sl.grad_div)
+    bucket = st.grads * ep_share(1) if sl.ddp_bucket else 0
+    cpu_step = fsdp_offload(s)  # FSDP CPU offload: sharded gradients go to the CPU in the backward, the step runs there
+    offload_opt = s.offload == "optimizer" or cpu_step
+    if cpu_step:
+        grads = 0
     # every rank keeps a step counter per tensor it holds (FSDP2 and TP: all of them)
-    state = 0 if offload_opt else shard((st.opt_state - st.opt_steps) * share, sl.state_div) + st.opt_steps
+    sshare = ep_share(sl.state_div)
+    state = 0 if offload_opt else shard((st.opt_state - st.opt_steps) * sshare, sl.state_div) + st.opt_steps
     if sl.zero1 and not offload_opt:
         state = st.zero1_state
-    master = 0 if offload_opt else shard(st.master * share, sl.state_div)
-    opt_temp = 0 if offload_opt else shard(st.opt_temp * share, sl.state_div)
+    master = 0 if offload_opt else shard(st.master * sshare, sl.state_div)
+    opt_temp = 0 if offload_opt else shard(st.opt_temp * sshare, sl.state_div)
     copies = st.autocast_copies * share / sl.weight_div
     if s.grad_ckpt:  # casts inside checkpointed layers are not saved: lm_head's, plus the layer running
         copies = (st.autocast_head + st.autocast_layer) * share / sl.weight_div
-    T = B * S
+    if s.cp > 1:  # context parallelism: each GPU holds seq / cp positions of every sequence
+        S_local = S / s.cp
+        T = B * S_local
+    else:
+        S_local, T = S, B * S
     frac_layers = st.saved_layers_trainable / shape.n_layers
     if s.method == "freeze":
         per_layer = layer_saved_per_token(ctx, shape, S, shape.n_moe_layers > 0)
@@ -525,21 +641,34 @@ def _phases_train(st, sl, B, S, N):
     else:
         acts = T * layers_saved_per_token(ctx, shape, S) + \
             state_layers_fixed_bytes(ctx.b, shape, "saved" if ctx.linears_trainable else "frozen")
-    # Tensor parallel splits everything in a layer but the norms' inputs (Korthikanti et al. §4.2.2).
+    # Tensor parallel splits everything in a layer but the norms' inputs (Korthikanti et al. §4.2.2); with
+    # sequence parallelism (Megatron-LM, torchtitan) those are split along the sequence too (§4.2.2, eq. 4).
+    sp = s.sequence_parallel
     replicated = T * shape.n_layers * 2 * (4 * H + ctx.r * H) * frac_layers
-    acts = (acts - replicated) / sl.tp + replicated if sl.tp > 1 else acts
+    if sl.tp > 1:
+        acts = acts / sl.tp if sp else (acts - replicated) / sl.tp + replicated
     acts = (acts + shape.n_moe_layers * st.moe_merged * sl.layer_frac / sl.tp) * sl.act_frac
     # final norm, lm_head input and ids per token; RoPE cos/sin and position ids per position
     ab = ctx.b  # the activations' dtype: the compute dtype, or fp32 after kbit prep
-    model_saved = (T * model_saved_per_token(st.ctx_head, shape) + S * forward_extras_per_position(shape, ab)) * sl.head
+    model_saved = (T * model_saved_per_token(st.ctx_head, shape) + S_local * forward_extras_per_position(shape, ab)) \
+        * sl.head
     ids_fwd = 0 if st.ctx_head.linears_trainable else T * 8  # the input ids, alive during the forward
     if s.grad_ckpt:
-        acts = T * ckpt_saved_per_token(ctx, shape, S) * frac_layers * sl.act_frac
+        ckpt = T * ckpt_saved_per_token(ctx, shape, S) * frac_layers * sl.act_frac / (sl.tp if sp else 1)
+        # torchtitan's layer SAC wraps every k-th block (v0.2.2 torchtitan/distributed/activation_checkpoint.py:27-49,
+        # `_layer_sac_count % ac_freq == 0`): L // k layers keep their input only, the others all they save
+        kept = shape.n_layers // s.ckpt_every
+        acts = ckpt if kept == shape.n_layers else ckpt * kept / shape.n_layers + acts * (1 - kept / shape.n_layers)
     qtemp = st.quant_temp + st.moe_delta_temp * sl.layer_frac / sl.tp  # (ΔW built in a MoE layer's forward)
+    if sl.ep > 1 and shape.n_moe_layers:
+        # expert parallelism: a MoE layer's tokens, permuted by expert (T · k rows) and received from the other
+        # ranks by the all-to-all (as many again, with balanced routing), while the layer runs
+        qtemp = qtemp + 2 * T * shape.experts_per_token * H * ab
     layer_transient = T * 4 * H / sl.tp
     if s.grad_ckpt:
-        layer_transient = T * prefill_working_set_per_token(shape, ab, s.attn, S, s.compute_dtype == "fp16",
-                                                            sdpa_repeats_kv(s)) / sl.tp
+        layer_transient = (T * prefill_working_set_per_token(shape, ab, s.attn, S, s.compute_dtype == "fp16",
+                                                             sdpa_repeats_kv(s), ctx.sdpa_math)
+                           + (sdpa_math_mask_bytes(S, ab) if ctx.sdpa_math else 0)) / sl.tp
     lb = ab  # logits come out of lm_head in the compute dtype (fp32 after kbit prep)
     # FSDP2 mixed precision: autograd's (unsharded) gradients come in the compute dtype, the shards are fp32
     ug = st.cb / 4 if (sl.fsdp and fsdp_master_precision(s)) else 1
@@ -547,8 +676,12 @@ def _phases_train(st, sl, B, S, N):
     # forward, at the loss: the logits and their fp32 copy (transformers < 4.46 upcast in the forward, freeing
     # the low-precision ones), the shifted copy (< 4.49: `logits[..., :-1, :].contiguous()`), the log-softmax
     fp32_logits = 4 if behaviour(s, "logits_upcast") == "forward" else lb + (4 if lb != 4 else 0)
-    fwd_logits = T * V * (fp32_logits + 4 + (4 if behaviour(s, "shift_copy") else 0)) * sl.head
-    bwd_logits = vmax(T * V * 12 * sl.head, T * V * lb * sl.head + st.lm_grad * ug * sl.head / _head_tp(st, sl))
+    # (under sequence parallelism the loss is vocabulary-parallel, as Megatron-LM and torchtitan's loss_parallel
+    # compute it: each rank its V / tp columns of the logits)
+    vocab_div = sl.tp if sp else 1
+    fwd_logits = T * V * (fp32_logits + 4 + (4 if behaviour(s, "shift_copy") else 0)) * sl.head / vocab_div
+    bwd_logits = vmax(T * V * 12 * sl.head / vocab_div,
+                      T * V * lb * sl.head / vocab_div + st.lm_grad * ug * sl.head / _head_tp(st, sl))
     rl = st.rules
     lm_in = T * H * (ab if st.ctx_head.amp else st.ctx_head.r) if st.ctx_head.linears_trainable else 0
     loss_hidden_bwd = 0  # what of the final hidden state the loss keeps for the backward (activations)
@@ -559,7 +692,7 @@ def _phases_train(st, sl, B, S, N):
         fwd_logits, bwd_logits, loss_hidden_bwd = loss["fwd"], loss["bwd"], loss["bwd_acts"]
         loss_temp_fwd, loss_temp_bwd = loss["fwd_temp"], loss["bwd_temp"]
         model_saved_bwd = model_saved - lm_in * (1 - loss["keeps_lm_in"])  # fused, chunked: no lm_head input saved
-    ckpt_buffers = host = 0
+    ckpt_buffers = 0
     if s.grad_ckpt and rl.ckpt_mode == "offload":
         # Unsloth checkpoints plainly below 512 tokens (recipes.effective_ckpt_mode)
         plain = S < R.UNSLOTH_OFFLOAD_MIN_SEQ
@@ -577,10 +710,11 @@ def _phases_train(st, sl, B, S, N):
         # input (one layer's unsharded gradients) until the next one (docs/trace_findings.md #21).
         gathered = _fsdp_gathered(st, sl)
         root = _fsdp_gathered(st, replace(sl, fsdp=3))  # the root's parameters only
-        layer_flat = st.w_layers / shape.n_layers if sl.fsdp == 3 else 0
+        one_w = st.w_layers / shape.n_layers * _layer_share(st, sl, sl.ep)  # one layer's (TP / EP shard's) weights
+        layer_flat = one_w if sl.fsdp == 3 else 0
         if fsdp_master_precision(s):
             layer_flat = layer_flat * st.cb / 4  # gathered in the compute dtype
-        rs_held = st.grads * (st.w_layers / shape.n_layers) / (st.w_layers + st.w_embed + st.w_head + st.w_other)
+        rs_held = st.grads * one_w / (st.w_layers + st.w_embed + st.w_head + st.w_other)
     fwd = dict(persistent)
     fwd[C.WEIGHTS] = persistent[C.WEIGHTS] + gathered
     fwd[C.GRADIENTS] = acc_grads + bucket
@@ -602,7 +736,7 @@ def _phases_train(st, sl, B, S, N):
     # the last layer recomputed while the checkpointed inputs are still held; its end (nearly all
     # gradients while the first layer's activations — saved or recomputed — are consumed).
     one_layer = (T * largest_layer_saved_per_token(ctx, shape, S) + (st.moe_merged if shape.n_moe_layers else 0)) / sl.tp
-    grad_buf = 2 * T * H * ctx.r  # gradient of the (replicated) hidden state flowing back, and its successor
+    grad_buf = 2 * T * H * ctx.r / (sl.tp if sp else 1)  # gradient of the hidden state flowing back, and its successor
     bwd_layer = 0
     if rl.recipe != "hf" or rl.loss != "full":
         # Without the full-vocabulary logits the peak moves into a layer: under checkpointing, its recompute at
@@ -625,15 +759,15 @@ def _phases_train(st, sl, B, S, N):
         # FSDP2, a layer's backward: its parameters gathered (and, at ZeRO-3, the flat all-gather buffer), its
         # unsharded gradients beside the previous layer's reduce-scatter input, and an untied head's unsharded
         # gradient, which the root reduce-scatters only at the end (docs/trace_findings.md #21).
-        layer_w = st.w_layers / shape.n_layers * (st.cb / 4 if fsdp_master_precision(s) else 1)
+        layer_w = one_w * (st.cb / 4 if fsdp_master_precision(s) else 1)
         layer_grads = rs_held * ug
-        head_ug = st.lm_grad * ug * sl.head if (not shape.tie_embeddings and s.method == "full") else 0
+        head_ug = st.lm_grad * ug * sl.head / _head_tp(st, sl) if (not shape.tie_embeddings and s.method == "full") else 0
         layer_grads += head_ug
         end_total = grads + grad_buf + one_layer + rs_held + layer_grads + layer_w + layer_flat
     # A trained tied embedding gets two gradients, lm_head's and the embedding's (a dense (V, H) tensor,
     # aten embedding_dense_backward), which autograd sums before AccumulateGrad: at the very end of the
     # backward, the two and their sum are alive beside every other gradient (docs/trace_findings.md #18).
-    tied_grad = st.lm_grad * sl.head * sl.embed if (shape.tie_embeddings and s.method == "full") else 0
+    tied_grad = st.lm_grad * sl.head * sl.embed / _embed_tp(st, sl) if (shape.tie_embeddings and s.method == "full") else 0
     end_acts = one_layer + grad_buf + ckpt_buffers
     end_grads = grads + layer_grads
     layer_moment = 1
@@ -809,29 +943,63 @@ def paged_bytes(st, phase_bd):
 
 
 def allocated_bytes(st, phase_bd):
-    """Bytes the caching allocator holds in a phase: its tensor categories less paged optimizer state."""
+    """Bytes the caching allocator holds in a phase: its tensor categories and workspaces less paged optimizer state."""
     return sum(phase_bd.values()) - paged_bytes(st, phase_bd)
 
 
-def device_totals(st, phase_bd, allocated, overheads):
-    """(device categories, peak device bytes) on top of `allocated`; paged optimizer state counts on the device."""
-    device = overheads.device_breakdown(allocated)
-    return device, allocated + paged_bytes(st, phase_bd) + sum(device.values())
+@lru_cache(maxsize=1024)
+def _load_slack(model, stored, compute_dtype, double_quant, group_size, expandable):
+    from .allocator import parse_alloc_conf
+    from .overhead import load_slack_bytes
+
+    config = parse_alloc_conf("expandable_segments:True") if expandable else None
+    return load_slack_bytes(get_shape(model), stored, compute_dtype, double_quant, group_size, config)
 
 
-def _slice_phases(st, sl, B, S, N):
-    raw = _phases_inference(st, sl, B, S, N) if st.spec.mode == "inference" else _phases_train(st, sl, B, S, N)
+def load_slack(st, overheads):
+    """Reserved − allocated the loaded weights leave (formulas.overhead.load_slack_bytes), on this spec's GPUs."""
+    s = st.spec
+    stored = s.dtype if not (s.mode == "train" and s.precision == "amp" and s.method == "full") else "fp32"
+    whole = _load_slack(s.model, stored, s.compute_dtype, s.double_quant, s.group_size, overheads.expandable)
+    return whole if s.gpus == 1 else whole // s.gpus
+
+
+def reserved_bytes(st, phase, phase_bd, allocated, overheads, batch=1, seq=1):
+    """What the caching allocator has reserved at a phase's peak: `allocated` plus the slack rule's figure. The math
+    kernel's score matrices (prefill) are left out of the transient bytes the rule scales: every layer allocates
+    them again at the same sizes, so their cached blocks are reused, not left over (the H200's fp32 prefills)."""
+    transient = overheads.transient(phase_bd)
+    if phase == "prefill" and st.spec.mode == "inference" and _sdpa_math(st, sdpa_repeats_kv(st.spec), overheads.cc):
+        shape = st.shape
+        scores = batch * shape.n_heads * seq * seq * 2 * st.cb + sdpa_math_mask_bytes(seq, st.cb)
+        transient = vmax(transient - scores, 0)
+    return allocated + overheads.slack(st.spec, phase, transient, load_slack(st, overheads))
+
+
+def device_totals(st, peak_bd, allocated, reserved_max, overheads, loaded=()):
+    """(device categories, peak device bytes): the CUDA context outside the allocator and, as allocator slack, what
+    the largest reservation (with paged optimizer state, which counts on the device) adds to the allocated peak.
+    `loaded`: kernel-image families an earlier workload of the process loaded (formulas.device.KERNEL_IMAGES)."""
+    ctx = overheads.context(st.spec, loaded)
+    device = ctx + reserved_max
+    return {C.CUDA_CONTEXT: ctx, C.ALLOCATOR_SLACK: device - ctx - allocated - paged_bytes(st, peak_bd)}, device
+
+
+def _slice_phases(st, sl, B, S, N, overheads):
+    raw = _phases_inference(st, sl, B, S, N, overheads.cc) if st.spec.mode == "inference" else \
+        _phases_train(st, sl, B, S, N)
     out = {}
     for phase, bd in raw.items():
-        full = {c: 0 for c in C.TENSOR_CATEGORIES}
+        full = {c: 0 for c in C.ALLOCATED_CATEGORIES}
         full.update(bd)
+        full[C.WORKSPACES] = overheads.workspaces(st.spec, phase, st.biased)
         out[phase] = {c: to_int(v) for c, v in full.items()}
     return out
 
 
-def per_gpu_phases(st, batch, seq, gen):
-    """[{phase: {tensor category: bytes}}], one per distinct GPU of the spec's layout (numbers or numpy arrays)."""
-    return [_slice_phases(st, sl, batch, seq, gen) for sl in _slices(st)]
+def per_gpu_phases(st, batch, seq, gen, overheads=DEFAULT_OVERHEADS):
+    """[{phase: {allocated category: bytes}}], one per distinct GPU of the spec's layout (numbers or numpy arrays)."""
+    return [_slice_phases(st, sl, batch, seq, gen, overheads) for sl in _slices(st)]
 
 
 def _notes(st, spec=None):
@@ -900,8 +1068,16 @@ def _notes(st, spec=None):
     if s.mode == "train":
         notes.extend(R.describe(st.rules, spec or s))
     if s.gpus > 1:
-        notes.append(f"per-GPU figures for {s.gpus} GPUs (tp={s.tp}, pp={s.pp}, zero={s.zero}"
-                     f"{', layer split' if s.layer_split else ''}{', offload ' + s.offload if s.offload != 'none' else ''})")
+        extra = "".join((f", cp={s.cp}" if s.cp > 1 else "", f", ep={s.ep}" if s.ep > 1 else "",
+                         ", sequence parallel" if s.sequence_parallel else "", ", layer split" if s.layer_split else "",
+                         f", offload {s.offload}" if s.offload != "none" else ""))
+        notes.append(f"per-GPU figures for {s.gpus} GPUs (tp={s.tp}, pp={s.pp}, zero={s.zero}{extra})")
+        if fsdp_offload(s):
+            notes.append("FSDP CPU offload: parameter shards, gradient shards, optimizer state and the optimizer step "
+                         "on the CPU; the GPU holds the layers being gathered")
+    if s.mode == "train" and s.grad_ckpt and s.ckpt_every > 1:
+        notes.append(f"checkpointing every {s.ckpt_every}th layer ({st.shape.n_layers // s.ckpt_every} of "
+                     f"{st.shape.n_layers}: torchtitan's selective layer AC); the others save everything")
     return notes
 
 
@@ -929,18 +1105,22 @@ def predict(spec, overheads=DEFAULT_OVERHEADS, checkpoint=None):
                             f"{spec.dtype}" + (f" (--dtype {checkpoint.dtype} loads it as stored)" if checkpoint.dtype
                                                else " (a float --dtype loads it as stored)"))
     best = None  # the GPU and phase that hold the most
-    for phases in per_gpu_phases(st, spec.batch, spec.seq, spec.gen):
+    for phases in per_gpu_phases(st, spec.batch, spec.seq, spec.gen, overheads):
+        if spec.mode == "inference" and spec.gen == 0:
+            phases = {k: v for k, v in phases.items() if k != "decode"}
+        res = 0  # this GPU's largest reservation: reserved memory only grows (no empty_cache in the workload)
+        for phase, bd in phases.items():
+            alloc = allocated_bytes(st, bd)
+            res = max(res, reserved_bytes(st, phase, bd, alloc, overheads, spec.batch, spec.seq) + paged_bytes(st, bd))
         for phase, bd in phases.items():
             alloc = allocated_bytes(st, bd)
             if best is None or alloc > best[0]:
-                best = (alloc, phase, bd, phases)
-    alloc, phase, bd, phases = best
-    device_bd, device = device_totals(st, bd, alloc, overheads)
-    if spec.mode == "inference" and spec.gen == 0:
-        phases = {k: v for k, v in phases.items() if k != "decode"}
+                best = (alloc, phase, bd, phases, res)
+    alloc, phase, bd, phases, res = best
+    device_bd, device = device_totals(st, bd, alloc, res, overheads)
     return Prediction(
         spec=spec, model=shape.name, n_params=shape.n_params, breakdown={**bd, **device_bd},
         peak_allocated_bytes=alloc, peak_device_bytes=device, peak_phase=phase, phases=phases,
         notes=notes, overheads_source=overheads.source, calibrated=overheads.calibrated, weights_source=source,
-        host_ram_bytes=to_int(host_ram_bytes(st, spec.batch, spec.seq)),
+        peak_reserved_bytes=res, host_ram_bytes=to_int(host_ram_bytes(st, spec.batch, spec.seq)),
     )

@@ -60,7 +60,14 @@ class Spec:
     tp: int = 1  # tensor-parallel degree
     pp: int = 1  # pipeline-parallel degree
     layer_split: bool = False  # split layers over the GPUs like device_map="auto" (no data parallel)
-    offload: str = "none"  # none | optimizer (ZeRO-Offload) | params (weights streamed from CPU)
+    offload: str = "none"  # none | optimizer (ZeRO-Offload) | params (weights streamed from CPU; under ZeRO-2/3 FSDP's
+    #                        CPU offload: parameters, gradients and the optimizer step on the CPU)
+    cp: int = 1  # context-parallel degree: each sequence split over cp GPUs (ring attention; training)
+    ep: int = 1  # expert-parallel degree: MoE routed experts split over ep of the data-parallel GPUs
+    sequence_parallel: bool = False  # TP as Megatron-LM / torchtitan run it: norm inputs sequence-sharded, vocab-parallel loss
+    ckpt_every: int = 1  # with grad_ckpt: checkpoint every k-th decoder layer (torchtitan's layer SAC); 1 = every layer
+    shard_gpus: int = 0  # ZeRO / FSDP shards over groups of this many data-parallel GPUs and replicates over the groups
+    #                      (hybrid sharding: FSDP HYBRID_SHARD, torchtitan dp_shard × dp_replicate); 0 = over all of them
     # library versions ((package, version), ...) the prediction assumes (formulas/stack.py); () = the newest modelled
     stack: tuple = ()
     # The fine-tuning recipe (formulas/recipes.py). Their defaults leave every spec hash as it was.
@@ -76,8 +83,16 @@ class Spec:
             object.__setattr__(self, "stack", tuple(tuple(x) for x in self.stack))
 
     def replace(self, **changes):
-        """A copy with some fields changed."""
-        return replace(self, **changes)
+        """A copy with some fields changed (dataclasses.replace's result, built without re-running __init__: the
+        planner makes thousands of these)."""
+        unknown = changes.keys() - _FIELD_NAMES
+        if unknown:
+            return replace(self, **changes)  # dataclasses' own error, naming the field
+        new = object.__new__(Spec)
+        new.__dict__.update(self.__dict__)
+        new.__dict__.update(changes)
+        new.__post_init__()
+        return new
 
     def to_dict(self):
         """Plain dict (tuples as lists) for JSON."""
@@ -85,6 +100,9 @@ class Spec:
         d["lora_targets"] = list(d["lora_targets"])
         d["stack"] = dict(self.stack)
         return d
+
+
+_FIELD_NAMES = frozenset(f.name for f in fields(Spec))
 
 
 def _choice(flag, value, allowed):
@@ -104,17 +122,37 @@ def _positive(flag, value, zero_ok=False, maximum=None):
         raise SpecError(f"--{flag} {value:,}: must be at most {maximum:,}")
 
 
+# Position-embedding tables: a model that looks its positions up (GPT-2, GPTBigCode, OPT) has no row past its
+# n_positions / max_position_embeddings, and indexing past it is a device-side assert on the GPU (measured on the
+# H200: GPT-2-medium at a 1,024-token prompt + 16 generated tokens). Rotary models compute positions and run past
+# their nominal window, so only these are held to it. A prediction of such a spec is still a number (what the
+# tensors would take); what must run — a sweep's experiments — is checked (harness/sweep/schema.py).
+POSITION_TABLES = ("wpe.weight", "embed_positions.weight")
+
+
+def check_positions(spec, shape):
+    """A spec that needs more positions than the model's learned position table has is one SpecError."""
+    table = shape.max_positions if any(t.name in POSITION_TABLES for t in shape.tensors) else 0
+    gen = spec.gen if spec.mode == "inference" else 0
+    if table and spec.seq + gen > table:
+        asked = f"seq {spec.seq:,} + gen {gen:,} = {spec.seq + gen:,} positions" if gen else f"seq {spec.seq:,}"
+        most = f"at most seq {table - gen:,} with gen {gen:,}" if gen else f"at most seq {table:,}"
+        raise SpecError(f"{asked}: {shape.name} has {table:,} learned positions (max_position_embeddings); {most}")
+
+
 def validate(spec, shape):
     """Check `spec` against itself and the model; return it with 'auto' fields resolved."""
     _choice("mode", spec.mode, MODES)
     _choice("dtype", spec.dtype, WEIGHT_DTYPES)
     for flag, v in (("lora-rank", spec.lora_rank), ("grad-accum", spec.grad_accum), ("gpus", spec.gpus),
-                    ("tp", spec.tp), ("pp", spec.pp), ("group-size", spec.group_size)):
+                    ("tp", spec.tp), ("pp", spec.pp), ("cp", spec.cp), ("ep", spec.ep), ("group-size", spec.group_size),
+                    ("grad-ckpt-every", spec.ckpt_every)):
         _positive(flag, v)
     _positive("batch", spec.batch, maximum=MAX_BATCH)
     _positive("seq", spec.seq, maximum=MAX_TOKENS)
     _positive("gen", spec.gen, zero_ok=True, maximum=MAX_TOKENS)
     _positive("trainable-layers", spec.trainable_layers)
+    _positive("shard-gpus", spec.shard_gpus, zero_ok=True)
     _choice("method", spec.method, METHODS)
     _choice("compute-dtype", spec.compute_dtype, ("bf16", "fp16", "fp32"))
     _choice("lora-dtype", spec.lora_dtype, ("auto",) + FLOAT_DTYPES)
@@ -189,9 +227,13 @@ def validate(spec, shape):
     if spec.grad_ckpt_mode == "selective" and spec.recipe == "unsloth":
         raise SpecError("--grad-ckpt-mode selective: saves ops inside non-reentrant checkpoints; Unsloth checkpoints "
                         "reentrantly (use full or offload)")
-    if spec.recipe != "hf" and (spec.zero or spec.tp > 1 or spec.pp > 1 or spec.layer_split or spec.offload != "none"):
+    if spec.recipe != "hf" and (spec.zero or spec.tp > 1 or spec.pp > 1 or spec.layer_split or spec.offload != "none"
+                                or spec.cp > 1 or spec.ep > 1 or spec.sequence_parallel or spec.shard_gpus):
         raise SpecError(f"--recipe {spec.recipe}: the recipes are modelled on one GPU or on DDP replicas (--gpus N "
-                        "without --zero, --tp, --pp, --layer-split or --offload)")
+                        "without --zero, --tp, --pp, --cp, --ep, --layer-split or --offload)")
+    if spec.recipe != "hf" and spec.ckpt_every > 1:
+        raise SpecError(f"--grad-ckpt-every {spec.ckpt_every} with --recipe {spec.recipe}: the recipes checkpoint every "
+                        "layer (or none); give --grad-ckpt-mode for how")
     precision = spec.precision
     if precision == "auto":
         # Single GPU / DDP: PyTorch autocast. ZeRO (DeepSpeed bf16/fp16, FSDP mixed precision):
@@ -201,8 +243,39 @@ def validate(spec, shape):
     if precision in ("amp", "master") and dtype == "fp32":
         raise SpecError(f"--precision {precision} with --dtype fp32: mixed precision needs a bf16 or fp16 compute dtype")
     # parallelism
-    if spec.gpus % (spec.tp * spec.pp):
-        raise SpecError(f"--gpus {spec.gpus}: must be a multiple of --tp × --pp = {spec.tp * spec.pp}")
+    model_parallel = spec.tp * spec.pp * spec.cp
+    if spec.gpus % model_parallel:
+        what = "--tp × --pp" + (" × --cp" if spec.cp > 1 else "")
+        raise SpecError(f"--gpus {spec.gpus}: must be a multiple of {what} = {model_parallel}")
+    if spec.ckpt_every > 1 and not spec.grad_ckpt:
+        raise SpecError(f"--grad-ckpt-every {spec.ckpt_every}: checkpoints every k-th layer of --grad-ckpt; "
+                        "give --grad-ckpt")
+    if spec.ckpt_every > shape.n_layers:
+        raise SpecError(f"--grad-ckpt-every {spec.ckpt_every}: {shape.name} has {shape.n_layers} layers")
+    if spec.cp > 1:
+        if spec.mode != "train":
+            raise SpecError(f"--cp {spec.cp}: context parallelism is modelled for --mode train")
+        if spec.seq % spec.cp:
+            raise SpecError(f"--cp {spec.cp}: must divide --seq {spec.seq} (each GPU holds seq / cp positions)")
+        if spec.attn != "sdpa":
+            raise SpecError(f"--cp {spec.cp}: ring attention runs on SDPA; use --attn sdpa")
+    if spec.ep > 1:
+        if spec.mode != "train":
+            raise SpecError(f"--ep {spec.ep}: expert parallelism is modelled for --mode train")
+        if not shape.is_moe:
+            raise SpecError(f"--ep {spec.ep}: {shape.name} has no routed experts")
+        if shape.n_experts % spec.ep:
+            raise SpecError(f"--ep {spec.ep}: does not divide the {shape.n_experts} routed experts of {shape.name}")
+        if (spec.gpus // (spec.tp * spec.pp)) % spec.ep:
+            raise SpecError(f"--ep {spec.ep}: must divide the data-parallel GPUs --gpus / (--tp × --pp) = "
+                            f"{spec.gpus // (spec.tp * spec.pp)} (experts are split over data-parallel ranks)")
+    if spec.shard_gpus:
+        dp_all = spec.gpus // (spec.tp * spec.pp)
+        if not spec.zero or spec.shard_gpus < 2 or dp_all % spec.shard_gpus or spec.shard_gpus % spec.cp:
+            raise SpecError(f"--shard-gpus {spec.shard_gpus}: with --zero, a divisor ≥ 2 of the data-parallel GPUs "
+                            f"--gpus / (--tp × --pp) = {dp_all} (and a multiple of --cp)")
+    if spec.sequence_parallel and spec.tp < 2:
+        raise SpecError("--sequence-parallel: shards what tensor parallelism replicates; give --tp ≥ 2")
     if spec.tp > 1:
         if shape.n_heads % spec.tp:
             raise SpecError(f"--tp {spec.tp}: does not divide the {shape.n_heads} attention heads of {shape.name}")
@@ -211,12 +284,16 @@ def validate(spec, shape):
             raise SpecError(f"--tp {spec.tp}: neither divides nor is divided by the {kv} KV heads of {shape.name}")
     if spec.pp > shape.n_layers:
         raise SpecError(f"--pp {spec.pp}: more pipeline stages than the {shape.n_layers} layers of {shape.name}")
-    if spec.layer_split and (spec.tp > 1 or spec.pp > 1 or spec.zero):
-        raise SpecError("--layer-split: splits layers over --gpus by itself; do not combine with --tp, --pp or --zero")
+    if spec.layer_split and (spec.tp > 1 or spec.pp > 1 or spec.zero or spec.cp > 1 or spec.ep > 1):
+        raise SpecError("--layer-split: splits layers over --gpus by itself; do not combine with --tp, --pp, --cp, --ep "
+                        "or --zero")
     if spec.layer_split and spec.gpus > shape.n_layers:
         raise SpecError(f"--gpus {spec.gpus} with --layer-split: more GPUs than the {shape.n_layers} layers")
     if spec.zero and spec.gpus // (spec.tp * spec.pp) < 2:
         raise SpecError(f"--zero {spec.zero}: needs at least 2 data-parallel GPUs (--gpus / (--tp × --pp))")
+    if spec.offload == "params" and spec.mode == "train" and 0 < spec.zero < 2:
+        raise SpecError(f"--offload params with --zero {spec.zero}: parameters are offloaded by ZeRO-3 / FSDP "
+                        "(--zero 3) or, unsharded, by a device map (--zero 0)")
     if spec.offload == "optimizer" and spec.mode != "train":
         raise SpecError("--offload optimizer: only applies to --mode train")
     impl = spec.optimizer_impl
@@ -234,7 +311,7 @@ def validate(spec, shape):
             lora_dtype = "fp32"  # unsloth-zoo prepare_model_for_training: adapters upcast to fp32
     mla_cache = spec.mla_cache if spec.mla_cache != "auto" else behaviour(stack, "mla_cache")
     # The model by its canonical name (catalog id or config path), so spellings hash alike.
-    return replace(spec, model=shape.name, dtype=dtype, compute_dtype=compute, precision=precision,
+    return spec.replace(model=shape.name, dtype=dtype, compute_dtype=compute, precision=precision,
                    kv_dtype=spec.kv_dtype or compute, optimizer_impl=impl, lora_dtype=lora_dtype, mla_cache=mla_cache,
                    stack=stack, recipe_version=spec.recipe_version and recipe_version)
 

@@ -149,6 +149,30 @@ BEHAVIOURS = (
         "PR #92306; torch/optim/adam.py lines 933-947 (use_fused=False unless asked), "
         "optimizer.py _default_to_fused_or_foreach"),
     Behaviour(
+        "cublaslt_unified", "torch", "2.11.0", False, True,
+        "cuBLASLt GEMMs (addmm with a bias in fp16/bf16, gemm_and_bias) used a workspace of their own, 1 MiB "
+        "(CUBLASLT_WORKSPACE_SIZE) per thread and stream beside cuBLAS's; since 2.11 they share the cuBLAS "
+        "workspace (TORCH_CUBLASLT_UNIFIED_WORKSPACE, on by default outside fbcode)",
+        "PR #168175 (2026-01) 'Actually enable unified cuBLASLt workspace by default'; aten/src/ATen/cuda/"
+        "CublasHandlePool.cpp unified_cublas_and_lt_workspaces, getCUDABlasLtWorkspace"),
+    Behaviour(
+        "cublas_32mib_blackwell", "torch", "2.11.0", False, True,
+        "the default cuBLAS workspace on Blackwell (sm100, sm120): ':4096:2:16:8' (8 MiB + 128 KiB) per thread and "
+        "stream before 2.11, ':4096:8' (32 MiB) as on Hopper since",
+        "PR #175344 (2026-02); CublasHandlePool.cpp parseChosenWorkspaceSize `use32mb` (major 9, 10, 12)"),
+    Behaviour(
+        "sdpa_efficient_gqa", "torch", "2.14.0", False, True,
+        "SDPA's memory-efficient kernel on grouped K/V heads (enable_gqa): refused before 2.14, so fp32 attention "
+        "of a GQA model (where flash does not run: fp32 models, and LoRA over a kbit-prepared base, whose stream "
+        "is fp32) falls to the math kernel, which holds the score matrix and its softmax (2 · B · H · S² · 4 bytes "
+        "per layer) and saves the softmax for backward; accepted since",
+        "PR #191085 (2026-07) '[SDPA] Add memory-efficient GQA'; aten/src/ATen/native/transformers/cuda/"
+        "sdp_utils.cpp can_use_mem_efficient_attention check_batch_size_and_num_heads_dense<supports_gqa>; torch "
+        "2.13's own docstring (nn/functional.py scaled_dot_product_attention: 'GQA … works only for "
+        "Flash_attention and math kernel') and its meta backward of the efficient kernel (key gradients with the "
+        "query's heads) say 2.13 has not got it; measured: the fp32 batch-8 prefills of "
+        "results/runs/reference/nvidia-h200-580.159.04 (torch 2.11)"),
+    Behaviour(
         "trainer_adamw", "transformers", "4.54.0", "foreach", "fused",
         "the HF Trainer's default optim: adamw_torch (foreach) up to 4.53, adamw_torch_fused since 4.54 with "
         "torch ≥ 2.8. vramlab's own workload builds torch's AdamW (adamw_impl); give --optimizer-impl fused for "
@@ -311,6 +335,10 @@ def _bears_on(key, spec, shape):
         "trainer_adamw": False,
         "bnb_load_dtype": False,
         "adamw_impl": train and spec.optimizer == "adamw",
+        "cublaslt_unified": False,
+        "cublas_32mib_blackwell": False,
+        "sdpa_efficient_gqa": spec.attn == "sdpa" and shape.n_kv_heads < shape.n_heads and (
+            spec.compute_dtype == "fp32" or (train and spec.kbit_prep and spec.dtype in ("nf4", "fp4", "int8"))),
     }.get(key, True)
 
 

@@ -49,12 +49,14 @@ def decode_flops_per_token(shape, context):
     return 2 * matmul_params(shape) + attention_flops(shape, context)
 
 
-def training_flops_per_token(shape, seq, method="full", trainable_layers=2, grad_ckpt=False, trainable_params=0):
+def training_flops_per_token(shape, seq, method="full", trainable_layers=2, grad_ckpt=False, trainable_params=0,
+                             recompute_fraction=1.0):
     """FLOPs per trained token: 6·N full; 4·N LoRA/QLoRA (no weight gradient for the frozen base); +2·N recompute.
 
     Attention has no weights, so its backward is always twice its forward. Freeze: only the top
     `trainable_layers` run a backward (input and weight gradient), plus the input gradient through
-    the frozen lm_head. LoRA adapters add 6 FLOPs per trainable parameter.
+    the frozen lm_head. LoRA adapters add 6 FLOPs per trainable parameter. `recompute_fraction`: the share of
+    layers checkpointed (selective checkpointing of every k-th layer recomputes 1/k of the forward).
     """
     n = matmul_params(shape)
     attn = attention_flops(shape, seq / 2)  # causal: each token sees half the sequence on average
@@ -73,7 +75,7 @@ def training_flops_per_token(shape, seq, method="full", trainable_layers=2, grad
         recompute = frac * (2 * body + attn)
     else:
         raise ValueError(f"--method {method}: no FLOP count")
-    return fwd + bwd + (recompute if grad_ckpt else 0)
+    return fwd + bwd + (recompute * recompute_fraction if grad_ckpt else 0)
 
 
 def expert_fraction_touched(shape, tokens):

@@ -59,6 +59,8 @@ def fingerprint(device_index=0):
         "packages": {p: _version(p) for p in PACKAGES},
         "vramlab": {"commit": commit, "dirty": dirty, "formula_hash": formula_hash()},
         "gpu": nvml.device_info(device_index),
+        # the CUDA caching allocator's settings this process runs with ('' = torch's defaults)
+        "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
     }
     torch = sys.modules.get("torch")
     if torch is not None:
@@ -68,11 +70,20 @@ def fingerprint(device_index=0):
 
 
 def environment_key(env):
-    """What makes two environments comparable for calibration: GPU, driver, CUDA, library versions."""
+    """What makes two environments comparable for calibration: GPU, driver, CUDA, library versions, and the caching
+    allocator's settings where they are not torch's defaults (`alloc=…`, so keys of default runs stay as they were)."""
     gpu = env.get("gpu") or {}
     pk = env.get("packages") or {}
-    return "|".join(str(x) for x in (gpu.get("name"), gpu.get("driver"), env.get("torch_cuda"),
-                                     pk.get("torch"), pk.get("transformers"), pk.get("bitsandbytes")))
+    parts = [gpu.get("name"), gpu.get("driver"), env.get("torch_cuda"), pk.get("torch"), pk.get("transformers"),
+             pk.get("bitsandbytes")]
+    if env.get("alloc_conf"):
+        parts.append(f"alloc={env['alloc_conf']}")
+    return "|".join(str(x) for x in parts)
+
+
+def allocator_label(env):
+    """'expandable_segments:True', or 'default' where the record ran under torch's own allocator settings."""
+    return env.get("alloc_conf") or "default"
 
 
 def environment_label(env):
@@ -87,6 +98,8 @@ def environment_label(env):
     if env.get("torch_cuda"):
         parts.append(f"CUDA {env['torch_cuda']}")
     parts += [f"{p} {pk[p]}" for p in ("torch", "transformers", "bitsandbytes") if pk.get(p)]
+    if env.get("alloc_conf"):
+        parts.append(f"PYTORCH_CUDA_ALLOC_CONF={env['alloc_conf']}")
     return " · ".join(parts)
 
 

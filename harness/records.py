@@ -5,17 +5,18 @@ writing one, by the launcher) to `<out>/<spec_hash>.json` through a temporary fi
 `os.replace`, so a reader sees either nothing or a whole record. Its `outcome` is one of
 OUTCOMES; an OOM is a result like any other.
 
-Where a number came from is in its key. Schema 2:
+Where a number came from is in its key. Schema 3:
 
-    schema_version   2 (this module's SCHEMA_VERSION; not part of the spec hash)
+    schema_version   3 (this module's SCHEMA_VERSION; not part of the spec hash)
     spec_hash        the experiment's hash (harness.sweep.schema), formula_hash the predictor's code
     spec, steps, timeout_s, sample_interval_ms, real_model_dir, group   the experiment
     source           "measured" (a GPU run), "traced" (fake tensors on the CPU), "rehearsed" (real tensors
                      on the CPU, `vramlab run --mode rehearse`) or "published" (a published measurement,
                      `vramlab import`, harness/analysis/published.py: with `published` and `citation`)
     outcome          ok | oom | error | timeout | crashed | unsupported
-    predicted        formulas.predict at run time: breakdown (tensor and device categories), peaks, phases
-                     (per GPU for a multi-GPU spec)
+    predicted        formulas.predict at run time: breakdown (allocated categories — tensors and the
+                     workspaces inside the allocator — and device categories), peaks, phases (per GPU
+                     for a multi-GPU spec)
     traced           the tracer's figures (harness.tracing), or null
     measured         the GPU's figures (harness.gpu.measure), or null
     rehearsed        a rehearsal's figures (harness.sweep.ranks; present only in rehearsed records)
@@ -38,7 +39,7 @@ import tempfile
 from formulas import categories as C
 from formulas.units import MiB
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 OUTCOMES = ("ok", "oom", "error", "timeout", "crashed", "unsupported")
 _NOT_RECORDS = ("machine.json", "sweep.json")  # what else a record folder may hold
 
@@ -83,12 +84,14 @@ def observed(rec):
 def measured_device_breakdown(measured):
     """{device category: bytes or None} of a GPU measurement, in the predictor's vocabulary.
 
-    cuda_context: device memory CUDA initialisation took; allocator_slack: peak reserved − peak
-    allocated; workspaces: what the device peak holds beyond those and the reserved bytes."""
-    ctx, dev = measured.get("cuda_context_bytes"), measured.get("peak_device_bytes")
+    cuda_context: what the device peak holds outside the caching allocator (peak device − peak reserved:
+    the context made at CUDA init and the kernel images loaded since); allocator_slack: peak reserved −
+    peak allocated; workspaces: the cuBLAS workspaces inside the allocated peak where the measurement read
+    them (`workspaces_bytes`), else None (they are in peak allocated, not told apart)."""
+    dev = measured.get("peak_device_bytes")
     res, alloc = measured.get("peak_reserved_bytes"), measured.get("peak_allocated_bytes")
-    return {C.CUDA_CONTEXT: ctx,
-            C.WORKSPACES: dev - res - ctx if None not in (ctx, dev, res) else None,
+    return {C.CUDA_CONTEXT: dev - res if None not in (dev, res) else None,
+            C.WORKSPACES: measured.get("workspaces_bytes"),
             C.ALLOCATOR_SLACK: res - alloc if None not in (res, alloc) else None}
 
 
@@ -99,13 +102,36 @@ def measured_device_breakdown(measured):
 _V1_CONTEXT, _V1_WORKSPACES = 512 * MiB, 32 * MiB
 
 
+def _migrate_2(rec):
+    """Schema 2 → 3: the workspaces moved inside the allocated peak. A schema-2 prediction counted none there and put
+    its workspaces figure outside the allocator with the context; its measured `workspaces` was the device peak
+    less reserved less the context at init — both now part of `cuda_context` (everything outside the allocator)."""
+    rec = dict(rec)
+    predicted = rec.get("predicted")
+    if isinstance(predicted, dict) and isinstance(predicted.get("breakdown"), dict):
+        bd = dict(predicted["breakdown"])
+        if C.CUDA_CONTEXT in bd:
+            bd[C.CUDA_CONTEXT] = (bd.get(C.CUDA_CONTEXT) or 0) + (bd.get(C.WORKSPACES) or 0)
+        bd[C.WORKSPACES] = 0
+        rec["predicted"] = {**predicted, "breakdown": bd}
+    for source in ("measured", "rehearsed"):
+        m = rec.get(source)
+        if isinstance(m, dict) and "device_breakdown" in m:
+            rec[source] = {**m, "device_breakdown": measured_device_breakdown(m)}
+    rec["schema_version"] = 3
+    rec.setdefault("migrated_from_schema", 2)
+    return rec
+
+
 def migrate(rec, path="record"):
     """A record of any known schema in the current one; RecordError where that would mean guessing."""
     version = rec.get("schema_version")
     if version == SCHEMA_VERSION:
         return rec
+    if version == 2:
+        return _migrate_2(rec)
     if version != 1:
-        raise RecordError(f"{path}: record schema {version!r}: this vramlab reads schemas 1 and {SCHEMA_VERSION}")
+        raise RecordError(f"{path}: record schema {version!r}: this vramlab reads schemas 1 to {SCHEMA_VERSION}")
     rec = dict(rec)
     predicted = rec.pop("prediction", None)
     predicted = dict(predicted) if isinstance(predicted, dict) else {}
@@ -123,9 +149,9 @@ def migrate(rec, path="record"):
         rec["traced"] = None
         if isinstance(rec.get("measured"), dict):
             rec["measured"] = {**rec["measured"], "device_breakdown": measured_device_breakdown(rec["measured"])}
-    rec["schema_version"] = SCHEMA_VERSION
+    rec["schema_version"] = 2
     rec["migrated_from_schema"] = version
-    return rec
+    return _migrate_2(rec)
 
 
 # ------------------------------------------------------------------ files

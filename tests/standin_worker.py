@@ -3,7 +3,9 @@
 seq 11: hang; 12: SIGKILL itself; 13: exit 1 with no record; 14: die mid-write (temp file only);
 15: (warm) ask for a fresh process unless it is the first experiment of this one; 16: SIGKILL the process that
 started it (a Slurm or Ray task) and die with it; 40-99: take 0.2 s;
-anything else: write an ok record with made-up figures. Every completed run is appended to
+anything else: write an ok record with made-up figures — or an oom record where the environment's
+STANDIN_LIMIT (`batch=N` or `seq=N`, several comma-separated) is exceeded, or an error record at
+STANDIN_ERROR_AT (`batch=N`). The record's env holds the worker's PYTORCH_CUDA_ALLOC_CONF. Every completed run is appended to
 <out>/.completed, so a test can count runs, not records. Cold: the experiment is the last argument; warm (--warm):
 one JSON message per line on stdin, one reply per line on stdout, as the real worker does.
 """
@@ -41,16 +43,28 @@ def run(out, exp, mode, n, fallback=None):
     if 40 <= seq < 100:
         time.sleep(0.2)
     process = {"pid": os.getpid(), "mode": mode, "experiment_in_process": n, "fallback": fallback}
+    outcome = "ok"
+    for item in filter(None, os.environ.get("STANDIN_LIMIT", "").split(",")):
+        field, _, limit = item.partition("=")
+        if exp["spec"][field] > int(limit):
+            outcome = "oom"
+    for item in filter(None, os.environ.get("STANDIN_ERROR_AT", "").split(",")):
+        field, _, at = item.partition("=")
+        if exp["spec"][field] == int(at):
+            outcome = "error"
     write_record(out, {"schema_version": SCHEMA_VERSION, "spec_hash": exp["spec_hash"], "spec": exp["spec"],
-                       "outcome": "ok", "source": "traced",
+                       "group": exp.get("group", ""), "search": exp.get("search"),
+                       **{k: v for k, v in exp.items() if k not in ("spec", "spec_hash", "group", "search")},
+                       "outcome": outcome, "source": "traced",
                        "traced": {"peak_allocated_bytes": 1000 + seq, "process": process},
                        "measured": None, "predicted": {"peak_allocated_bytes": 1000},
                        "env": {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "VRAMLAB_NVML_INDEX",
-                                                             "CUDA_DEVICE_ORDER", "VRAMLAB_LAUNCHER_PID")},
+                                                             "CUDA_DEVICE_ORDER", "VRAMLAB_LAUNCHER_PID",
+                                                             "PYTORCH_CUDA_ALLOC_CONF")},
                        "began": began, "started": time.time()})
     with open(os.path.join(out, ".completed"), "a") as f:
         f.write(exp["spec_hash"] + "\n")
-    return "ok"
+    return outcome
 
 
 def main():

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from formulas.categories import DEVICE_CATEGORIES, TENSOR_CATEGORIES
+from formulas.categories import ALLOCATED_CATEGORIES, DEVICE_CATEGORIES, TENSOR_CATEGORIES
 from harness.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,9 +27,12 @@ def test_json_contract(capsys):
         assert key in d
     assert d["breakdown"]["weights"] == 8_030_261_248 * 2
     assert isinstance(d["peak_device_bytes"], int)
-    assert d["peak_allocated_bytes"] == sum(v for k, v in d["breakdown"].items() if k in TENSOR_CATEGORIES)
+    # tensors and the cuBLAS workspace add up to the allocated peak; slack and context to the device peak
+    assert d["peak_allocated_bytes"] == sum(v for k, v in d["breakdown"].items() if k in ALLOCATED_CATEGORIES)
+    assert d["breakdown"]["workspaces"] == 32 * 2**20  # one (inference) thread's cuBLAS workspace, sm90 default
     assert set(d["breakdown"]) == set(TENSOR_CATEGORIES) | {"cuda_context", "workspaces", "allocator_slack"}
     assert d["peak_device_bytes"] == d["peak_allocated_bytes"] + sum(d["breakdown"][k] for k in DEVICE_CATEGORIES)
+    assert d["peak_allocated_bytes"] <= d["peak_reserved_bytes"] <= d["peak_device_bytes"]
 
 
 def test_table_in_gib_with_phase_and_totals(capsys):

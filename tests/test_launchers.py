@@ -202,7 +202,7 @@ def test_slurm_task_parameters_from_the_mode_and_the_timeouts(monkeypatch):
     monkeypatch.setattr(backends.shutil, "which", lambda name: f"/usr/bin/{name}")  # as if on a Slurm login node
     p = backends.SlurmBackend("trace", partition="gpu", time_min=30, gpus=2).parameters(exps)
     assert p["gpus_per_node"] == 2 and p["timeout_min"] == 30 and p["slurm_partition"] == "gpu"
-    (big,) = expand_sweep({"defaults": {"model": "gpt2", "mode": "train", "gpus": 4, "zero": 3}}, "t.yaml")
+    (big,) = expand_sweep({"defaults": {"model": "gpt2", "seq": 64, "mode": "train", "gpus": 4, "zero": 3}}, "t.yaml")
     assert backends.SlurmBackend("measure").gpus_for(big) == 4 and backends.task_gpus(big, "trace") == 0
 
 
@@ -212,7 +212,7 @@ def test_flags_win_over_the_sweep_files_launcher_block(tmp_path):
     from harness.cli.run import _launcher_settings
 
     sweep = tmp_path / "s.yaml"
-    sweep.write_text("defaults: {model: gpt2}\nlauncher:\n  slurm: {partition: gpu, time_min: 60}\n"
+    sweep.write_text("defaults: {model: gpt2, seq: 64}\nlauncher:\n  slurm: {partition: gpu, time_min: 60}\n"
                      "  ray: {address: 'auto'}\n")
     a = build_parser().parse_args(["run", str(sweep), "--launcher", "slurm", "--slurm-time", "9"])
     assert _launcher_settings(a) == {"partition": "gpu", "time_min": 9}

@@ -91,13 +91,19 @@ def test_fewest_is_minimal_and_names_per_gpu_memory_for_each_strategy():
 
 
 def test_training_full_8b_on_a100_80gb_shards():
-    """16+ bytes per parameter for full AdamW: 128 GB of state for 8B — more than one 80 GB card."""
+    """16+ bytes per parameter for full AdamW: 128 GB of state for 8B — more than one 80 GB card. On 2 GPUs ZeRO-2
+    and ZeRO-3 are as fast (the step is compute-bound over NVLink); ZeRO-2 sends fewer bytes and wins the tie. The
+    offloading plans have more headroom but lose: the CPU optimizer step is on the critical path."""
     pl = P.Planner(Spec(model=LLAMA8, mode="train", seq=2048), "A100 80GB")
     chosen, opts = pl.fewest_gpus()
-    assert chosen.strategy.gpus == 2
-    ok = [o for o in opts if o.fits and o.strategy.offload == "none"]
-    assert chosen.per_gpu_bytes == min(o.per_gpu_bytes for o in ok)  # most headroom, offload only as a last resort
-    assert chosen.strategy.kind == "zero3"
+    assert chosen.strategy.gpus == 2 and chosen.strategy.kind == "zero2" and chosen.step.binds == "compute"
+    zero3 = [o for o in opts if o.strategy.kind == "zero3"][0]
+    assert zero3.fits and zero3.per_gpu_bytes < chosen.per_gpu_bytes
+    assert abs(zero3.step.seconds / chosen.step.seconds - 1) < 0.005
+    assert sum(zero3.step.links.values()) > sum(chosen.step.links.values())
+    for o in opts:
+        if o.fits and o.strategy.offload != "none":
+            assert o.step.seconds > chosen.step.seconds and "CPU optimizer step" in o.step.exposed
 
 
 def test_offload_only_when_nothing_else_fits():
@@ -110,10 +116,11 @@ def test_offload_only_when_nothing_else_fits():
 
 def test_candidates_respect_heads():
     s = get_shape("deepseek-ai/DeepSeek-R1-Distill-Qwen-32B")  # 40 heads, 8 KV heads
-    kinds = {c.tp for c in P.candidates(s, "inference", 5) if c.kind == "tp"}
+    spec = Spec(model="deepseek-ai/DeepSeek-R1-Distill-Qwen-32B")
+    kinds = {c.tp for c in P.candidates(s, spec, 5, 10) if c.kind == "tp"}
     assert kinds == set()  # 5 divides 40 but neither divides nor is divided by 8
-    assert [c.tp for c in P.candidates(s, "inference", 8) if c.kind == "tp"] == [8]
-    assert {(c.tp, c.pp) for c in P.candidates(s, "inference", 8) if c.kind == "tp_pp"} == {(2, 4), (4, 2)}
+    assert [c.tp for c in P.candidates(s, spec, 8, 8) if c.kind == "tp"] == [8]
+    assert {(c.tp, c.pp) for c in P.candidates(s, spec, 8, 8) if c.kind == "tp_pp"} == {(2, 4), (4, 2)}
 
 
 # ------------------------------------------------------------------ largest batch, longest context
@@ -216,7 +223,7 @@ def test_more_tp_never_raises_per_gpu_memory(model, mode):
 def test_longer_deadline_never_needs_more_gpus():
     spec = Spec(model=LLAMA70, mode="train", method="lora", seq=2048, grad_ckpt=True)
     pl = P.Planner(spec, "A100 80GB")
-    needed = [pl.answer(tokens=2 * 10**9, deadline_s=d)["gpus_needed"]
+    needed = [pl.answer(tokens=2 * 10**9, deadline_s=d)["gpus_needed"] or float("inf")  # None: not within 1,024
               for d in (3_600, 6 * 3_600, 86_400, 3 * 86_400, 7 * 86_400, 365 * 86_400)]
     assert needed == sorted(needed, reverse=True)
     assert needed[-1] == pl.fewest_gpus()[0].strategy.gpus  # a long enough deadline: memory binds
@@ -228,11 +235,12 @@ def test_table_monotone_in_deadline_and_data():
     base = Spec(model=LLAMA8, mode="train", seq=2048, grad_ckpt=True)
     sizes = (10**6, 10**9, 10**10)
     by_deadline = [P.finetune_table(rows, sizes, d, base, gpu="A100 80GB") for d in (3_600, 86_400, 30 * 86_400)]
+    inf = float("inf")  # None: no plan within the deadline on up to --max-gpus
     for i in range(len(by_deadline[0])):
-        counts = [t[i]["gpus"] for t in by_deadline]
+        counts = [t[i]["gpus"] or inf for t in by_deadline]
         assert counts == sorted(counts, reverse=True)
     for r in range(len(rows)):
-        counts = [by_deadline[1][r * len(sizes) + k]["gpus"] for k in range(len(sizes))]
+        counts = [by_deadline[1][r * len(sizes) + k]["gpus"] or inf for k in range(len(sizes))]
         assert counts == sorted(counts)
 
 
@@ -248,10 +256,13 @@ def test_seed_table_rows_and_hand_checks():
     base = Spec(model=LLAMA8, mode="train", seq=2048, grad_ckpt=True)
     rows = P.finetune_table(P.SEED_ROWS, P.SEED_DATA_BYTES, 86_400, base)
     assert len(rows) == len(P.SEED_ROWS) * len(P.SEED_DATA_BYTES)
-    r1 = [r for r in rows if r["model"] == "deepseek-ai/DeepSeek-R1"]
-    # 671B in bf16 is 1.34 TB of weights: the seed's 16 × A100-80G (1.37 TB) cannot hold it with anything else
-    assert all(r["gpus"] > 16 for r in r1)
+    # 671B in bf16 is 1.34 TB of weights: the seed's 16 × A100-80G (1.37 TB) cannot hold it with anything else —
+    # unless the weights live on NVMe (DeepSpeed ZeRO-Infinity), which the planner offers where the host RAM is short
+    pl = P.Planner(base.replace(model="deepseek-ai/DeepSeek-R1", method="lora"), "A100 80GB")
+    assert pl.fewest_gpus(offload=False)[0].strategy.gpus > 16
     for r in rows:
+        if r["gpus"] is None:
+            continue
         assert r["gpus"] >= r["gpus_for_memory"] and r["gpus"] >= r["gpus_for_compute"]
         assert r["seconds"] <= 86_400 * (1 + 1e-9)
         assert r["per_gpu_bytes"] <= get_hardware(r["gpu"]).usable_bytes

@@ -65,8 +65,8 @@ def test_liger_notes_cite_its_kernels():
 
 def test_recipes_predict_less_than_the_full_loss_path():
     hf = predict(_spec()).peak_allocated_bytes
-    for recipe in ("unsloth", "liger", "trl"):
-        assert predict(_spec(recipe=recipe)).peak_allocated_bytes < 0.8 * hf, recipe
+    for recipe, at_most in (("unsloth", 0.6), ("trl", 0.8), ("liger", 0.9)):
+        assert predict(_spec(recipe=recipe)).peak_allocated_bytes < at_most * hf, recipe
 
 
 def test_grid_predicts_the_recipes_as_predict_does():

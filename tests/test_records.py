@@ -98,14 +98,36 @@ def test_schema_1_traced_record_moves_to_traced():
     r = migrate(_v1("traced"))
     assert r["schema_version"] == SCHEMA_VERSION and r["migrated_from_schema"] == 1
     assert r["traced"] == {"peak_allocated_bytes": 900} and r["measured"] is None and "prediction" not in r
-    assert r["predicted"]["breakdown"]["cuda_context"] == 512 * MiB
-    assert r["predicted"]["breakdown"]["workspaces"] == 32 * MiB
+    # schema 1's context and workspaces were both outside the allocator: schema 3 calls that the CUDA context
+    assert r["predicted"]["breakdown"]["cuda_context"] == 512 * MiB + 32 * MiB
+    assert r["predicted"]["breakdown"]["workspaces"] == 0
 
 
 def test_schema_1_measured_record_gains_its_device_breakdown():
     r = migrate(_v1("measured"))
     assert r["traced"] is None
-    assert r["measured"]["device_breakdown"] == {"cuda_context": 500 * MiB, "workspaces": 600 * MiB - 1200 - 500 * MiB,
+    assert r["measured"]["device_breakdown"] == {"cuda_context": 600 * MiB - 1200, "workspaces": None,
+                                                 "allocator_slack": 200}
+
+
+def test_schema_2_record_moves_its_workspaces_outside_the_allocator():
+    """Schema 2 put the workspaces outside the allocator beside the context; schema 3 counts them in the allocated
+    peak. A schema-2 prediction counted none there: its figure joins the context, its totals stay."""
+    v2 = {"schema_version": 2, "spec_hash": "abc123abc123", "outcome": "ok", "source": "measured",
+          "spec": {"model": "gpt2"}, "traced": None,
+          "predicted": {"peak_allocated_bytes": 950, "peak_device_bytes": 950 + 544 * MiB + 20 * MiB,
+                        "breakdown": {"weights": 950, "cuda_context": 512 * MiB, "workspaces": 32 * MiB,
+                                      "allocator_slack": 20 * MiB}},
+          "measured": {"peak_allocated_bytes": 1000, "peak_reserved_bytes": 1200, "peak_device_bytes": 600 * MiB,
+                       "cuda_context_bytes": 500 * MiB,
+                       "device_breakdown": {"cuda_context": 500 * MiB, "workspaces": 600 * MiB - 1200 - 500 * MiB,
+                                            "allocator_slack": 200}}}
+    r = migrate(v2)
+    assert r["schema_version"] == SCHEMA_VERSION == 3 and r["migrated_from_schema"] == 2
+    bd = r["predicted"]["breakdown"]
+    assert bd["cuda_context"] == 544 * MiB and bd["workspaces"] == 0
+    assert r["predicted"]["peak_device_bytes"] == 950 + bd["cuda_context"] + bd["allocator_slack"]
+    assert r["measured"]["device_breakdown"] == {"cuda_context": 600 * MiB - 1200, "workspaces": None,
                                                  "allocator_slack": 200}
 
 

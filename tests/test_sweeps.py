@@ -24,13 +24,13 @@ def test_grid_times_zip_and_stable_hashes():
 
 
 def test_duplicates_collapse():
-    doc = {"defaults": {"model": "gpt2"}, "grid": {"batch": [1, 1, 2]}}
+    doc = {"defaults": {"model": "gpt2", "seq": 64}, "grid": {"batch": [1, 1, 2]}}
     assert len(expand_sweep(doc, "d.yaml")) == 2
 
 
 @pytest.mark.parametrize("doc,needles", [
     ({"defaults": {"model": "gpt2", "dtyp": "bf16"}}, ["bad.yaml", "defaults", "'dtyp'", "allowed"]),
-    ({"defaults": {"model": "gpt2"}, "grid": {"dtype": ["bf16", "int3"]}}, ["bad.yaml", "experiment 1", "dtype int3", "choose one of"]),
+    ({"defaults": {"model": "gpt2", "seq": 64}, "grid": {"dtype": ["bf16", "int3"]}}, ["bad.yaml", "experiment 1", "dtype int3", "choose one of"]),
     ({"defaults": {"model": "gpt-9"}}, ["bad.yaml", "gpt-9", "not in the catalog"]),
     ({"defaults": {"model": "gpt2", "batch": "four"}}, ["bad.yaml", "batch", "'four'", "integer"]),
     ({"defaults": {"model": "gpt2"}, "zip": {"seq": [1, 2], "gen": [1]}}, ["bad.yaml", "zip", "equal lengths"]),

@@ -57,7 +57,7 @@ CASES = {
     "inf-gpt2-bf16-eager": ("gpt2", dict(INF, attn="eager"), {}),
     "train-llama-bf16-pure-sdpa": ("llama", dict(TRAIN, precision="pure"), {}),
     "train-llama-bf16-amp-eager": ("llama", dict(TRAIN, attn="eager"), {}),
-    "train-llama-fp32-ckpt": ("llama", dict(TRAIN, dtype="fp32", grad_ckpt=True), {}),
+    "train-llama-fp32-ckpt": ("llama", dict(TRAIN, dtype="fp32", grad_ckpt=True), {"activations": 25}),
     "train-llama-bf16-lora": ("llama", dict(TRAIN, method="lora"), {}),
     "train-llama-bf16-lora-ckpt-eager": ("llama", dict(TRAIN, method="lora", grad_ckpt=True, attn="eager"),
                                          {}),

@@ -92,3 +92,33 @@ def test_fsdp_pads_shards_to_the_world(tmp_path):
                                     seq=32, batch=1))
     exact = predict(Spec(model=str(path), mode="train", method="full", gpus=1, precision="pure", seq=32, batch=1))
     assert predicted.phases["optimizer_step"][C.WEIGHTS] * 3 > exact.phases["load"][C.WEIGHTS]  # the padding counts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fields,rank", [(dict(zero=3), None), (dict(zero=2), 0), (dict(zero=3, precision="master"), 0)],
+                         ids=["tp2-fsdp2-zero3", "tp2-fsdp2-zero2", "tp2-fsdp2-master"])
+def test_tp_times_fsdp2_on_fake_ranks(tiny, fields, rank):
+    """2-D parallelism as torchtitan builds it: transformers' TP plan over a 2-GPU tp mesh dimension, FSDP2 over the
+    other (dp) dimension on the TP shards. Every rank's stored state equals the prediction to the byte."""
+    spec = Spec(model=tiny, mode="train", method="full", seq=64, batch=2, gpus=4, tp=2,
+                **{"precision": "pure", **fields})
+    traced, predicted = _check(spec, rank)
+    if spec.precision == "master":  # fp32 shards: as many bytes as TP's bf16 parameters
+        return
+    # at rest less than TP alone holds; more than FSDP over all 4 (the embedding and norms are whole on TP ranks)
+    at_rest = predicted.phases["optimizer_step"][C.WEIGHTS]
+    assert at_rest < predict(spec.replace(zero=0)).phases["optimizer_step"][C.WEIGHTS]
+    assert at_rest > predict(spec.replace(tp=1)).phases["optimizer_step"][C.WEIGHTS]
+
+
+
+@pytest.mark.slow
+def test_hybrid_sharding_on_fake_ranks(tiny):
+    """FSDP2 over a 2-D (replicate, shard) mesh: 4 ranks, FSDP inside pairs, two replicas. Each rank holds what FSDP
+    over 2 holds, to the byte."""
+    spec = Spec(model=tiny, mode="train", method="full", seq=64, batch=2, gpus=4, zero=3, shard_gpus=2,
+                precision="pure")
+    traced, predicted = _check(spec, 0)
+    pair = predict(spec.replace(gpus=2, shard_gpus=0))
+    for c in STATE:
+        assert predicted.phases["optimizer_step"][c] == pair.phases["optimizer_step"][c], c

@@ -1,54 +1,51 @@
-"""Calibration: fit the device overheads the predictor leaves open, from one environment's records.
+"""Calibration: fit what the predictor cannot know about one environment, from that environment's records.
 
-Why: `formulas/overhead.py` guesses the CUDA context, workspaces and allocator slack (the device
-categories). They depend on GPU, driver, CUDA, torch and bitsandbytes, so they are fitted per
-environment (`harness.env.environment_key`) from measured records, never mixed across environments.
+Why: the tensors, the cuBLAS workspaces and the allocator's behaviour are computed (formulas/,
+formulas/device.py, the slack rules derived from the allocator simulation). What is left depends
+on the driver, CUDA and the library builds of one machine: how much CUDA initialisation takes, how
+much the lazily loaded kernel images take, and how far the allocator's slack in these workloads
+departs from the rules. Those are fitted per environment (`harness.env.environment_key`) from
+measured records, never mixed across environments:
 
-Model (the predictor's own, `formulas.predict.device_totals`):
+- `cuda_context_bytes`: the median of the records' own `cuda_context_bytes` (measured right after
+  CUDA init, before any workload);
+- `kernel_images.<family>` (formulas.device.KERNEL_IMAGES): least squares of what the device peak
+  holds outside the allocator (peak device − peak reserved − the context) on which kernel families
+  the record's process had loaded by then (a warm worker keeps earlier experiments' images);
+- `slack_share.<mode>`: the median of (measured reserved − measured allocated − what loading the
+  weights leaves, formulas.predict.load_slack) / the peak phase's predicted transient bytes, per mode
+  (inference, train).
 
-    measured_device - measured_allocated = overhead_intercept + slack_fraction × measured_allocated
+Accuracy is reported held out by model: for each model, the table is fitted on the records of every
+other model and scores that model's records (`heldout_by_model`); random splits of one model's
+records would not count. The table written is fitted on all records.
 
-fitted with Theil–Sen (median of pairwise slopes, intercept = median residual): robust to a few
-records disturbed by other processes or fragmentation. The intercept is split into the CUDA
-context (median of the records' own `cuda_context_bytes`, measured right after CUDA init) and
-the workspaces (the rest). `allocator_slack_min_bytes` is set to 0: the intercept absorbs it.
-
-Per-category multiplicative corrections (measured/predicted) are kept only where clearly
-systematic (see `_systematic`); categories come from measured breakdowns where a record has one,
-else the total `peak_allocated`. They are written to the table and used for the held-out error;
-`formulas.predict` does not apply them yet.
-
-Records are split deterministically by spec hash: sha256(spec_hash) mod 4 == 0 → held out.
-
-Output contract: `results/calibration/<env-slug>.csv`, columns `parameter,value,note`; rows are
-parameters (bytes as integers), `correction.<category>`, `heldout.<metric>.<stat>_<before|after>`
-(relative errors, fractions) and `provenance.*` (environment, time, records, fit quality).
+Output contract: `results/calibration/<env-slug>.csv`, columns `parameter,value,note`; rows are the
+parameters (bytes as integers), `heldout.<metric>.<stat>_<before|after>` (relative errors, fractions)
+and `provenance.*` (environment, architecture, time, records, the models held out).
 
 Lookup: `overheads_for(gpu, path)` is the one way `vramlab predict` and `vramlab plan` find a
-table — the file given, else the newest table fitted on that GPU, else the uncalibrated defaults.
+table — the file given, else the newest table fitted on that GPU, else the uncalibrated defaults
+for that GPU's architecture.
 """
 
 import csv
 import datetime
-import hashlib
 import os
 import re
 
-from formulas import categories as C
-from formulas.overhead import DEFAULT_OVERHEADS, Overheads
+from formulas.device import KERNEL_IMAGES
+from formulas.overhead import SLACK_RULES, Overheads, default_overheads
 
 from ..paths import CALIBRATION_DIR
 
 # numpy and harness.env are imported inside the fitting functions: `vramlab predict` imports this
 # module only to load a table and must stay light.
 
-HELDOUT_MODULUS = 4  # one record in four is held out
-# A category correction is kept only if its median ratio is off by at least this much …
-CORRECTION_MIN_DEVIATION = 0.02
-# … at least this many records have it, and this share of them are off on the same side.
-CORRECTION_MIN_RECORDS = 5
-CORRECTION_SAME_SIDE = 0.9
-PARAMETERS = ("cuda_context_bytes", "workspaces_bytes", "allocator_slack_fraction", "allocator_slack_min_bytes")
+FAMILIES = tuple(KERNEL_IMAGES)
+MODES = ("inference", "train")
+PARAMETERS = ("cuda_context_bytes",) + tuple(f"kernel_images.{f}" for f in FAMILIES) + \
+    tuple(f"slack_share.{m}" for m in MODES)
 
 
 class CalibrationError(ValueError):
@@ -61,112 +58,158 @@ def env_slug(key):
     return "_".join(parts)
 
 
-def is_heldout(spec_hash):
-    """Deterministic split: the same record is always on the same side."""
-    return int(hashlib.sha256(spec_hash.encode()).hexdigest()[:8], 16) % HELDOUT_MODULUS == 0
-
-
 def usable(rec):
-    """A measured, successful record with allocated and device peaks and no other process on the GPU (a published
-    record that states both is read as one: harness.analysis.published.measured_view)."""
+    """A measured, successful record with allocated, reserved and device peaks and no other process on the GPU (a
+    published record that states both is read as one: harness.analysis.published.measured_view)."""
     m = rec.get("measured") or {}
     return (rec.get("outcome") == "ok" and rec.get("source") in ("measured", "published")
             and m.get("peak_allocated_bytes") is not None and m.get("peak_device_bytes") is not None
-            and not m.get("device_figures_flagged") and isinstance((rec.get("predicted") or {}).get("breakdown"), dict))
+            and not m.get("device_figures_flagged") and isinstance(rec.get("spec"), dict))
 
 
-def theil_sen(x, y):
-    """(slope, intercept): median of pairwise slopes, median of residuals. Source: Sen (1968)."""
-    import numpy as np
-
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    i, j = np.triu_indices(len(x), k=1)
-    dx = x[j] - x[i]
-    keep = dx != 0
-    if not keep.any():
-        raise CalibrationError("need records with at least two different allocated sizes to fit the slack fraction")
-    slope = float(np.median((y[j] - y[i])[keep] / dx[keep]))
-    return slope, float(np.median(y - slope * x))
+def model_of(rec):
+    return (rec.get("spec") or {}).get("model", "")
 
 
-def _systematic(ratios):
-    """Median ratio if clearly systematic (enough records, far enough from 1, mostly on one side), else None."""
-    import numpy as np
+def _predictions(recs, overheads, loaded):
+    """[(record, Prediction, predicted device bytes)] with `overheads`; records the formulas refuse are left out."""
+    from formulas.spec import SpecError
 
-    r = np.asarray(ratios, float)
-    if len(r) < CORRECTION_MIN_RECORDS:
-        return None
-    med = float(np.median(r))
-    if med <= 0:  # the measured breakdowns put nothing there: no factor to apply (load_calibration refuses ≤ 0)
-        return None
-    same_side = np.mean(r > 1) if med > 1 else np.mean(r < 1)
-    if abs(med - 1) >= CORRECTION_MIN_DEVIATION and same_side >= CORRECTION_SAME_SIDE:
-        return med
-    return None
+    from .repredict import repredict
 
-
-def fit_corrections(records):
-    """{category: factor} where measured/predicted is systematically off; 'peak_allocated' when no breakdowns."""
-    per_cat = {}
-    for rec in records:
-        mbd = (rec["measured"] or {}).get("breakdown")
-        pbd = rec["predicted"]["breakdown"]
-        if isinstance(mbd, dict):
-            for c in C.TENSOR_CATEGORIES:
-                if pbd.get(c) and mbd.get(c) is not None:
-                    per_cat.setdefault(c, []).append(mbd[c] / pbd[c])
-    out = {c: f for c, r in per_cat.items() if (f := _systematic(r)) is not None}
-    if not per_cat:
-        total = [r["measured"]["peak_allocated_bytes"] / r["predicted"]["peak_allocated_bytes"]
-                 for r in records if r["predicted"].get("peak_allocated_bytes")]
-        f = _systematic(total)
-        if f is not None:
-            out["peak_allocated"] = f
+    out = []
+    for r in recs:
+        try:
+            p, dev = repredict(r, overheads, loaded.get(r["spec_hash"], ()))
+        except (SpecError, ValueError, KeyError):
+            continue
+        out.append((r, p, dev))
     return out
 
 
-def corrected_allocated(pred, corrections):
-    """Predicted peak allocated bytes after the category (or total) corrections."""
-    if "peak_allocated" in corrections:
-        return int(pred["peak_allocated_bytes"] * corrections["peak_allocated"])
-    bd = pred["breakdown"]
-    delta = sum(bd.get(c, 0) * (f - 1) for c, f in corrections.items() if c in C.TENSOR_CATEGORIES)
-    return int(pred["peak_allocated_bytes"] + delta)
+def _transient(p, overheads):
+    """The predicted transient bytes of the peak phase (what the slack rule scales)."""
+    return overheads.transient(p.phases.get(p.peak_phase, p.breakdown))
 
 
-def calibrated_totals(pred, overheads, corrections):
-    """(allocated, device) bytes a stored prediction would have had with this calibration."""
-    bd = pred["breakdown"]
-    # Paged (unified-memory) optimizer state counts on the device but not as allocated; keep it as predicted.
-    paged = pred["peak_device_bytes"] - pred["peak_allocated_bytes"] - sum(bd.get(c, 0) for c in C.DEVICE_CATEGORIES)
-    alloc = corrected_allocated(pred, corrections)
-    device = alloc + max(paged, 0) + sum(overheads.device_breakdown(alloc).values())
-    return alloc, device
+def fit_overheads(recs, base, loaded):
+    """Overheads fitted on `recs` (one environment), starting from `base` (the architecture's defaults)."""
+    import numpy as np
+
+    m = [r["measured"] for r in recs]
+    ctx_meas = [x["cuda_context_bytes"] for x in m if x.get("cuda_context_bytes") is not None]
+    context = int(np.median(ctx_meas)) if ctx_meas else base.cuda_context_bytes
+    if not ctx_meas and not any(x.get("peak_reserved_bytes") for x in m):
+        # a published set that states the allocated and the device figure only: slack and context cannot be told
+        # apart, so the rules' slack stands and the context takes the rest
+        rest = [r["measured"]["peak_device_bytes"] - r["measured"]["peak_allocated_bytes"]
+                - (p.peak_reserved_bytes - p.peak_allocated_bytes) - (base.context(p.spec) - base.cuda_context_bytes)
+                for r, p, _ in _predictions(recs, base, loaded)]
+        if rest:
+            context = max(int(np.median(rest)), 0)
+    # kernel images: outside the allocator less the context, on the families loaded by then — the median of each
+    # set of families (robust to a record disturbed by another process), then least squares over the sets
+    groups = {}
+    preds = _predictions(recs, base, loaded)
+    for r, p, _ in preds:
+        x = r["measured"]
+        if x.get("peak_reserved_bytes") is None:
+            continue
+        fams = frozenset(set(loaded.get(r["spec_hash"], ())) | set(_families(p.spec)))
+        groups.setdefault(fams, []).append(x["peak_device_bytes"] - x["peak_reserved_bytes"] - context)
+    images = dict(base.kernel_images)
+    if groups:
+        A = np.asarray([[1.0 if f in fams else 0.0 for f in FAMILIES] for fams in groups])
+        y = np.asarray([np.median(v) for v in groups.values()])
+        w = np.sqrt(np.asarray([len(v) for v in groups.values()], float))
+        seen = A.any(axis=0)
+        sol, *_ = np.linalg.lstsq(A[:, seen] * w[:, None], y * w, rcond=None)
+        for f, v in zip([f for f, s in zip(FAMILIES, seen) if s], sol):
+            images[f] = max(int(round(v)), 0)
+    # slack: per mode, the median share of the transient bytes beyond what loading the weights left
+    from formulas.catalog import get_shape
+    from formulas.predict import load_slack, workload_static
+    from formulas.spec import validate
+
+    share = dict(base.slack_share)
+    for mode in MODES:
+        ratios = []
+        for r, p, _ in preds:
+            x = r["measured"]
+            tr = _transient(p, base)
+            if p.spec.mode != mode or tr <= 0 or x.get("peak_reserved_bytes") is None:
+                continue
+            loaded = load_slack(workload_static(validate(p.spec, get_shape(p.spec.model))), base)
+            ratios.append((x["peak_reserved_bytes"] - x["peak_allocated_bytes"] - loaded) / tr)
+        if ratios:
+            share[mode] = max(float(np.median(ratios)), 0.0)
+    return Overheads(cc=base.cc, cuda_context_bytes=context, kernel_images=tuple(images.items()),
+                     cublas_workspace=base.cublas_workspace, environ=base.environ,
+                     slack_fixed_bytes=base.slack_fixed_bytes, slack_share=tuple(share.items()),
+                     source="fit", calibrated=True)
 
 
-def heldout_errors(records, overheads, corrections):
-    """{metric: {stat_before|stat_after: value}} for allocated and device totals."""
-    from .stats import error_stats, relative_errors
+def _families(spec):
+    from formulas.device import kernel_families
 
+    return kernel_families(spec)
+
+
+def _errors(preds):
+    """{metric: [relative errors]} of (record, prediction, device) triples."""
+    out = {"allocated": [], "reserved": [], "device": []}
+    for r, p, dev in preds:
+        x = r["measured"]
+        out["allocated"].append(p.peak_allocated_bytes / x["peak_allocated_bytes"] - 1)
+        if x.get("peak_reserved_bytes"):
+            out["reserved"].append(p.peak_reserved_bytes / x["peak_reserved_bytes"] - 1)
+        out["device"].append(dev / x["peak_device_bytes"] - 1)
+    return out
+
+
+def heldout_by_model(recs, base, loaded):
+    """Leave-one-model-out: each model's records scored by a table fitted on every other model's.
+
+    Returns ({metric: {stat_before|stat_after: value}}, [per-record rows]) — before: `base` (the uncalibrated
+    defaults), after: the table that never saw the model."""
+    from .stats import error_stats
+
+    models = sorted({model_of(r) for r in recs})
+    before_preds, after_preds, rows = [], [], []
+    for model in models:
+        mine = [r for r in recs if model_of(r) == model]
+        others = [r for r in recs if model_of(r) != model]
+        if not others:
+            continue
+        ov = fit_overheads(others, base, loaded)
+        b = _predictions(mine, base, loaded)
+        a = _predictions(mine, ov, loaded)
+        before_preds += b
+        after_preds += a
+        for (r, p0, d0), (_, p1, d1) in zip(b, a):
+            x = r["measured"]
+            rows.append({"spec_hash": r["spec_hash"], "model": model, "mode": p0.spec.mode,
+                         "measured_device_bytes": x["peak_device_bytes"], "predicted_device_bytes": d0,
+                         "calibrated_device_bytes": d1})
     out = {}
-    for metric, idx in (("allocated", 0), ("device", 1)):
-        meas = [r["measured"][f"peak_{metric}_bytes"] for r in records]
-        before = [r["predicted"][f"peak_{metric}_bytes"] for r in records]
-        after = [calibrated_totals(r["predicted"], overheads, corrections)[idx] for r in records]
+    eb, ea = _errors(before_preds), _errors(after_preds)
+    for metric in eb:
         stats = {}
-        for tag, pred in (("before", before), ("after", after)):
-            for k, v in error_stats(relative_errors(pred, meas)).items():
+        for tag, errs in (("before", eb[metric]), ("after", ea[metric])):
+            for k, v in error_stats(errs).items():
                 if k != "n":
                     stats[f"{k}_{tag}"] = v
+            stats["n"] = len(errs)
         out[metric] = stats
-    return out
+    return out, rows
 
 
 def fit(records, now=None):
-    """Fit one environment's records → a result dict (parameters, corrections, held-out errors, provenance)."""
-    import numpy as np
-
+    """Fit one environment's records → a result dict (the Overheads, held-out-by-model errors, provenance)."""
     from ..env import environment_key
+    from .repredict import gpu_hardware, loaded_before
+
+    from formulas.device import compute_capability
 
     recs = [r for r in records if usable(r)]
     if not recs:
@@ -174,32 +217,23 @@ def fit(records, now=None):
     keys = sorted({environment_key(r.get("env") or {}) for r in recs})
     if len(keys) > 1:
         raise CalibrationError(f"records from {len(keys)} environments ({'; '.join(keys)}); fit one at a time with --env")
-    train = [r for r in recs if not is_heldout(r["spec_hash"])]
-    held = [r for r in recs if is_heldout(r["spec_hash"])]
-    if len(train) < 2:
-        raise CalibrationError(f"only {len(train)} fitting record(s) after the held-out split; need at least 2")
-    alloc = np.array([r["measured"]["peak_allocated_bytes"] for r in train], float)
-    dev = np.array([r["measured"]["peak_device_bytes"] for r in train], float)
-    slope, intercept = theil_sen(alloc, dev - alloc)
-    ctx = [r["measured"]["cuda_context_bytes"] for r in train if r["measured"].get("cuda_context_bytes") is not None]
-    context = int(np.median(ctx)) if ctx else int(round(intercept))
-    context = min(context, int(round(intercept))) if intercept > 0 else context
-    workspace = max(int(round(intercept)) - context, 0)
-    resid = (dev - alloc) - (intercept + slope * alloc)
-    overheads = Overheads(cuda_context_bytes=context, workspaces_bytes=workspace,
-                          allocator_slack_fraction=slope, allocator_slack_min_bytes=0, source="fit", calibrated=True)
-    corrections = fit_corrections(train)
+    cc = compute_capability(gpu_hardware(recs[0]))
+    base = default_overheads(cc)
+    loaded = loaded_before(recs)
+    overheads = fit_overheads(recs, base, loaded)
+    models = sorted({model_of(r) for r in recs})
+    heldout, rows = heldout_by_model(recs, base, loaded) if len(models) > 1 else ({}, [])
     now = now or datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
     return {
         "environment_key": keys[0],
+        "cc": base.cc,
         "overheads": overheads,
-        "corrections": corrections,
-        "heldout": heldout_errors(held, overheads, corrections) if held else {},
-        "fit_quality": {"n_fit": len(train), "n_heldout": len(held),
-                        "residual_mad_bytes": int(np.median(np.abs(resid - np.median(resid))))},
+        "heldout": heldout,
+        "heldout_rows": rows,
+        "fit_quality": {"n_fit": len(recs), "n_models": len(models)},
         "fitted_at": now,
-        "fit_spec_hashes": sorted(r["spec_hash"] for r in train),
-        "heldout_spec_hashes": sorted(r["spec_hash"] for r in held),
+        "models": models,
+        "fit_spec_hashes": sorted(r["spec_hash"] for r in recs),
         "formula_hashes": sorted({str(r.get("formula_hash")) for r in recs}),
     }
 
@@ -221,28 +255,28 @@ def group_by_environment(records):
 def write_calibration(result, out_dir=CALIBRATION_DIR, records_path=""):
     """Write the table as <out_dir>/<env-slug>.csv (atomically) and return its path."""
     ov = result["overheads"]
-    rows = [
-        ("cuda_context_bytes", ov.cuda_context_bytes, "median measured context after CUDA init"),
-        ("workspaces_bytes", ov.workspaces_bytes, "fitted intercept minus context: cuBLAS/cuDNN workspaces, handles"),
-        ("allocator_slack_fraction", f"{ov.allocator_slack_fraction:.6f}", "Theil-Sen slope of (device - allocated) on allocated"),
-        ("allocator_slack_min_bytes", ov.allocator_slack_min_bytes, "0: the intercept absorbs the floor"),
-    ]
-    for c, f in sorted(result["corrections"].items()):
-        rows.append((f"correction.{c}", f"{f:.6f}", "measured/predicted, median over fitting records"))
+    images, share = dict(ov.kernel_images), dict(ov.slack_share)
+    rows = [("cuda_context_bytes", ov.cuda_context_bytes, "median measured context right after CUDA init")]
+    for f in FAMILIES:
+        rows.append((f"kernel_images.{f}", images.get(f, 0),
+                     "least squares: device − reserved − context on the kernel families loaded by then"))
+    for m in MODES:
+        rows.append((f"slack_share.{m}", f"{share.get(m, SLACK_RULES[m][1]):.6f}",
+                     "median (reserved − allocated − the weights' load slack) / predicted transient bytes"))
     for metric, stats in sorted(result["heldout"].items()):
         for k, v in stats.items():
-            rows.append((f"heldout.{metric}.{k}", "" if v is None else f"{v:.6f}", "relative error on held-out records"))
+            rows.append((f"heldout.{metric}.{k}", "" if v is None else (v if k == "n" else f"{v:.6f}"),
+                         "relative error, each model scored by a table fitted on the other models"))
     q = result["fit_quality"]
     rows += [
         ("provenance.environment_key", result["environment_key"], "gpu|driver|cuda|torch|transformers|bitsandbytes"),
+        ("provenance.compute_capability", f"{result['cc'][0]}.{result['cc'][1]}", "of the records' GPU"),
         ("provenance.fitted_at", result["fitted_at"], "UTC"),
         ("provenance.records_path", records_path, ""),
-        ("provenance.n_fit", q["n_fit"], ""),
-        ("provenance.n_heldout", q["n_heldout"], "sha256(spec_hash) mod 4 == 0"),
-        ("provenance.residual_mad_bytes", q["residual_mad_bytes"], "fit quality on fitting records"),
+        ("provenance.n_fit", q["n_fit"], "every usable record"),
+        ("provenance.models", " ".join(result["models"]), "held out one at a time for the heldout.* rows"),
         ("provenance.formula_hashes", " ".join(result["formula_hashes"]), ""),
         ("provenance.fit_spec_hashes", " ".join(result["fit_spec_hashes"]), ""),
-        ("provenance.heldout_spec_hashes", " ".join(result["heldout_spec_hashes"]), ""),
     ]
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, env_slug(result["environment_key"]) + ".csv")
@@ -256,48 +290,45 @@ def write_calibration(result, out_dir=CALIBRATION_DIR, records_path=""):
 
 
 class Calibration:
-    """A loaded table: `overheads` (an Overheads naming the file), `corrections`, `heldout`, `provenance`."""
+    """A loaded table: `overheads` (an Overheads naming the file), `heldout`, `provenance`."""
 
     def __init__(self, path, values):
         self.path = path
         self.values = values
+        if "workspaces_bytes" in values or "allocator_slack_fraction" in values:
+            raise CalibrationError(f"{path}: a table of the older format (context + workspaces + a slack fraction); "
+                                   "fit it again with `vramlab fit` from its records")
         try:
-            params = {k: values[k] for k in PARAMETERS}
-            self.overheads_params = dict(
-                cuda_context_bytes=int(params["cuda_context_bytes"]), workspaces_bytes=int(params["workspaces_bytes"]),
-                allocator_slack_fraction=float(params["allocator_slack_fraction"]),
-                allocator_slack_min_bytes=int(params["allocator_slack_min_bytes"]))
+            cc = tuple(int(x) for x in values.get("provenance.compute_capability", "9.0").split("."))
+            self.params = dict(
+                cc=cc, cuda_context_bytes=int(values["cuda_context_bytes"]),
+                kernel_images=tuple((f, int(values[f"kernel_images.{f}"])) for f in FAMILIES),
+                slack_share=tuple((m, float(values[f"slack_share.{m}"])) for m in MODES) + (("load", 0.0),))
         except KeyError as e:
             raise CalibrationError(f"{path}: missing parameter {e.args[0]}") from None
         except ValueError as e:
             raise CalibrationError(f"{path}: bad parameter value ({e})") from None
-        p = self.overheads_params
-        for k in ("cuda_context_bytes", "workspaces_bytes", "allocator_slack_min_bytes"):
-            if p[k] < 0:
-                raise CalibrationError(f"{path}: {k} {p[k]:,} must be ≥ 0")
-        if not 0 <= p["allocator_slack_fraction"] < 1:
-            raise CalibrationError(f"{path}: allocator_slack_fraction {p['allocator_slack_fraction']} must be in [0, 1)")
+        if self.params["cuda_context_bytes"] < 0 or any(v < 0 for _, v in self.params["kernel_images"]):
+            raise CalibrationError(f"{path}: the context and kernel images must be ≥ 0 bytes")
+        if not all(0 <= v < 10 for _, v in self.params["slack_share"]):  # NaN fails too
+            raise CalibrationError(f"{path}: slack shares must be in [0, 10)")
         try:
-            self.corrections = {k.split(".", 1)[1]: float(v) for k, v in values.items() if k.startswith("correction.")}
             self.heldout = {k.split(".", 1)[1]: float(v) for k, v in values.items() if k.startswith("heldout.") and v}
         except ValueError as e:
-            raise CalibrationError(f"{path}: bad correction or held-out value ({e})") from None
-        for c, f in self.corrections.items():
-            if not 0 < f < 100:  # NaN fails too
-                raise CalibrationError(f"{path}: correction.{c} {f} must be a positive factor")
+            raise CalibrationError(f"{path}: bad held-out value ({e})") from None
         self.provenance = {k.split(".", 1)[1]: v for k, v in values.items() if k.startswith("provenance.")}
 
     def error_summary(self):
-        """'held-out device error median 1.2%, p95 3.4%, worst +5.0% (n=12)' or a note that none was measured."""
+        """'device error held out by model: median 1.2%, p95 3.4% (n=62)' or a note that none was measured."""
         h = self.heldout
         if "device.median_after" not in h:
             return "no held-out error measured"
-        return (f"held-out device error median {h['device.median_after']:.1%}, p95 {h['device.p95_after']:.1%}, "
-                f"worst {h['device.worst_after']:+.1%} (n={self.provenance.get('n_heldout', '?')})")
+        return (f"device error held out by model: median {h['device.median_after']:.1%}, p95 "
+                f"{h['device.p95_after']:.1%} (n={int(h.get('device.n', 0))})")
 
     @property
     def overheads(self):
-        return Overheads(**self.overheads_params, calibrated=True,
+        return Overheads(**self.params, calibrated=True,
                          source=f"calibration {os.path.basename(self.path)}: {self.error_summary()}")
 
 
@@ -358,7 +389,10 @@ def find_calibration(gpu_name, directory=CALIBRATION_DIR):
             return want == have
         return bool(want_key) and want_key in "".join(ch for ch in gpu.lower() if ch.isalnum())
 
-    return _newest(c for c in _tables(directory) if matches(c))
+    found = [c for c in _tables(directory) if matches(c)]
+    # a table fitted under non-default allocator settings (`alloc=` in its key) answers only when there is no other
+    default = [c for c in found if "|alloc=" not in c.provenance.get("environment_key", "")]
+    return _newest(default or found)
 
 
 def calibration_for_environment(key, directory=CALIBRATION_DIR):
@@ -367,6 +401,16 @@ def calibration_for_environment(key, directory=CALIBRATION_DIR):
 
 
 def overheads_for(gpu=None, path=None, directory=CALIBRATION_DIR):
-    """Device overheads for a prediction: the table at `path`, else the newest fitted on `gpu`, else the defaults."""
+    """Device overheads for a prediction: the table at `path`, else the newest fitted on `gpu`, else the
+    uncalibrated defaults for `gpu`'s architecture."""
     cal = load_calibration(path) if path else (find_calibration(gpu, directory) if gpu else None)
-    return cal.overheads if cal is not None else DEFAULT_OVERHEADS
+    if cal is not None:
+        return cal.overheads
+    from formulas.device import compute_capability
+    from formulas.hardware import UnknownGPUError, get_hardware
+
+    try:
+        hw = get_hardware(gpu) if gpu else None
+    except UnknownGPUError:
+        hw = None
+    return default_overheads(compute_capability(hw))

@@ -18,6 +18,15 @@ Each record is compared on its own observation (harness.records.observed): measu
 their GPU figures, traced ones on theirs. For a changed experiment the components that moved are
 named in the category vocabulary (CUDA context, workspaces, allocator slack, tensor categories)
 or as allocated per phase. A regression is `worse` or `new failure`.
+
+Across two environments (the records' `harness.env.environment_key` differ: another GPU, driver, CUDA,
+library or allocator setting) the device-level figures are expected to differ — the context and the
+workspaces belong to the driver and the card, the reserved bytes to the allocator — while the tensors a
+workload holds should not. So there the device level (peak device, peak reserved, CUDA context, and the
+device categories) is compared as an *environment effect*: named, never a regression (status
+`environment` where nothing else moved), flagged once it exceeds the spread and either threshold of its
+metric. The tensor level (peak allocated, and each tensor category at the peak, held to peak allocated's
+thresholds) stays a regression as within one environment.
 """
 
 import json
@@ -36,10 +45,12 @@ from ..records import (
 )
 
 METRICS = ("peak_device", "peak_allocated", "peak_reserved", "cuda_context")
+DEVICE_METRICS = ("peak_device", "peak_reserved", "cuda_context")  # across environments: environment effects
 DEFAULT_THRESHOLDS = ("peak_device:3%", "peak_device:256MiB", "peak_allocated:3%", "peak_allocated:256MiB",
                       "peak_reserved:3%", "peak_reserved:256MiB", "cuda_context:3%", "cuda_context:256MiB")
 COMPONENT_NAMES = {C.CUDA_CONTEXT: "CUDA context", C.WORKSPACES: "workspaces", C.ALLOCATOR_SLACK: "allocator slack"}
 REGRESSIONS = ("worse", "new failure")
+ENVIRONMENT = "environment"  # the status of an experiment whose device level alone moved between two environments
 
 
 class CheckError(ValueError):
@@ -114,8 +125,10 @@ def load_runs(path):
 
 def _label(rec):
     s = rec.get("spec") or {}
+    # the run fields that make another experiment of the same spec: a cap, the allocator's settings (the twins)
+    run = "|".join(str(rec.get(k) or "") for k in ("cap_gpu", "alloc_conf"))
     return "|".join(str(s.get(k)) for k in ("model", "mode", "method", "dtype", "batch", "seq", "gen", "optimizer",
-                                            "grad_ckpt", "attn")) + f"|{rec.get('group', '')}"
+                                            "grad_ckpt", "attn")) + f"|{rec.get('group', '')}|{run}"
 
 
 def metric_value(rec, metric):
@@ -154,6 +167,7 @@ class Comparison:
     metrics: dict = field(default_factory=dict)  # metric → (baseline, new, delta, counted)
     moved: list = field(default_factory=list)  # "CUDA context +300 MiB", largest first
     detail: str = ""
+    environment: list = field(default_factory=list)  # across environments: device-level moves, "CUDA context -89 MiB"
 
     def line(self):
         parts = [f"{self.status:<15} {self.spec_hash}  {self.label}"]
@@ -162,6 +176,8 @@ class Comparison:
                 parts.append(f"{metric} {_mib(d)} ({d / b:+.1%})" if b else f"{metric} {_mib(d)}")
         if self.moved:
             parts.append("moved: " + ", ".join(self.moved))
+        if self.environment:
+            parts.append("environment: " + ", ".join(self.environment))
         if self.detail:
             parts.append(self.detail)
         return "  ".join(parts)
@@ -176,6 +192,20 @@ def _exceeds(delta, base, spread, rules):
         if kind == "abs" and abs(delta) <= val:
             return False
     return True
+
+
+def _exceeds_any(delta, base, spread, rules):
+    """An environment effect is named once it exceeds the spread and any one threshold (it is never a failure)."""
+    if abs(delta) <= spread:
+        return False
+    return any((abs(delta) / base > val if base else True) if kind == "rel" else abs(delta) > val
+               for kind, val in rules)
+
+
+def _environment(recs):
+    from ..env import environment_key
+
+    return environment_key(recs[0].get("env") or {})
 
 
 def _spread(recs, metric):
@@ -208,8 +238,10 @@ def compare_experiment(h, base_recs, new_recs, thresholds):
         return Comparison(h, label, "still failing", detail=f"{b0.get('outcome')} → {n0.get('outcome')}")
     base_ok = [r for r in base_recs if r.get("outcome") == "ok"]
     new_ok = [r for r in new_recs if r.get("outcome") == "ok"]
+    across = _environment(base_ok) != _environment(new_ok)
     cmp = Comparison(h, label, "unchanged")
     worse = better = False
+    env_moved = []
     for metric, rules in thresholds.items():
         bv = [v for r in base_ok if (v := metric_value(r, metric)) is not None]
         nv = [v for r in new_ok if (v := metric_value(r, metric)) is not None]
@@ -217,15 +249,35 @@ def compare_experiment(h, base_recs, new_recs, thresholds):
             continue
         b, n = _median(bv), _median(nv)
         spread = max(_spread(base_ok, metric), _spread(new_ok, metric))
+        if across and metric in DEVICE_METRICS:
+            cmp.metrics[metric] = (b, n, n - b, False)  # an environment effect, never a regression
+            if _exceeds_any(n - b, b, spread, rules):
+                env_moved.append(metric)
+            continue
         counted = _exceeds(n - b, b, spread, rules)
         cmp.metrics[metric] = (b, n, n - b, counted)
         worse |= counted and n > b
         better |= counted and n < b
-    cmp.status = "worse" if worse else "better" if better else "unchanged"
-    if cmp.status != "unchanged":
-        cb, cn = components(base_ok[0]), components(new_ok[0])
-        abs_floor = min([v for rules in thresholds.values() for k, v in rules if k == "abs"] or [256 * MiB]) / 4
-        moved = [(cn[k] - cb[k], k) for k in cb if k in cn and abs(cn[k] - cb[k]) >= abs_floor]
+    cb, cn = components(base_ok[0]), components(new_ok[0])
+    abs_floor = min([v for rules in thresholds.values() for k, v in rules if k == "abs"] or [256 * MiB]) / 4
+    if across:
+        # the tensor categories at the peak, each held to peak allocated's thresholds (of peak allocated)
+        rules = thresholds.get("peak_allocated") or parse_thresholds(DEFAULT_THRESHOLDS)["peak_allocated"]
+        base_alloc = metric_value(base_ok[0], "peak_allocated") or 0
+        for c in C.TENSOR_CATEGORIES:
+            if c in cb and c in cn and _exceeds(cn[c] - cb[c], base_alloc, 0, rules):
+                worse |= cn[c] > cb[c]
+                better |= cn[c] < cb[c]
+        # the device level and the cuBLAS workspaces (inside the allocated peak, sized by architecture)
+        device = [(cn[k] - cb[k], k) for k in C.DEVICE_CATEGORIES + (C.WORKSPACES,)
+                  if cb.get(k) is not None and cn.get(k) is not None and abs(cn[k] - cb[k]) >= abs_floor / 4]
+        if env_moved or any(abs(d) >= abs_floor for d, _ in device):
+            device.sort(key=lambda t: -abs(t[0]))
+            cmp.environment = [f"{COMPONENT_NAMES.get(k, k)} {_mib(d)}" for d, k in device] or env_moved
+    cmp.status = "worse" if worse else "better" if better else ENVIRONMENT if cmp.environment else "unchanged"
+    if cmp.status in ("worse", "better"):
+        skip = set(C.DEVICE_CATEGORIES + (C.WORKSPACES,)) if across else set()  # across environments: named apart
+        moved = [(cn[k] - cb[k], k) for k in cb if k in cn and k not in skip and abs(cn[k] - cb[k]) >= abs_floor]
         moved.sort(key=lambda t: -abs(t[0]))
         cmp.moved = [f"{COMPONENT_NAMES.get(k, k)} {_mib(d)}" for d, k in moved]
     return cmp
@@ -252,8 +304,15 @@ def check(baseline_path, new_path, thresholds=None):
     return out
 
 
+def _mib_of(item):
+    """'CUDA context -89 MiB' → ('CUDA context', -89)."""
+    m = re.fullmatch(r"(.*) ([+-][\d,]+) MiB", item)
+    return (m.group(1), int(m.group(2).replace(",", ""))) if m else (item, 0)
+
+
 def summarize(comparisons):
-    """Headline lines: counts per status and components that moved in several experiments alike."""
+    """Headline lines: counts per status, components that moved in several experiments alike, and (across
+    environments) the device-level differences the environments account for."""
     counts = {}
     for c in comparisons:
         counts[c.status] = counts.get(c.status, 0) + 1
@@ -266,6 +325,17 @@ def summarize(comparisons):
     for name, ms in sorted(moved.items(), key=lambda t: -len(t[1])):
         if len(ms) > 1:
             lines.append(f"{name} moved in {len(ms)} experiments (e.g. {ms[0]})")
+    effects = {}
+    for c in comparisons:
+        for item in c.environment:
+            name, mib = _mib_of(item)
+            effects.setdefault(name, []).append(mib)
+    for name, ds in sorted(effects.items(), key=lambda t: -len(t[1])):
+        lines.append(f"environment effect: {name} differs in {len(ds)} experiments (median {_median(ds):+,.0f} MiB)")
+    if effects:
+        lines.append("the two sets come from different environments: device-level figures (context, workspaces, "
+                     "allocator slack, reserved, device peak) are compared as environment effects, tensor categories "
+                     "and peak allocated as regressions")
     return lines
 
 

@@ -1,6 +1,8 @@
 """Records → one row per experiment (a pandas DataFrame), every figure's column named by its source.
 
-    predicted_*    formulas.predict at run time (uncalibrated defaults)
+    predicted_*    formulas.predict of the record's spec in its environment (stack, GPU architecture, the kernel
+                   images its process had loaded) with the current formulas and uncalibrated defaults
+                   (harness.analysis.repredict); `as_recorded=True`: the prediction stored at run time
     calibrated_*   the same prediction with the calibration table fitted in the record's environment
     traced_*       fake-tensor figures (harness.tracing)
     measured_*     GPU figures (harness.gpu.measure)
@@ -16,7 +18,7 @@ from formulas import categories as C
 
 from ..env import environment_key
 from ..records import measured_device_breakdown
-from .calibrate import calibrated_totals, calibration_for_environment
+from .calibrate import calibration_for_environment
 
 SPEC_COLUMNS = ("model", "mode", "method", "dtype", "batch", "seq", "gen", "optimizer", "grad_ckpt", "attn", "gpus", "zero",
                 "tp", "layer_split")
@@ -25,7 +27,7 @@ REHEARSED_COLUMNS = ("peak_allocated_bytes", "estimated_reserved_bytes", "peak_p
 PUBLISHED_COLUMNS = ("peak_allocated_bytes", "peak_reserved_bytes", "peak_device_bytes", "peak_allocated_context_bytes",
                      "what", "case")
 MEASURED_COLUMNS = ("peak_allocated_bytes", "peak_reserved_bytes", "peak_device_bytes", "peak_phase",
-                    "cuda_context_bytes", "workspaces_bytes", "world_size", "peak_rank")
+                    "cuda_context_bytes", "outside_allocator_bytes", "world_size", "peak_rank")
 
 
 def _get(d, *keys):
@@ -36,10 +38,28 @@ def _get(d, *keys):
     return d
 
 
-def records_frame(records, calibration_lookup=calibration_for_environment):
-    """One row per record; `calibration_lookup(environment key)` gives the table for calibrated_* (or None)."""
+def _current(r, overheads, loaded):
+    """(Prediction, device bytes) of a measured record with the current formulas, or None where they refuse it."""
+    from formulas.spec import SpecError
+
+    from .repredict import repredict
+
+    try:
+        return repredict(r, overheads, loaded.get(r["spec_hash"], ()))
+    except (SpecError, ValueError, KeyError):
+        return None
+
+
+def records_frame(records, calibration_lookup=calibration_for_environment, as_recorded=False):
+    """One row per record; `calibration_lookup(environment key)` gives the table for calibrated_* (or None).
+
+    Measured records are predicted again with the current formulas in their environment unless `as_recorded`."""
     import pandas as pd
 
+    from .repredict import loaded_before
+
+    records = list(records)
+    loaded = loaded_before([r for r in records if r.get("source") == "measured"])
     tables = {}
     rows = []
     for r in records:
@@ -49,16 +69,29 @@ def records_frame(records, calibration_lookup=calibration_for_environment):
                **{k: spec.get(k) for k in SPEC_COLUMNS},
                "gpu_name": _get(env, "gpu", "name"), "driver": _get(env, "gpu", "driver"), "outcome": r["outcome"],
                "predicted_peak_allocated_bytes": pred.get("peak_allocated_bytes"),
+               "predicted_peak_reserved_bytes": pred.get("peak_reserved_bytes"),
                "predicted_peak_device_bytes": pred.get("peak_device_bytes"),
                "predicted_peak_phase": pred.get("peak_phase"),
-               "calibrated_peak_allocated_bytes": None, "calibrated_peak_device_bytes": None}
+               "calibrated_peak_allocated_bytes": None, "calibrated_peak_reserved_bytes": None,
+               "calibrated_peak_device_bytes": None}
+        current = r.get("source") == "measured" and not as_recorded and isinstance(r.get("spec"), dict)
+        if current:
+            now = _current(r, None, loaded)
+            if now is not None:
+                p, dev = now
+                row.update(predicted_peak_allocated_bytes=p.peak_allocated_bytes,
+                           predicted_peak_reserved_bytes=p.peak_reserved_bytes, predicted_peak_device_bytes=dev,
+                           predicted_peak_phase=p.peak_phase)
         key = environment_key(env)
         if key not in tables:
             tables[key] = calibration_lookup(key) if calibration_lookup else None
         cal = tables[key]
-        if cal is not None and isinstance(pred.get("breakdown"), dict):
-            alloc, device = calibrated_totals(pred, cal.overheads, cal.corrections)
-            row.update(calibrated_peak_allocated_bytes=alloc, calibrated_peak_device_bytes=device)
+        if cal is not None and isinstance(r.get("spec"), dict) and r.get("source") in ("measured", "published"):
+            now = _current(r, cal.overheads, loaded)
+            if now is not None:
+                p, dev = now
+                row.update(calibrated_peak_allocated_bytes=p.peak_allocated_bytes,
+                           calibrated_peak_reserved_bytes=p.peak_reserved_bytes, calibrated_peak_device_bytes=dev)
         for c in TRACED_COLUMNS:
             row[f"traced_{c}"] = traced.get(c)
         published = r.get("published") or {}
@@ -69,7 +102,7 @@ def records_frame(records, calibration_lookup=calibration_for_environment):
             row[f"rehearsed_{c}"] = rehearsed.get(c)
         device_bd = measured_device_breakdown(measured)
         for c in MEASURED_COLUMNS:
-            row[f"measured_{c}"] = device_bd[C.WORKSPACES] if c == "workspaces_bytes" else measured.get(c)
+            row[f"measured_{c}"] = device_bd[C.CUDA_CONTEXT] if c == "outside_allocator_bytes" else measured.get(c)
         row.update(seconds=_get(r, "timings", "total_s"), formula_hash=r.get("formula_hash"),
                    vramlab_commit=_get(env, "vramlab", "commit"), error=(r.get("error") or {}).get("message"))
         rows.append(row)

@@ -23,7 +23,7 @@ import os
 import numpy as np
 
 from formulas import categories as C
-from formulas.units import GiB
+from formulas.units import GiB, MiB
 
 from ..env import environment_label
 from ..records import measured_device_breakdown, observed
@@ -140,6 +140,108 @@ def summary(records):
     return rows, scores, errors, cats, env_tab, envs
 
 
+TOTALS = (("peak allocated", "peak_allocated_bytes"), ("peak device", "peak_device_bytes"))
+
+
+def category_table(records):
+    """Measured (or traced) against predicted, per environment, mode and memory category: one row each.
+
+    For every ok record with an observed breakdown: the tensor categories at the peak (the category tracker's),
+    the device categories (measured: context, workspaces, allocator slack) and the two peaks. Per row: how many
+    records, the sums observed and predicted (GiB), the error of the sums, and the median |error| per record
+    (records where the category was observed above zero). Rows in the vocabulary's order."""
+    groups = {}
+    for r in records:
+        o, p, source = observed(r), r.get("predicted") or {}, r.get("source")
+        if r.get("outcome") != "ok" or source == "published" or not isinstance(p.get("breakdown"), dict):
+            continue
+        bd = o.get("breakdown") or {}
+        dev = o.get("device_breakdown") or (measured_device_breakdown(o) if source == "measured" else {})
+        if not bd:
+            continue
+        key = (f"{_short_environment(r.get('env') or {})} ({source})", (r.get("spec") or {}).get("mode", "?"))
+        rows = groups.setdefault(key, {})
+        pbd = p["breakdown"]
+        pairs = [(c, bd.get(c), pbd.get(c, 0)) for c in C.TENSOR_CATEGORIES]
+        pairs += [(c, dev.get(c), pbd.get(c, 0)) for c in C.DEVICE_CATEGORIES if source == "measured"]
+        pairs += [(name, o.get(k), p.get(k)) for name, k in TOTALS if source == "measured" or k == TOTALS[0][1]]
+        for cat, obs, pred in pairs:
+            if obs is None or pred is None or (not obs and not pred):
+                continue
+            rows.setdefault(cat, []).append((obs, pred))
+    order = list(C.TENSOR_CATEGORIES) + list(C.DEVICE_CATEGORIES) + [name for name, _ in TOTALS]
+    out = []
+    for (env, mode), rows in sorted(groups.items()):
+        for cat in sorted(rows, key=order.index):
+            pairs = rows[cat]
+            obs, pred = sum(o for o, _ in pairs), sum(q for _, q in pairs)
+            per = [abs(q - o) / o for o, q in pairs if o >= MiB]  # a relative error of a few bytes says nothing
+            out.append({"environment": env, "mode": mode, "category": cat, "n": len(pairs),
+                        "observed GiB": f"{obs / GiB:,.2f}", "predicted GiB": f"{pred / GiB:,.2f}",
+                        "error of sums": (pred - obs) / obs if obs >= MiB else None,
+                        "median": float(np.median(per)) if per else None})
+    return out
+
+
+def _short_environment(env):
+    """'NVIDIA H200 · driver 580.159.04' (and the allocator's settings where not the default): a table column."""
+    gpu = env.get("gpu") or {}
+    parts = [gpu.get("name") or "no GPU (CPU)"] + ([f"driver {gpu['driver']}"] if gpu.get("driver") else [])
+    if env.get("alloc_conf"):
+        parts.append(env["alloc_conf"])
+    return " · ".join(parts)
+
+
+def boundary_table(records):
+    """The fit boundary searches (records of `search:` groups): what the card ran beside `vramlab plan`'s answer.
+
+    One row per search (its group, the experiment without the searched axis, the environment): the largest value
+    that ran and the smallest that ran out of memory, the probes, vramlab plan's largest batch / longest sequence
+    on the card the run was capped to (harness.sweep.search.planned_boundary, with today's formulas), and whether
+    that answer is within one grid step of the measured boundary."""
+    from ..env import environment_key
+    from ..sweep.schema import Experiment
+    from ..sweep.search import BoundarySearch
+    from .calibrate import overheads_for
+
+    searches = {}
+    for r in records:
+        if not r.get("search") or r.get("source") not in ("measured", "traced", "rehearsed"):
+            continue
+        try:
+            exp = Experiment.from_dict(r)
+        except (TypeError, KeyError, ValueError):
+            continue
+        axis, lo, hi, step = exp.search
+        rest = {k: v for k, v in exp.spec.to_dict().items() if k != axis}
+        key = (exp.group, axis, repr(sorted(rest.items())), exp.cap_gpu, exp.alloc_conf,
+               environment_key(r.get("env") or {}), r.get("source"))
+        if key not in searches:
+            base = Experiment.from_dict({**r, "spec": {**r["spec"], axis: lo}})
+            search = BoundarySearch(base=base, axis=axis, lo=lo, hi=hi, step=step, group=exp.group,
+                                    overheads=overheads_for(exp.cap_gpu) if exp.cap_gpu else None)
+            searches[key] = (search, environment_label(r.get("env") or {}))
+        searches[key][0].feed(getattr(exp.spec, axis), r.get("outcome"))
+    out = []
+    for key, (search, env) in sorted(searches.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        res = search.result()
+        plan = search.predicted()
+        measured = res["largest_ok"]
+        if res["done"] and plan is not None:
+            found = measured if measured is not None else search.lo - search.step  # nothing ran: below the grid
+            planned = min(max(plan, search.lo - search.step), search.hi)  # beyond the grid reads as its end
+            within = "yes" if abs(planned - found) <= search.step else "no"
+        else:
+            within = "n/a"
+        out.append({"search": search.label(), "environment": f"{env} ({key[-1]})",
+                    "largest that ran": "—" if measured is None else f"{measured:,}",
+                    "smallest OOM": "—" if res["smallest_oom"] is None else f"{res['smallest_oom']:,}",
+                    "probes": res["probes"], "vramlab plan": "—" if plan is None else f"{plan:,}",
+                    "within one step": within,
+                    "state": "settled" if res["done"] else (res["stopped"] or "not finished")})
+    return out
+
+
 def _save(fig, out_dir, name):
     """Lay out, write <out_dir>/<name>.png and close the figure; returns the path."""
     import matplotlib.pyplot as plt
@@ -241,8 +343,11 @@ def _table_html(rows, pct_cols):
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-PCT = {"median", "p95", "worst"}
+PCT = {"median", "p95", "worst", "error of sums"}
 NOTE = ("Relative error = (predicted − observed) / observed; median and p95 of its absolute value, worst signed. "
+        "By category: sums over the records of each environment and mode, the error of the sums, and the median "
+        "|error| per record. Fit boundary: the largest batch or sequence that ran under the cap next to the smallest "
+        "that ran out of memory, beside `vramlab plan --gpu` on the capped card with today's formulas. "
         "Each row says what it is compared against: measured (a GPU) or traced (fake tensors, no device figure). "
         "Rules of thumb are scored against the measured device peak, or the traced allocated peak where nothing "
         "was measured. Per category: observed / predicted, in the predictor's vocabulary — cuda_context the context "
@@ -259,7 +364,11 @@ def write_report(records, out_dir):
     n_env = len({e for e, _ in envs})
     title = f"vramlab report: {len(rows)} experiments ({', '.join(sources) or 'none'}), {n_env} environment(s)"
     sections = [("Prediction vs rules of thumb", scores, PCT), ("Per category", cats, set()),
-                ("Across environments", env_tab, PCT)]
+                ("Across environments", env_tab, PCT),
+                ("Measured vs predicted by category, mode and environment", category_table(records), PCT)]
+    boundaries = boundary_table(records)
+    if boundaries:
+        sections.append(("Fit boundary: measured on the capped card vs vramlab plan", boundaries, set()))
     # published cases the predictor cannot express, each with its reason (harness/analysis/published.py)
     not_expressed = [{"set": (r.get("citation") or {}).get("set", ""), "case": (r.get("published") or {}).get("case", ""),
                       "why": (r.get("error") or {}).get("message", "")}

@@ -19,10 +19,10 @@ import os
 import sys
 
 from .. import __version__
-from . import check, doctor, fit, importing, plan, predict, report, run, stack, trace
+from . import check, doctor, fit, importing, plan, predict, report, run, show, stack, trace
 from .common import run_command
 
-VERBS = (predict, plan, stack, trace, run, importing, fit, check, report, doctor)  # each registers its commands with add_parsers
+VERBS = (predict, plan, stack, trace, run, importing, fit, check, report, show, doctor)  # each registers its commands with add_parsers
 
 
 class _Parser(argparse.ArgumentParser):

@@ -78,7 +78,19 @@ def add_spec_arguments(p):
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree")
     p.add_argument("--layer-split", action="store_true", help='split layers over --gpus like device_map="auto"')
-    p.add_argument("--offload", default="none", help="none | optimizer | params")
+    p.add_argument("--offload", default="none",
+                   help="none | optimizer (ZeRO-Offload) | params (streamed from the CPU; with --zero 2/3 FSDP's CPU "
+                        "offload: parameters, gradients and the optimizer step on the CPU)")
+    p.add_argument("--cp", type=int, default=1, help="context-parallel degree: each sequence split over cp GPUs (training)")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel degree: MoE experts split over ep data-parallel GPUs")
+    p.add_argument("--sequence-parallel", action="store_true",
+                   help="with --tp: Megatron-LM / torchtitan tensor parallelism (norm inputs split along the sequence, "
+                        "vocabulary-parallel loss)")
+    p.add_argument("--shard-gpus", type=int, default=0,
+                   help="with --zero: shard over groups of this many data-parallel GPUs, replicate across them "
+                        "(hybrid sharding, FSDP HYBRID_SHARD; default: over all)")
+    p.add_argument("--grad-ckpt-every", type=int, default=1,
+                   help="with --grad-ckpt: checkpoint every k-th layer (torchtitan's selective layer AC; default 1: all)")
     add_recipe_arguments(p)
     add_stack_arguments(p)
 
@@ -146,7 +158,9 @@ def spec_from_args(a, resolve=True):
         mla_cache=a.mla_cache, logits=a.logits, double_quant=not a.no_double_quant, group_size=a.group_size,
         gptq_kernel=a.gptq_kernel,
         dropout=not a.no_dropout, gpus=a.gpus, zero=a.zero, tp=a.tp, pp=a.pp, layer_split=a.layer_split,
-        offload=a.offload, kbit_prep=flags["kbit_prep"], stack=stack_from_args(a).versions,
+        offload=a.offload, cp=a.cp, ep=a.ep, sequence_parallel=a.sequence_parallel, ckpt_every=a.grad_ckpt_every,
+        shard_gpus=a.shard_gpus,
+        kbit_prep=flags["kbit_prep"], stack=stack_from_args(a).versions,
         recipe=recipe, recipe_version=getattr(a, "recipe_version", ""), loss=getattr(a, "loss", "auto"),
         grad_ckpt_mode=getattr(a, "grad_ckpt_mode", "auto"),
     )

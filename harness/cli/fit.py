@@ -47,26 +47,28 @@ def cmd_fit(a):
             continue
         path = write_calibration(res, a.out or CALIBRATION_DIR, records_path=a.records)
         ov, q = res["overheads"], res["fit_quality"]
-        print(f"{key}: {q['n_fit']} fitting + {q['n_heldout']} held-out records → {path}")
-        print(f"  cuda context {ov.cuda_context_bytes / MiB:,.0f} MiB · workspaces {ov.workspaces_bytes / MiB:,.0f} MiB · "
-              f"allocator slack {ov.allocator_slack_fraction:.2%} of allocated · residual MAD {q['residual_mad_bytes'] / MiB:,.1f} MiB")
-        for c, f in sorted(res["corrections"].items()):
-            print(f"  correction {c} × {f:.4f}")
+        print(f"{key}: {q['n_fit']} records of {q['n_models']} models → {path}")
+        images = " · ".join(f"{f} {v / MiB:,.0f} MiB" for f, v in ov.kernel_images)
+        shares = " · ".join(f"{m} {v:.1%}" for m, v in ov.slack_share if m != "load")
+        print(f"  cuda context {ov.cuda_context_bytes / MiB:,.0f} MiB at init · kernel images: {images}")
+        print(f"  allocator slack, share of the transient bytes: {shares}")
         if not res["heldout"]:
-            print("  no held-out records: error not measured")
+            print("  one model only: the error held out by model is not measured")
         for metric, s in sorted(res["heldout"].items()):
-            print(f"  held-out {metric:<9} before: median {_pct(s['median_before'])} p95 {_pct(s['p95_before'])} "
-                  f"worst {s['worst_before']:+.1%} · after: median {_pct(s['median_after'])} p95 {_pct(s['p95_after'])} "
-                  f"worst {s['worst_after']:+.1%}")
+            print(f"  held out by model, {metric:<9} uncalibrated: median {_pct(s['median_before'])} p95 "
+                  f"{_pct(s['p95_before'])} worst {s['worst_before']:+.1%} · calibrated: median "
+                  f"{_pct(s['median_after'])} p95 {_pct(s['p95_after'])} worst {s['worst_after']:+.1%} (n={s['n']})")
     return code
 
 
 def add_parsers(sub):
     """Register `fit`."""
-    p = sub.add_parser("fit", help="fit device overheads (context, workspaces, slack, corrections) per environment",
-                       description="Fit the overheads the predictor leaves open from measured records, one "
-                                   "environment at a time; report held-out error before and after; write "
-                                   "results/calibration/<environment>.csv, which predict and plan then use.")
+    p = sub.add_parser("fit", help="fit what the environment adds (CUDA context, kernel images, allocator slack)",
+                       description="Fit what the predictor cannot know about one environment — the CUDA context at "
+                                   "init, the kernel images lazy loading brings in, the allocator slack's share — from "
+                                   "its measured records, one environment at a time; report the error held out by "
+                                   "model (each model scored by a table fitted on the others) before and after; "
+                                   "write results/calibration/<environment>.csv, which predict and plan then use.")
     p.add_argument("records", help="a record file or a folder of records")
     p.add_argument("--out", default=None, help="folder for the tables (default results/calibration)")
     p.add_argument("--env", default=None, help="fit only the environment whose key contains this text")

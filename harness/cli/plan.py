@@ -1,7 +1,7 @@
 """`vramlab plan`: argument parsing and rendering for the planner (logic in formulas/plan.py).
 
 Shares the workload flags of `vramlab predict` (cli/common.py) and adds the GPU, the safety
-margin and the time questions. Device overheads come from the same calibration lookup as
+margin, the topology (GPUs per node, nodes, the network between them, host RAM) and the time questions. Device overheads come from the same calibration lookup as
 `vramlab predict` (the newest table fitted on that GPU, else the uncalibrated defaults). Bad
 input is one line on stderr naming the flag, exit status 2. No torch, no pandas.
 """
@@ -37,6 +37,19 @@ def add_parsers(subparsers):
     p.add_argument("--gpu", default=None, help="GPU type from the hardware catalog, e.g. 'RTX 4090', 'A100 80GB', H100")
     p.add_argument("--margin", default="0%", help="safety margin kept free on each GPU, e.g. 5%% or 0.05 (default 0%%)")
     p.add_argument("--max-gpus", type=int, default=1024, help="how far the fewest-GPU search looks (default 1024)")
+    t = p.add_argument_group("topology", "the nodes the GPUs sit in (defaults: the catalog's node for the GPU type — "
+                                         "8 per node for data-centre parts, a 4-card box for consumer cards)")
+    t.add_argument("--gpus-per-node", type=int, default=None,
+                   help="GPUs per node: tensor parallelism stays inside one (default: the GPU type's usual node)")
+    t.add_argument("--nodes", type=int, default=0, help="at most this many nodes (default: as many as needed)")
+    t.add_argument("--inter-node-gbps", type=float, default=None,
+                   help="network between nodes, Gb/s per node (default: the node's, e.g. 8 × 400 for a DGX H100)")
+    t.add_argument("--host-ram", default=None,
+                   help="CPU RAM per node, e.g. 256GiB: offload plans that need more are refused (default: the node's "
+                        "where the catalog knows it)")
+    t.add_argument("--fastest-on", type=int, default=None,
+                   help="training: the GPU count for 'fastest on N' (default: --gpus, else whole nodes from the fewest "
+                        "count that needs no offload)")
     p.add_argument("--tokens", default=None, help="training tokens for the time question, e.g. 2B, 500M")
     p.add_argument("--data", default=None, help="bytes of training text instead of --tokens, e.g. 1GB, 100G")
     p.add_argument("--tokens-per-byte", type=float, default=0.25,
@@ -94,7 +107,21 @@ def _head(ans, spec):
     g = ans["gpu"]
     base = "nvidia-smi's reported total" if g["reported_total_bytes"] else "nominal"
     usable = f"usable {fmt_gib(g['usable_bytes'])} ({base}, {ans['safety_margin']:.0%} safety margin)"
-    return f"{ans['model']} · {work}\non {g['name']}: {fmt_gib(g['memory_bytes'])} nominal, {usable}"
+    head = f"{ans['model']} · {work}\non {g['name']}: {fmt_gib(g['memory_bytes'])} nominal, {usable}"
+    return head + "\n" + _topology_line(ans)
+
+
+def _topology_line(ans):
+    t = ans["topology"]
+    n = t["gpus_per_node"]
+    inside = (f"{t['fast_link']} {t['fast_bytes_per_s'] / 1e9:g} GB/s each way" +
+              (f" between pairs, else {t['pcie']} {t['pcie_bytes_per_s'] / 1e9:g} GB/s"
+               if t["fast_domain"] < n else "")) if t["fast_link"] and t["fast_domain"] > 1 else \
+        f"{t['pcie']} {t['pcie_bytes_per_s'] / 1e9:g} GB/s each way"
+    net = (f"; between nodes {t['network_bytes_per_s_per_gpu'] * n / 1e9:g} GB/s each way per node"
+           if t["network"] else "; one node")
+    ram = f"; host RAM {t['host_ram_bytes_per_node'] / GiB:,.0f} GiB per node" if t["host_ram_bytes_per_node"] else ""
+    return f"topology: {n} GPUs per node ({t['node']}), {inside}{net}{ram}"
 
 
 def render(ans, spec):
@@ -115,13 +142,36 @@ def render(ans, spec):
     fw = ans["fewest"]
     if fw["gpus"] is None:
         L.append(f"fewest GPUs: {fw['note']}   [binds: memory]")
-    else:
+    elif spec.mode == "inference":
         L.append(f"fewest GPUs: {fw['gpus']} × {ans['gpu']['name']} — {fw['strategy']}, {fmt_gib(fw['per_gpu_bytes'])} "
                  f"per GPU at {fw['peak_phase']}   [binds: memory]")
         others = [c for c in ans["candidates"] if c["strategy"] != fw["strategy"]]
         if others:
             L.append("  also tried on " + f"{fw['gpus']}: " + " · ".join(
                 f"{c['strategy']} {c['per_gpu_bytes'] / GiB:.2f} GiB {'fits' if c['fits'] else 'no'}" for c in others))
+    else:
+        L += _train_plan("fewest GPUs", fw, ans, "memory")
+        for lv in ans["levers"]:
+            without = (f"without it, {lv['gpus_without']:,}" if lv["gpus_without"]
+                       else f"without it, none up to {ans['max_gpus']:,}")
+            L.append(f"  fits with {lv['flag']} on {lv['gpus']:,} GPU{'s' if lv['gpus'] > 1 else ''}; {without}")
+        L += _runner_ups(fw)
+        fa = ans.get("fastest")
+        if fa and fa.get("strategy"):
+            if fa["strategy_spec"] == fw["strategy_spec"]:
+                L.append(f"fastest on {fa['gpus']:,}: the same plan")
+            else:
+                L += _train_plan(f"fastest on {fa['gpus']:,}", fa, ans, "time")
+                L += _runner_ups(fa)
+        elif fa:
+            L.append(f"fastest on {fa['gpus']:,}: {fa['note']}")
+        ch = ans.get("cheapest")
+        if ch:
+            per_b = ch["gpu_seconds_per_million_tokens"] * 1000 / 3600
+            same = [k for k, x in (("fewest", fw), ("fastest", fa or {})) if x.get("strategy_spec") == ch["strategy_spec"]]
+            what = f"the {' and '.join(same)} plan" if same else \
+                f"{ch['gpus']:,} × {ans['gpu']['name']} — {ch['strategy']}{_levers_txt(ch)}"
+            L.append(f"cheapest: {what}, {per_b:,.1f} GPU-hours per billion tokens   [binds: time × GPUs]")
     if ans["largest_batch"] is not None:
         on = ans["limits_on"]
         b = ans["largest_batch"]
@@ -151,12 +201,17 @@ def render(ans, spec):
                  f"({t['flops_per_token']:.3g} per token), at {t['peak_flops_per_gpu'] / 1e12:g} TFLOP/s "
                  f"{t['matmul_path']} × MFU {t['mfu']:.0%} per GPU:")
         L.append(f"  on the fewest plan ({fw['gpus']} GPU{'s' if fw['gpus'] > 1 else ''}): "
-                 f"{_dur(t['seconds_on_fewest'])}   [binds: compute]")
-        if "gpus_for_deadline" in t:
-            L.append(f"  within {_dur(t['deadline_seconds'])}: {t['gpus_for_deadline']} × {ans['gpu']['name']} — "
-                     f"{ans['strategy']}, {fmt_gib(ans['per_gpu_bytes'])} per GPU, done in "
+                 f"{_dur(t['seconds_on_fewest'])}   [binds: {fw['step']['binds']}]")
+        if t.get("gpus_for_deadline"):
+            L.append(f"  within {_dur(t['deadline_seconds'])}: {t['gpus_for_deadline']:,} × {ans['gpu']['name']} — "
+                     f"{ans['strategy']}{_levers_txt({'levers': ans['plan_levers']})}, "
+                     f"{fmt_gib(ans['per_gpu_bytes'])} per GPU, done in "
                      f"{_dur(t['seconds_on_deadline_plan'])}   [binds: {ans['binds']}; compute alone needs "
-                     f"{t['gpus_for_compute']}, memory {fw['gpus']}]")
+                     f"{t['gpus_for_compute']:,}, memory {fw['gpus']:,}]")
+            L.append(f"    run with: {ans['framework']}")
+        elif "deadline_seconds" in t:
+            L.append(f"  within {_dur(t['deadline_seconds'])}: {t['note']}   [binds: compute; compute alone needs "
+                     f"{t['gpus_for_compute']:,}]")
     L.append("")
     L.append(calibration_line(ans["calibrated"], ans["overheads_source"]))
     L.append(_stack_line(spec))
@@ -165,13 +220,45 @@ def render(ans, spec):
     return "\n".join(L)
 
 
+def _levers_txt(p):
+    return (" + " + ", ".join(p["levers"])) if p.get("levers") else ""
+
+
+def _train_plan(title, p, ans, binds):
+    """A training plan: strategy and levers, per-GPU memory, host RAM, time per step, the framework."""
+    st = p["step"]
+    L = [f"{title}: {p['gpus']:,} × {ans['gpu']['name']} — {p['strategy']}{_levers_txt(p)}, "
+         f"{fmt_gib(p['per_gpu_bytes'])} per GPU at {p['peak_phase']}   [binds: {binds}]"]
+    L.append(f"  run with: {p['framework']}")
+    if p.get("host_bytes_per_node"):
+        L.append(f"  host RAM: {fmt_gib(p['host_bytes_per_node'])} per node pinned for the offloaded state"
+                 + (f" ({p['nodes']} nodes)" if p.get("nodes", 1) > 1 else ""))
+    parts = [f"compute {_dur(st['compute_seconds'])}"]
+    if st["bubble_seconds"]:
+        parts.append(f"pipeline bubble {_dur(st['bubble_seconds'])}")
+    parts += [f"{k} {_dur(v)}" for k, v in st["exposed_seconds"].items()]
+    parts += [f"{k} busy {_dur(v)}" for k, v in st["link_busy_seconds"].items() if v >= 0.001]
+    L.append(f"  {_dur(st['seconds'])} per step of {st['tokens_per_gpu']:,} tokens per GPU, "
+             f"{p['tokens_per_second']:,.0f} tokens/s   [binds: {st['binds']}; " + ", ".join(parts) + "]")
+    return L
+
+
+def _runner_ups(p):
+    if not p.get("runner_ups"):
+        return []
+    return [f"  runner-up: {r['strategy']}{_levers_txt(r)} — {r['why']}" for r in p["runner_ups"]]
+
+
 def render_compare(answers, spec):
     """One line per GPU type: fewest GPUs, strategy, per-GPU memory, a speed bound, price."""
     a0 = answers[0]
+    note = "decode speeds are bounds" if spec.mode == "inference" else \
+        "times are estimates: compute at peak × MFU, communication at the links' peak"
     L = [_head(a0, spec).split("\n")[0],
-         "on each GPU type: the GPUs needed (memory, or the deadline when one is given); speeds are bounds", ""]
-    speed = "decode tok/s/seq ≤" if spec.mode == "inference" else "time ≥"
-    head = f"{'GPU':<21} {'GiB':>6} {'fits on 1?':>13} {'GPUs':>6}  {'strategy':<22} {'GiB/GPU':>7} {speed:>19}  price"
+         f"on each GPU type: the GPUs needed (memory, or the deadline when one is given); {note}", ""]
+    speed = "decode tok/s/seq ≤" if spec.mode == "inference" else "time"
+    w = max([22] + [len(a["strategy"] or "") for a in answers])
+    head = f"{'GPU':<21} {'GiB':>6} {'fits on 1?':>13} {'GPUs':>6}  {'strategy':<{w}} {'GiB/GPU':>7} {speed:>19}  price"
     L += [head, "-" * len(head)]
     for ans in answers:
         g, f, fw = ans["gpu"], ans["fit"], ans["fewest"]
@@ -183,11 +270,13 @@ def render_compare(answers, spec):
             secs = t.get("seconds_on_deadline_plan", t.get("seconds_on_fewest"))
             sp = _dur(secs) if secs else "—"
         price = _price(ans["gpu"]["name"])
-        if fw["gpus"] is None:
-            L.append(f"{g['name']:<21} {g['memory_bytes'] / GiB:>6.0f} {one:>13} {'—':>6}  {'no fit':<22} "
+        if fw["gpus"] is None or ans["gpus_needed"] is None:
+            L.append(f"{g['name']:<21} {g['memory_bytes'] / GiB:>6.0f} {one:>13} {'—':>6}  "
+                     f"{'no fit' if fw['gpus'] is None else 'not in time':<{w}} "
                      f"{'—':>7} {'—':>19}  {price}")
             continue
-        L.append(f"{g['name']:<21} {g['memory_bytes'] / GiB:>6.0f} {one:>13} {ans['gpus_needed']:>6}  {ans['strategy']:<22} "
+        L.append(f"{g['name']:<21} {g['memory_bytes'] / GiB:>6.0f} {one:>13} {ans['gpus_needed']:>6}  "
+                 f"{ans['strategy']:<{w}} "
                  f"{ans['per_gpu_bytes'] / GiB:>7.2f} {sp:>19}  {price}")
     L.append("")
     L += sorted({calibration_line(a["calibrated"], a["overheads_source"]) for a in answers})
@@ -254,7 +343,7 @@ def _cmd_engine_plan(a, margin, overheads):
     from .engines import engine_flags, plan_engine, render_engine_plan
 
     gpu = get_hardware(a.gpu)
-    taken = engine_flags(a)
+    taken = engine_flags(a, "plan")
     from formulas.spec import validate
 
     spec = spec_from_args(a)
@@ -303,11 +392,12 @@ def cmd_plan(a):
     if tokens is not None and tokens < 1:
         raise SpecError(f"--data {a.data}: less than one token at --tokens-per-byte {a.tokens_per_byte:g}")
     answers = []
+    topo = _topology_args(a)
     for g in _gpu_list(a.gpu):
-        planner = P.Planner(spec, g, margin, a.max_gpus, overheads(g))
+        planner = P.Planner(spec, g, margin, a.max_gpus, overheads(g), mfu=mfu, **topo)
         answers.append(planner.answer(tokens=tokens, deadline_s=deadline, mfu=mfu,
                                       tokens_per_byte=a.tokens_per_byte if data_bytes else None,
-                                      data_bytes=data_bytes))
+                                      data_bytes=data_bytes, fastest_on=a.fastest_on))
     warn_beyond_positions("plan", planner.spec)  # only once the answer stands: bad input is one line
     for ans in answers:
         ans["stack"] = dict(planner.spec.stack)
@@ -320,6 +410,16 @@ def cmd_plan(a):
     else:
         print(render(ans, planner.spec))
     return 0
+
+
+def _topology_args(a):
+    """The topology flags as Planner keyword arguments (checked there: one line naming the flag)."""
+    from formulas.spec import SpecError
+
+    host = flag_value(parse_size, "--host-ram", a.host_ram, 1) if a.host_ram else None
+    if a.fastest_on is not None and a.fastest_on < 1:
+        raise SpecError(f"--fastest-on {a.fastest_on}: must be a GPU count ≥ 1")
+    return dict(gpus_per_node=a.gpus_per_node, nodes=a.nodes, inter_node_gbps=a.inter_node_gbps, host_ram_bytes=host)
 
 
 def _cmd_table(a, P, margin, mfu, deadline, overheads):
@@ -345,19 +445,24 @@ def _cmd_table(a, P, margin, mfu, deadline, overheads):
     if not sizes:
         raise SpecError(f"--data-sizes {a.data_sizes}: give a comma list, e.g. 1K,1M,1G")
     base = spec_from_args(a, resolve=False).replace(mode="train")
+    topo = _topology_args(a)
     rows_out = P.finetune_table(rows, sizes, deadline, base, a.gpu, a.tokens_per_byte, mfu, margin, a.max_gpus,
-                                overheads)
+                                overheads, **topo)
     r0 = rows[0]
     gpu0 = a.gpu or r0.get("gpu") or "A100 80GB"
     first = P.Planner(base.replace(model=r0["model"], method=r0["method"], dtype=r0["dtype"]), gpu0, margin,
-                      a.max_gpus, overheads(gpu0))
-    assumptions = first.assumptions(mfu, a.tokens_per_byte, True)[:1] + first.assumptions(mfu, a.tokens_per_byte, True)[2:]
+                      a.max_gpus, overheads(gpu0), mfu=mfu, **topo)
+    assumptions = [x for x in first.assumptions(mfu, a.tokens_per_byte, True)
+                   if not x.startswith(("usable memory", "topology"))]
     s = first.spec
     assumptions.insert(1, f"usable memory: nvidia-smi's reported total where the catalog has one, else the nominal "
                           f"capacity, less a {margin:.0%} safety margin")
-    assumptions.append(f"each row: micro-batch {s.batch} × seq {s.seq:,}, {'with' if s.grad_ckpt else 'without'} "
-                       f"gradient checkpointing, optimizer {s.optimizer}, LoRA r={s.lora_rank} on peft's default targets; "
-                       "GPUs added for speed take the simplest strategy that fits (DDP, then ZeRO-1/2/3, then TP)")
+    assumptions.insert(2, "topology: each row's GPU type in its catalog node (8 per node for data-centre parts, 4 for "
+                          "consumer cards) unless --gpus-per-node says otherwise; beyond one node, whole nodes")
+    ckpt = "with gradient checkpointing" if s.grad_ckpt else "gradient checkpointing where it is needed"
+    assumptions.append(f"each row: micro-batch {s.batch} × seq {s.seq:,}, {ckpt}, optimizer {s.optimizer}, LoRA "
+                       f"r={s.lora_rank} on peft's default targets; GPUs added for speed take the fastest plan that "
+                       "fits at that count")
     assumptions.append(calibration_line(first.calibrated, first.overheads.source))
     gpu_label = first.hw.name if a.gpu else "the seed table's GPU per row"
     if a.json:

@@ -8,9 +8,10 @@ from formulas.units import GiB
 
 from .common import add_spec_arguments, calibration_line, gib_cell, spec_from_args, stack_from_args, warn_beyond_positions
 from .engines import add_engine_arguments
+from .trace import add_device_arguments
 
-# How the device categories are headed in the table, and what each means.
-DEVICE_ROWS = ((C.CUDA_CONTEXT, "cuda context"), (C.WORKSPACES, "workspaces"), (C.ALLOCATOR_SLACK, "allocator slack"))
+# How the device categories are headed in the table, in the order they add up to the device peak.
+DEVICE_ROWS = ((C.ALLOCATOR_SLACK, "allocator slack"), (C.CUDA_CONTEXT, "cuda context"))
 
 
 def stack_lines(spec, stack=None):
@@ -36,13 +37,14 @@ def render_prediction(pred, gpu=None, stack=None):
         head += f" · batch {s.batch} · prompt {s.seq}" + (f" + gen {s.gen}" if s.gen else "")
     lines = [head, f"{pred.n_params:,} parameters · attention {s.attn}" + (f" · per GPU of {s.gpus}" if s.gpus > 1 else ""), ""]
     lines.append(f"{'category':<22}{'GiB':>10}")
-    for c in C.TENSOR_CATEGORIES:
+    for c in C.ALLOCATED_CATEGORIES:
         v = pred.breakdown.get(c, 0)
         if v:
-            lines.append(f"{c:<22}{gib_cell(v)}")
+            lines.append(f"{c:<22}{gib_cell(v)}" + ("   (cuBLAS, inside the allocator)" if c == C.WORKSPACES else ""))
     lines.append(f"{'peak allocated':<22}{gib_cell(pred.peak_allocated_bytes)}   at {pred.peak_phase}   (torch max_memory_allocated)")
     for c, label in DEVICE_ROWS:
-        lines.append(f"{label:<22}{gib_cell(pred.breakdown[c])}")
+        lines.append(f"{label:<22}{gib_cell(pred.breakdown[c])}" + ("   (outside the allocator: init + kernel images)"
+                                                                    if c == C.CUDA_CONTEXT else ""))
     lines.append(f"{'peak device':<22}{gib_cell(pred.peak_device_bytes)}   (what nvidia-smi shows)")
     if pred.host_ram_bytes:
         lines.append(f"{'host RAM':<22}{gib_cell(pred.host_ram_bytes)}   (pinned, activations offloaded; not on the GPU)")
@@ -113,7 +115,18 @@ def cmd_predict(a):
     stored = where = None
     if a.weights_from_checkpoint:
         stored, where = checkpoint_of(a.model, spec)
-    pred = predict(spec, overheads_for(a.gpu, a.calibration), checkpoint=stored)
+    if a.alloc_conf is not None or a.exact or any(v in os.environ for v in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")):
+        from .trace import device_of
+
+        overheads, alloc_cfg, alloc_text = device_of(a)
+        overheads = overheads.with_alloc_conf(alloc_cfg)
+    else:  # the common case reads no allocator module
+        overheads, alloc_cfg, alloc_text = overheads_for(a.gpu, a.calibration), None, ""
+    pred = predict(spec, overheads, checkpoint=stored)
+    if a.exact:
+        if a.engine != "transformers":
+            raise ValueError(f"--exact: traces transformers' workload; --engine {a.engine} has its own rules")
+        pred = exact_prediction(pred, overheads, alloc_cfg, alloc_text)
     warn_beyond_positions("predict", pred.spec)
     if a.engine != "transformers":
         from formulas.catalog import get_shape
@@ -143,6 +156,31 @@ def cmd_predict(a):
     return 0
 
 
+def exact_prediction(pred, overheads, alloc_cfg, alloc_text):
+    """The prediction with its allocated and reserved peaks from the workload traced on fake tensors and its allocation
+    stream replayed through the caching-allocator simulation (needs torch; quantized dtypes are refused in one line)."""
+    from dataclasses import replace
+
+    from formulas.spec import SpecError
+
+    from ..tracing.tracer import trace
+
+    try:
+        t = trace(pred.spec, overheads=overheads, allocator_config=alloc_cfg)
+    except SpecError as e:
+        raise ValueError(f"--exact: {e}") from None
+    ctx = pred.breakdown[C.CUDA_CONTEXT]
+    alloc, reserved = t.estimated_max_allocated_bytes, t.estimated_reserved_bytes
+    breakdown = {**{c: t.breakdown.get(c, 0) for c in C.ALLOCATED_CATEGORIES}, C.CUDA_CONTEXT: ctx,
+                 C.ALLOCATOR_SLACK: reserved - alloc}
+    note = (f"exact: allocated and reserved from the workload traced on fake tensors in {t.seconds:.1f} s, its "
+            "allocation stream replayed through the caching allocator (formulas/allocator.py)"
+            + (f" under {alloc_text}" if alloc_text else "") + "; the CUDA context is the formula's")
+    return replace(pred, breakdown=breakdown, peak_allocated_bytes=alloc, peak_reserved_bytes=reserved,
+                   peak_device_bytes=reserved + ctx, peak_phase=t.peak_phase, phases=t.phases,
+                   notes=[note] + list(pred.notes))
+
+
 def cmd_models(a):
     from formulas.catalog import catalog_names, get_shape
 
@@ -169,6 +207,10 @@ def add_parsers(sub):
                         "of the formula where the checkpoint is loaded as stored")
     p.add_argument("--calibration", default=None,
                    help="calibration table from `vramlab fit` (default: the newest in results/calibration/ for --gpu)")
+    p.add_argument("--exact", action="store_true",
+                   help="trace the workload on fake tensors and replay its allocation stream through the caching-"
+                        "allocator simulation for the allocated and reserved peaks (needs torch; seconds to minutes)")
+    add_device_arguments(p, gpu=False)
     add_engine_arguments(p)
     p.set_defaults(func=cmd_predict)
     m = sub.add_parser("models", help="list the shipped model configs")

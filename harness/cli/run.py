@@ -65,16 +65,62 @@ def _launcher_settings(a):
     return {**settings, **{k: v for k, v in flags.items() if v is not None}}
 
 
+def _only(text):
+    """--only FIELD=VALUE → (field, value as written)."""
+    field, sep, value = text.partition("=")
+    if not sep or not field:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected FIELD=VALUE, e.g. mode=train or alloc_conf= (empty: "
+                                         "the default)")
+    return field.strip(), value.strip()
+
+
+def select(exps, only):
+    """The experiments whose fields match every (field, value) of --only: a spec field, a run field or group;
+    values compared as written (true/false for flags, '' for an empty field); several values of one field: any."""
+    from dataclasses import fields as dc_fields
+
+    from formulas.spec import Spec
+
+    from ..sweep.schema import RUN_FIELDS
+
+    known = {f.name for f in dc_fields(Spec)} | set(RUN_FIELDS) | {"group"}
+    wanted = {}
+    for field, value in only:
+        if field not in known:
+            raise ValueError(f"--only {field}={value}: {field!r} is not a field of an experiment (a spec field, a run "
+                             "field such as alloc_conf or cap_gpu, or group)")
+        wanted.setdefault(field, set()).add(value)
+
+    def text(v):
+        return str(v).lower() if isinstance(v, bool) else ",".join(v) if isinstance(v, tuple) else str(v)
+
+    def get(e, field):
+        return getattr(e.spec, field) if hasattr(e.spec, field) else getattr(e, field)
+
+    return [e for e in exps if all(text(get(e, f)) in vs for f, vs in wanted.items())]
+
+
 def cmd_run(a):
     from ..gpu import nvml
-    from ..sweep.launcher import default_out_dir, prepare_out_dir, run_sweep
+    from ..sweep.launcher import (
+        default_out_dir,
+        measured_elsewhere,
+        order_experiments,
+        prepare_out_dir,
+        run_sweep,
+    )
     from ..sweep.schema import MAX_EXPERIMENTS, load_sweep
 
     name, exps = load_sweep(a.sweep, limit=None if a.yes else MAX_EXPERIMENTS)
+    searches = exps.searches
     settings = _launcher_settings(a)
+    if a.only:
+        exps = select(exps, a.only)
+        searches = [s for s in searches if select([s.base], a.only)]
     if a.shard:
         k, n = a.shard
         exps = exps[k - 1::n]
+        searches = searches[k - 1::n]
     mode = a.mode
     if mode == "auto" and a.launcher != "local" and not a.dry_run:
         raise ValueError(f"--launcher {a.launcher}: give --mode explicitly "
@@ -84,14 +130,24 @@ def cmd_run(a):
         if mode == "trace" and not a.dry_run:
             print("vramlab run: no NVIDIA GPU found — tracing the experiments on fake tensors instead of measuring",
                   file=sys.stderr)
+    if searches:  # each search starts from `vramlab plan --gpu CAP`'s answer, with the overheads plan would use
+        from ..analysis.calibrate import overheads_for
+
+        for sr in searches:
+            sr.overheads = overheads_for(sr.base.cap_gpu) if sr.base.cap_gpu else None
+    out = a.out or default_out_dir(name, mode)
+    if a.order != "file":
+        exps = order_experiments(exps, a.order, measured_elsewhere(os.path.dirname(os.path.abspath(out)), skip=out))
     if a.dry_run:
         from formulas.predict import predict
 
-        print(f"{name}: {len(exps)} experiments ({mode})")
+        print(f"{name}: {len(exps)} experiments ({mode})" + (f" and {len(searches)} boundary searches" if searches else ""))
         for e in exps:
             p = predict(e.spec)
             print(f"{e.spec_hash}  {e.label():70s} {p.peak_allocated_bytes / GiB:8.2f} GiB predicted allocated "
                   f"{p.peak_device_bytes / GiB:8.2f} GiB predicted device  {p.peak_phase}")
+        for sr in searches:
+            print(f"search  {sr.label()}: vramlab plan says {sr.predicted()}, first probe {sr.next_value()}")
         return 0
     backend = None
     if a.launcher == "local":
@@ -102,22 +158,30 @@ def cmd_run(a):
     else:
         from ..sweep.backends import make_backend, run_on
 
+        if searches:
+            raise ValueError(f"--launcher {a.launcher}: the sweep's search groups probe one value after another; run "
+                             "them with the local launcher (or leave them out: --only group=NAME)")
         if mode == "measure" and not a.out:
             raise ValueError(f"--launcher {a.launcher} --mode measure: give --out, a folder every node can write "
                              "(the default is named after this machine's GPU)")
         backend = make_backend(a.launcher, mode, settings, job_name=f"vramlab-{name}")  # its package, its cluster
-    out = a.out or default_out_dir(name, mode)
     prepare_out_dir(out)
-    print(f"{name}: {len(exps)} experiments → {out}", file=sys.stderr)
+    print(f"{name}: {len(exps)} experiments" + (f" and {len(searches)} boundary searches" if searches else "")
+          + f" → {out}", file=sys.stderr)
     if backend is None:
         s = run_sweep(exps, out, gpus=a.gpus, mode=mode, retry=a.retry, progress=not a.no_progress,
-                      warm=a.process == "warm", jobs=a.jobs or min(4, os.cpu_count() or 1))
+                      warm=a.process == "warm", jobs=a.jobs or min(4, os.cpu_count() or 1), searches=searches)
     else:
         s = run_on(backend, exps, out, mode=mode, retry=a.retry, progress=not a.no_progress)
     parts = ", ".join(f"{k} {v}" for k, v in sorted(s.outcomes.items()))
     print(f"{name}: ran {s.ran}, skipped {s.skipped} already recorded" + (f" ({parts})" if parts else "")
           + (f"; {s.fresh_processes} warm reset(s) fell back to a fresh process" if s.fresh_processes else "")
           + (f"; moved {len(s.corrupt_moved)} unreadable record(s) aside" if s.corrupt_moved else ""))
+    for sr in searches:
+        r = sr.result()
+        state = ("settled" if r["done"] else r["stopped"] or "not finished: run the same command to go on")
+        print(f"  search {sr.label()}: largest that ran {r['largest_ok']}, smallest out of memory {r['smallest_oom']} "
+              f"({r['probes']} probes; {state})")
     if s.interrupted:
         print(f"vramlab run: stopped by {s.signal} — records written so far are kept; run the same command to resume",
               file=sys.stderr)
@@ -209,7 +273,16 @@ def add_parsers(sub):
     p.add_argument("--address", default=None, metavar="HOST:PORT",
                    help="--launcher ray: a running cluster's address, or auto (default: start a local one)")
     p.add_argument("--dry-run", action="store_true", help="list the experiments and their predictions; run nothing")
-    p.add_argument("--shard", type=_shard, default=None, help="run every N-th experiment starting at K (K/N)")
+    p.add_argument("--shard", type=_shard, default=None,
+                   help="run every N-th experiment (and boundary search) starting at K (K/N)")
+    p.add_argument("--only", type=_only, action="append", default=None, metavar="FIELD=VALUE",
+                   help="run only the experiments whose FIELD has VALUE (a spec field, a run field or group; "
+                        "repeatable: every field must match, several values of one field any), e.g. mode=train, "
+                        "alloc_conf= (the default allocator) or alloc_conf=expandable_segments:True")
+    p.add_argument("--order", default="file", choices=("file", "unmeasured"),
+                   help="file: the sweep file's order (default); unmeasured: experiments no environment has measured "
+                        "yet first (ok records in the sweep's other folders beside --out), training before "
+                        "inference — for a short GPU window")
     p.add_argument("--retry", action="store_true", help="rerun experiments whose record is an error/timeout/crash")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--yes", action="store_true", help="run a sweep of more than 10,000 experiments")

@@ -12,7 +12,6 @@ from formulas import categories as C
 from formulas.units import GiB
 
 from .common import add_spec_arguments, gib_cell, installed_versions, spec_from_args, warn_beyond_positions
-from .predict import DEVICE_ROWS
 
 
 def _ratio(traced, predicted):
@@ -21,7 +20,7 @@ def _ratio(traced, predicted):
     return f"{traced / predicted:.3f}"
 
 
-def render_trace(result, prediction):
+def render_trace(result, prediction, alloc_conf=""):
     """The readable table `vramlab trace` prints: traced and predicted GiB per category, then totals."""
     s = result.spec
     from formulas.catalog import model_label
@@ -36,7 +35,7 @@ def render_trace(result, prediction):
         head += f" · batch {s.batch} · prompt {s.seq}" + (f" + gen {s.gen}" if s.gen else "")
     lines = [head, f"{result.n_params:,} parameters · attention {s.attn} · traced on fake tensors in {result.seconds:.1f} s", ""]
     lines.append(f"{'category':<22}{'traced GiB':>12}{'predicted GiB':>15}{'ratio':>8}")
-    for c in C.TENSOR_CATEGORIES:
+    for c in C.ALLOCATED_CATEGORIES:
         t, p = result.breakdown.get(c, 0), prediction.breakdown.get(c, 0)
         if t or p:
             lines.append(f"{c:<22}{gib_cell(t, 12)}{gib_cell(p, 15)}{_ratio(t, p):>8}")
@@ -46,13 +45,15 @@ def render_trace(result, prediction):
     if result.host_ram_bytes or prediction.host_ram_bytes:
         lines.append(f"{'host RAM':<22}{gib_cell(result.host_ram_bytes, 12)}{gib_cell(prediction.host_ram_bytes, 15)}"
                      f"{_ratio(result.host_ram_bytes, prediction.host_ram_bytes):>8}   offloaded activations, not on the GPU")
-    traced_device = result.device_breakdown
-    for c, label in DEVICE_ROWS:
-        t = traced_device[c]
-        why = ("   estimated: modelled CUDA caching allocator (harness/tracing/allocator.py)" if t is not None
-               else "   not visible on fake tensors")
-        lines.append(f"{label:<22}{'—' if t is None else gib_cell(t, 12):>12}{gib_cell(prediction.breakdown[c], 15)}"
-                     f"{'':>8}{why}")
+    sim_reserved = result.estimated_reserved_bytes
+    lines.append(f"{'peak reserved':<22}{gib_cell(sim_reserved, 12)}{gib_cell(prediction.peak_reserved_bytes, 15)}"
+                 f"{_ratio(sim_reserved, prediction.peak_reserved_bytes):>8}   simulated: the traced allocation stream "
+                 "through the caching allocator (formulas/allocator.py)" + (f", {alloc_conf}" if alloc_conf else ""))
+    outside = prediction.breakdown[C.CUDA_CONTEXT]
+    lines.append(f"{'cuda context':<22}{'—':>12}{gib_cell(outside, 15)}{'':>8}   outside the allocator: not on fake "
+                 "tensors (the prediction's)")
+    lines.append(f"{'peak device':<22}{gib_cell(sim_reserved + outside, 12)}{gib_cell(prediction.peak_device_bytes, 15)}"
+                 f"{_ratio(sim_reserved + outside, prediction.peak_device_bytes):>8}   simulated reserved + the context")
     if result.ranks:
         lines.append("")
         lines.append(f"fake ranks ({s.gpus} GPUs: tp={s.tp}, zero={s.zero}) — GiB at each rank's peak, traced:")
@@ -61,10 +62,12 @@ def render_trace(result, prediction):
             parts = "  ".join(f"{c} {bd[c] / GiB:.2f}" for c in (C.WEIGHTS, C.GRADIENTS, C.OPTIMIZER_STATES) if bd.get(c))
             lines.append(f"  rank {r['rank']:<3}{r['peak_allocated_bytes'] / GiB:9.2f} at {r['peak_phase']:<15}{parts}")
     lines.append("")
-    lines.append("phases (GiB allocated at each phase's peak, traced / predicted):")
+    lines.append("phases (GiB at each phase's peak: allocated traced / predicted; reserved simulated):")
     for ph, bd in result.phases.items():
         pred = sum(prediction.phases.get(ph, {}).values())
-        lines.append(f"  {ph:<16}{sum(bd.values()) / GiB:10.2f} /{pred / GiB:8.2f}")
+        res = (result.estimated_phases.get(ph) or {}).get("max_reserved_bytes")
+        lines.append(f"  {ph:<16}{sum(bd.values()) / GiB:10.2f} /{pred / GiB:8.2f}"
+                     + (f"   reserved {res / GiB:.2f}" if res is not None else ""))
     for n in result.notes:
         lines.append(f"note: {n}")
     return "\n".join(lines)
@@ -88,13 +91,32 @@ def stack_mismatch(spec):
     return lines
 
 
+def device_of(a):
+    """(Overheads of --gpu's architecture or a calibration table, AllocatorConfig, its text) for trace and predict:
+    --alloc-conf, else PYTORCH_ALLOC_CONF / PYTORCH_CUDA_ALLOC_CONF as torch reads them."""
+    from formulas.allocator import AllocConfError, config_from_env, parse_alloc_conf
+
+    from ..analysis.calibrate import overheads_for
+
+    try:
+        if a.alloc_conf is not None:
+            cfg, text = parse_alloc_conf(a.alloc_conf), a.alloc_conf
+        else:
+            cfg, var = config_from_env(os.environ)
+            text = f"{var}={cfg.text}" if var else ""
+    except AllocConfError as e:
+        raise ValueError(f"--alloc-conf: {e}" if a.alloc_conf is not None else str(e)) from None
+    return overheads_for(a.gpu, getattr(a, "calibration", None)), cfg, text
+
+
 def cmd_trace(a):
     from formulas.predict import predict
 
     if a.plot and not a.plot.lower().endswith(".png"):
         raise ValueError(f"--plot {a.plot}: give a .png file name")
     spec = spec_from_args(a)
-    prediction = predict(spec)
+    overheads, alloc_cfg, alloc_text = device_of(a)
+    prediction = predict(spec, overheads.with_alloc_conf(alloc_cfg))
     from ..tracing.tracer import plot_timeline, trace
 
     if a.rank is not None and spec.gpus == 1:
@@ -102,7 +124,7 @@ def cmd_trace(a):
     mismatch = stack_mismatch(prediction.spec)
     for line in mismatch:  # said before the (long) trace starts, and again with its result
         print(f"vramlab trace: {line}", file=sys.stderr)
-    result = trace(spec, rank=a.rank)
+    result = trace(spec, rank=a.rank, overheads=overheads, allocator_config=alloc_cfg)
     warn_beyond_positions("trace", prediction.spec)  # only once the answer stands: bad input is one line
     if a.plot:
         try:
@@ -113,12 +135,15 @@ def cmd_trace(a):
         d = result.to_dict()
         d["stack_mismatch"] = mismatch
         d["predicted"] = {"breakdown": prediction.breakdown, "peak_allocated_bytes": prediction.peak_allocated_bytes,
+                          "peak_reserved_bytes": prediction.peak_reserved_bytes,
                           "peak_device_bytes": prediction.peak_device_bytes,
                           "peak_phase": prediction.peak_phase, "phases": prediction.phases,
                           "host_ram_bytes": prediction.host_ram_bytes}
+        d["simulated_device_bytes"] = result.estimated_reserved_bytes + prediction.breakdown[C.CUDA_CONTEXT]
+        d["allocator_settings"] = alloc_text
         print(json.dumps(d, indent=2))
     else:
-        print(render_trace(result, prediction))
+        print(render_trace(result, prediction, alloc_text))
         for line in mismatch:
             print(f"note: {line}")
         if a.plot:
@@ -137,4 +162,16 @@ def add_parsers(sub):
     p.add_argument("--plot", default=None, metavar="PATH", help="write a memory-over-time PNG to PATH")
     p.add_argument("--rank", type=int, default=None, metavar="R",
                    help="multi-GPU specs: trace only fake rank R (default: every rank up to 8, the highest peak shown)")
+    add_device_arguments(p)
     p.set_defaults(func=cmd_trace)
+
+
+def add_device_arguments(p, gpu=True):
+    """--gpu (its architecture sizes the cuBLAS workspaces and the context) and --alloc-conf, for trace and predict."""
+    if gpu:
+        p.add_argument("--gpu", default=None, help="GPU name: its architecture sizes the cuBLAS workspaces and the CUDA "
+                                                   "context (default: Hopper, sm90)")
+    p.add_argument("--alloc-conf", default=None, metavar="SETTINGS",
+                   help="the caching allocator's settings as PYTORCH_CUDA_ALLOC_CONF gives them, e.g. "
+                        "'expandable_segments:True' (default: PYTORCH_ALLOC_CONF / PYTORCH_CUDA_ALLOC_CONF of this "
+                        "shell, as torch would read them)")

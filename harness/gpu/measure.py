@@ -9,20 +9,25 @@ the category tracker of harness/tracing/tracker.py counts the real tensors by ca
 What is recorded (the record's `measured`):
 - `cuda_context_bytes`: NVML device-used after CUDA initialisation minus before it (minus the
   one small allocator segment the probe tensor takes), once per process;
+- `workspaces_bytes`: the cuBLAS workspaces the measuring thread holds in the caching allocator at the
+  end of the workload (what clearing them frees; autograd's thread keeps its own in training);
+- `allocator_settings`: PYTORCH_ALLOC_CONF / PYTORCH_CUDA_ALLOC_CONF as the process ran;
 - per phase: max allocated / reserved (torch), peak device-used and process-used (NVML);
 - `peak_device_bytes`: the NVML peak minus what the device used before this process started
   CUDA, i.e. this process's footprint as nvidia-smi would show it; flagged when other processes
   used the GPU during the run;
 - `breakdown` and `tracked`: the tensor categories at the tracker's peak, per phase, and the
   tracker's own peak (what a traced record has, from real tensors);
-- `device_breakdown`: the device categories — context, workspaces (device peak − peak reserved −
-  context) and allocator slack (peak reserved − peak allocated);
+- `device_breakdown`: the device categories — what the device held outside the caching allocator
+  (device peak − peak reserved: the context and the kernel images loaded) and allocator slack (peak
+  reserved − peak allocated) — and the workspaces inside the allocated peak;
 - `process`: which process measured it — its pid, the NVML pid the driver reports for it (a
   host pid in a container), `cold` (a fresh process) or `warm` (the k-th experiment of a
   long-lived one, after `reset_between_experiments`), and what a warm reset left behind;
 - `capped`: the card this run stood in for, when the sweep caps the process to a smaller GPU;
-- timings: process start → CUDA ready → model built → workload done, and the sampler's busy
-  time as a fraction of the workload time (its overhead).
+- timings: process start → CUDA ready → model built → workload done → tracker replayed, and the
+  sampler's own CPU time as a fraction of the workload time (its overhead; harness/gpu/sampler.py);
+- `tracked.window`: which steps the category tracker counted op by op (harness/tracing/tracker.py).
 
 An out-of-memory error ends the workload but not the measurement: `MeasuredOOM` carries the
 phases completed before it, the phase that failed, the requested and free bytes and the peaks
@@ -234,6 +239,19 @@ def reset_between_experiments():
             "nvml_residual_bytes": residual}
 
 
+def cublas_workspaces_bytes(torch):
+    """What this thread's cuBLAS workspaces held in the caching allocator: the drop in allocated memory when they are
+    cleared (aten/src/ATen/cuda/CublasHandlePool.cpp clearCublasWorkspaces). A training step's other workspace, on
+    autograd's device thread, is not this thread's to clear; None where torch has no such call."""
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is None:
+        return None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    clear()
+    return int(before - torch.cuda.memory_allocated())
+
+
 def cap_for(exp):
     """(card name or '', bytes) the experiment caps this process to, or None."""
     if exp.cap_gpu:
@@ -281,7 +299,8 @@ def measure(exp, process=None, local_rank=None):
         capped = {"gpu": cap[0] or None, "cap_bytes": cap[1], "allocator_limit_bytes": limit, "fraction": fraction,
                   "device_total_bytes": int(total)}
     own = proc["own_pids"]
-    sampler = NvmlSampler(index, exp.sample_interval_ms / 1000.0, pid=next(iter(own)) if len(own) == 1 else None)
+    sampler = NvmlSampler(index, exp.sample_interval_ms / 1000.0, pid=next(iter(own)) if len(own) == 1 else None,
+                          max_interval_s=exp.sample_max_interval_ms / 1000.0)
     stats = _PhaseStats(torch, sampler)
     t_cuda = time.perf_counter()
     built = {}  # the build's time and the tracker, once the model exists
@@ -298,7 +317,8 @@ def measure(exp, process=None, local_rank=None):
         if exp.track_categories:
             from ..tracing.tracker import CategoryTracker
 
-            tracker = built["tracker"] = CategoryTracker(model, spec, get_shape(spec.model).vocab, device_type="cuda")
+            tracker = built["tracker"] = CategoryTracker(model, spec, get_shape(spec.model).vocab, device_type="cuda",
+                                                         window=exp.track_window, steps=exp.steps)
 
         def both(phase):
             mark(phase)
@@ -322,6 +342,7 @@ def measure(exp, process=None, local_rank=None):
                 else:
                     opt = make_optimizer_on_device(model, spec)
                 run_training(model, spec, mark=both, device="cuda", steps=exp.steps, optimizer=opt)
+        built["workspaces"] = cublas_workspaces_bytes(torch)
 
     with sampler:
         stats.mark("load")
@@ -345,6 +366,9 @@ def measure(exp, process=None, local_rank=None):
         "peak_device_bytes": (dev_peak - before) if dev_peak is not None and before is not None else None,
         "peak_device_phase": dev_phase,
         "cuda_context_bytes": proc["context"],
+        "workspaces_bytes": built.get("workspaces"),  # this thread's cuBLAS workspaces, inside peak allocated
+        "allocator_settings": {v: os.environ[v] for v in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+                               if os.environ.get(v)},
         "device_used_before_bytes": before,
         "other_processes": others,
         "device_figures_flagged": bool(others),
@@ -353,8 +377,12 @@ def measure(exp, process=None, local_rank=None):
                     "experiment_in_process": proc["experiments"], "nvml_index": index,
                     "nvml_index_corrected": proc["index_corrected"]},
         "capped": capped,
-        "sampler": {"samples": sampler.samples, "interval_ms": exp.sample_interval_ms, "busy_s": round(sampler.busy_s, 4),
-                    "overhead_fraction": round(sampler.busy_s / workload_s, 5) if workload_s > 0 else None,
+        # overhead_fraction: the sampler's CPU time (its thread's, and the marks' samples on this one) over the workload
+        "sampler": {"samples": sampler.samples, "process_samples": sampler.process_samples,
+                    "interval_ms": exp.sample_interval_ms, "max_interval_ms": sampler.max_interval_s * 1000,
+                    "busy_s": round(sampler.busy_s, 4), "thread_cpu_s": round(sampler.thread_cpu_s, 4),
+                    "marks_s": round(sampler.marks_s, 4),
+                    "overhead_fraction": round(sampler.cpu_s / workload_s, 5) if workload_s > 0 else None,
                     "timeline": sampler.timeline},
         "timings": {
             "launch_to_measure_s": round(started_wall - launched_at, 3) if launched_at and proc["experiments"] == 1
@@ -366,10 +394,13 @@ def measure(exp, process=None, local_rank=None):
     }
     tracker = built.get("tracker")
     if tracker is not None:
-        mem = tracker.result()
+        t_replay = time.perf_counter()
+        mem = tracker.result(timeline=False, reserved=False)  # the GPU measures reserved; nobody reads a timeline
         out["breakdown"] = mem.breakdown
         out["tracked"] = {"peak_allocated_bytes": mem.peak_allocated_bytes, "peak_phase": mem.peak_phase,
-                          "phases": mem.phases, "n_ops": mem.n_ops, "peak_tensors": mem.peak_tensors}
+                          "phases": mem.phases, "n_ops": mem.n_ops, "peak_tensors": mem.peak_tensors,
+                          "window": tracker.window}
+        out["timings"]["replay_s"] = round(time.perf_counter() - t_replay, 3)
     out["device_breakdown"] = measured_device_breakdown(out)
     if oom is not None:
         raise MeasuredOOM(out, {**oom, "failed_phase": failed_phase, "completed_phases": list(stats.completed)})

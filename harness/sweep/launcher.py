@@ -23,6 +23,14 @@ needing the most GPUs first; one that cannot start yet lets smaller ones past on
 experiment at least its size will free enough slots for it (`next_to_start`), so none waits forever.
 An experiment needing more GPUs than the run has is recorded `unsupported` at once, and runs when a
 later run has enough.
+
+Boundary searches (`search:` groups, harness/sweep/search.py) run beside the grid: each has one probe in
+the queue at a time, ahead of the grid experiments, and the next one is queued when its record is in;
+probes already recorded are read, not run, so a rerun resumes a search where it stopped.
+
+An experiment's `alloc_conf` is its worker's PYTORCH_CUDA_ALLOC_CONF: a warm worker runs the experiments
+of one setting, the queue keeps those of a setting together (the default first), and a worker is
+replaced where the setting changes.
 """
 
 import fcntl
@@ -177,6 +185,52 @@ def _fallback_record(exp, outcome, returncode, stderr_tail, seconds, source):
     return record
 
 
+def set_alloc_conf(env, alloc_conf):
+    """Give a worker's environment the experiment's PYTORCH_CUDA_ALLOC_CONF ('' = torch's defaults: unset)."""
+    if alloc_conf:
+        env["PYTORCH_CUDA_ALLOC_CONF"] = alloc_conf
+    else:
+        env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+
+
+def measured_elsewhere(sweep_dir, skip=None):
+    """Spec hashes with an ok measured record in any environment's folder of a sweep (results/runs/<sweep>/*/)."""
+    from ..records import iter_records
+
+    seen = set()
+    if not os.path.isdir(sweep_dir):
+        return seen
+    for name in sorted(os.listdir(sweep_dir)):
+        folder = os.path.join(sweep_dir, name)
+        if not os.path.isdir(folder) or (skip and os.path.abspath(folder) == os.path.abspath(skip)):
+            continue
+        seen |= {r["spec_hash"] for r in iter_records(folder)
+                 if r.get("outcome") == "ok" and r.get("source") == "measured"}
+    return seen
+
+
+ORDERS = ("file", "unmeasured")
+
+
+def order_experiments(experiments, order="file", measured=frozenset()):
+    """The experiments in the order a time-boxed window should run them.
+
+    file: as the sweep file lists them. unmeasured: those with no ok measured record in any environment
+    (`measured`: their spec hashes) first, then the rest; within each, training before inference (it holds
+    most of what the predictor models: gradients, optimizer states, checkpointed activations, adapters),
+    then file order. Either way the default allocator's experiments come before those of an `alloc_conf`, so
+    a warm worker changes its setting once."""
+    if order not in ORDERS:
+        raise ValueError(f"--order {order}: expected one of {', '.join(ORDERS)}")
+    index = {id(e): i for i, e in enumerate(experiments)}
+
+    def key(e):
+        first = (e.spec_hash in measured, e.spec.mode != "train") if order == "unmeasured" else ()
+        return (bool(e.alloc_conf), *first, index[id(e)])
+
+    return sorted(experiments, key=key)
+
+
 def record_stamp(out_dir, spec_hash):
     """(inode, mtime) of the experiment's record file, or None: a rerun's record is a new file (write_record)."""
     try:
@@ -210,6 +264,7 @@ def run_isolated(exp, out_dir, mode, worker_cmd=None):
     err_path = os.path.join(logs, f"{exp.spec_hash}.stderr")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                VRAMLAB_LAUNCHER_PID=str(os.getpid()), VRAMLAB_LAUNCHED_AT=repr(time.time()))
+    set_alloc_conf(env, exp.alloc_conf)
     stale, t0 = record_stamp(out_dir, exp.spec_hash), time.monotonic()
     with open(err_path, "ab") as err:
         proc = subprocess.Popen((worker_cmd or worker_command(out_dir, mode)) + [json.dumps(exp.to_dict())], cwd=ROOT,
@@ -294,6 +349,7 @@ class _Slot:
     def __init__(self, gpu, name):
         self.gpu, self.name = gpu, name  # name: gpu<i> or cpu<j>, for log files
         self.proc = None
+        self.alloc_conf = None  # the PYTORCH_CUDA_ALLOC_CONF its warm worker runs with
         self.exp = None  # the experiment running now
         self.started = 0.0
         self.err_path = ""
@@ -313,10 +369,11 @@ class _Launcher:
         self.source = SOURCE[mode]
         self.baseline = {}  # GPU → NVML device-used when the sweep began
 
-    def env(self, slot):
+    def env(self, slot, alloc_conf=""):
         env = dict(os.environ)
         env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
         env["VRAMLAB_LAUNCHER_PID"] = str(os.getpid())
+        set_alloc_conf(env, alloc_conf)
         gpus = [s.gpu for s in slot.group or [slot] if s.gpu is not None]
         if gpus:
             env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # CUDA numbers the GPUs as NVML does
@@ -327,10 +384,11 @@ class _Launcher:
         env["VRAMLAB_LAUNCHED_AT"] = repr(time.time())  # after the wait: launch_to_measure_s is the process's own
         return env
 
-    def spawn(self, slot, args, err_name, pipes):
+    def spawn(self, slot, args, err_name, pipes, alloc_conf=""):
         slot.err_path = os.path.join(self.logs, err_name)
+        slot.alloc_conf = alloc_conf
         with open(slot.err_path, "ab") as err:
-            slot.proc = subprocess.Popen(self.cmd + args, cwd=ROOT, env=self.env(slot), stderr=err,
+            slot.proc = subprocess.Popen(self.cmd + args, cwd=ROOT, env=self.env(slot, alloc_conf), stderr=err,
                                          stdin=subprocess.PIPE if pipes else subprocess.DEVNULL,
                                          stdout=subprocess.PIPE if pipes else subprocess.DEVNULL,
                                          start_new_session=True, text=pipes)
@@ -339,10 +397,14 @@ class _Launcher:
     def start(self, slot, exp, fallback=None):
         slot.exp, slot.started, slot.group, slot.cold = exp, time.monotonic(), [slot], not self.warm
         if not self.warm:
-            self.spawn(slot, [json.dumps(exp.to_dict())], f"{exp.spec_hash}.stderr", pipes=False)
+            self.spawn(slot, [json.dumps(exp.to_dict())], f"{exp.spec_hash}.stderr", pipes=False,
+                       alloc_conf=exp.alloc_conf)
             return
+        if slot.proc is not None and slot.proc.poll() is None and slot.alloc_conf != exp.alloc_conf:
+            self.stop_worker(slot)  # the allocator's settings are read once per process
         if slot.proc is None or slot.proc.poll() is not None:
-            self.spawn(slot, ["--warm"], f"worker-{slot.name}-{slot.workers + 1}.stderr", pipes=True)
+            self.spawn(slot, ["--warm"], f"worker-{slot.name}-{slot.workers + 1}.stderr", pipes=True,
+                       alloc_conf=exp.alloc_conf)
             slot.replies = queue.Queue()
             threading.Thread(target=_read_replies, args=(slot.proc.stdout, slot.replies), daemon=True).start()
         try:
@@ -358,7 +420,8 @@ class _Launcher:
             self.stop_worker(s)
             s.held_by = lead if s is not lead else None
         lead.exp, lead.started, lead.group, lead.cold = exp, time.monotonic(), list(slots), True
-        self.spawn(lead, [json.dumps(exp.to_dict())], f"{exp.spec_hash}.stderr", pipes=False)
+        self.spawn(lead, [json.dumps(exp.to_dict())], f"{exp.spec_hash}.stderr", pipes=False,
+                   alloc_conf=exp.alloc_conf)
 
     def release(self, slot):
         """The experiment on `slot` is done: the slots it held are free again."""
@@ -431,14 +494,15 @@ def _raise_stop(signum, frame):
 
 
 def run_sweep(experiments, out_dir, gpus=None, mode="trace", worker_cmd=None, retry=False, progress=True,
-              poll_s=0.2, on_record=None, warm=False, jobs=1):
+              poll_s=0.2, on_record=None, warm=False, jobs=1, searches=()):
     """Run every experiment not yet recorded under out_dir; returns a SweepSummary.
 
     gpus: GPU indices to run on in parallel (one experiment per GPU, N for an experiment of `gpus: N`); None =
     GPU 0 when measuring. jobs: tracing or rehearsing, how many CPU workers run at once. warm: one long-lived
     worker per GPU (or CPU job) instead of a process per experiment (a multi-GPU experiment is always cold).
     worker_cmd: the command that runs experiments (tests pass a stand-in); cold workers get the
-    experiment's JSON as the last argument, warm ones `--warm` and the experiments on stdin."""
+    experiment's JSON as the last argument, warm ones `--warm` and the experiments on stdin. searches:
+    BoundarySearches (harness/sweep/search.py), probed one at a time ahead of the experiments."""
     prepare_out_dir(out_dir)
     lock = lock_out_dir(out_dir)
     summary = SweepSummary(out_dir=out_dir, total=len(experiments))
@@ -454,7 +518,29 @@ def run_sweep(experiments, out_dir, gpus=None, mode="trace", worker_cmd=None, re
             too_big.append(e)
         else:
             todo.append((e, None))
-    todo.sort(key=lambda t: -slots_needed(t[0], mode, len(slots)))  # the most GPUs first, else in file order
+    # the most GPUs first, else the given order with the default allocator's experiments before the others'
+    todo.sort(key=lambda t: (-slots_needed(t[0], mode, len(slots)), bool(t[0].alloc_conf)))
+    probing = {}  # spec hash of a queued probe → its search
+
+    def next_probe(search):
+        """Queue the search's next probe, reading the outcomes of those already recorded (a rerun resumes)."""
+        while (value := search.next_value()) is not None:
+            exp = search.probe(value)
+            if is_done(out_dir, exp, retry, summary.corrupt_moved, len(slots)):
+                search.feed(value, read_record(record_path(out_dir, exp.spec_hash))["outcome"])
+                continue
+            for i, (e, _) in enumerate(todo):  # a grid experiment that is this probe runs as the probe
+                if e.spec_hash == exp.spec_hash:
+                    del todo[i]
+                    summary.total -= 1
+                    break
+            todo.insert(0, (exp, None))
+            probing[exp.spec_hash] = (search, value)
+            summary.total += 1
+            return
+
+    for search in searches:
+        next_probe(search)
     logs = os.path.join(out_dir, ".logs")
     os.makedirs(logs, exist_ok=True)
     launcher = _Launcher(out_dir, mode, worker_cmd or worker_command(out_dir, mode), warm, logs)
@@ -471,6 +557,12 @@ def run_sweep(experiments, out_dir, gpus=None, mode="trace", worker_cmd=None, re
             on_record(exp, outcome)
         if bar is not None:
             bar.update(1)
+        if exp.spec_hash in probing:
+            search, value = probing.pop(exp.spec_hash)
+            search.feed(value, outcome)
+            next_probe(search)
+            if bar is not None:
+                bar.total = summary.total
 
     try:
         for exp in too_big:

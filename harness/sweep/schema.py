@@ -18,6 +18,16 @@ block holds settings of `vramlab run --launcher slurm|ray` (`{slurm: {partition:
 gpus_per_task: 1}, ray: {address: auto}}`); they change how experiments run, never their hashes.
 A multi-GPU experiment gives `gpus: N` and `strategy: ddp | fsdp | tp | layer_split`, sugar over the
 spec's zero/tp/layer_split fields (see STRATEGIES).
+
+A group with `search: {axis: batch | seq, lo: L, hi: H, step: S}` is a boundary search instead of a
+grid: the largest value of the axis on the grid L, L+S, … ≤ H that runs without running out of memory,
+found by probing on the card (harness/sweep/search.py), one experiment and one record per probe, an OOM
+kept as data. It is meant with `cap_gpu` (the fit boundary of a smaller card); its other fields come
+from `set` and `grid` (one search per grid row). `expand_sweep` returns the grid experiments as a list
+whose `searches` attribute holds the searches.
+
+`alloc_conf` runs the experiment's worker with PYTORCH_CUDA_ALLOC_CONF set to it (e.g.
+`expandable_segments:True`); it is part of the hash, and records say it in `env.alloc_conf`.
 Every expanded experiment is validated (the Spec against its model, the run fields by type) before
 anything runs; an error names the file, where in it, the field, the value and what is allowed. An
 experiment's hash is stable: it depends only on its resolved fields, not on file order or formatting.
@@ -33,7 +43,7 @@ from itertools import product
 
 from formulas.catalog import UnknownModelError, get_shape
 from formulas.shapes import UnsupportedModelError
-from formulas.spec import Spec, SpecError, validate
+from formulas.spec import Spec, SpecError, check_positions, validate
 
 from ..inventory import ensure_for_model
 
@@ -46,8 +56,11 @@ RUN_FIELDS = {
     "cap_gpu": (str, "", True, "cap the process to this card's memory (a GPU from the hardware catalog, e.g. RTX 4090)"),
     "cap_bytes": (int, 0, True, "cap the process to this many bytes of device memory"),
     "timeout_s": (int, 600, False, "seconds before the experiment's process is killed"),
-    "sample_interval_ms": (float, 1.0, False, "NVML sampling interval"),
+    "sample_interval_ms": (float, 1.0, False, "NVML sampling interval where memory moves"),
+    "sample_max_interval_ms": (float, 50.0, False, "NVML sampling interval on plateaus (harness/gpu/sampler.py)"),
     "track_categories": (bool, True, False, "count the measured tensors by memory category (the tracer's tracker)"),
+    "track_window": (str, "last", False, "which steps the tracker counts op by op: last (the load, prefill, last two "
+                                         "decode steps, last optimizer step) or all"),
     # inference engines (harness/engines): an experiment with `engine` set loads a random-weight GGUF in the engine
     # on the CPU and records the buffers it logs under the record's `engine` object
     "engine": (str, "", True, "inference engine: llama.cpp (measured on the CPU), or '' for transformers"),
@@ -57,10 +70,12 @@ RUN_FIELDS = {
     "flash_attn": (bool, False, True, "engine flash attention (llama.cpp -fa)"),
     "engine_kv_dtype": (str, "f16", True, "engine KV cache type: f16, q8_0, q4_0 (llama.cpp -ctk/-ctv)"),
     "cut_layers": (int, 0, True, "engine experiments: keep only the first N decoder layers (0 = all)"),
+    # the CUDA caching allocator's settings for the worker process: PYTORCH_CUDA_ALLOC_CONF, '' = torch's defaults
+    "alloc_conf": (str, "", True, "PYTORCH_CUDA_ALLOC_CONF of the worker, e.g. expandable_segments:True ('' = default)"),
 }
-RUN_MINIMUMS = {"steps": 1, "timeout_s": 1, "sample_interval_ms": 0.01, "cap_bytes": 0, "ctx": 0, "parallel": 1,
-                "ubatch": 1, "cut_layers": 0}
-RUN_CHOICES = {"engine": ("", "llama.cpp"), "engine_kv_dtype": ("f16", "q8_0", "q4_0")}
+RUN_MINIMUMS = {"steps": 1, "timeout_s": 1, "sample_interval_ms": 0.01, "sample_max_interval_ms": 0.01, "cap_bytes": 0,
+                "ctx": 0, "parallel": 1, "ubatch": 1, "cut_layers": 0}
+RUN_CHOICES = {"engine": ("", "llama.cpp"), "engine_kv_dtype": ("f16", "q8_0", "q4_0"), "track_window": ("last", "all")}
 # `strategy:` is sugar over the Spec's parallel fields (resolved before hashing, so it names nothing new):
 # ddp → zero 0 (or the zero 1 given), fsdp → zero 3 (or the zero 2 given), tp → tp = gpus (or the tp given),
 # layer_split → layer_split true.
@@ -69,7 +84,14 @@ SPEC_FIELDS = {f.name: f for f in fields(Spec)}
 MAX_EXPERIMENTS = 10_000  # a bigger sweep needs `vramlab run --yes` (each experiment costs seconds to minutes)
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a sweep's name is a folder name under results/runs
 TOP_KEYS = {"name", "description", "defaults", "groups", "grid", "zip", "launcher"}
-GROUP_KEYS = {"name", "set", "grid", "zip"}
+GROUP_KEYS = {"name", "set", "grid", "zip", "search"}
+SEARCH_KEYS = {"axis": str, "lo": int, "hi": int, "step": int}
+SEARCH_AXES = ("batch", "seq")
+# PYTORCH_CUDA_ALLOC_CONF's syntax, `<option>:<value>,<option2>:<value2>` (PyTorch docs/source/notes/cuda.rst,
+# "Optimizing memory usage with PYTORCH_CUDA_ALLOC_CONF"); the options themselves change between torch versions and
+# torch refuses an unknown one when the worker starts, so only the syntax is checked here.
+_ALLOC_OPTION = r"[a-z_0-9]+:(\[[^\]\s]*\]|[^,:\s\[\]]+)"  # a value, or a bracketed list (roundup_power2_divisions)
+ALLOC_CONF = re.compile(f"{_ALLOC_OPTION}(,{_ALLOC_OPTION})*")
 # The optional `launcher:` block: settings of `vramlab run --launcher slurm|ray` (its flags win over them);
 # (type, minimum) per key.
 LAUNCHER_KEYS = {"slurm": {"partition": (str, None), "time_min": (int, 1), "gpus_per_task": (int, 0)},
@@ -91,7 +113,9 @@ class Experiment:
     cap_bytes: int = 0
     timeout_s: int = 600
     sample_interval_ms: float = 1.0
+    sample_max_interval_ms: float = 50.0
     track_categories: bool = True
+    track_window: str = "last"
     engine: str = ""  # inference engine measured on the CPU ("" = transformers)
     ctx: int = 0
     parallel: int = 1
@@ -99,7 +123,9 @@ class Experiment:
     flash_attn: bool = False
     engine_kv_dtype: str = "f16"
     cut_layers: int = 0
+    alloc_conf: str = ""  # PYTORCH_CUDA_ALLOC_CONF of the worker process ('' = torch's defaults)
     group: str = ""  # the group it came from, for display
+    search: tuple = ()  # a boundary search's probe: (axis, lo, hi, step); not part of the hash
 
     @property
     def spec_hash(self):
@@ -110,13 +136,18 @@ class Experiment:
         return {k: getattr(self, k) for k in RUN_FIELDS}
 
     def to_dict(self):
-        return {"spec": self.spec.to_dict(), **self.run_fields(), "group": self.group, "spec_hash": self.spec_hash}
+        d = {"spec": self.spec.to_dict(), **self.run_fields(), "group": self.group, "spec_hash": self.spec_hash}
+        if self.search:
+            d["search"] = dict(zip(SEARCH_KEYS, self.search))
+        return d
 
     @classmethod
     def from_dict(cls, d):
         spec = dict(d["spec"])
         spec["lora_targets"] = tuple(spec.get("lora_targets", ()))
-        return cls(spec=Spec(**spec), group=d.get("group", ""), **{k: d[k] for k in RUN_FIELDS if k in d})
+        search = tuple((d.get("search") or {}).get(k) for k in SEARCH_KEYS) if d.get("search") else ()
+        return cls(spec=Spec(**spec), group=d.get("group", ""), search=search,
+                   **{k: d[k] for k in RUN_FIELDS if k in d})
 
     def label(self):
         """One line describing the experiment."""
@@ -128,7 +159,16 @@ class Experiment:
             core += f" {s.method} {s.optimizer} {s.precision}" + (" ckpt" if s.grad_ckpt else "")
         core += "" if s.attn == "sdpa" else f" {s.attn}"
         core += f" recipe {s.recipe}" if s.recipe != "hf" else ""
+        core += f" [{self.alloc_conf}]" if self.alloc_conf else ""
         return core + (f" {s.gpus}gpu {parallel_label(s)}" if s.gpus > 1 else "")
+
+
+class Experiments(list):
+    """A sweep's grid experiments in file order; `searches`: its boundary searches (harness.sweep.search)."""
+
+    def __init__(self, items=(), searches=()):
+        super().__init__(items)
+        self.searches = list(searches)
 
 
 def parallel_label(spec):
@@ -181,6 +221,9 @@ def _coerce(path, where, key, value):
             raise SweepError(f"{path}: {where}: engine: {value!r}: measured {value} sweeps need a GPU and the engine "
                              "itself and are not built; `vramlab predict/plan --engine` predicts it, `engine: "
                              "llama.cpp` measures llama.cpp on the CPU")
+        if key == "alloc_conf" and value and not ALLOC_CONF.fullmatch(value):
+            raise SweepError(f"{path}: {where}: alloc_conf: {value!r} is not PYTORCH_CUDA_ALLOC_CONF's "
+                             "<option>:<value>[,<option>:<value>…], e.g. expandable_segments:True")
         if key in RUN_CHOICES and value not in RUN_CHOICES[key]:
             raise SweepError(f"{path}: {where}: {key}: {value!r} is not one of {', '.join(map(repr, RUN_CHOICES[key]))}")
         return value
@@ -287,7 +330,7 @@ def expand_sweep(doc, path="<sweep>", limit=MAX_EXPERIMENTS):
     n = _count(path, groups)
     if limit is not None and n > limit:
         raise SweepError(f"{path}: {n:,} experiments; more than {limit:,} needs `vramlab run --yes`")
-    out, seen = [], set()
+    out, seen, searches = Experiments(), set(), []
     for gi, g in enumerate(groups):
         where = f"groups[{gi}]"
         if not isinstance(g, dict):
@@ -298,17 +341,56 @@ def expand_sweep(doc, path="<sweep>", limit=MAX_EXPERIMENTS):
         if not isinstance(sets, dict):
             raise SweepError(f"{path}: {where}.set: must be a mapping of field → value")
         overrides = {k: _coerce(path, f"{where}.set", k, v) for k, v in sets.items()}
+        search = _search_block(path, where, g)
         for ri, row in enumerate(_rows(_axes(path, where, "grid", g.get("grid")), _axes(path, where, "zip", g.get("zip")))):
             fields_ = {**base, **overrides, **row}
             run = {k: fields_.pop(k) for k in list(fields_) if k in RUN_FIELDS}
             fields_ = apply_strategy(path, f"{where} experiment {ri}", fields_)
             if "model" not in fields_:
                 raise SweepError(f"{path}: {where}: experiment {ri}: no model given (set it in defaults, set or an axis)")
+            if search:
+                searches.append(_make_search(path, f"{where} experiment {ri}", fields_, run, gname, search))
+                continue
             exp = _make(path, f"{where} experiment {ri}", fields_, run, gname)
             if exp.spec_hash not in seen:
                 seen.add(exp.spec_hash)
                 out.append(exp)
+    out.searches = searches
     return out
+
+
+def _search_block(path, where, g):
+    """A group's validated `search:` block as (axis, lo, hi, step), or None."""
+    block = g.get("search")
+    if block is None:
+        return None
+    if not isinstance(block, dict):
+        raise SweepError(f"{path}: {where}.search: must be a mapping {{axis: batch|seq, lo: L, hi: H, step: S}}")
+    _check_keys(path, f"{where}.search", block, set(SEARCH_KEYS))
+    missing = [k for k in SEARCH_KEYS if k not in block]
+    if missing:
+        raise SweepError(f"{path}: {where}.search: missing {', '.join(missing)} (give axis, lo, hi and step)")
+    axis, lo, hi, step = (block[k] for k in SEARCH_KEYS)
+    if axis not in SEARCH_AXES:
+        raise SweepError(f"{path}: {where}.search.axis: {axis!r} is not one of {', '.join(SEARCH_AXES)}")
+    for k in ("lo", "hi", "step"):
+        if not isinstance(block[k], int) or isinstance(block[k], bool) or block[k] < 1:
+            raise SweepError(f"{path}: {where}.search.{k}: {block[k]!r} must be a whole number ≥ 1")
+    if hi <= lo:
+        raise SweepError(f"{path}: {where}.search: hi {hi} must be above lo {lo}")
+    if axis in (g.get("grid") or {}) or axis in (g.get("zip") or {}):
+        raise SweepError(f"{path}: {where}.search: the axis {axis} is searched; it cannot also be a grid or zip axis")
+    return axis, lo, hi, step
+
+
+def _make_search(path, where, fields_, run, group, search):
+    """A BoundarySearch over `search` = (axis, lo, hi, step): both ends validated now, so every probe between is."""
+    from .search import BoundarySearch
+
+    axis, lo, hi, step = search
+    hi = lo + (hi - lo) // step * step  # the grid's last value
+    ends = [_make(path, f"{where} ({axis} {v})", {**fields_, axis: v}, run, group) for v in (lo, hi)]
+    return BoundarySearch(base=ends[0], axis=axis, lo=lo, hi=hi, step=step, group=group)
 
 
 def launcher_settings(doc, path="<sweep>"):
@@ -387,6 +469,7 @@ def _make(path, where, spec_fields, run, group):
         ensure_for_model(spec.model)  # model types outside the hand-modelled families: inventory built once
         shape = get_shape(spec.model)
         spec = validate(spec, shape)
+        check_positions(spec, shape)  # an experiment must run: no position past the model's learned table
     except (SpecError, UnknownModelError, UnsupportedModelError) as e:
         desc = ", ".join(f"{k}={v}" for k, v in spec_fields.items() if k in ("model", "mode", "dtype", "method", "batch", "seq"))
         msg = str(e).replace("--", "", 1) if str(e).startswith("--") else str(e)

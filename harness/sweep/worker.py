@@ -68,6 +68,11 @@ def run_one(exp, mode, process):
             return run_ranks(exp, mode, process)
         except (NotImplementedError, SpecError) as e:
             raise Unsupported(str(e)) from e
+    if mode == "measure" and os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "") != exp.alloc_conf:
+        # the allocator reads its settings once per process: measuring under others would mislabel the record
+        raise RuntimeError(f"alloc_conf: the experiment asks PYTORCH_CUDA_ALLOC_CONF={exp.alloc_conf!r}, this worker "
+                           f"runs with {os.environ.get('PYTORCH_CUDA_ALLOC_CONF', '')!r} (run it with `vramlab run`, "
+                           "which starts the worker with the experiment's setting)")
     if mode == "trace":
         from ..tracing.tracer import trace
 

@@ -14,9 +14,10 @@ fails without a GPU, "hasPrimaryContext expects a valid device index", so the de
 - SDPA: the CPU picks its own kernels (`_scaled_dot_product_flash_attention_for_cpu`, or the
   math kernel — the whole score matrix — with dropout, a mask, or unequal q/v head dims as in
   MLA). The tracer calls the kernel CUDA would pick (`cuda_sdpa_backend`: flash, or
-  memory-efficient for fp32, masks and MLA's narrower values); their fake kernels run on any
-  device and allocate what the CUDA kernels allocate (the output's memory layout included,
-  which decides whether `transpose(1, 2).contiguous()` copies).
+  memory-efficient for fp32, masks and MLA's narrower values, or the composite math kernel —
+  fp32 with grouped K/V heads before torch 2.13); their fake kernels run on any device and
+  allocate what the CUDA kernels allocate (the output's memory layout included, which decides
+  whether `transpose(1, 2).contiguous()` copies).
 - autocast runs as CPU autocast, whose op lists (`autocast_mode.cpp`) differ from CUDA's in
   a few fp32-promoted ops; the models here upcast explicitly where it matters (norms, loss).
 - transformers treats fake tensors as graph tracing (`is_tracing`) and would then materialize
@@ -56,13 +57,12 @@ class TraceResult(TrackedMemory):
 
     @property
     def device_breakdown(self):
-        """Device categories as far as fake tensors tell: allocator slack from the allocator model; no context or workspaces."""
-        return {C.CUDA_CONTEXT: None, C.WORKSPACES: None,
-                C.ALLOCATOR_SLACK: self.estimated_reserved_bytes - self.estimated_max_allocated_bytes}
+        """Device categories as far as fake tensors tell: allocator slack from the allocator simulation; no context."""
+        return {C.CUDA_CONTEXT: None, C.ALLOCATOR_SLACK: self.estimated_reserved_bytes - self.estimated_max_allocated_bytes}
 
     def to_dict(self):
         """JSON-ready dict; bytes stay integers."""
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "stream"}
         d["spec"] = self.spec.to_dict()
         d["timeline"] = [[i, ph, total, dict(cats)] for i, ph, total, cats in self.timeline]
         d["device_breakdown"] = self.device_breakdown
@@ -71,31 +71,44 @@ class TraceResult(TrackedMemory):
 
 # ------------------------------------------------------------------ CUDA-like kernels on the CPU
 
-def cuda_sdpa_backend(query, key, value, attn_mask=None, enable_gqa=False):
-    """The SDPA kernel CUDA picks on sm80+ (flash, efficient or math), after `sdp_utils.cpp` select_sdp_backend.
+def cuda_sdpa_backend(query, key, value, attn_mask=None, enable_gqa=False, spec=None, cc=None):
+    """The SDPA kernel CUDA picks on sm80+ (flash, efficient or math), after `sdp_utils.cpp` select_sdp_backend —
+    the rules of formulas.device.sdpa_backend, read off the tensors.
 
     Flash: fp16/bf16, no mask, q/k/v head dims equal and ≤ 256, grouped K/V heads allowed.
     Memory-efficient: any float dtype, masks, v head dim may differ (MLA), head dims aligned to
-    16 bytes, no grouped K/V heads. Otherwise math. (cuDNN attention, lower priority by default,
-    is not modelled.)"""
+    16 bytes; grouped K/V heads only from torch 2.13 (`spec`'s stack; None: the newest). Otherwise math.
+    (cuDNN attention, which recent torch prefers on sm90/sm100, holds what flash holds.)"""
     import torch
+
+    from formulas.device import sdpa_backend
+    from formulas.stack import behaviour
 
     if query.dim() != 4:
         return "math"
     hq, hk, hv = query.shape[-1], key.shape[-1], value.shape[-1]
-    same_heads = query.shape[1] == key.shape[1] == value.shape[1]
-    half = query.dtype in (torch.float16, torch.bfloat16)
-    if attn_mask is None and half and hq == hk == hv <= 256 and (same_heads or enable_gqa):
-        return "flash"
+    grouped = not (query.shape[1] == key.shape[1] == value.shape[1])
+    if grouped and not enable_gqa:
+        return "math"
+    if spec is not None:  # the formulas' rule on dtype, head dims, mask, grouped heads, architecture and torch version
+        backend = sdpa_backend(spec, head_dim_qk=hq, head_dim_v=hv, grouped=grouped, masked=attn_mask is not None,
+                               cc=cc)
+        if backend == "flash" and query.dtype not in (torch.float16, torch.bfloat16):
+            backend = "efficient"  # the spec's compute dtype says half; these tensors are not (an fp32 upcast)
+    else:
+        half = query.dtype in (torch.float16, torch.bfloat16)
+        backend = "flash" if attn_mask is None and half and hq == hk == hv <= 256 else \
+            "math" if grouped and not behaviour((), "sdpa_efficient_gqa") else "efficient"
     align = 16 // query.element_size()
-    if hq == hk and same_heads and hq % align == 0 and hv % align == 0:
-        return "efficient"
-    return "math"
+    if backend == "efficient" and not (hq == hk and hq % align == 0 and hv % align == 0):
+        return "math"
+    return backend
 
 
 @contextlib.contextmanager
-def _cuda_like_kernels(notes):
-    """Route dropout and SDPA to the kernels CUDA would run (see the module docstring)."""
+def _cuda_like_kernels(notes, spec=None, cc=None):
+    """Route dropout and SDPA to the kernels CUDA would run (see the module docstring); `spec`: whose stack decides
+    (torch's version picks the SDPA kernels)."""
     import torch
     import torch.nn.functional as F
 
@@ -116,7 +129,7 @@ def _cuda_like_kernels(notes):
             query, key, value = (t.to(low) if t.is_floating_point() else t for t in (query, key, value))
             if attn_mask is not None and attn_mask.is_floating_point():
                 attn_mask = attn_mask.to(low)
-        backend = cuda_sdpa_backend(query, key, value, attn_mask, enable_gqa)
+        backend = cuda_sdpa_backend(query, key, value, attn_mask, enable_gqa, spec, cc)
         if backend == "flash":
             used.add("flash")
             return torch.ops.aten._scaled_dot_product_flash_attention(
@@ -127,8 +140,9 @@ def _cuda_like_kernels(notes):
             return torch.ops.aten._scaled_dot_product_efficient_attention(
                 query, key, value, attn_mask, lse, dropout_p, is_causal, scale=scale)[0]
         used.add("math")
-        return orig_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                         scale=scale, enable_gqa=enable_gqa)
+        # the composite math kernel itself (the CPU would pick its own fused kernel): its score matrix and softmax
+        return torch.ops.aten._scaled_dot_product_attention_math(
+            query, key, value, attn_mask, dropout_p, is_causal, None, scale=scale, enable_gqa=enable_gqa)[0]
 
     F.dropout, F.scaled_dot_product_attention = dropout, sdpa
     try:
@@ -194,12 +208,30 @@ def fake_ranks(world, rank=0):
         orig[2](self, *args, **kwargs)
         self.register_comm_hook(None, bucket_as_is)
 
+    # A DeviceMesh computes its rank tensor (and its coordinates) from real index tensors when it is built
+    # and each time it is read; FSDP2 over a TP-sharded model builds one, concatenating the dp and tp
+    # meshes, inside the fake mode. That arithmetic runs on real tensors.
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    from torch.distributed.device_mesh import DeviceMesh
+
+    mesh_prop, mesh_init = DeviceMesh.mesh, DeviceMesh.__init__
+
+    def real_mesh(self):
+        with unset_fake_temporarily():
+            return mesh_prop.fget(self)
+
+    def real_init(self, *args, **kwargs):
+        with unset_fake_temporarily():
+            mesh_init(self, *args, **kwargs)
+
     ddp._verify_param_shape_across_processes = ddp._sync_module_states = lambda *a, **k: None
     ddp.DistributedDataParallel.__init__ = ddp_init
+    DeviceMesh.mesh, DeviceMesh.__init__ = property(real_mesh), real_init
     try:
         yield
     finally:
         ddp._verify_param_shape_across_processes, ddp._sync_module_states, ddp.DistributedDataParallel.__init__ = orig
+        DeviceMesh.mesh, DeviceMesh.__init__ = mesh_prop, mesh_init
         dist.destroy_process_group()
         _clear_dtensor_caches()
 
@@ -231,8 +263,12 @@ class RankTraceError(ValueError):
     """A rank's tracing process died: one line, not a hang."""
 
 
-def trace(spec, rank=None):
+def trace(spec, rank=None, overheads=None, allocator_config=None, keep_stream=False):
     """Run `spec`'s workload on fake tensors and return its per-category memory (TraceResult).
+
+    `overheads` (formulas.overhead.Overheads: the GPU's architecture and environment) sizes the cuBLAS workspaces
+    the run allocates; `allocator_config` (harness.tracing.allocator.AllocatorConfig) is the caching allocator's
+    settings the allocation stream is replayed under; `keep_stream` keeps that stream in the result.
 
     A multi-GPU spec is traced rank by rank in a fake process group of `spec.gpus` ranks (every rank up
     to MAX_TRACED_RANKS, else the first and the last, or only `rank`); the result is the rank with the
@@ -244,8 +280,9 @@ def trace(spec, rank=None):
     if spec.mode == "train" and spec.optimizer in _UNTRACEABLE_OPTIMIZERS:
         raise SpecError(f"--optimizer {spec.optimizer}: bitsandbytes optimizers need their CUDA kernels; "
                         "trace adamw, sgd, sgd_momentum or adafactor")
+    opts = dict(overheads=overheads, allocator_config=allocator_config, keep_stream=keep_stream)
     if spec.gpus == 1:
-        return _trace_rank(spec, shape, None)
+        return _trace_rank(spec, shape, None, **opts)
     if rank is not None and not 0 <= rank < spec.gpus:
         raise SpecError(f"--rank {rank}: the ranks are 0 to {spec.gpus - 1}")
     ranks = [rank] if rank is not None else (
@@ -253,7 +290,7 @@ def trace(spec, rank=None):
     # Each rank in a forked child: torch.distributed and DTensor keep process-global state (group names,
     # meshes, cached redistribution plans) that a second fake world in the same process would trip over.
     t0 = time.perf_counter()
-    by_rank = _trace_ranks_forked(spec, shape, ranks)
+    by_rank = _trace_ranks_forked(spec, shape, ranks, opts)
     results = [by_rank[r] for r in ranks]
     worst = max(results, key=lambda r: r.peak_allocated_bytes)
     worst.ranks = [{"rank": r, "peak_allocated_bytes": res.peak_allocated_bytes, "peak_phase": res.peak_phase,
@@ -264,10 +301,10 @@ def trace(spec, rank=None):
     return worst
 
 
-def _rank_child(conn, spec, shape, rank):
+def _rank_child(conn, spec, shape, rank, opts):
     """A forked child: trace one rank, send (True, TraceResult) or (False, (error type, message))."""
     try:
-        conn.send((True, _trace_rank(spec, shape, rank)))
+        conn.send((True, _trace_rank(spec, shape, rank, **opts)))
     except BaseException as e:  # the parent turns it into its own error
         conn.send((False, (isinstance(e, ValueError), f"{type(e).__name__}: {e}" if not isinstance(e, ValueError)
                            else str(e))))
@@ -275,7 +312,7 @@ def _rank_child(conn, spec, shape, rank):
         conn.close()
 
 
-def _trace_ranks_forked(spec, shape, ranks):
+def _trace_ranks_forked(spec, shape, ranks, opts):
     """{rank: TraceResult}, each rank in a fresh forked child, as many at once as there are CPUs. A child
     that dies without an answer (killed, out of memory) is one RankTraceError naming its rank; every
     child is stopped when the parent stops (an error, Ctrl-C)."""
@@ -290,7 +327,7 @@ def _trace_ranks_forked(spec, shape, ranks):
             while pending and len(running) < workers:
                 r = pending.pop(0)
                 recv, send = ctx.Pipe(duplex=False)
-                proc = ctx.Process(target=_rank_child, args=(send, spec, shape, r), daemon=True)
+                proc = ctx.Process(target=_rank_child, args=(send, spec, shape, r, opts), daemon=True)
                 proc.start()
                 send.close()
                 running[r] = (proc, recv)
@@ -320,8 +357,10 @@ def _trace_ranks_forked(spec, shape, ranks):
     return done
 
 
-def _trace_rank(spec, shape, rank):
+def _trace_rank(spec, shape, rank, overheads=None, allocator_config=None, keep_stream=False):
     """Trace one rank (`rank` None: a single-GPU spec)."""
+    from formulas.overhead import DEFAULT_OVERHEADS
+
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from ..workload.parallel import make_parallel_optimizer, replicate, shard
@@ -331,12 +370,13 @@ def _trace_rank(spec, shape, rank):
     notes = []
     fake_mode = FakeTensorMode()
     ranks = fake_ranks(spec.gpus, rank) if rank is not None else contextlib.nullcontext()
-    with ranks, fake_mode, _cuda_like_kernels(notes):
+    with ranks, fake_mode, _cuda_like_kernels(notes, spec, (overheads or DEFAULT_OVERHEADS).cc):
         with _fake_module_conversions(fake_mode):
             model = build_model(spec)
         n_params = sum(p.numel() for p in model.parameters())
         model = shard(model, spec)  # FSDP2 / TP replace the parameters by this rank's shards
-        with CategoryTracker(model, spec, shape.vocab, device_type="cpu") as tracker:
+        ws = (overheads or DEFAULT_OVERHEADS).workspace_bytes(spec, biased=any(t.kind == "bias" for t in shape.tensors))
+        with CategoryTracker(model, spec, shape.vocab, device_type="cpu", workspace_bytes=ws) as tracker:
             with tracker.labelled(DDP_BUCKETS):  # DDP allocates its gradient buckets when it wraps the model
                 run = replicate(model, spec)
             if spec.mode == "inference":
@@ -344,7 +384,7 @@ def _trace_rank(spec, shape, rank):
             else:
                 kept = run_training(run, spec, tracker.mark, optimizer=make_parallel_optimizer(run, spec))
         del model, run, kept
-    memory = tracker.result()
+    memory = tracker.result(allocator_config, keep_stream)
     seconds = time.perf_counter() - t0
     if shape.is_mla and spec.mode == "inference" and spec.mla_cache == "expanded":
         notes.append("MLA: transformers caches the compressed latent (kv_lora_rank + qk_rope_head_dim per layer), "
@@ -355,7 +395,9 @@ def _trace_rank(spec, shape, rank):
             notes.append(f"recipe {spec.recipe}: its kernels and loss run as PyTorch functions that allocate what the "
                          "kernels allocate (outputs, saved tensors); their arithmetic, in registers on a GPU, is not "
                          "counted (harness/workload/recipes.py); host RAM: its pinned offload buffers")
-    notes.append("fake tensors on the CPU: CUDA kernel workspaces, context and allocator slack are not in peak_allocated_bytes")
+    notes.append(f"fake tensors on the CPU: cuBLAS workspaces as a GPU of sm{(overheads or DEFAULT_OVERHEADS).cc[0]}"
+                 f"{(overheads or DEFAULT_OVERHEADS).cc[1]} allocates them ({ws / 2**20:.3g} MiB per GEMM thread); "
+                 "reserved memory from the allocator simulation; the CUDA context is not traced")
     return TraceResult(spec=spec, seconds=seconds, notes=notes, n_params=n_params, rank=rank, **vars(memory))
 
 

@@ -41,6 +41,17 @@ How a storage gets its category (first match wins; later re-labels move its byte
   activations);
 - `.grad` after accumulation → gradients;
 - everything else born in forward/backward/prefill/decode → activations.
+
+Which steps are counted op by op (`window`): `all` (tracing), or `last` (GPU measurement, where
+every dispatched op costs ~50 µs of Python, most of a small model's step): the load, the prefill,
+the last two decode steps and the last optimizer step. Between them the dispatch mode is off but
+the hooks stay on, so the storages that outlive a step are still logged as they are made and
+freed — gradients, optimizer state, KV-cache tensors — and the counted steps start with every
+long-lived storage known. The decode peak is at the last step (the largest cache) and the
+training peak in the last step (the optimizer state exists from step 1 on), so the peak and its
+categories are those of `all` (tests/test_measure_speed.py compares both on real tensors); the
+second-to-last decode step is counted too because the logits the last one starts with are born
+there. Light steps log fewer storages, so their totals are too low and never the peak.
 """
 
 import contextlib
@@ -49,14 +60,18 @@ from dataclasses import dataclass, field
 
 from formulas import categories as C
 
-from .allocator import CachingAllocatorModel
+from .allocator import DEFAULT_CONFIG, CachingAllocatorModel
 
 HOST = "host"  # storages that live on the CPU in a CUDA run: not counted
 HOST_RAM = "host_ram"  # pinned host buffers a recipe offloads activations into: not on the device, tallied apart
+WINDOWS = ("all", "last")  # which steps the dispatch mode counts op by op (CategoryTracker's `window`)
 PEAK_TENSORS = 16  # how many of the largest transient storages at each peak the result lists
 
 
 _ALLOC, _FREE, _RELABEL, _MARK = range(4)
+# aten ops that run cuBLAS: the first on a thread allocates that thread's workspace through the caching allocator
+# (aten/src/ATen/cuda/CublasHandlePool.cpp getCurrentCUDABlasHandle → setCublasWorkspace)
+_CUBLAS_OPS = frozenset(("mm", "addmm", "bmm", "baddbmm", "addbmm", "mv", "addmv", "_scaled_mm", "_int_mm"))
 _KV_GROWTH = "kv_growth"  # context marker inside Cache.update; its outputs are temporaries until adopted
 DDP_BUCKETS = "ddp_buckets"  # context marker while DDP wraps a model: float storages are gradient buckets, the rest host
 
@@ -95,10 +110,13 @@ def _tracker_class():
         — optimizer state created inside step 1 — can carry its final category from birth.
         Only storages on `device_type` count (a GPU run's host tensors do not)."""
 
-        def __init__(self, vocab, device_type="cpu"):
+        def __init__(self, vocab, device_type="cpu", workspace_bytes=0):
             super().__init__()
             self.vocab = vocab
             self.device_type = device_type
+            self.workspace_bytes = workspace_bytes  # one thread's cuBLAS workspace (0: not logged)
+            self.gemm_threads = set()  # threads that have run a GEMM: "main", and "autograd" in backward
+            self.phase = "load"
             self.events = []  # (_ALLOC, sid) | (_FREE, sid) | (_RELABEL, sid, category) | (_MARK, phase)
             self.records = []  # sid → _Record
             self.retro = {}  # sid → category it carries from birth (decided after the fact)
@@ -176,7 +194,19 @@ def _tracker_class():
 
         def mark(self, phase):
             """Workload callback: `phase` begins."""
+            self.phase = phase
             self.events.append((_MARK, phase))
+
+        def workspace(self):
+            """A GEMM ran: the first on its thread allocates the thread's cuBLAS workspace, kept to the end. On a GPU
+            the backward runs on autograd's device thread, which has a cuBLAS handle and workspace of its own."""
+            thread = "autograd" if self.phase == "backward" else "main"
+            if not self.workspace_bytes or thread in self.gemm_threads:
+                return
+            self.gemm_threads.add(thread)
+            self.records.append(_Record(self.workspace_bytes, C.WORKSPACES, ("cublas_workspace", (), thread),
+                                        len(self.events)))
+            self.events.append((_ALLOC, len(self.records) - 1))
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
@@ -213,7 +243,13 @@ def _tracker_class():
                     default = C.TEMPORARIES
             else:
                 default = C.ACTIVATIONS
-            for t in tree_flatten(out)[0]:
+            if isinstance(out, torch.Tensor):
+                outs = (out,)
+            elif isinstance(out, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in out):
+                outs = out  # most multi-output ops: skip pytree
+            else:
+                outs = tree_flatten(out)[0]
+            for t in outs:
                 if isinstance(t, torch.Tensor):
                     t = _local(t)
                     st = t.untyped_storage()
@@ -231,19 +267,47 @@ def _tracker_class():
                             old = self._sid.get(args[0][0].untyped_storage())
                             if old is not None:
                                 self.kv_pending[old] = sid
+            if name in _CUBLAS_OPS:
+                self.workspace()
             return out
 
     return _Tracker
 
 
-def _replay(tracker, allocator, capture=()):
+class _Recorder:
+    """Passes malloc/free/mark on to a simulated allocator (`sim`, or none) and keeps them as a stream if asked."""
+
+    def __init__(self, sim, keep):
+        self.sim, self.events = sim, [] if keep else None
+
+    def malloc(self, key, nbytes):
+        if self.sim is not None:
+            self.sim.malloc(key, nbytes)
+        if self.events is not None:
+            self.events.append(("malloc", key, nbytes))
+
+    def free(self, key):
+        if self.sim is not None:
+            self.sim.free(key)
+        if self.events is not None:
+            self.events.append(("free", key))
+
+    def mark(self, phase):
+        if self.sim is not None:
+            self.sim.mark(phase)
+        if self.events is not None:
+            self.events.append(("mark", phase))
+
+
+def _replay(tracker, allocator, capture=(), timeline=True):
     """Replay the log: live bytes per category after every event, peaks overall and per phase.
 
     Returns (peak, phase_peaks, phase_max, timeline, captured) where peak = (total, phase,
     breakdown, event index), phase_peaks = {phase: (total, breakdown, event index)}, phase_max =
     {phase: {category: its largest value in the phase}} and captured = {event index: [(sid,
-    category) alive after it]} for the indices in `capture`."""
-    live = dict.fromkeys(C.TENSOR_CATEGORIES, 0)
+    category) alive after it]} for the indices in `capture`. `timeline=False` leaves the timeline
+    empty (a tuple and a dict per event: a third of the replay's time)."""
+    live = dict.fromkeys(C.ALLOCATED_CATEGORIES, 0)
     total = 0
     phase = "load"
     label = {}
@@ -251,7 +315,7 @@ def _replay(tracker, allocator, capture=()):
     phase_peaks = {}
     phase_max = {}
     captured = {}
-    timeline = []
+    timeline = [] if timeline else None
     records, retro = tracker.records, tracker.retro
     host_ram = host_ram_peak = 0
     for i, ev in enumerate(tracker.events):
@@ -298,7 +362,9 @@ def _replay(tracker, allocator, capture=()):
             label[sid] = cat
         else:
             phase = ev[1]
-        timeline.append((i, phase, total, {c: v for c, v in live.items() if v}))
+            allocator.mark(phase)
+        if timeline is not None:
+            timeline.append((i, phase, total, {c: v for c, v in live.items() if v}))
         if kind != _FREE:
             # ">=": among equal totals the later moment wins (step 2 over step 1, the end of a plateau).
             if total >= peak[0]:
@@ -313,7 +379,7 @@ def _replay(tracker, allocator, capture=()):
         if i in capture:
             captured[i] = [(sid, c) for sid, c in label.items() if c not in (HOST, HOST_RAM)]
     tracker.host_ram_peak = host_ram_peak
-    return peak, phase_peaks, phase_max, timeline, captured
+    return peak, phase_peaks, phase_max, timeline or [], captured
 
 
 
@@ -535,15 +601,19 @@ def _quant_state_tensors(param):
 class TrackedMemory:
     """What a CategoryTracker counted, as integer bytes by memory category."""
 
-    breakdown: dict  # tensor category → bytes at the overall peak
-    peak_allocated_bytes: int  # live tensor bytes at the peak (unrounded max_memory_allocated)
+    breakdown: dict  # allocated category (tensors, workspaces) → bytes at the overall peak
+    peak_allocated_bytes: int  # live tensor and workspace bytes at the peak (unrounded max_memory_allocated)
     peak_phase: str  # phase holding the peak
-    phases: dict  # phase → {tensor category → bytes} at that phase's own peak
+    phases: dict  # phase → {allocated category → bytes} at that phase's own peak
     timeline: list  # (event index, phase, total bytes, {category: bytes}) per allocation / free / phase mark
     estimated_reserved_bytes: int  # peak reserved by a modelled CUDA caching allocator
     estimated_max_allocated_bytes: int  # peak allocated with the allocator's 512-byte rounding
     n_ops: int  # aten ops dispatched
     category_max: dict = field(default_factory=dict)  # phase → {category → its own largest value in the phase}
+    # phase → {"max_allocated_bytes", "max_reserved_bytes"} of the allocator simulation (as measurement records them)
+    estimated_phases: dict = field(default_factory=dict)
+    # the allocation stream the simulation replayed: ("malloc", sid, bytes) | ("free", sid) | ("mark", phase)
+    stream: list = field(default_factory=list, repr=False)
     peak_tensors: list = field(default_factory=list)  # largest storages alive at the peak (weights, buffers, optimizer state left out)
     phase_tensors: dict = field(default_factory=dict)  # phase → the same list at that phase's own peak
     host_ram_bytes: int = 0  # peak of the pinned host buffers a recipe offloads activations into (not on the device)
@@ -569,19 +639,34 @@ class CategoryTracker:
 
     The model's parameters, their quantization state and its buffers are registered on entry; only
     storages on `device_type` count. What is freed after the block (the workload's return value, the
-    model) is not the workload's and is not logged."""
+    model) is not the workload's and is not logged. `window`: WINDOWS (the module docstring); with
+    `last`, `steps` is the number of optimizer steps the workload runs (its last is counted)."""
 
-    def __init__(self, model, spec, vocab, device_type="cpu"):
+    def __init__(self, model, spec, vocab, device_type="cpu", workspace_bytes=0, window="all", steps=2):
+        if window not in WINDOWS:
+            raise ValueError(f"track_window: {window!r} is not one of {', '.join(WINDOWS)}")
         self.model, self.spec = model, spec
-        self._log = _tracker_class()(vocab=vocab, device_type=device_type)
+        self._log = _tracker_class()(vocab=vocab, device_type=device_type, workspace_bytes=workspace_bytes)
         self._stack = contextlib.ExitStack()
+        self.window = window
+        # the mark that opens the counted steps: the first forward of the last optimizer step, or the
+        # second-to-last decode step (numbered from 1); None: every op is counted
+        self._counted_from = None
+        if window == "last":
+            if spec.mode == "train":
+                self._counted_from = ("forward", (max(steps, 1) - 1) * max(spec.grad_accum, 1) + 1)
+            elif spec.gen > 2:
+                self._counted_from = ("decode", spec.gen - 1)
+        self._marks = {}  # phase → how many times it has begun
+        self._dispatching = False  # the dispatch mode is on the mode stack
 
     def __enter__(self):
         log = self._log
         self._stack.enter_context(_instrument(self.model, log, self.spec))
         if _uses_fsdp(self.model):
             self._stack.enter_context(_instrument_fsdp(log))
-        self._stack.enter_context(log)
+        self._dispatch(True)
+        self._stack.callback(self._dispatch, False)
         for p in self.model.parameters():
             log.track(p, C.WEIGHTS, ("parameter", tuple(p.shape), str(p.dtype)))
             for q in _quant_state_tensors(p):
@@ -590,9 +675,23 @@ class CategoryTracker:
             log.track(b, C.BUFFERS, ("buffer", tuple(b.shape), str(b.dtype)))
         return self
 
+    def _dispatch(self, on):
+        """Put the dispatch mode on the mode stack, or take it off (hooks and finalizers stay)."""
+        if on and not self._dispatching:
+            self._log.__enter__()
+        elif not on and self._dispatching:
+            self._log.__exit__(None, None, None)
+        self._dispatching = on
+
     def mark(self, phase):
-        """Workload callback: `phase` begins."""
+        """Workload callback: `phase` begins (and, with window `last`, whether its ops are counted)."""
         self._log.mark(phase)
+        n = self._marks[phase] = self._marks.get(phase, 0) + 1
+        if self._counted_from is not None and phase == self._counted_from[0]:
+            counted = n >= self._counted_from[1]
+            self._dispatch(counted)
+            if counted:
+                self._counted_from = None  # counted from here to the end
 
     def labelled(self, category):
         """Context: storages born inside are `category` (DDP's gradient buckets, made when it wraps the model)."""
@@ -603,23 +702,31 @@ class CategoryTracker:
         self.model = None  # the tracker must not keep the model alive past the workload
         return self._stack.__exit__(*exc)
 
-    def result(self):
-        """Replay the log into a TrackedMemory (phases in the workload's order)."""
+    def result(self, allocator_config=None, keep_stream=False, timeline=True, reserved=True):
+        """Replay the log into a TrackedMemory (phases in the workload's order), through a simulated caching
+        allocator with `allocator_config` (formulas.allocator.AllocatorConfig; None: torch's defaults).
+        `keep_stream`: keep the allocation stream in the result (to replay it under other settings). A GPU
+        measurement needs neither the timeline nor the reserved estimate (`timeline=False, reserved=False`: less
+        than half the replay's time)."""
         log = self._log
-        allocator = CachingAllocatorModel()
-        (total, peak_phase, bd, peak_event), phase_peaks, phase_max, timeline, _ = _replay(log, allocator)
+        sim = CachingAllocatorModel(allocator_config or DEFAULT_CONFIG) if reserved else None
+        allocator = _Recorder(sim, keep_stream)
+        (total, peak_phase, bd, peak_event), phase_peaks, phase_max, timeline, _ = _replay(log, allocator,
+                                                                                             timeline=timeline)
         wanted = {peak_event} | {pk[2] for pk in phase_peaks.values()}
-        captured = _replay(log, CachingAllocatorModel(), capture=wanted)[-1]
+        captured = _replay(log, _Recorder(None, False), capture=wanted, timeline=False)[-1]
         phases, category_max = {}, {}
         for ph in (C.PHASES_INFERENCE if self.spec.mode == "inference" else C.PHASES_TRAIN):
             if ph in phase_peaks:
-                phases[ph] = {c: phase_peaks[ph][1].get(c, 0) for c in C.TENSOR_CATEGORIES}
-                category_max[ph] = {c: phase_max[ph].get(c, 0) for c in C.TENSOR_CATEGORIES}
+                phases[ph] = {c: phase_peaks[ph][1].get(c, 0) for c in C.ALLOCATED_CATEGORIES}
+                category_max[ph] = {c: phase_max[ph].get(c, 0) for c in C.ALLOCATED_CATEGORIES}
         return TrackedMemory(
-            breakdown={c: bd.get(c, 0) for c in C.TENSOR_CATEGORIES}, peak_allocated_bytes=total,
+            breakdown={c: bd.get(c, 0) for c in C.ALLOCATED_CATEGORIES}, peak_allocated_bytes=total,
             peak_phase=peak_phase, phases=phases, timeline=timeline,
-            estimated_reserved_bytes=allocator.peak_reserved_bytes,
-            estimated_max_allocated_bytes=allocator.peak_allocated_bytes, n_ops=log.ops,
+            estimated_reserved_bytes=sim.peak_reserved_bytes if sim else None,
+            estimated_max_allocated_bytes=sim.peak_allocated_bytes if sim else None, n_ops=log.ops,
+            estimated_phases={ph: dict(v) for ph, v in sim.stats.phases.items()} if sim else {},
+            stream=allocator.events or [],
             category_max=category_max, peak_tensors=_largest(log, captured.get(peak_event, [])),
             phase_tensors={ph: _largest(log, captured.get(phase_peaks[ph][2], [])) for ph in phases},
             host_ram_bytes=getattr(log, "host_ram_peak", 0))

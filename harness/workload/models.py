@@ -63,6 +63,9 @@ def check_traceable(spec):
     if spec.recipe != "hf" and spec.gpus > 1:
         raise SpecError(f"--recipe {spec.recipe} with --gpus {spec.gpus}: trace one GPU (DDP replicas each run the "
                         "same step, plus the gradient buckets)")
+    if spec.grad_ckpt and spec.ckpt_every > 1:
+        raise SpecError(f"--grad-ckpt-every {spec.ckpt_every}: torchtitan's layer-selective checkpointing is predicted, "
+                        "not built; trace --grad-ckpt (every layer)")
     if spec.gpus > 1:
         strategy_of(spec)  # the multi-rank combinations that are built, else one line
         kv = get_shape(spec.model).n_kv_heads
@@ -80,7 +83,7 @@ def check_traceable(spec):
                                 "give --precision amp or master")
 
 
-STRATEGIES = ("ddp", "zero1", "fsdp", "tp", "replicas")
+STRATEGIES = ("ddp", "zero1", "fsdp", "tp", "tp_fsdp", "replicas")
 
 
 def strategy_of(spec):
@@ -91,9 +94,19 @@ def strategy_of(spec):
         return "replicas"  # every GPU serves the whole model on its own share of the batch or spec.layer_split or spec.offload != "none":
         flag = "--pp" if spec.pp > 1 else "--layer-split" if spec.layer_split else f"--offload {spec.offload}"
         raise SpecError(f"{flag}: multi-rank runs build DDP, ZeRO-1/2/3 (FSDP2) and tensor parallelism only")
+    for flag, on in (("--cp", spec.cp > 1), ("--ep", spec.ep > 1), ("--sequence-parallel", spec.sequence_parallel)):
+        if on:
+            raise SpecError(f"{flag}: multi-rank runs build DDP, ZeRO-1/2/3 (FSDP2), tensor parallelism and "
+                            "TP × FSDP2 only")
+    if spec.shard_gpus and (spec.tp > 1 or spec.zero < 2):
+        raise SpecError(f"--shard-gpus {spec.shard_gpus}: multi-rank runs build hybrid sharding with FSDP2 (--zero 2/3) "
+                        "without --tp")
     if spec.tp > 1:
-        if spec.zero:
-            raise SpecError(f"--zero {spec.zero} with --tp {spec.tp}: tensor parallelism runs with DDP over the other GPUs")
+        if spec.zero == 1:
+            raise SpecError(f"--zero 1 with --tp {spec.tp}: tensor parallelism runs with DDP (--zero 0) or FSDP2 "
+                            "(--zero 2/3) over the other GPUs")
+        if spec.zero >= 2 and spec.mode == "train" and spec.gpus > spec.tp:
+            return "tp_fsdp"  # torchtitan's 2-D parallelism: TP inside, FSDP2 over the data-parallel mesh dimension
         return "tp"
     return {0: "ddp", 1: "zero1", 2: "fsdp", 3: "fsdp"}[spec.zero]
 

@@ -10,11 +10,14 @@ GPUs (torchrun, NCCL) and their CPU rehearsal (torchrun, gloo). The spec decides
   (whole parameters per rank, greedily balanced by size: `formulas.predict.zero1_partition`).
 - `--zero 2` / `--zero 3`: FSDP2 `fully_shard` on every decoder layer and on the root, with
   `reshard_after_forward` False / True (parameters stay gathered from forward to backward, or are
-  freed after each layer's forward and gathered again in backward).
+  freed after each layer's forward and gathered again in backward). With `--shard-gpus G` the mesh is
+  2-D (replicate, shard): hybrid sharding, FSDP over groups of G and replicas across them.
 - `--tp N`: the model's own tensor-parallel plan (`config.base_model_tp_plan`, "colwise" /
   "rowwise" for the linear layers; an untied head "colwise_gather_output") applied with
   `torch.distributed.tensor.parallel`; embeddings, norms and a tied head stay whole on every rank.
-  Over `--gpus` > `--tp` the data-parallel dimension is DDP.
+  Over `--gpus` > `--tp` the data-parallel dimension is DDP, or with `--zero 2|3` FSDP2 on the mesh's
+  `dp` dimension over the TP-sharded (DTensor) parameters — torchtitan's 2-D parallelism (TP first, then
+  `fully_shard` per decoder layer and the root on the data-parallel mesh).
 
 Pipeline parallelism, layer splits and offload are not built here.
 """
@@ -81,14 +84,16 @@ def shard(model, spec, device_type="cpu"):
         import torch
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        mesh = _mesh(device_type, (world,))
+        # --shard-gpus: hybrid sharding, FSDP2 over a 2-D (replicate, shard) mesh
+        mesh = _mesh(device_type, (world // spec.shard_gpus, spec.shard_gpus), ("replicate", "shard")) \
+            if spec.shard_gpus and spec.shard_gpus < world else _mesh(device_type, (world,))
         kw = {"mesh": mesh, "reshard_after_forward": spec.zero == 3}
         if spec.precision == "master":
             kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch_dtype(spec.compute_dtype), reduce_dtype=torch.float32)
         for layer in decoder_layers(model):
             fully_shard(layer, **kw)
         fully_shard(model, **kw)
-    elif strategy == "tp":
+    elif strategy in ("tp", "tp_fsdp"):
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
         mesh = _mesh(device_type, (world // spec.tp, spec.tp), ("dp", "tp"))
@@ -98,6 +103,24 @@ def shard(model, spec, device_type="cpu"):
                   "colwise_gather_output": lambda: ColwiseParallel(output_layouts=Replicate())}
         parallelize_module(model, mesh["tp"], {name: styles[style]() for name, style in tp_plan(model).items()})
         model._vramlab_dp_group = None
+        if strategy == "tp_fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+            with unset_fake_temporarily():  # a sub-mesh reads the rank map as real data
+                dp_mesh = mesh["dp"]
+            kw = {"mesh": dp_mesh, "reshard_after_forward": spec.zero == 3}
+            if spec.precision == "master":
+                import torch
+                from torch.distributed.fsdp import MixedPrecisionPolicy
+
+                kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch_dtype(spec.compute_dtype),
+                                                       reduce_dtype=torch.float32)
+            for layer in decoder_layers(model):
+                fully_shard(layer, **kw)
+            fully_shard(model, **kw)
+            return model
         if spec.mode == "train":
             from torch.distributed.tensor.parallel.ddp import _pre_dp_module_transform
 
