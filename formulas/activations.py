@@ -43,6 +43,10 @@ class ActContext:
     moe_param_lora: bool = False  # peft ≥ 0.20 LoRA on fused expert parameters: the experts' weight needs grad
     repeat_kv: bool = False  # SDPA on K/V copied to every query head (transformers < 4.54 or torch < 2.5)
     sdpa_math: bool = False  # SDPA runs its math kernel (formulas.device.sdpa_backend: fp32 with grouped K/V heads)
+    # Fine-tuning recipes' kernels (formulas/recipes.py), on dense Llama-style layers:
+    norm_kernel: bool = False  # Liger / Unsloth RMSNorm: saves its input (as it comes) and a fp32 rstd per row
+    swiglu_kernel: bool = False  # Liger SiLU·mul: saves gate and up, recomputes silu(gate) in backward
+    fused_lora: bool = False  # Unsloth LoRA_QKV / LoRA_W / LoRA_MLP: the module input (and gate, up) only
 
 
 def _inputs_saved(ctx):
@@ -79,6 +83,10 @@ def _rms_norm(ctx, dim, in_bytes, shape=None):
     back to the input dtype when the norm weight trains; its output is counted by its consumers.
     A general-inventory shape with 2-byte activations uses what its own norm module saved on fake
     tensors (`shape.norm_saved`: Gemma's norms keep x·rsqrt in fp32 for the weight gradient)."""
+    if ctx.norm_kernel:
+        # Liger ops/rms_norm.py line 657 `save_for_backward(X, W, RSTD)`, RSTD fp32 per row (line 452); Unsloth
+        # kernels/rms_layernorm.py line 205 `save_for_backward(X, W, r)`: the input as it is, trainable or not
+        return dim * in_bytes + 4
     if shape is not None and shape.norm_saved and in_bytes == 2:
         return int(dim * shape.norm_saved[0 if ctx.norms_trainable else 1])
     saved = 4 * dim + 4
@@ -121,7 +129,10 @@ def _sdpa_saved(ctx, n_q, n_kv, qk_dim, v_dim, seq, q_is_fresh=False, shape=None
 def _gated_mlp_saved(ctx, H, inter):
     """SwiGLU MLP: silu saves gate, act*up saves both, down_proj saves the product if it trains."""
     b = ctx.b
-    saved = 3 * inter * b  # gate (silu input), act, up
+    if ctx.fused_lora and all(m in ctx.lora for m in ("gate_proj", "up_proj", "down_proj")):
+        # Unsloth LoRA_MLP (kernels/fast_lora.py line 110): `save_for_backward(…, X, e, g)`, silu(e)·g recomputed
+        return H * b + 2 * inter * b
+    saved = (2 if ctx.swiglu_kernel else 3) * inter * b  # gate (silu input), act, up; Liger's kernel: gate and up
     if _inputs_saved(ctx):
         saved += inter * b  # down_proj input
     saved += _linear_input(ctx, H, 2)  # gate/up casts under autocast
@@ -131,18 +142,33 @@ def _gated_mlp_saved(ctx, H, inter):
     return saved
 
 
+def _has_bias(shape, module):
+    """Whether the model's `module` linears have a bias (Unsloth fuses only bias-free LoRA projections)."""
+    return any(t.kind == "bias" and t.module == module for t in shape.tensors)
+
+
 def _llama_attention_saved(ctx, shape, seq):
     H, hd, nH, nKV = shape.hidden, shape.head_dim, shape.n_heads, shape.n_kv_heads
     saved = _sdpa_saved(ctx, nH, nKV, hd, hd, seq, shape=shape if shape.family == "generic" else None)
     saved += _linear_input(ctx, H, 3) + _linear_input(ctx, nH * hd)
     if shape.qk_norm:  # Qwen3 q_norm / k_norm on the projections, before RoPE
         saved += _rms_norm(ctx, nH * hd, ctx.b, shape) + _rms_norm(ctx, nKV * hd, ctx.b, shape)
+    fused_qkv = ctx.fused_lora and not _has_bias(shape, "q_proj") and all(m in ctx.lora for m in ("q_proj", "k_proj", "v_proj"))
+    fused_o = ctx.fused_lora and "o_proj" in ctx.lora
     for m, fin in (("q_proj", H), ("k_proj", H), ("v_proj", H), ("o_proj", nH * hd)):
-        saved += _lora_saved(ctx, m, fin)
-    saved += _lora_shared_input(ctx, ("q_proj", "k_proj", "v_proj"), H, saved_already=_inputs_saved(ctx))  # input norm out
-    # o_proj reads the kernel output through a view (flash / efficient layout), already saved; eager copies it
-    saved += _lora_shared_input(ctx, ("o_proj",), nH * hd,
-                                saved_already=(ctx.attn != "eager" and not ctx.sdpa_math) or _inputs_saved(ctx))
+        if not ((fused_qkv and m != "o_proj") or (fused_o and m == "o_proj")):
+            saved += _lora_saved(ctx, m, fin)
+    if fused_qkv:  # Unsloth LoRA_QKV (kernels/fast_lora.py line 418): the normed input, once
+        saved += H * ctx.b
+    else:
+        saved += _lora_shared_input(ctx, ("q_proj", "k_proj", "v_proj"), H, saved_already=_inputs_saved(ctx))
+    # o_proj reads the kernel output through a view (flash / efficient layout), already saved; eager (and SDPA's
+    # math kernel) copies it. Unsloth's LoRA_W (line 612) saves that same input.
+    copied = ctx.attn == "eager" or ctx.sdpa_math
+    if fused_o:
+        saved += nH * hd * ctx.b if copied and not _inputs_saved(ctx) else 0
+    else:
+        saved += _lora_shared_input(ctx, ("o_proj",), nH * hd, saved_already=not copied or _inputs_saved(ctx))
     return saved
 
 
@@ -400,6 +426,16 @@ def ckpt_saved_per_token(ctx, shape, seq=0):
     if ctx.reentrant:  # the checkpointed forward ran under no_grad: nothing was put on ctx
         int8 = 0
     return shape.n_layers * shape.hidden * ctx.r + (seq * ctx.b if ctx.attn == "eager" else 0) + int8
+
+
+def selective_saved_per_token(ctx, shape):
+    """Per layer and token, what selective checkpointing (axolotl's policy: the SDPA / flash ops' outputs saved,
+    the rest recomputed) keeps beside the layer input: the kernel output and its fp32 logsumexp. Eager attention
+    runs no such op. Source: axolotl monkeypatch/selective_checkpointing.py (_ATEN_ATTENTION_PACKETS)."""
+    if ctx.attn == "eager":
+        return 0
+    v_dim = shape.v_head_dim if shape.family == "mla" else shape.head_dim
+    return shape.n_heads * v_dim * ctx.b + 4 * shape.n_heads
 
 
 # ---------------------------------------------------------------- inference (no grad)

@@ -12,7 +12,9 @@ from itertools import product
 from . import categories as C
 from .catalog import get_shape
 from .overhead import DEFAULT_OVERHEADS
-from .predict import allocated_bytes, device_totals, paged_bytes, per_gpu_phases, reserved_bytes, workload_static
+from .predict import (
+    allocated_bytes, device_totals, host_ram_bytes, paged_bytes, per_gpu_phases, reserved_bytes, workload_static
+)
 from .spec import MAX_BATCH, MAX_TOKENS, Spec, SpecError, validate
 
 
@@ -54,6 +56,7 @@ def predict_grid(specs, overheads=DEFAULT_OVERHEADS):
     alloc = np.zeros(n, dtype=np.int64)
     device = np.zeros(n, dtype=np.int64)
     phase = np.empty(n, dtype=object)
+    host = np.zeros(n, dtype=np.int64)
     cats = {c: np.zeros(n, dtype=np.int64) for c in C.ALL_CATEGORIES}
     spec_cols = {name: np.empty(n, dtype=object) for name in names if name not in _NUMERIC}
     B_all = np.fromiter((s.batch for s in specs), dtype=np.int64, count=n)
@@ -94,6 +97,7 @@ def predict_grid(specs, overheads=DEFAULT_OVERHEADS):
         device_bd, device_total = device_totals(st, best_bd, best, best_res, overheads)
         alloc[idx] = best
         device[idx] = device_total
+        host[idx] = np.broadcast_to(np.asarray(host_ram_bytes(st, B, S), dtype=np.int64), B.shape)
         phase[idx] = best_phase
         for c, v in {**best_bd, **device_bd}.items():
             cats[c][idx] = v
@@ -111,6 +115,7 @@ def predict_grid(specs, overheads=DEFAULT_OVERHEADS):
     df["peak_allocated_bytes"] = alloc
     df["peak_device_bytes"] = device
     df["peak_phase"] = phase
+    df["host_ram_bytes"] = host  # a recipe's offloaded activations, not on the device
     for c, v in cats.items():
         df[c] = v
     return df

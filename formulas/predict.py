@@ -35,16 +35,18 @@ from .activations import (
     model_saved_per_token,
     prefill_working_set_per_token,
     sdpa_math_mask_bytes,
+    selective_saved_per_token,
     state_layers_fixed_bytes,
 )
 from .catalog import get_shape
 from .device import sdpa_backend
 from .dtypes import BNB_DTYPES, DTYPE_BYTES
 from .elementwise import pick as _pick
-from .elementwise import to_int, vmax
+from .elementwise import to_int, vmax, vmin
 from .kv_cache import cache_summary, kv_cache_bytes
 from .lora import default_targets, lora_params, lora_tensors, resolve_targets
 from .overhead import DEFAULT_OVERHEADS
+from . import recipes as R
 from .spec import Spec, SpecError, validate
 from .stack import behaviour, linear_experts, sdpa_repeats_kv, stack_notes
 from .training import gradient_bytes, optimizer_memory, zero1_partition
@@ -68,6 +70,8 @@ class Prediction:
     calibrated: bool = False  # True when the overheads came from a calibration table (measurements)
     weights_source: str = "formula"  # formula | checkpoint (the safetensors headers' stored bytes)
     peak_reserved_bytes: int = 0  # what the caching allocator holds at its peak (max_memory_reserved)
+    # Host RAM the workload keeps activations in (a recipe's offloaded checkpointing), not a device category
+    host_ram_bytes: int = 0
 
     def to_dict(self):
         """JSON-ready dict; bytes stay integers."""
@@ -114,6 +118,8 @@ class _Static:
     moe_delta_temp: int = 0  # … and the largest ΔW while it is built (fp32 einsum, then its cast)
     biased: bool = False  # the model has biased linears (cuBLASLt GEMMs where torch keeps their workspace apart)
     ep_frac: float = 0.0  # share of the layers' weight bytes in routed experts (what expert parallelism splits)
+    rules: object = None  # formulas.recipes.Rules: what the fine-tuning recipe does to the step
+    lm_head_elem_bytes: int = 2  # bytes per element of lm_head's weight (fp32 after kbit prep or under amp full training)
 
 
 def _trainable_copies(t, shape, k):
@@ -224,6 +230,7 @@ def stack_shape(spec):
 
 def _static(spec, checkpoint=None):
     shape = stack_shape(spec)
+    rl = R.rules(spec, shape)
     cb = DTYPE_BYTES[spec.compute_dtype]
     kvb = DTYPE_BYTES[spec.kv_dtype]
     train = spec.mode == "train"
@@ -357,9 +364,10 @@ def _static(spec, checkpoint=None):
         attn_dtype = "fp32" if kbit else spec.compute_dtype
         math = spec.attn == "sdpa" and grouped and sdpa_backend(
             spec, head_dim_qk=shape.head_dim, head_dim_v=shape.head_dim, grouped=True, dtype=attn_dtype) == "math"
+        reentrant = behaviour(spec, "reentrant") if rl.ckpt_reentrant is None else rl.ckpt_reentrant
         ctx = ActContext(b=4 if kbit else cb, r=r, amp=amp, attn=spec.attn, dropout=spec.dropout,
-                         reentrant=spec.grad_ckpt and behaviour(spec, "reentrant"),
-                         repeat_kv=repeat, sdpa_math=math, **ctx_kw)
+                         reentrant=spec.grad_ckpt and reentrant, repeat_kv=repeat, sdpa_math=math,
+                         norm_kernel=rl.norm_kernel, swiglu_kernel=rl.swiglu_kernel, fused_lora=rl.fused_lora, **ctx_kw)
         ctx_head = ctx if spec.method != "freeze" else replace(ctx, linears_trainable=False, norms_trainable=False)
         if spec.method in ("lora", "qlora"):
             w_other += n_tr * tb  # adapters counted with the weights
@@ -372,6 +380,7 @@ def _static(spec, checkpoint=None):
         ctx_head=ctx_head, saved_layers_trainable=saved_layers, tp_lin_frac=tp_lin_frac, opt_steps=opt_steps,
         zero1_state=zero1_state, fsdp_shard_frac=_fsdp_shard_frac(shape, spec), moe_merged=moe_merged,
         moe_delta_temp=moe_delta_temp, biased=any(t.kind == "bias" for t in shape.tensors), ep_frac=ep_frac,
+        rules=rl, lm_head_elem_bytes=4 if (kbit or (amp and spec.method == "full") or spec.compute_dtype == "fp32") else cb,
     )
 
 
@@ -673,6 +682,24 @@ def _phases_train(st, sl, B, S, N):
     fwd_logits = T * V * (fp32_logits + 4 + (4 if behaviour(s, "shift_copy") else 0)) * sl.head / vocab_div
     bwd_logits = vmax(T * V * 12 * sl.head / vocab_div,
                       T * V * lb * sl.head / vocab_div + st.lm_grad * ug * sl.head / _head_tp(st, sl))
+    rl = st.rules
+    lm_in = T * H * (ab if st.ctx_head.amp else st.ctx_head.r) if st.ctx_head.linears_trainable else 0
+    loss_hidden_bwd = 0  # what of the final hidden state the loss keeps for the backward (activations)
+    model_saved_bwd = model_saved
+    loss_temp_fwd = loss_temp_bwd = 0
+    if rl.loss != "full":
+        loss = _recipe_loss(st, T, B, S)
+        fwd_logits, bwd_logits, loss_hidden_bwd = loss["fwd"], loss["bwd"], loss["bwd_acts"]
+        loss_temp_fwd, loss_temp_bwd = loss["fwd_temp"], loss["bwd_temp"]
+        model_saved_bwd = model_saved - lm_in * (1 - loss["keeps_lm_in"])  # fused, chunked: no lm_head input saved
+    ckpt_buffers = 0
+    if s.grad_ckpt and rl.ckpt_mode == "offload":
+        # Unsloth checkpoints plainly below 512 tokens (recipes.effective_ckpt_mode)
+        plain = S < R.UNSLOTH_OFFLOAD_MIN_SEQ
+        off_acts, off_buffers = _offloaded_acts(st, T, S)
+        acts, ckpt_buffers = _pick(plain, acts, off_acts), _pick(plain, 0, off_buffers)
+    elif s.grad_ckpt and rl.ckpt_mode == "selective":
+        acts = acts + T * shape.n_layers * selective_saved_per_token(ctx, shape)
     acc_grads = grads * ((s.grad_accum > 1) * 1)
     persistent = {**held, C.OPTIMIZER_STATES: state, C.MASTER_WEIGHTS: master}
 
@@ -691,7 +718,9 @@ def _phases_train(st, sl, B, S, N):
     fwd = dict(persistent)
     fwd[C.WEIGHTS] = persistent[C.WEIGHTS] + gathered
     fwd[C.GRADIENTS] = acc_grads + bucket
-    pick = fwd_logits >= layer_transient
+    if (rl.recipe != "hf" or rl.loss != "full") and not s.grad_ckpt:  # the last layer's LoRA MLP, as below
+        layer_transient = vmax(layer_transient, T * _lora_recompute_per_token(ctx, shape))
+    pick = fwd_logits + loss_temp_fwd >= layer_transient
     # The final norm's output stays bound while lm_head and the loss run: beside its saved bf16 cast
     # under autocast (#11), or unsaved when lm_head is frozen (LoRA, freeze: #5).
     head_hidden = 0
@@ -699,19 +728,32 @@ def _phases_train(st, sl, B, S, N):
         head_hidden = T * H * 4 * sl.head
     elif not st.ctx_head.linears_trainable:
         head_hidden = T * H * ctx.r * sl.head
-    fwd[C.ACTIVATIONS] = acts + model_saved + ids_fwd + _pick(pick, head_hidden, layer_transient)
+    fwd[C.ACTIVATIONS] = acts + ckpt_buffers + model_saved + ids_fwd + _pick(pick, head_hidden, layer_transient)
     fwd[C.LOGITS] = _pick(pick, fwd_logits, 0)
-    fwd[C.TEMPORARIES] = copies + qtemp + layer_flat
+    fwd[C.TEMPORARIES] = copies + qtemp + layer_flat + _pick(pick, loss_temp_fwd, 0)
 
     # Backward, three moments: its start (all saved activations + logits gradients); under checkpointing,
     # the last layer recomputed while the checkpointed inputs are still held; its end (nearly all
     # gradients while the first layer's activations — saved or recomputed — are consumed).
     one_layer = (T * largest_layer_saved_per_token(ctx, shape, S) + (st.moe_merged if shape.n_moe_layers else 0)) / sl.tp
     grad_buf = 2 * T * H * ctx.r / (sl.tp if sp else 1)  # gradient of the hidden state flowing back, and its successor
+    bwd_layer = 0
+    if rl.recipe != "hf" or rl.loss != "full":
+        # Without the full-vocabulary logits the peak moves into a layer: under checkpointing, its recompute at
+        # the start of its backward (one incoming gradient, not two), where a LoRA MLP projection's forward holds
+        # its transients beside what the layer has saved so far; without checkpointing, the last layer's MLP
+        # backward beside every saved tensor, about as large (_lora_recompute_per_token)
+        widest = vmax(_lora_recompute_per_token(ctx, shape) if s.grad_ckpt else 0, _mlp_backward_per_token(ctx, shape))
+        if s.grad_ckpt:
+            one_layer = one_layer + T * widest - T * H * ctx.r
+        else:
+            bwd_layer = T * widest
     early_grads = acc_grads if s.grad_accum > 1 else st.lm_grad * sl.head / _head_tp(st, sl)
-    start_total = acts + model_saved + bwd_logits + acc_grads + copies + layer_flat + (gathered - root)
+    acts = acts + ckpt_buffers  # Unsloth's staging buffers stay for the whole run
+    start_total = acts + model_saved_bwd + loss_hidden_bwd + bwd_logits + loss_temp_bwd + acc_grads + copies + \
+        layer_flat + (gathered - root) + bwd_layer
     mid_total = (acts + one_layer + grad_buf + early_grads + copies) if s.grad_ckpt else 0
-    end_total = grads + grad_buf + one_layer + rs_held
+    end_total = grads + grad_buf + one_layer + rs_held + ckpt_buffers
     layer_w = layer_grads = 0
     if sl.fsdp:
         # FSDP2, a layer's backward: its parameters gathered (and, at ZeRO-3, the flat all-gather buffer), its
@@ -726,35 +768,173 @@ def _phases_train(st, sl, B, S, N):
     # aten embedding_dense_backward), which autograd sums before AccumulateGrad: at the very end of the
     # backward, the two and their sum are alive beside every other gradient (docs/trace_findings.md #18).
     tied_grad = st.lm_grad * sl.head * sl.embed / _embed_tp(st, sl) if (shape.tie_embeddings and s.method == "full") else 0
-    end_acts = one_layer + grad_buf
+    end_acts = one_layer + grad_buf + ckpt_buffers
     end_grads = grads + layer_grads
     layer_moment = 1
+    end_logits = 0
     if tied_grad:
         # under FSDP2 the embedding's shard is not written yet, and the sum is the unsharded gradient it reduces
         done = grads - shard(tied_grad, sl.grad_div) if sl.fsdp else grads - tied_grad
-        tied_total = done + 3 * tied_grad * ug + grad_buf + rs_held
+        tied_total = done + 3 * tied_grad * ug + grad_buf + rs_held + ckpt_buffers
         tied_wins = tied_total > end_total
         end_total = vmax(end_total, tied_total)
-        end_acts = _pick(tied_wins, 3 * tied_grad * ug + grad_buf, end_acts)
+        end_acts = _pick(tied_wins, 3 * tied_grad * ug + grad_buf + ckpt_buffers, end_acts)
         end_grads = _pick(tied_wins, done, end_grads)
         layer_moment = 1 - tied_wins
+        if rl.loss_impl == "liger":  # Liger's backward hands back the lm_head gradient its forward made (logits)
+            end_logits = _pick(tied_wins, tied_grad * ug, 0)
+            end_acts = end_acts - end_logits
     p_start = (start_total >= end_total) * (start_total >= mid_total)
     p_mid = ((mid_total > start_total) * (mid_total >= end_total)) if s.grad_ckpt else 0
     p_end = 1 - p_start - p_mid
     bwd = dict(persistent)
     # ZeRO-2 keeps every layer gathered until its own backward: all of them at its start, one at the end
     bwd[C.WEIGHTS] = persistent[C.WEIGHTS] + (p_start + p_mid) * gathered + p_end * (root + layer_moment * layer_w)
-    bwd[C.ACTIVATIONS] = p_start * (acts + model_saved) + p_mid * (acts + one_layer + grad_buf) + p_end * end_acts
-    bwd[C.LOGITS] = p_start * bwd_logits
+    bwd[C.ACTIVATIONS] = p_start * (acts + model_saved_bwd + loss_hidden_bwd + bwd_layer) + \
+        p_mid * (acts + one_layer + grad_buf) + p_end * end_acts
+    bwd[C.LOGITS] = p_start * bwd_logits + p_end * end_logits
     bwd[C.GRADIENTS] = p_start * acc_grads + p_mid * early_grads + p_end * (end_grads + rs_held) + bucket
-    bwd[C.TEMPORARIES] = (p_start + p_mid) * copies + qtemp + p_start * layer_flat + p_end * layer_moment * layer_flat
+    bwd[C.TEMPORARIES] = (p_start + p_mid) * copies + qtemp + p_start * (layer_flat + loss_temp_bwd) + \
+        p_end * layer_moment * layer_flat
 
     opt = dict(persistent)
     opt[C.GRADIENTS] = grads + bucket
     opt[C.TEMPORARIES] = opt_temp
+    opt[C.ACTIVATIONS] = ckpt_buffers
     load = dict(held)
     load[C.GRADIENTS] = bucket  # DDP allocates its buckets when it wraps the model
     return {"load": load, "forward": fwd, "backward": bwd, "optimizer_step": opt}
+
+
+def _recipe_loss(st, T, B, S):
+    """A recipe's loss on one GPU (the recipes are modelled on one): {fwd, bwd: bytes (logits category) at its
+    worst forward moment and at the start of the backward; fwd_temp, bwd_temp: temporaries then; bwd_acts: what
+    of the hidden states it keeps for, or makes at, the backward's start (activations); keeps_lm_in: whether
+    lm_head's input stays saved}.
+
+    fused, Unsloth: torch.compile's graph for a chunk holds the chunk's logits in lm_head's dtype, reuses them
+    for their gradient, then the chunk's hidden-state gradient (scripts/check_unsloth_ce_compile.py); the
+    forward keeps grad_inputs (and lm_head's gradient) for the backward, which scales them out of place.
+    fused, Liger: grad_input zeros, a fp32 loss per row and a bool mask; per chunk its logits (gradient in
+    place) and grad_logits @ W; grad_input is what the backward gets.
+    chunked, TRL: the hidden states of the valid positions gathered (kept by the chunks' checkpoints) with the
+    int64 order and labels; per chunk lm_head cast to fp32 (a temporary), the chunk's fp32 input and logits; in
+    the backward the recomputed chunk's logits, log-softmax, exp and entropy product, and the gathered states'
+    gradient.
+    cut: the fp32 log-sum-exp and the hidden states; the backward's de.
+    inplace (Unsloth < 2025.8.6): the logits kept, their gradient written over them, then grad_input."""
+    rl = st.rules
+    if rl.recipe == "unsloth" and rl.loss_impl == "cce":  # its Cut Cross-Entropy above 1,024 tokens only
+        small = T < R.UNSLOTH_CCE_MIN_TOKENS
+        cut, inplace = _loss_terms(st, "cce", T, B, S), _loss_terms(st, "unsloth_inplace", T, B, S)
+        return {k: _pick(small, inplace[k], cut[k]) for k in cut}
+    return _loss_terms(st, rl.loss_impl, T, B, S)
+
+
+def _loss_terms(st, impl, T, B, S):
+    """_recipe_loss for one implementation (keeps_lm_in is 1 or 0)."""
+    shape = st.shape
+    H, V = shape.hidden, shape.vocab
+    hb = st.ctx.b  # the hidden state's dtype
+    wb = st.lm_head_elem_bytes
+    lb = st.cb if st.ctx.amp else hb  # a chunk's logits: the input dtype (autocast's under amp)
+    w_grad = V * H * wb if st.lm_grad else 0  # a trainable lm_head's gradient, made in the forward
+    labels = T * 8  # the shifted int64 labels
+    out = {"fwd_temp": 0, "bwd_temp": 0, "bwd_acts": 0, "keeps_lm_in": 0}
+    if impl == "unsloth":
+        n = R.unsloth_ce_chunks(T, V, st.rules.ce_target_bytes)
+        c = -(-T // n)
+        cast = c * H * wb if hb != wb else 0
+        out.update(fwd=labels + T * H * hb + w_grad + c * V * wb + vmax(c * H * wb, w_grad) + cast,
+                   bwd=T * H * hb + w_grad, bwd_acts=T * H * hb + w_grad)  # saved, and scaled out of place
+    elif impl == "liger":
+        c = R.liger_chunk_tokens(T, H, V)
+        chunk = c * V * lb + vmax(c * H * lb, (V * H * (lb + 4)) if st.lm_grad else 0)
+        out.update(fwd=labels + T * H * hb + w_grad + T * 4 + T + chunk, bwd=T * H * hb + w_grad)
+    elif impl == "cce":
+        keep = 0 if st.ctx_head.linears_trainable else T * H * hb  # e (the final hidden state), saved
+        out.update(fwd=labels + T * 4, bwd=labels + T * 4, keeps_lm_in=1,
+                   bwd_acts=keep + T * H * hb + (V * H * wb if st.lm_grad else 0))  # + de (and dc)
+    elif impl == "unsloth_inplace":
+        out.update(fwd=labels + T * V * wb + 2 * T * 4, bwd=labels + T * V * wb + T * 4, bwd_acts=T * H * hb)
+    else:  # chunked (TRL)
+        tv = B * (S - 1)
+        c = vmax(vmin(R.TRL_CHUNK_TOKENS, tv), 1)
+        w32 = V * H * 4 if wb != 4 else 0  # `w.float()`: lm_head's fp32 copy, each chunk
+        kept = tv * H * hb + 2 * tv * 8 + tv  # gathered states, order and labels (int64), the valid mask
+        # a chunk's forward: its matmul (lm_head's fp32 copy, the fp32 input, the logits) or its entropy (logits,
+        # log-softmax, exp and their product), whichever holds more
+        matmul = w32 + c * H * 4 + c * V * 4
+        entropy = 4 * c * V * 4
+        at_matmul = matmul >= entropy
+        out.update(fwd=kept + _pick(at_matmul, c * H * 4 + c * V * 4, entropy), fwd_temp=_pick(at_matmul, w32, 0),
+                   bwd=kept + 4 * c * V * 4, bwd_temp=w32, bwd_acts=tv * H * hb)
+    return out
+
+
+def _mlp_backward_per_token(ctx, shape):
+    """Per token, the widest moment of a gated MLP's backward beyond the saved tensors: the product's gradient and
+    the two it makes (3 × intermediate); Liger's SiLU·mul and Unsloth's LoRA_MLP write those into their saved
+    inputs (one intermediate-wide tensor); a LoRA down_proj with adapters in another dtype first holds the
+    gradient of its input cast and its cast back (the base's gradient is then added in place).
+    Dense Llama-style layers; 0 elsewhere."""
+    if shape.family != "llama":
+        return 0
+    I, b, lx = shape.intermediate, ctx.b, ctx.lora_x_bytes
+    if ctx.fused_lora and all(m in ctx.lora for m in ("gate_proj", "up_proj", "down_proj")):
+        return I * b
+    product = (1 if ctx.swiglu_kernel else 3) * I * b
+    down = (lx + b) * I if ("down_proj" in ctx.lora and ctx.lora_input_copied) else 0
+    return max(product, down)
+
+
+def _lora_recompute_per_token(ctx, shape):
+    """Per token, what a LoRA MLP adds inside its forward beyond the layer's saved tensors, at its widest
+    projection (up_proj: gate's output is saved, down_proj has not run): peft's LoRA Linear holds the base
+    output, the scaled LoRA output and their sum (promoted to the adapters' dtype), less what down_proj will
+    save (its input cast, or the product itself); Unsloth's LoRA_MLP holds silu(e)·g. Dense Llama-style
+    layers; 0 elsewhere or without adapters on the MLP.
+    Source: peft tuners/lora/layer.py Linear.forward (result + lora_B(lora_A(x)) * scaling, then the cast back);
+    traced (harness/workload/recipes.py)."""
+    if shape.family != "llama" or "up_proj" not in ctx.lora:
+        return 0
+    I, b, lx = shape.intermediate, ctx.b, ctx.lora_x_bytes
+    if ctx.fused_lora and all(m in ctx.lora for m in ("gate_proj", "down_proj")):
+        return I * b
+    down_saved = 0
+    if "down_proj" in ctx.lora:
+        down_saved = I * lx if ctx.lora_input_copied else I * b
+    return I * (b + lx + max(b, lx)) - down_saved
+
+
+def _offloaded_acts(st, T, S):
+    """(kept on the GPU between forward and backward, Unsloth's staging buffers) under its offloaded checkpointing.
+
+    From the second step on, the last layer's input stays on the GPU; the others are in pinned host RAM (unless
+    one input is not above 2 MiB: then all stay, as with plain reentrant checkpointing). The buffers: one of
+    max(2·256·2048 elements, a layer input), and since 2026.5 a second one as large from the second step on.
+    Source: unsloth-zoo gradient_checkpointing.py lines 56-58, 605-700, 705-900."""
+    shape, ctx, rl = st.shape, st.ctx, st.rules
+    H, L = shape.hidden, shape.n_layers
+    per_layer = T * H * ctx.r + (S * ctx.b if ctx.attn == "eager" else 0)
+    off = R.unsloth_offloaded_layers(T, H, ctx.r, L)
+    kept = L - off
+    if st.spec.method != "full":
+        # a frozen embedding's output is made to require grad (enable_input_require_grads): a leaf, which the
+        # autograd graph's AccumulateGrad node holds until the backward, offloaded copy or not
+        kept = kept + (off > 0)
+    buf = vmax(R.UNSLOTH_GPU_BUFFER_ELEMENTS, T * H) * st.cb
+    buffers = buf + (buf if rl.double_buffer else 0)
+    return kept * per_layer, buffers
+
+
+def host_ram_bytes(st, batch, seq):
+    """Host RAM a recipe keeps activations in (Unsloth's pinned offload buffers), 0 where none."""
+    s = st.spec
+    if s.mode != "train" or not s.grad_ckpt or st.rules.ckpt_mode != "offload":
+        return 0
+    host = R.unsloth_host_bytes(batch * seq, st.shape.hidden, st.ctx.r, st.shape.n_layers)
+    return _pick(seq < R.UNSLOTH_OFFLOAD_MIN_SEQ, 0, host)
 
 
 def paged_bytes(st, phase_bd):
@@ -822,7 +1002,7 @@ def per_gpu_phases(st, batch, seq, gen, overheads=DEFAULT_OVERHEADS):
     return [_slice_phases(st, sl, batch, seq, gen, overheads) for sl in _slices(st)]
 
 
-def _notes(st):
+def _notes(st, spec=None):
     s, shape = st.spec, st.shape
     notes = []
     if s.mode == "train":
@@ -885,6 +1065,8 @@ def _notes(st):
         else:
             notes.append("transformers 4.x builds each MoE expert as nn.Linear: bitsandbytes quantizes every expert")
     notes.extend(stack_notes(s, shape))
+    if s.mode == "train":
+        notes.extend(R.describe(st.rules, spec or s))
     if s.gpus > 1:
         extra = "".join((f", cp={s.cp}" if s.cp > 1 else "", f", ep={s.ep}" if s.ep > 1 else "",
                          ", sequence parallel" if s.sequence_parallel else "", ", layer split" if s.layer_split else "",
@@ -907,7 +1089,7 @@ def predict(spec, overheads=DEFAULT_OVERHEADS, checkpoint=None):
     shape = get_shape(spec.model)
     spec = validate(spec, shape)
     st = workload_static(spec, checkpoint)
-    notes = _notes(st)
+    notes = _notes(st, spec)
     source = "formula"
     if checkpoint is not None:
         stored_as = checkpoint.dtype or f"{checkpoint.quant_method or 'a format'} (not modelled by the formula)"
@@ -940,5 +1122,5 @@ def predict(spec, overheads=DEFAULT_OVERHEADS, checkpoint=None):
         spec=spec, model=shape.name, n_params=shape.n_params, breakdown={**bd, **device_bd},
         peak_allocated_bytes=alloc, peak_device_bytes=device, peak_phase=phase, phases=phases,
         notes=notes, overheads_source=overheads.source, calibrated=overheads.calibrated, weights_source=source,
-        peak_reserved_bytes=res,
+        peak_reserved_bytes=res, host_ram_bytes=to_int(host_ram_bytes(st, spec.batch, spec.seq)),
     )

@@ -7,6 +7,7 @@ what is allowed, before any arithmetic runs.
 from dataclasses import dataclass, fields, replace
 
 from .dtypes import BNB_DTYPES, FLOAT_DTYPES, GGUF_DTYPES, INT4_DTYPES, KV_DTYPES, WEIGHT_DTYPES
+from .recipes import CKPT_MODES, LOSSES, RECIPES, RecipeError, check_recipe_version, versioned
 from .stack import StackError, behaviour, check_version
 from .training import OPTIMIZER_IMPLS, OPTIMIZERS
 
@@ -69,6 +70,11 @@ class Spec:
     #                      (hybrid sharding: FSDP HYBRID_SHARD, torchtitan dp_shard × dp_replicate); 0 = over all of them
     # library versions ((package, version), ...) the prediction assumes (formulas/stack.py); () = the newest modelled
     stack: tuple = ()
+    # The fine-tuning recipe (formulas/recipes.py). Their defaults leave every spec hash as it was.
+    recipe: str = "hf"  # hf (vramlab's own loop) | trl | unsloth | liger | axolotl
+    recipe_version: str = ""  # the recipe package's version; "" = the newest modelled
+    loss: str = "auto"  # auto (the recipe's) | full | chunked | fused | cut
+    grad_ckpt_mode: str = "auto"  # with grad_ckpt: auto (the recipe's) | full | offload | selective
 
     def __post_init__(self):
         if isinstance(self.stack, dict):  # from JSON: {package: version}
@@ -200,6 +206,34 @@ def validate(spec, shape):
             raise SpecError(f"--zero {spec.zero}: ZeRO shards training state; inference uses --tp, --pp or --layer-split")
         if spec.method != "full":
             raise SpecError(f"--method {spec.method}: applies to --mode train (inference runs the model as it is)")
+    _choice("recipe", spec.recipe, RECIPES)
+    _choice("loss", spec.loss, ("auto",) + LOSSES)
+    _choice("grad-ckpt-mode", spec.grad_ckpt_mode, ("auto",) + CKPT_MODES)
+    try:
+        recipe_version = check_recipe_version(spec.recipe, spec.recipe_version)
+    except RecipeError as e:
+        raise SpecError(str(e)) from None
+    if spec.mode != "train":
+        for flag, value, default in (("recipe", spec.recipe, "hf"), ("loss", spec.loss, "auto"),
+                                     ("grad-ckpt-mode", spec.grad_ckpt_mode, "auto")):
+            if value != default:
+                raise SpecError(f"--{flag} {value}: applies to --mode train (fine-tuning recipes); inference runs "
+                                "the model as transformers does")
+    if spec.grad_ckpt_mode != "auto" and not spec.grad_ckpt:
+        raise SpecError(f"--grad-ckpt-mode {spec.grad_ckpt_mode}: says how checkpointing is done; it needs --grad-ckpt")
+    if spec.grad_ckpt_mode == "offload" and spec.recipe != "unsloth":
+        raise SpecError("--grad-ckpt-mode offload: models Unsloth's offloaded checkpointing (its staging buffers); "
+                        "give --recipe unsloth")
+    if spec.grad_ckpt_mode == "selective" and spec.recipe == "unsloth":
+        raise SpecError("--grad-ckpt-mode selective: saves ops inside non-reentrant checkpoints; Unsloth checkpoints "
+                        "reentrantly (use full or offload)")
+    if spec.recipe != "hf" and (spec.zero or spec.tp > 1 or spec.pp > 1 or spec.layer_split or spec.offload != "none"
+                                or spec.cp > 1 or spec.ep > 1 or spec.sequence_parallel or spec.shard_gpus):
+        raise SpecError(f"--recipe {spec.recipe}: the recipes are modelled on one GPU or on DDP replicas (--gpus N "
+                        "without --zero, --tp, --pp, --cp, --ep, --layer-split or --offload)")
+    if spec.recipe != "hf" and spec.ckpt_every > 1:
+        raise SpecError(f"--grad-ckpt-every {spec.ckpt_every} with --recipe {spec.recipe}: the recipes checkpoint every "
+                        "layer (or none); give --grad-ckpt-mode for how")
     precision = spec.precision
     if precision == "auto":
         # Single GPU / DDP: PyTorch autocast. ZeRO (DeepSpeed bf16/fp16, FSDP mixed precision):
@@ -265,15 +299,21 @@ def validate(spec, shape):
     impl = spec.optimizer_impl
     if impl == "auto":  # torch picks foreach on CUDA (2.0+); DeepSpeed/FSDP setups use a fused Adam
         impl = "fused" if spec.zero else behaviour(stack, "adamw_impl")
+        if spec.recipe != "hf":  # the recipes train with the HF Trainer: its default optim (adamw_torch_fused since 4.54)
+            impl = behaviour(stack, "trainer_adamw")
     lora_dtype = spec.lora_dtype
     if lora_dtype == "auto":  # peft < 0.12: the base layer's dtype where it is a float; ≥ 0.12: fp32
         base = behaviour(stack, "adapter_dtype") == "base" and dtype in FLOAT_DTYPES
         lora_dtype = (dtype if precision != "amp" else "fp32") if base else "fp32"
+        if spec.recipe == "trl" and dtype in BNB_DTYPES and versioned("trl", recipe_version, "quantized_adapter_dtype") == "bf16":
+            lora_dtype = "bf16"  # TRL ≥ 0.26 casts the adapters over a bitsandbytes base to bf16
+        elif spec.recipe == "unsloth":
+            lora_dtype = "fp32"  # unsloth-zoo prepare_model_for_training: adapters upcast to fp32
     mla_cache = spec.mla_cache if spec.mla_cache != "auto" else behaviour(stack, "mla_cache")
     # The model by its canonical name (catalog id or config path), so spellings hash alike.
     return spec.replace(model=shape.name, dtype=dtype, compute_dtype=compute, precision=precision,
                    kv_dtype=spec.kv_dtype or compute, optimizer_impl=impl, lora_dtype=lora_dtype, mla_cache=mla_cache,
-                   stack=stack)
+                   stack=stack, recipe_version=spec.recipe_version and recipe_version)
 
 
 def is_quantized(dtype):

@@ -130,7 +130,13 @@ def _spec_of(source, case):
     from formulas.spec import Spec
     from formulas.stack import PACKAGES
 
+    from formulas.recipes import flag_defaults
+
     fields = {**(source.get("defaults") or {}), **case["spec"]}
+    try:  # a recipe's defaults for the fields the transcription leaves out (as the CLI and sweeps apply them)
+        fields = {**flag_defaults(fields.get("recipe", "hf"), fields.get("recipe_version", "")), **fields}
+    except ValueError:
+        pass  # a bad version: the predictor names it
     if "lora_targets" in fields:
         t = fields["lora_targets"]
         fields["lora_targets"] = (t,) if isinstance(t, str) else tuple(t)

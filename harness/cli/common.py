@@ -41,9 +41,10 @@ def add_spec_arguments(p):
     p.add_argument("--seq", type=int, default=2048, help="prompt / sequence length in tokens")
     p.add_argument("--gen", type=int, default=0, help="tokens generated after the prompt (decode steps)")
     p.add_argument("--method", default="full", help="full | freeze | lora | qlora")
-    p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank r (default 16)")
-    p.add_argument("--lora-targets", type=_targets, default=(),
-                   help="comma list of module names, or all-linear (default: peft's choice for the model type)")
+    p.add_argument("--lora-rank", type=int, default=None, help="LoRA rank r (default 16, or the recipe's)")
+    p.add_argument("--lora-targets", type=_targets, default=None,
+                   help="comma list of module names, or all-linear (default: the recipe's, else peft's choice for "
+                        "the model type)")
     p.add_argument("--lora-dtype", default="auto",
                    help="adapter dtype: auto (as the stack's peft: fp32 from 0.12, the base layer's float dtype before) "
                         "| fp32 | bf16 | fp16")
@@ -52,7 +53,9 @@ def add_spec_arguments(p):
                    help="adamw | adamw8bit | paged_adamw8bit | sgd | sgd_momentum | lion | adafactor")
     p.add_argument("--optimizer-impl", default="auto", help="auto | foreach | fused | forloop (AdamW)")
     p.add_argument("--precision", default="auto", help="auto | pure | amp | master (training)")
-    p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing")
+    p.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=None,
+                   help="gradient checkpointing (default: off, or on where the recipe turns it on: trl ≥ 1.0, unsloth, "
+                        "axolotl)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--attn", default="auto", help="auto (sdpa where the model supports it, else eager) | sdpa | eager")
     p.add_argument("--kv-dtype", default="", help="KV cache dtype (default: compute dtype)")
@@ -65,10 +68,10 @@ def add_spec_arguments(p):
     p.add_argument("--gptq-kernel", default="exllama",
                    help="GPTQ kernel: exllama (v1, transformers' default) | exllamav2 (AutoGPTQ's fixed scratch buffer) | other")
     p.add_argument("--no-dropout", action="store_true", help="train without dropout masks")
-    p.add_argument("--kbit-prep", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--kbit-prep", action=argparse.BooleanOptionalAction, default=None,
                    help="QLoRA and LoRA over int8: peft's prepare_model_for_kbit_training, which casts the unquantized "
-                        "weights (embeddings, norms, lm_head) to fp32 (default, as PEFT's QLoRA recipe; TRL ≥ 0.26 "
-                        "skips it: --no-kbit-prep --lora-dtype bf16)")
+                        "weights (embeddings, norms, lm_head) to fp32 (default, as PEFT's QLoRA recipe and axolotl; "
+                        "--recipe trl (≥ 0.26) and unsloth skip it)")
     p.add_argument("--gpus", type=int, default=1,
                    help="GPUs the workload is spread over (with --zero, --tp, --pp or --layer-split); figures are per GPU")
     p.add_argument("--zero", type=int, default=0, help="ZeRO stage 0-3 (3 = FSDP full shard)")
@@ -88,7 +91,22 @@ def add_spec_arguments(p):
                         "(hybrid sharding, FSDP HYBRID_SHARD; default: over all)")
     p.add_argument("--grad-ckpt-every", type=int, default=1,
                    help="with --grad-ckpt: checkpoint every k-th layer (torchtitan's selective layer AC; default 1: all)")
+    add_recipe_arguments(p)
     add_stack_arguments(p)
+
+
+def add_recipe_arguments(p):
+    """--recipe, --recipe-version, --loss, --grad-ckpt-mode (formulas/recipes.py)."""
+    g = p.add_argument_group("fine-tuning recipe", "how the training step is run: vramlab's own loop (hf) or a recipe's "
+                             "loss, checkpointing, kernels and defaults (docs/formulas.md, 'Recipes')")
+    g.add_argument("--recipe", default="hf", help="hf | trl | unsloth | liger | axolotl (default hf)")
+    g.add_argument("--recipe-version", default="", metavar="VERSION",
+                   help="the recipe package's version (trl, unsloth, liger-kernel, axolotl); default the newest modelled")
+    g.add_argument("--loss", default="auto", help="auto (the recipe's) | full | chunked (TRL) | fused (Liger; Unsloth's "
+                                                   "under --recipe unsloth) | cut (Cut Cross-Entropy)")
+    g.add_argument("--grad-ckpt-mode", default="auto",
+                   help="with --grad-ckpt: auto (the recipe's) | full | offload (Unsloth's, to host RAM) | selective "
+                        "(axolotl's: attention outputs saved)")
 
 
 def add_stack_arguments(p):
@@ -117,21 +135,34 @@ def spec_from_args(a, resolve=True):
     from ..hub import resolve_model
     from ..inventory import ensure_for_model
 
+    from formulas.recipes import flag_defaults
+
+    recipe = getattr(a, "recipe", "hf")
+    given = {"grad_ckpt": a.grad_ckpt, "kbit_prep": a.kbit_prep, "lora_targets": a.lora_targets, "lora_rank": a.lora_rank}
+    try:
+        implied = flag_defaults(recipe, getattr(a, "recipe_version", ""))
+    except (KeyError, ValueError):
+        implied = {}  # an unknown recipe or version: validate() names the flag
+    base = {"grad_ckpt": False, "kbit_prep": True, "lora_targets": (), "lora_rank": 16}
+    flags = {k: v if v is not None else implied.get(k, base[k]) for k, v in given.items()}
     model = a.model
     if resolve:
         model = resolve_model(a.model)
         ensure_for_model(model)  # a model type outside the hand-modelled families: its inventory, built once
     return Spec(
         model=model, mode=a.mode, dtype=a.dtype.lower(), batch=batch, seq=a.seq, gen=a.gen, method=a.method,
-        compute_dtype=a.compute_dtype, lora_rank=a.lora_rank, lora_targets=a.lora_targets, lora_dtype=a.lora_dtype,
-        trainable_layers=a.trainable_layers, optimizer=a.optimizer, optimizer_impl=a.optimizer_impl,
-        precision=a.precision, grad_ckpt=a.grad_ckpt, attn=a.attn, grad_accum=a.grad_accum, kv_dtype=a.kv_dtype,
+        compute_dtype=a.compute_dtype, lora_rank=flags["lora_rank"], lora_targets=flags["lora_targets"],
+        lora_dtype=a.lora_dtype, trainable_layers=a.trainable_layers, optimizer=a.optimizer,
+        optimizer_impl=a.optimizer_impl, precision=a.precision, grad_ckpt=flags["grad_ckpt"], attn=a.attn,
+        grad_accum=a.grad_accum, kv_dtype=a.kv_dtype,
         mla_cache=a.mla_cache, logits=a.logits, double_quant=not a.no_double_quant, group_size=a.group_size,
         gptq_kernel=a.gptq_kernel,
         dropout=not a.no_dropout, gpus=a.gpus, zero=a.zero, tp=a.tp, pp=a.pp, layer_split=a.layer_split,
         offload=a.offload, cp=a.cp, ep=a.ep, sequence_parallel=a.sequence_parallel, ckpt_every=a.grad_ckpt_every,
         shard_gpus=a.shard_gpus,
-        kbit_prep=a.kbit_prep, stack=stack_from_args(a).versions,
+        kbit_prep=flags["kbit_prep"], stack=stack_from_args(a).versions,
+        recipe=recipe, recipe_version=getattr(a, "recipe_version", ""), loss=getattr(a, "loss", "auto"),
+        grad_ckpt_mode=getattr(a, "grad_ckpt_mode", "auto"),
     )
 
 

@@ -31,6 +31,7 @@ def render_prediction(pred, gpu=None, stack=None):
     head = f"{model_label(pred.model)} · {s.mode} · {s.dtype}"
     if s.mode == "train":
         head += f" · {s.method} · {s.optimizer}" + (" · grad-ckpt" if s.grad_ckpt else "")
+        head += f" · recipe {s.recipe}" if s.recipe != "hf" else ""
         head += f" · batch {s.batch} × seq {s.seq}" + (f" × accum {s.grad_accum}" if s.grad_accum > 1 else "")
     else:
         head += f" · batch {s.batch} · prompt {s.seq}" + (f" + gen {s.gen}" if s.gen else "")
@@ -45,6 +46,8 @@ def render_prediction(pred, gpu=None, stack=None):
         lines.append(f"{label:<22}{gib_cell(pred.breakdown[c])}" + ("   (outside the allocator: init + kernel images)"
                                                                     if c == C.CUDA_CONTEXT else ""))
     lines.append(f"{'peak device':<22}{gib_cell(pred.peak_device_bytes)}   (what nvidia-smi shows)")
+    if pred.host_ram_bytes:
+        lines.append(f"{'host RAM':<22}{gib_cell(pred.host_ram_bytes)}   (pinned, activations offloaded; not on the GPU)")
     phases = " · ".join(f"{ph} {sum(bd.values()) / GiB:.2f}" for ph, bd in pred.phases.items())
     lines.append("")
     lines.append(f"phases (GiB allocated): {phases}")

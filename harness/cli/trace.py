@@ -28,6 +28,7 @@ def render_trace(result, prediction, alloc_conf=""):
     head = f"{model_label(prediction.model)} · {s.mode} · {s.dtype}"
     if s.mode == "train":
         head += f" · {s.method} · {s.optimizer} ({s.optimizer_impl}) · precision {s.precision}"
+        head += f" · recipe {s.recipe}" if s.recipe != "hf" else ""
         head += (" · grad-ckpt" if s.grad_ckpt else "") + f" · batch {s.batch} × seq {s.seq}"
         head += f" × accum {s.grad_accum}" if s.grad_accum > 1 else ""
     else:
@@ -41,6 +42,9 @@ def render_trace(result, prediction, alloc_conf=""):
     lines.append(f"{'peak allocated':<22}{gib_cell(result.peak_allocated_bytes, 12)}{gib_cell(prediction.peak_allocated_bytes, 15)}"
                  f"{_ratio(result.peak_allocated_bytes, prediction.peak_allocated_bytes):>8}"
                  f"   at {result.peak_phase} (predicted at {prediction.peak_phase})")
+    if result.host_ram_bytes or prediction.host_ram_bytes:
+        lines.append(f"{'host RAM':<22}{gib_cell(result.host_ram_bytes, 12)}{gib_cell(prediction.host_ram_bytes, 15)}"
+                     f"{_ratio(result.host_ram_bytes, prediction.host_ram_bytes):>8}   offloaded activations, not on the GPU")
     sim_reserved = result.estimated_reserved_bytes
     lines.append(f"{'peak reserved':<22}{gib_cell(sim_reserved, 12)}{gib_cell(prediction.peak_reserved_bytes, 15)}"
                  f"{_ratio(sim_reserved, prediction.peak_reserved_bytes):>8}   simulated: the traced allocation stream "
@@ -133,7 +137,8 @@ def cmd_trace(a):
         d["predicted"] = {"breakdown": prediction.breakdown, "peak_allocated_bytes": prediction.peak_allocated_bytes,
                           "peak_reserved_bytes": prediction.peak_reserved_bytes,
                           "peak_device_bytes": prediction.peak_device_bytes,
-                          "peak_phase": prediction.peak_phase, "phases": prediction.phases}
+                          "peak_phase": prediction.peak_phase, "phases": prediction.phases,
+                          "host_ram_bytes": prediction.host_ram_bytes}
         d["simulated_device_bytes"] = result.estimated_reserved_bytes + prediction.breakdown[C.CUDA_CONTEXT]
         d["allocator_settings"] = alloc_text
         print(json.dumps(d, indent=2))

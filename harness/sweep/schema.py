@@ -158,6 +158,7 @@ class Experiment:
         else:
             core += f" {s.method} {s.optimizer} {s.precision}" + (" ckpt" if s.grad_ckpt else "")
         core += "" if s.attn == "sdpa" else f" {s.attn}"
+        core += f" recipe {s.recipe}" if s.recipe != "hf" else ""
         core += f" [{self.alloc_conf}]" if self.alloc_conf else ""
         return core + (f" {s.gpus}gpu {parallel_label(s)}" if s.gpus > 1 else "")
 
@@ -455,6 +456,14 @@ def apply_strategy(path, where, fields_):
 
 
 def _make(path, where, spec_fields, run, group):
+    from formulas.recipes import flag_defaults
+
+    try:
+        # a recipe's defaults (checkpointing on, its LoRA targets and rank, kbit prep) for the fields not written
+        implied = flag_defaults(spec_fields.get("recipe", "hf"), spec_fields.get("recipe_version", ""))
+    except ValueError:
+        implied = {}  # a bad version: validate() says which
+    spec_fields = {**implied, **spec_fields}
     try:
         spec = Spec(**spec_fields)
         ensure_for_model(spec.model)  # model types outside the hand-modelled families: inventory built once

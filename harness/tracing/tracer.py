@@ -391,6 +391,10 @@ def _trace_rank(spec, shape, rank, overheads=None, allocator_config=None, keep_s
                      "whatever --mla-cache says; compare with --mla-cache compressed")
     if spec.mode == "train":
         notes.append(f"{TRAIN_STEPS} optimizer steps of {spec.grad_accum} micro-batch(es); figures are the max over them")
+        if spec.recipe != "hf" or spec.loss != "auto":
+            notes.append(f"recipe {spec.recipe}: its kernels and loss run as PyTorch functions that allocate what the "
+                         "kernels allocate (outputs, saved tensors); their arithmetic, in registers on a GPU, is not "
+                         "counted (harness/workload/recipes.py); host RAM: its pinned offload buffers")
     notes.append(f"fake tensors on the CPU: cuBLAS workspaces as a GPU of sm{(overheads or DEFAULT_OVERHEADS).cc[0]}"
                  f"{(overheads or DEFAULT_OVERHEADS).cc[1]} allocates them ({ws / 2**20:.3g} MiB per GEMM thread); "
                  "reserved memory from the allocator simulation; the CUDA context is not traced")

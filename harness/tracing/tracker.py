@@ -63,6 +63,7 @@ from formulas import categories as C
 from .allocator import DEFAULT_CONFIG, CachingAllocatorModel
 
 HOST = "host"  # storages that live on the CPU in a CUDA run: not counted
+HOST_RAM = "host_ram"  # pinned host buffers a recipe offloads activations into: not on the device, tallied apart
 WINDOWS = ("all", "last")  # which steps the dispatch mode counts op by op (CategoryTracker's `window`)
 PEAK_TENSORS = 16  # how many of the largest transient storages at each peak the result lists
 
@@ -92,6 +93,8 @@ def _local(t):
 
 def _tracker_class():
     import torch
+
+    from ..workload.recipes import current_label as recipe_label
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
     from torch.utils.weak import WeakIdKeyDictionary
@@ -220,6 +223,15 @@ def _tracker_class():
             self.ops += 1
             name = func.overloadpacket.__name__
             growth = False
+            marked = recipe_label()  # inside an emulated fused kernel's arithmetic, or host memory
+            if marked:
+                default = HOST if marked == "internal" else HOST_RAM
+                for t in tree_flatten(out)[0]:
+                    if isinstance(t, torch.Tensor) and self.counts(_local(t)) \
+                            and _local(t).untyped_storage() not in self._sid:
+                        self.register(_local(t).untyped_storage(), default,
+                                      (name, tuple(t.shape), str(t.dtype).replace("torch.", "")))
+                return out
             if func is to_copy and isinstance(args[0], torch.Tensor) and self.category_of(args[0]) == C.WEIGHTS:
                 default = C.TEMPORARIES  # autocast's cached cast of a weight
             elif self.in_optimizer:
@@ -305,6 +317,7 @@ def _replay(tracker, allocator, capture=(), timeline=True):
     captured = {}
     timeline = [] if timeline else None
     records, retro = tracker.records, tracker.retro
+    host_ram = host_ram_peak = 0
     for i, ev in enumerate(tracker.events):
         kind = ev[0]
         if kind == _ALLOC:
@@ -312,6 +325,10 @@ def _replay(tracker, allocator, capture=(), timeline=True):
             rec = records[sid]
             cat = retro.get(sid, rec.birth)
             label[sid] = cat
+            if cat == HOST_RAM:
+                host_ram += rec.nbytes
+                host_ram_peak = max(host_ram_peak, host_ram)
+                continue
             if cat != HOST:
                 live[cat] += rec.nbytes
                 total += rec.nbytes
@@ -319,6 +336,9 @@ def _replay(tracker, allocator, capture=(), timeline=True):
         elif kind == _FREE:
             sid = ev[1]
             cat = label.pop(sid)
+            if cat == HOST_RAM:
+                host_ram -= records[sid].nbytes
+                continue
             if cat != HOST:
                 live[cat] -= records[sid].nbytes
                 total -= records[sid].nbytes
@@ -329,6 +349,8 @@ def _replay(tracker, allocator, capture=(), timeline=True):
                 continue
             old = label[sid]
             n = records[sid].nbytes
+            if HOST_RAM in (old, cat):
+                continue
             if old != HOST:
                 live[old] -= n
                 total -= n
@@ -355,19 +377,17 @@ def _replay(tracker, allocator, capture=(), timeline=True):
                 if v > mx[c]:
                     mx[c] = v
         if i in capture:
-            captured[i] = [(sid, c) for sid, c in label.items() if c != HOST]
+            captured[i] = [(sid, c) for sid, c in label.items() if c not in (HOST, HOST_RAM)]
+    tracker.host_ram_peak = host_ram_peak
     return peak, phase_peaks, phase_max, timeline or [], captured
 
 
 
 def _causal_lm(model):
     """The transformers *ForCausalLM module inside `model` (a PeftModel wraps one)."""
-    from transformers import PreTrainedModel
+    from ..workload.recipes import causal_lm
 
-    for _, m in model.named_modules():
-        if isinstance(m, PreTrainedModel) and m.get_output_embeddings() is not None:
-            return m
-    raise ValueError(f"{type(model).__name__}: no module with an output embedding")
+    return causal_lm(model)
 
 
 @contextlib.contextmanager
@@ -397,6 +417,11 @@ def _instrument(model, tracker, spec):
 
     handles.append(head.register_forward_hook(head_post))
     handles.append(lm.register_forward_hook(lm_post))
+    # A recipe's loss (harness/workload/recipes.py) reads lm_head's weight without calling it: all it allocates is
+    # the loss's (logits).
+    recipe_loss = getattr(lm, "recipe_loss", None)
+    if recipe_loss is not None:
+        handles.append(recipe_loss.register_forward_pre_hook(lambda module, args: tracker.context.append(C.LOGITS)))
 
     def grad_hook(p):
         if p.grad is not None:
@@ -591,6 +616,7 @@ class TrackedMemory:
     stream: list = field(default_factory=list, repr=False)
     peak_tensors: list = field(default_factory=list)  # largest storages alive at the peak (weights, buffers, optimizer state left out)
     phase_tensors: dict = field(default_factory=dict)  # phase → the same list at that phase's own peak
+    host_ram_bytes: int = 0  # peak of the pinned host buffers a recipe offloads activations into (not on the device)
 
 
 def _uses_fsdp(model):
@@ -702,4 +728,5 @@ class CategoryTracker:
             estimated_phases={ph: dict(v) for ph, v in sim.stats.phases.items()} if sim else {},
             stream=allocator.events or [],
             category_max=category_max, peak_tensors=_largest(log, captured.get(peak_event, [])),
-            phase_tensors={ph: _largest(log, captured.get(phase_peaks[ph][2], [])) for ph in phases})
+            phase_tensors={ph: _largest(log, captured.get(phase_peaks[ph][2], [])) for ph in phases},
+            host_ram_bytes=getattr(log, "host_ram_peak", 0))

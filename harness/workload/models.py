@@ -60,6 +60,9 @@ def check_traceable(spec):
         raise SpecError(f"{flag}: pipeline stages and offload are not built; trace --tp, --zero or DDP over --gpus")
     if spec.layer_split:
         raise SpecError("--layer-split: the tracer runs one device; trace without --layer-split")
+    if spec.recipe != "hf" and spec.gpus > 1:
+        raise SpecError(f"--recipe {spec.recipe} with --gpus {spec.gpus}: trace one GPU (DDP replicas each run the "
+                        "same step, plus the gradient buckets)")
     if spec.grad_ckpt and spec.ckpt_every > 1:
         raise SpecError(f"--grad-ckpt-every {spec.ckpt_every}: torchtitan's layer-selective checkpointing is predicted, "
                         "not built; trace --grad-ckpt (every layer)")
@@ -210,5 +213,8 @@ def prepare_for_training(model, spec):
         for name, module in model.named_modules():
             if name.endswith((".lora_A", ".lora_B")):
                 module.to(adapter_dtype)  # peft made them fp32 (autocast_adapter_dtype); the spec decides
+    from .recipes import apply_recipe
+
+    model = apply_recipe(model, spec)  # the recipe's loss, checkpointing and kernels (formulas/recipes.py)
     model.train()
     return model
