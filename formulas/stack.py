@@ -18,7 +18,7 @@ from functools import lru_cache
 PACKAGES = ("transformers", "peft", "torch", "bitsandbytes")
 # The versions modelled: about the last two and a half years (mid-2023, the QLoRA paper's stack, to now).
 OLDEST = {"transformers": "4.30.0", "peft": "0.4.0", "torch": "2.0.0", "bitsandbytes": "0.39.0"}
-NEWEST = {"transformers": "5.24.0", "peft": "0.21.2", "torch": "2.13.0", "bitsandbytes": "0.50.2"}
+NEWEST = {"transformers": "5.24.0", "peft": "0.21.2", "torch": "2.14.1", "bitsandbytes": "0.50.2"}
 
 
 @dataclass(frozen=True)
