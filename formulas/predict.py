@@ -961,7 +961,16 @@ def load_slack(st, overheads):
     s = st.spec
     stored = s.dtype if not (s.mode == "train" and s.precision == "amp" and s.method == "full") else "fp32"
     whole = _load_slack(s.model, stored, s.compute_dtype, s.double_quant, s.group_size, overheads.expandable)
-    return whole if s.gpus == 1 else whole // s.gpus
+    return whole // _weight_ways(s)
+
+
+def _weight_ways(spec):
+    """Over how many GPUs one copy of the weights is split: inference splits it over all of them (tensor parallel
+    or layers); training over tensor × pipeline parallelism and, under ZeRO-3 / FSDP, the sharding group
+    (hybrid sharding: --shard-gpus), while data-parallel replicas each hold their whole share."""
+    if spec.mode != "train":
+        return spec.gpus
+    return spec.tp * spec.pp * (shard_world(spec) if spec.zero == 3 else 1)
 
 
 def reserved_bytes(st, phase, phase_bd, allocated, overheads, batch=1, seq=1):

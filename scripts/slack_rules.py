@@ -27,6 +27,9 @@ CONFIGS = {"default": "", "expandable": "expandable_segments:True"}
 INFERENCE_MODELS = ("Qwen/Qwen2.5-0.5B", "meta-llama/Llama-3.2-1B", "Qwen/Qwen3-1.7B", "EleutherAI/pythia-410m",
                     "facebook/opt-350m")
 TRAIN_MODELS = ("Qwen/Qwen2.5-0.5B", "meta-llama/Llama-3.2-1B", "EleutherAI/pythia-410m")
+# The torch whose kernel choices the grid was traced with (fp32 attention over grouped heads: the math kernel
+# before 2.14), pinned so that the fit's formula figures stay those of the traced stream as the newest moves.
+STACK = (("torch", "2.13.0"),)
 
 
 def grid():
@@ -34,11 +37,11 @@ def grid():
     sizes in bf16 and fp32; training (full, LoRA; with and without checkpointing) at two sizes."""
     from formulas.spec import Spec
 
-    inference = [Spec(model=m, dtype=dtype, batch=batch, seq=seq, gen=8)
+    inference = [Spec(model=m, dtype=dtype, batch=batch, seq=seq, gen=8, stack=STACK)
                  for m in INFERENCE_MODELS for dtype in ("bf16", "fp32")
                  for batch, seq in ((1, 256), (1, 2048), (8, 2048))]
     train = [Spec(model=m, mode="train", method=method, dtype="bf16", precision="pure", grad_ckpt=ckpt, batch=batch,
-                  seq=seq)
+                  seq=seq, stack=STACK)
              for m in TRAIN_MODELS for method in ("full", "lora") for ckpt in (False, True)
              for batch, seq in ((1, 512), (4, 1024))]
     out = []
@@ -51,6 +54,11 @@ def _spec_fields(d):
     """A stored spec dict's fields as Spec takes them (lists back to tuples)."""
     return {k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
             for k, v in d.items()}
+
+
+def _grid_key(d):
+    """What tells the grid's specs apart (a row's or a Spec's fields): the resume key, stable when Spec gains fields."""
+    return tuple(d[k] for k in ("model", "mode", "method", "dtype", "batch", "seq", "grad_ckpt"))
 
 
 def features(spec):
@@ -76,10 +84,10 @@ def generate(out_path, limit=None):
     if os.path.exists(out_path):
         with open(out_path, encoding="utf-8") as f:
             rows = json.load(f)["rows"]
-    done = {r["spec"] for r in rows}
+    done = {_grid_key(r) for r in rows}
     for spec in grid()[:limit]:
         key = json.dumps(spec.to_dict(), sort_keys=True)
-        if key in done:
+        if _grid_key(vars(spec)) in done:
             continue
         t0 = time.perf_counter()
         try:

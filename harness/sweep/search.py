@@ -127,14 +127,17 @@ class BoundarySearch:
 def planned_boundary(spec, axis, gpu, overheads=None):
     """`vramlab plan --gpu GPU`'s answer for one GPU: the largest micro-batch (inference: concurrent sequences) at the
     spec's sequence, or the longest sequence at its batch; None without a GPU. `overheads`: what `vramlab plan`
-    uses for that GPU (harness.analysis.calibrate.overheads_for, which this looks up when not given)."""
+    uses for that GPU (harness.analysis.calibrate.overheads_for: the launcher and the report pass it); not given,
+    the uncalibrated defaults of the GPU's architecture."""
     if not gpu:
         return None
+    from formulas.device import compute_capability
+    from formulas.hardware import get_hardware
+    from formulas.overhead import default_overheads
     from formulas.plan import Planner
 
-    from ..analysis.calibrate import overheads_for
-
-    planner = Planner(spec.replace(gpus=1), gpu, overheads=overheads or overheads_for(gpu))
+    overheads = overheads or default_overheads(compute_capability(get_hardware(gpu)))
+    planner = Planner(spec.replace(gpus=1), gpu, overheads=overheads)
     if axis == "batch":
         return planner.largest_batch(spec)["value"]
     return planner.longest_context(spec)["seq"]
