@@ -40,14 +40,14 @@ from .units import MiB
 # slack is not computed. (fixed bytes, share)
 SLACK_RULES = {
     "load": (2 * MiB, 0.0),
-    "inference": (20 * MiB, 0.26),
-    "train": (20 * MiB, 0.18),
+    "inference": (20 * MiB, 0.40),
+    "train": (20 * MiB, 0.19),
 }
 # With expandable_segments:True the allocator maps pages into one segment per stream and pool instead of a
 # segment per request, so freed ranges coalesce and are reused: the same rules, other shares (same source).
 SLACK_RULES_EXPANDABLE = {
     "load": (2 * MiB, 0.0),
-    "inference": (20 * MiB, 0.08),
+    "inference": (20 * MiB, 0.10),
     "train": (20 * MiB, 0.10),
 }
 
