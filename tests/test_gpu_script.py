@@ -13,6 +13,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_rehearsal_on_the_cpu(tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")

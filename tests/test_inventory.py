@@ -57,6 +57,7 @@ def small_models(tmp_path_factory):
     return paths
 
 
+@pytest.mark.slow
 def test_45_popular_types_weights_within_1_percent():
     """The bar: ≥ 90% of 45 popular causal-LM types (default configs cut to 4 layers) within 1% of meta."""
     import inventory_bar
@@ -124,6 +125,7 @@ def test_cache_and_state_equal_the_traced_bytes(small_models, mt):
                      "qwen3_next": {"state", "full"}, "jamba": {"state", "full"}}[mt]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mt", list(SMALL))
 @pytest.mark.parametrize("mode", ["inference", "train"])
 @pytest.mark.parametrize("seq", [64, 512])
@@ -197,6 +199,7 @@ def test_cached_prediction_stays_fast_without_torch():
     assert float(r.stdout.strip().splitlines()[-1]) < 0.5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type, message", [
     ("bert", "model_type 'bert' is an encoder-only model, not a causal LM"),
     ("t5", "model_type 't5' is an encoder-decoder model, not a causal LM"),
@@ -291,6 +294,7 @@ def test_lora_defaults_follow_peft_for_generic_models(tmp_path):
     assert any("query_key_value" in n for n in p.notes), p.notes
 
 
+@pytest.mark.slow
 def test_a_mamba_model_traces_and_its_state_is_the_cache(tmp_path):
     """A cache of SSM layers only holds no tokens; the workload does not ask it for a length."""
     path, _ = _small_config(tmp_path, "mamba", num_hidden_layers=2, hidden_size=64, vocab_size=256, state_size=8)

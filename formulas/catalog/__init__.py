@@ -17,7 +17,7 @@ from ..shapes import FAMILIES, UnsupportedModelError, _config_dtype, shape_from_
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 # Configs of models that need remote code, mapped to a family without running it (formulas/remote_code.py).
-REMOTE_CONFIG_DIR = os.path.join(CONFIG_DIR, "remote_code")
+REMOTE_CONFIG_DIR = os.path.join(os.path.dirname(__file__), "remote_code")
 # Inventories of the shipped configs whose model type is not hand-modelled (built by harness/inventory.py).
 INVENTORY_DIR = os.path.join(os.path.dirname(__file__), "inventories")
 
@@ -42,6 +42,14 @@ def _index():
         for alias in (f"{org}/{repo}", repo, stem):
             idx.setdefault(alias.lower(), path)
     return idx
+
+
+def shipped_repo(path):
+    """'org/name' when path is one of the shipped configs (files are named org--name.json), else None."""
+    folder, fn = os.path.split(os.path.abspath(path))
+    if folder in (CONFIG_DIR, REMOTE_CONFIG_DIR) and fn.endswith(".json"):
+        return fn[: -len(".json")].replace("--", "/", 1)
+    return None
 
 
 def catalog_names():
@@ -181,9 +189,7 @@ def _inventory_shape(cfg, label):
 def get_shape(name):
     """ModelShape for a catalog name or a config path (cached)."""
     path = resolve_config_path(name)
-    label = name if not os.path.exists(name) else path
-    if path.startswith(CONFIG_DIR):
-        label = os.path.basename(path)[: -len(".json")].replace("--", "/", 1)
+    label = shipped_repo(path) or (name if not os.path.exists(name) else path)
     return _shape_of(load_config(name), label)
 
 
