@@ -106,6 +106,7 @@ def _trace(model, **kw):
     return trace(Spec(model=model, attn="auto", **kw))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mt", list(SMALL))
 def test_cache_and_state_equal_the_traced_bytes(small_models, mt):
     """KV cache and recurrent state after prefill + decode: the cache groups' bytes, to the byte."""

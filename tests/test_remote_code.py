@@ -188,17 +188,21 @@ def test_chatglm_first_generation_is_one_line():
     assert "\n" not in str(e.value)
 
 
-def test_an_unmapped_remote_code_config_is_one_line(tmp_path):
+def test_an_unmapped_remote_code_config_is_one_line(tmp_path, capsys):
     cfg = {"model_type": "xverse", "architectures": ["XverseForCausalLM"], "hidden_size": 4096,
            "auto_map": {"AutoConfig": "configuration_xverse.XverseConfig",
                         "AutoModelForCausalLM": "modeling_xverse.XverseForCausalLM"},
            "num_attention_heads": 32, "num_hidden_layers": 32, "intermediate_size": 11008, "vocab_size": 100534}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    r = subprocess.run([sys.executable, "-m", "harness", "predict", "--model", str(tmp_path)],
-                       cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
-    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
-    assert "remote code" in r.stderr and "modeling_xverse.XverseForCausalLM" in r.stderr
-    assert "does not fit" not in r.stderr
+    from harness.cli import main
+
+    assert main(["predict", "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "remote code" in err and "modeling_xverse.XverseForCausalLM" in err, err
+    assert "does not fit" not in err
+    # without torch (a wheel with no extras) it is one line too, naming the remote code
+    with pytest.raises(UnsupportedModelError, match="names remote code .*modeling_xverse"):
+        get_shape(str(tmp_path))
 
 
 def test_a_remote_code_model_is_not_traced():
