@@ -44,7 +44,8 @@ def pytest_sessionfinish(session, exitstatus):
     formulas/ and harness/ was imported in this process by some fast test, so the fast tier covers them all."""
     config = session.config
     whole = [os.path.abspath(a) for a in config.args] in ([os.path.join(ROOT, "tests")], [ROOT])
-    if config.getoption("markexpr") != "not slow" or config.getoption("keyword") or not whole or exitstatus != 0:
+    if config.getoption("markexpr") != "not slow" or config.getoption("keyword") or not whole or exitstatus != 0 \
+            or config.getoption("collectonly"):
         return
     missing = [m for m in _project_modules() if m not in sys.modules]
     if missing:
