@@ -29,6 +29,7 @@ from .shapes import ModelShape, Tensor, UnsupportedModelError, _config_dtype, _g
 
 
 def _lin(t, name, module, out_f, in_f, count, bias, role=""):
+    """A linear's weight (and bias) under the remote code's module name, with its Llama role."""
     t.append(Tensor(f"{name}.weight", "linear", (out_f, in_f), count, module, role=role))
     if bias:
         t.append(Tensor(f"{name}.bias", "bias", (out_f,), count, module, role=role))
@@ -48,13 +49,14 @@ def _need(cfg, name, mt, *keys):
 
 
 def _flag_dtype(cfg):
-    """Qwen 1.0 picks its precision from bf16/fp16/fp32 flags, bf16 where the GPU has it (modeling_qwen.py l. 936-947)."""
+    """Qwen 1.0 takes its precision from bf16/fp16/fp32 flags, bf16 where the GPU has it (modeling_qwen.py l. 936-947)."""
     if cfg.get("torch_dtype") or cfg.get("dtype"):
         return _config_dtype(cfg)
     return "fp16" if cfg.get("fp16") else "fp32" if cfg.get("fp32") else "bf16"
 
 
 def _qwen(cfg, name):
+    """Qwen 1.0: QWenLMHeadModel's tree (modeling_qwen.py, see the module docstring)."""
     H, nH, L, I, V = _need(cfg, name, "qwen", "hidden_size", "num_attention_heads", "num_hidden_layers",
                            "intermediate_size", "vocab_size")
     hd = _get(cfg, "kv_channels", default=H // nH)
@@ -90,6 +92,7 @@ def _qwen(cfg, name):
 
 
 def _chatglm(cfg, name):
+    """ChatGLM2/3 and GLM-4: ChatGLMForConditionalGeneration's tree (modeling_chatglm.py)."""
     if "ffn_hidden_size" not in cfg and ("inner_hidden_size" in cfg or "position_encoding_2d" in cfg):
         raise UnsupportedModelError(f"{name}: a ChatGLM-6B (first generation) config (inner_hidden_size, 2-D position "
                                     "encoding, GeLU) is not mapped: vramlab maps ChatGLM2/3 and GLM-4's remote code "
@@ -130,6 +133,7 @@ def _chatglm(cfg, name):
 
 
 def _internlm2(cfg, name):
+    """InternLM2: InternLM2ForCausalLM's tree (modeling_internlm2.py)."""
     H, nH, L, I, V = _need(cfg, name, "internlm2", "hidden_size", "num_attention_heads", "num_hidden_layers",
                            "intermediate_size", "vocab_size")
     nKV = _get(cfg, "num_key_value_heads", default=nH)
@@ -163,6 +167,7 @@ def _internlm2(cfg, name):
 
 
 def _baichuan(cfg, name):
+    """Baichuan 2: BaichuanForCausalLM's tree; 13B-style configs (no max_position_embeddings) use ALiBi."""
     H, nH, L, I, V = _need(cfg, name, "baichuan", "hidden_size", "num_attention_heads", "num_hidden_layers",
                            "intermediate_size", "vocab_size")
     hd = H // nH
