@@ -43,18 +43,21 @@ SMALL = {
 }
 
 
+def _small_model(folder, mt):
+    """Path of SMALL[mt]'s config.json in folder, its inventory built."""
+    cfg = transformers.AutoConfig.for_model(mt, **SMALL[mt]).to_dict()
+    cfg["model_type"] = mt
+    path = str(folder / f"{mt}.json")
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    ensure_for_model(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def small_models(tmp_path_factory):
     folder = tmp_path_factory.mktemp("small")
-    paths = {}
-    for mt, kw in SMALL.items():
-        cfg = transformers.AutoConfig.for_model(mt, **kw).to_dict()
-        cfg["model_type"] = mt
-        paths[mt] = str(folder / f"{mt}.json")
-        with open(paths[mt], "w") as f:
-            json.dump(cfg, f)
-        ensure_for_model(paths[mt])
-    return paths
+    return {mt: _small_model(folder, mt) for mt in SMALL}
 
 
 @pytest.mark.slow
@@ -148,11 +151,12 @@ def test_a_tied_embedding_gradient_sum_is_predicted():
         assert abs(p.phases["backward"][cat] / r.phases["backward"][cat] - 1) < 0.01, cat
 
 
-def test_eager_only_models_take_eager_and_refuse_sdpa(small_models):
-    spec = Spec(model=small_models["gpt_oss"], attn="auto")
+def test_eager_only_models_take_eager_and_refuse_sdpa(tmp_path):
+    gpt_oss = _small_model(tmp_path, "gpt_oss")  # only the model this needs (the fixture builds every type)
+    spec = Spec(model=gpt_oss, attn="auto")
     assert predict(spec).spec.attn == "eager"
     with pytest.raises(SpecError, match="--attn sdpa: gpt_oss runs only eager"):
-        predict(Spec(model=small_models["gpt_oss"], attn="sdpa"))
+        predict(Spec(model=gpt_oss, attn="sdpa"))
 
 
 def test_inventory_is_cached_by_config_hash(tmp_path, monkeypatch):
