@@ -22,8 +22,8 @@ distinct GPU), `allocated_bytes` and `device_totals`.
 from dataclasses import dataclass, field, fields, replace
 from functools import lru_cache
 
-from . import remote_code
 from . import categories as C
+from . import remote_code
 from .activations import (
     ActContext,
     ckpt_saved_per_token,
