@@ -15,7 +15,8 @@ Sources (GitHub mirrors of the Hub repos' files; commit : file, class):
              QWenMLP (558-568), QWenBlock (578), QWenModel (693-722), QWenLMHeadModel (980), RotaryEmbedding (1278)
   chatglm    THUDM/chatglm3-6b  czk1997/chatglm3-copy@456aa875 : modeling_chatglm.py RotaryEmbedding (125),
              SelfAttention (313-345), MLP (459-488), GLMBlock (522), GLMTransformer (600), Embedding (713),
-             ChatGLMModel (754-757); GLM-4's remote code (THUDM/glm-4-9b-chat) keeps these modules
+             ChatGLMModel (754-757). GLM-4's remote configs (THUDM/glm-4-9b-chat) carry the same fields plus
+             rope_ratio (a scale of RoPE's base); their modelling file was not read: the ChatGLM3 tree is assumed
   internlm2  internlm/internlm2-chat-7b  NanSang2000/S1mpleAgent@4275caa2 : modeling_internlm2.py
              InternLM2RotaryEmbedding (140-155), InternLM2MLP (241-243), InternLM2Attention (286-313),
              InternLM2DecoderLayer (601), InternLM2Model (794), InternLM2ForCausalLM (976); the fused wqkv's
