@@ -22,8 +22,10 @@ _FLOAT_DTYPES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
 _QUANT_SUFFIXES = (".weight_scale_inv", ".weight_scale", ".input_scale", ".scales", ".qzeros", ".g_idx", ".absmax",
                    ".quant_map", ".nested_absmax", ".nested_quant_map", ".SCB", ".weight_format", "_scales")
 _QUANT_MARKERS = (".quant_state.",)
-_EMBEDDINGS = ("embed_tokens", "wte", "wpe", "embed_in", "embed_positions")
+_EMBEDDINGS = ("embed_tokens", "wte", "wpe", "embed_in", "embed_positions",
+               "word_embeddings", "tok_embeddings")  # ChatGLM's and InternLM2's remote code (formulas/remote_code.py)
 _HEADS = ("lm_head", "embed_out")
+_REMOTE_HEADS = ("transformer.output_layer.weight", "output.weight")  # ChatGLM's and InternLM2's remote code
 # config.json quant_method → the --dtype of a pre-quantized checkpoint
 _QUANT_METHODS = {"fp8": "fp8", "gptq": "gptq-int4", "awq": "awq-int4", "mxfp4": "mxfp4"}
 
@@ -92,7 +94,7 @@ def _part(name):
     parts = name.split(".")
     if "layers" in parts or "h" in parts or "blocks" in parts:
         return "layers"
-    if parts[0] in _HEADS:
+    if parts[0] in _HEADS or name in _REMOTE_HEADS:
         return "head"
     if any(p in _EMBEDDINGS for p in parts):
         return "embed"

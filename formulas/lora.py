@@ -18,26 +18,38 @@ def default_targets(shape):
     if shape.lora_defaults:  # a general inventory: what peft maps the model type to
         return shape.lora_defaults
     default = DEFAULT_TARGETS.get(shape.model_type, ("q_proj", "v_proj"))
-    if shape.family == "generic" and not set(default) <= set(linear_modules(shape)):
+    if (shape.family == "generic" or shape.remote_code) and not set(default) <= set(linear_modules(shape)):
         raise ValueError(f"--lora-targets: peft has no default LoRA targets for {shape.model_type} and it has no "
                          f"q_proj/v_proj; name its modules (one of: {', '.join(sorted(linear_modules(shape))[:12])}) "
                          "or all-linear")
     return default
 
 
+def _keyed_linears(shape):
+    """[(key, tensor)] of the LoRA-targetable linear weights: the key is the leaf module name, or the full name
+    where one leaf name has two shapes (gpt2 attn.c_proj vs mlp.c_proj)."""
+    shapes, out = {}, []
+    for t in shape.tensors:
+        if t.kind == "linear" and t.module != "lm_head":
+            first = shapes.setdefault(t.module, t.shape)
+            out.append((t.module if first == t.shape else t.name.rsplit(".", 1)[0], t))
+    return out
+
+
 def linear_modules(shape):
     """Leaf names of the model's nn.Linear modules (LoRA-targetable), with (in, out, copies)."""
     mods = {}
-    for t in shape.tensors:
-        if t.kind == "linear" and t.module != "lm_head":
-            out_f, in_f = t.shape
-            prev = mods.get(t.module)
-            if prev and (prev[0], prev[1]) != (in_f, out_f):
-                # Same leaf name, different shape (gpt2 attn.c_proj vs mlp.c_proj): key by full name.
-                mods[t.name.rsplit(".", 1)[0]] = (in_f, out_f, t.count)
-            else:
-                mods[t.module] = (in_f, out_f, t.count + (prev[2] if prev else 0))
+    for key, t in _keyed_linears(shape):
+        out_f, in_f = t.shape
+        prev = mods.get(key)
+        mods[key] = (in_f, out_f, t.count + (prev[2] if prev else 0))
     return mods
+
+
+def adapted_roles(shape, targets):
+    """{module name the activation rules know: (in, out)} for the adapted modules: a remote-code module by the Llama
+    role it plays (Tensor.role: Qwen's fused c_attn adapts like one q_proj), every other module by its own name."""
+    return {t.role or key: (t.shape[1], t.shape[0]) for key, t in _keyed_linears(shape) if key in targets}
 
 
 def resolve_targets(shape, targets):

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, fields, replace
 from functools import lru_cache
 
 from . import categories as C
+from . import remote_code
 from .activations import (
     ActContext,
     ckpt_saved_per_token,
@@ -44,7 +45,7 @@ from .dtypes import BNB_DTYPES, DTYPE_BYTES
 from .elementwise import pick as _pick
 from .elementwise import to_int, vmax, vmin
 from .kv_cache import cache_summary, kv_cache_bytes
-from .lora import default_targets, lora_params, lora_tensors, resolve_targets
+from .lora import adapted_roles, default_targets, lora_params, lora_tensors, resolve_targets
 from .overhead import DEFAULT_OVERHEADS
 from . import recipes as R
 from .spec import Spec, SpecError, validate
@@ -231,6 +232,8 @@ def stack_shape(spec):
 def _static(spec, checkpoint=None):
     shape = stack_shape(spec)
     rl = R.rules(spec, shape)
+    if shape.remote_code:
+        remote_code.check_spec(spec, shape)
     cb = DTYPE_BYTES[spec.compute_dtype]
     kvb = DTYPE_BYTES[spec.kv_dtype]
     train = spec.mode == "train"
@@ -342,7 +345,7 @@ def _static(spec, checkpoint=None):
             ctx_kw = dict(linears_trainable=False, norms_trainable=False, int8_linears=spec.dtype == "int8",
                           bnb4_input_bytes=cb if bnb4_held else 0, bnb4_input_copied=act_bytes != cb,
                           experts_linear=behaviour(spec, "experts") == "linear", moe_param_lora=moe_merged > 0,
-                          lora={m: (i, o) for m, (i, o, _) in targets.items()},
+                          lora=adapted_roles(shape, targets),
                           lora_rank=spec.lora_rank, lora_x_bytes=tb, lora_input_copied=tb != act_bytes)
         grads = gradient_bytes(trainable, tb)
         master_copy = spec.precision == "master" and not fsdp_master
@@ -1066,6 +1069,8 @@ def _notes(st, spec=None):
         attends = any(g.kind in ("full", "sliding") for g in shape.cache_groups) or not shape.cache_groups
         if shape.attn_implementations == ("eager",) and s.attn == "eager" and attends:
             notes.append(f"{shape.model_type} runs eager attention only ({shape.inventory_source})")
+    if shape.remote_code:
+        notes[:0] = remote_code.notes(s, shape)
     if s.dtype in ("int8", "nf4", "fp4") and shape.is_moe:
         if behaviour(s, "experts") == "fused":
             notes.append("bitsandbytes via transformers quantizes nn.Linear only: transformers ≥ 5 fuses the MoE experts into "

@@ -49,6 +49,7 @@ class Tensor:
     count: int = 1  # copies in the whole model (layers × experts …)
     module: str = ""  # leaf module name used by LoRA / quantization targeting, e.g. "q_proj"
     dtype: str = ""  # storage dtype forced by the model (e.g. "fp32" router); "" = model dtype
+    role: str = ""  # a remote-code module's Llama counterpart (q_proj … down_proj) for the activation rules; "" = module
 
     @property
     def numel(self):
@@ -140,6 +141,7 @@ class ModelShape:
     attn_implementations: tuple = ()  # of sdpa / eager, what the model class runs; () = both
     lora_defaults: tuple = ()  # general inventory: peft's default LoRA targets for the model type, if it has them
     stored_quant: str = ""  # the --dtype the checkpoint ships in when its config names a quantization (mxfp4, fp8)
+    remote_code: str = ""  # the modelling file of a remote-code model this shape mirrors (formulas/remote_code.py)
     tensors: tuple = field(default=(), repr=False)  # parameter inventory
     buffers: tuple = field(default=(), repr=False)  # buffer inventory
 

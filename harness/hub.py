@@ -13,8 +13,8 @@ or model directory, or from the Hub the first bytes of each shard by HTTP range 
 weights — and returns (name, dtype, shape) per stored tensor; formulas.checkpoint turns them into
 bytes per category.
 
-The cache is looked up without importing huggingface_hub; it is imported only to reach the Hub (an
-optional dependency: `pip install huggingface_hub`, or the `hub` extra). Every request has a timeout
+The cache is looked up without importing huggingface_hub; it is imported only to reach the Hub (a
+dependency of vramlab, so a catalog prediction never pays for its import). Every request has a timeout
 (VRAMLAB_HUB_TIMEOUT, 10 s) and none is retried: a file's metadata is asked for first, without
 huggingface_hub's retries (which back off for minutes on an unreachable or failing Hub), and the
 download follows only when that answered. Every failure is a HubError: one line saying what could
@@ -114,8 +114,8 @@ def _huggingface_hub(repo, what, instead):
         from huggingface_hub import utils
     except ImportError:
         raise HubError(f"--model {repo}: {what} not in the Hugging Face cache {cache_dir()}, and reaching the Hub "
-                       "needs huggingface_hub (pip install huggingface_hub, or the checkout's '.[hub]' extra); "
-                       f"or {instead}") from None
+                       "needs huggingface_hub (pip install huggingface_hub; vramlab depends on it, so this install "
+                       f"lacks it); or {instead}") from None
     # Quiet: its retry warnings and progress bars would break the one line. Its logging module resets
     # the level when first loaded, so it is loaded (through the attribute) before the level is set.
     try:

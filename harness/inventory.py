@@ -29,6 +29,7 @@ import os
 
 from formulas.catalog import config_sha256, inventory_cache_dir, inventory_file_name
 from formulas.dtypes import DTYPE_BYTES
+from formulas.remote_code import REMOTE_CODE, needs_remote_code, unmapped_message
 from formulas.shapes import FAMILIES, INVENTORY_SCHEMA, UnsupportedModelError
 
 PROBE_TOKENS = 2  # prefill length of the cache probe (a sliding window keeps min(tokens, window - 1))
@@ -59,6 +60,8 @@ def check_causal_lm(cfg, name="config"):
     if cfg.get("is_encoder_decoder"):
         raise UnsupportedModelError(f"{name}: model_type {mt!r} is an encoder-decoder model, not a causal LM")
     if mt not in transformers.models.auto.configuration_auto.CONFIG_MAPPING_NAMES:
+        if needs_remote_code(cfg):
+            raise UnsupportedModelError(unmapped_message(cfg, name))
         raise UnsupportedModelError(f"{name}: model_type {mt!r} is not known to transformers {version} "
                                     "(a newer transformers may know it; remote code is not run)")
     causal = modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -571,7 +574,7 @@ def inventory_path(cfg, folder=None, version=None):
 def ensure_inventory(cfg, name="config", rebuild=False, folder=None):
     """Path of the inventory of `cfg` for the installed transformers, built and written to `folder` (default:
     the user cache) if missing. Hand-modelled model types need none (returns None)."""
-    if cfg.get("model_type") in FAMILIES:
+    if cfg.get("model_type") in FAMILIES or cfg.get("model_type") in REMOTE_CODE:
         return None
     path = inventory_path(cfg, folder)
     if os.path.isfile(path) and not rebuild:
@@ -595,7 +598,7 @@ def ensure_for_model(model_name):
     from formulas.catalog import get_shape, load_config, resolve_config_path
 
     cfg = load_config(model_name)
-    if cfg.get("model_type") in FAMILIES:
+    if cfg.get("model_type") in FAMILIES or cfg.get("model_type") in REMOTE_CODE:
         return None
     try:
         get_shape(model_name)  # a shipped or cached inventory already answers
@@ -607,9 +610,11 @@ def ensure_for_model(model_name):
         import transformers  # noqa: F401
     except ImportError:
         mt = cfg.get("model_type")
+        remote = (" (if transformers knows the model type: its config also names remote code, which vramlab does not "
+                  "run)" if needs_remote_code(cfg) else "")
         raise UnsupportedModelError(
             f"--model {model_name}: model_type {mt!r} is not hand-modelled and has no inventory yet; its inventory is "
-            "built once from transformers: pip install torch transformers") from None
+            f"built once from transformers: pip install torch transformers{remote}") from None
     import sys
     import time
 

@@ -29,6 +29,9 @@ GPU do not change.
 
 Records of an older schema are read through `migrate`; one that cannot be migrated without
 guessing is refused as "older schema", never misread.
+
+The format is written down as a JSON Schema (draft 2020-12) in record.schema.json beside this module
+(SCHEMA_FILE, shipped in the wheel); tests/test_interfaces.py validates every committed record against it.
 """
 
 import glob
@@ -40,6 +43,7 @@ from formulas import categories as C
 from formulas.units import MiB
 
 SCHEMA_VERSION = 3
+SCHEMA_FILE = os.path.join(os.path.dirname(__file__), "record.schema.json")  # the format as a JSON Schema
 OUTCOMES = ("ok", "oom", "error", "timeout", "crashed", "unsupported")
 _NOT_RECORDS = ("machine.json", "sweep.json")  # what else a record folder may hold
 

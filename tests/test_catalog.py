@@ -80,7 +80,9 @@ def _transformers_count(path):
 
 
 @pytest.mark.transformers
-@pytest.mark.parametrize("name", catalog_names())
+# remote-code models, which transformers does not build, are checked against their checkpoints' sizes instead
+# (tests/test_remote_code.py)
+@pytest.mark.parametrize("name", [n for n in catalog_names() if not get_shape(n).remote_code])
 def test_param_count_equals_transformers_meta(name):
     path = resolve_config_path(name)
     assert get_shape(name).n_params == _transformers_count(path)

@@ -151,6 +151,7 @@ def engine(tmp_path, monkeypatch):
     return llamacpp
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype,ctx,fa,kv", [("q4_k_m", 1000, False, "f16"), ("q8_0", 2048, True, "f16"),
                                              ("q4_0", 4096, True, "q8_0")])
 def test_engine_log_matches_formula(engine, monkeypatch, dtype, ctx, fa, kv):

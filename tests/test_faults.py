@@ -182,6 +182,7 @@ def _standins():
     return pids
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc and the parent-death signal")
 @pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
 def test_five_sigkills_of_the_launcher_then_a_resume(tmp_path, warm):

@@ -43,20 +43,24 @@ SMALL = {
 }
 
 
+def _small_model(folder, mt):
+    """Path of SMALL[mt]'s config.json in folder, its inventory built."""
+    cfg = transformers.AutoConfig.for_model(mt, **SMALL[mt]).to_dict()
+    cfg["model_type"] = mt
+    path = str(folder / f"{mt}.json")
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    ensure_for_model(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def small_models(tmp_path_factory):
     folder = tmp_path_factory.mktemp("small")
-    paths = {}
-    for mt, kw in SMALL.items():
-        cfg = transformers.AutoConfig.for_model(mt, **kw).to_dict()
-        cfg["model_type"] = mt
-        paths[mt] = str(folder / f"{mt}.json")
-        with open(paths[mt], "w") as f:
-            json.dump(cfg, f)
-        ensure_for_model(paths[mt])
-    return paths
+    return {mt: _small_model(folder, mt) for mt in SMALL}
 
 
+@pytest.mark.slow
 def test_45_popular_types_weights_within_1_percent():
     """The bar: ≥ 90% of 45 popular causal-LM types (default configs cut to 4 layers) within 1% of meta."""
     import inventory_bar
@@ -105,6 +109,7 @@ def _trace(model, **kw):
     return trace(Spec(model=model, attn="auto", **kw))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mt", list(SMALL))
 def test_cache_and_state_equal_the_traced_bytes(small_models, mt):
     """KV cache and recurrent state after prefill + decode: the cache groups' bytes, to the byte."""
@@ -124,6 +129,7 @@ def test_cache_and_state_equal_the_traced_bytes(small_models, mt):
                      "qwen3_next": {"state", "full"}, "jamba": {"state", "full"}}[mt]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mt", list(SMALL))
 @pytest.mark.parametrize("mode", ["inference", "train"])
 @pytest.mark.parametrize("seq", [64, 512])
@@ -145,11 +151,12 @@ def test_a_tied_embedding_gradient_sum_is_predicted():
         assert abs(p.phases["backward"][cat] / r.phases["backward"][cat] - 1) < 0.01, cat
 
 
-def test_eager_only_models_take_eager_and_refuse_sdpa(small_models):
-    spec = Spec(model=small_models["gpt_oss"], attn="auto")
+def test_eager_only_models_take_eager_and_refuse_sdpa(tmp_path):
+    gpt_oss = _small_model(tmp_path, "gpt_oss")  # only the model this needs (the fixture builds every type)
+    spec = Spec(model=gpt_oss, attn="auto")
     assert predict(spec).spec.attn == "eager"
     with pytest.raises(SpecError, match="--attn sdpa: gpt_oss runs only eager"):
-        predict(Spec(model=small_models["gpt_oss"], attn="sdpa"))
+        predict(Spec(model=gpt_oss, attn="sdpa"))
 
 
 def test_inventory_is_cached_by_config_hash(tmp_path, monkeypatch):
@@ -197,6 +204,7 @@ def test_cached_prediction_stays_fast_without_torch():
     assert float(r.stdout.strip().splitlines()[-1]) < 0.5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type, message", [
     ("bert", "model_type 'bert' is an encoder-only model, not a causal LM"),
     ("t5", "model_type 't5' is an encoder-decoder model, not a causal LM"),
@@ -291,6 +299,7 @@ def test_lora_defaults_follow_peft_for_generic_models(tmp_path):
     assert any("query_key_value" in n for n in p.notes), p.notes
 
 
+@pytest.mark.slow
 def test_a_mamba_model_traces_and_its_state_is_the_cache(tmp_path):
     """A cache of SSM layers only holds no tokens; the workload does not ask it for a length."""
     path, _ = _small_config(tmp_path, "mamba", num_hidden_layers=2, hidden_size=64, vocab_size=256, state_size=8)

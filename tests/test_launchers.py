@@ -92,6 +92,7 @@ def _figures(out):
                              (r["traced"] or {}).get("breakdown")) for r in iter_records(str(out))}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher,flags", [("slurm", ["--slurm-cluster", "local"]), ("ray", [])])
 def test_cluster_launchers_give_the_local_records(tiny_sweep, tmp_path, capsys, request, launcher, flags):
     if launcher == "ray":
@@ -117,6 +118,7 @@ def test_cluster_launchers_give_the_local_records(tiny_sweep, tmp_path, capsys, 
 
 # ------------------------------------------------------------------ resume, retry, faults, interrupts (stand-in worker)
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", LAUNCHERS, indirect=True)
 def test_resume_runs_only_what_is_not_recorded(backend, tmp_path):
     s = _run(backend, _exps([32, 33]), tmp_path)
@@ -126,6 +128,7 @@ def test_resume_runs_only_what_is_not_recorded(backend, tmp_path):
     assert sorted(_runs(tmp_path)) == sorted(e.spec_hash for e in _exps([32, 33, 34]))  # none ran twice
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", LAUNCHERS, indirect=True)
 def test_killed_workers_and_tasks_end_in_one_fallback_record_each(backend, tmp_path):
     """12: the worker is killed (the task writes the fallback); 16: the task itself is killed (the submitter
@@ -144,6 +147,7 @@ def test_killed_workers_and_tasks_end_in_one_fallback_record_each(backend, tmp_p
     assert again.ran == 0 and again.skipped == 5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", LAUNCHERS, indirect=True)
 def test_retry_replaces_failure_records_with_the_rerun_ones(backend, tmp_path):
     exps = _exps([32, 13, 16])
@@ -171,6 +175,7 @@ def _standins_running(out):
     return pids
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc is Linux's")
 @pytest.mark.parametrize("backend", LAUNCHERS, indirect=True)
 def test_interrupt_cancels_the_tasks_and_keeps_the_records(backend, tmp_path):

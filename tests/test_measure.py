@@ -273,6 +273,7 @@ def test_the_tracker_counts_real_tensors_as_it_counts_fake_ones(tmp_path, fields
     assert real.breakdown == fake.breakdown
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,dtype", [("qlora", "nf4"), ("lora", "int8")], ids=["qlora", "int8-lora"])
 @pytest.mark.parametrize("kbit", [True, False], ids=["kbit-prep", "no-kbit-prep"])
 @pytest.mark.parametrize("ckpt", [True, False], ids=["ckpt", "no-ckpt"])

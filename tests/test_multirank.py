@@ -146,6 +146,7 @@ def test_single_and_multi_gpu_experiments_pack_onto_the_given_gpus(tmp_path):
 
 # ------------------------------------------------------------------ ranks rehearsed on the CPU (gloo)
 
+@pytest.mark.slow
 def test_fsdp_and_ddp_ranks_make_one_record_each_with_every_rank(tmp_path):
     pytest.importorskip("pandas")
     from harness.analysis.frame import records_frame
@@ -192,6 +193,7 @@ def test_what_a_rehearsal_cannot_build_is_unsupported_before_any_rank_starts(tmp
     assert needle in rec["error"]["message"] and rec["rehearsed"] is None and rec["env"]["device"] == "cpu"
 
 
+@pytest.mark.slow
 @linux_only
 def test_a_killed_rank_fails_the_experiment_with_one_record_and_leaves_no_process(tmp_path, monkeypatch):
     monkeypatch.setenv("VRAMLAB_TEST_RANK_FAULT", "1:backward:kill")
@@ -205,6 +207,7 @@ def test_a_killed_rank_fails_the_experiment_with_one_record_and_leaves_no_proces
     assert _none_left(exp.spec_hash), "a rank, torchrun or the worker outlived the experiment"
 
 
+@pytest.mark.slow
 @linux_only
 def test_a_raising_rank_and_ranks_past_their_timeout_are_one_record_each(tmp_path, monkeypatch):
     monkeypatch.setenv("VRAMLAB_TEST_RANK_FAULT", "0:forward:raise")

@@ -19,9 +19,9 @@ SITE = os.path.join(ROOT, ".stacks", f"transformers-{OLDEST}")
 # (mlp.gate) in the compute dtype, 5.24 pins it to fp32, so the tiny MLA model's weights differ by 1 KiB.
 KNOWN_STACK_DIFFERENCES = ("inf-mla-bf16-sdpa", "train-mla-bf16-pure", "train-mla-bf16-lora")
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     not os.path.isdir(SITE),
-    reason=f"no {SITE}: python3 -m pip install --target {os.path.relpath(SITE, ROOT)} transformers=={OLDEST}")
+    reason=f"no {SITE}: python3 -m pip install --target {os.path.relpath(SITE, ROOT)} transformers=={OLDEST}")]
 
 
 def _env():

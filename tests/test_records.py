@@ -57,6 +57,20 @@ def test_traced_records_keep_traced_figures_under_traced(traced_sweep):
         assert set(r["predicted"]["breakdown"]) >= {"cuda_context", "workspaces", "allocator_slack"}
 
 
+def test_traced_records_follow_the_record_schema(traced_sweep):
+    """harness/record.schema.json holds for records the worker writes now, not only for the committed ones."""
+    jsonschema = pytest.importorskip("jsonschema")
+    from harness.records import SCHEMA_FILE
+
+    with open(SCHEMA_FILE, encoding="utf-8") as f:
+        validator = jsonschema.Draft202012Validator(json.load(f))
+    for name in os.listdir(traced_sweep):
+        if name.endswith(".json"):
+            with open(os.path.join(traced_sweep, name), encoding="utf-8") as f:
+                errors = list(validator.iter_errors(json.load(f)))
+            assert not errors, (name, errors[0].json_path, errors[0].message[:300])
+
+
 def test_traced_csv_has_empty_measured_and_filled_traced_columns(traced_sweep, tmp_path, capsys):
     pd = pytest.importorskip("pandas")
     csv = tmp_path / "out.csv"

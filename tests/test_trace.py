@@ -344,6 +344,7 @@ def test_allocator_merges_free_neighbours():
 
 # ------------------------------------------------------------------ full size (a few seconds each on fake tensors)
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fields", [
     dict(model="meta-llama/Llama-3.1-8B", seq=2048, gen=4, attn="eager"),
     dict(model="meta-llama/Llama-3.1-8B", mode="train", seq=2048, method="lora"),

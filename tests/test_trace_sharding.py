@@ -15,6 +15,7 @@ from formulas.spec import Spec
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
+pytestmark = pytest.mark.slow  # every test traces each fake rank of a real FSDP2 / DDP / TP run
 
 PEAK_TOLERANCE = 0.10
 STATE = (C.WEIGHTS, C.GRADIENTS, C.OPTIMIZER_STATES, C.MASTER_WEIGHTS)

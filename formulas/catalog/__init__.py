@@ -12,9 +12,12 @@ import json
 import os
 from functools import lru_cache
 
+from ..remote_code import REMOTE_CODE, needs_remote_code, shape_from_remote_config
 from ..shapes import FAMILIES, UnsupportedModelError, _config_dtype, shape_from_config, shape_from_inventory
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
+# Configs of models that need remote code, mapped to a family without running it (formulas/remote_code.py).
+REMOTE_CONFIG_DIR = os.path.join(os.path.dirname(__file__), "remote_code")
 # Inventories of the shipped configs whose model type is not hand-modelled (built by harness/inventory.py).
 INVENTORY_DIR = os.path.join(os.path.dirname(__file__), "inventories")
 
@@ -23,26 +26,35 @@ class UnknownModelError(ValueError):
     """A model name that is neither in the catalog nor a readable path."""
 
 
+def _config_files():
+    """Paths of every shipped config.json, the remote-code ones included."""
+    return [os.path.join(folder, fn) for folder in (CONFIG_DIR, REMOTE_CONFIG_DIR)
+            for fn in sorted(os.listdir(folder)) if fn.endswith(".json")]
+
+
 @lru_cache(maxsize=1)
 def _index():
     """lower-case alias → file path; aliases are the repo id and the bare repo name."""
     idx = {}
-    for fn in sorted(os.listdir(CONFIG_DIR)):
-        if not fn.endswith(".json"):
-            continue
-        stem = fn[: -len(".json")]
+    for path in _config_files():
+        stem = os.path.basename(path)[: -len(".json")]
         org, _, repo = stem.partition("--")
-        path = os.path.join(CONFIG_DIR, fn)
         for alias in (f"{org}/{repo}", repo, stem):
             idx.setdefault(alias.lower(), path)
     return idx
 
 
+def shipped_repo(path):
+    """'org/name' when path is one of the shipped configs (files are named org--name.json), else None."""
+    folder, fn = os.path.split(os.path.abspath(path))
+    if folder in (CONFIG_DIR, REMOTE_CONFIG_DIR) and fn.endswith(".json"):
+        return fn[: -len(".json")].replace("--", "/", 1)
+    return None
+
+
 def catalog_names():
     """Hugging Face ids of every shipped config."""
-    return sorted(
-        fn[: -len(".json")].replace("--", "/", 1) for fn in os.listdir(CONFIG_DIR) if fn.endswith(".json")
-    )
+    return sorted(os.path.basename(p)[: -len(".json")].replace("--", "/", 1) for p in _config_files())
 
 
 def resolve_config_path(name):
@@ -136,9 +148,12 @@ def find_inventory(cfg):
 
 
 def _shape_of(cfg, label):
-    """Hand-modelled families from the config; any other model type from its inventory."""
+    """Hand-modelled families from the config, mapped remote-code models from theirs (formulas/remote_code.py);
+    any other model type from its inventory."""
     if not isinstance(cfg, dict) or cfg.get("model_type") in FAMILIES:
         return shape_from_config(cfg, label)
+    if cfg.get("model_type") in REMOTE_CODE:
+        return shape_from_remote_config(cfg, label)
     return dataclasses.replace(_inventory_shape(cfg, label), stored_quant=_stored_quant(cfg))
 
 
@@ -155,9 +170,12 @@ def _inventory_shape(cfg, label):
     if path is None:
         mt = cfg.get("model_type")
         arch = ", ".join(cfg.get("architectures") or []) or "?"
+        remote = (f"; its config names remote code ({', '.join(sorted(set(map(str, cfg['auto_map'].values()))))}), "
+                  "which vramlab does not run, so only a model type transformers itself knows can be built"
+                  if needs_remote_code(cfg) else "")
         raise UnsupportedModelError(
             f"{label}: model_type {mt!r} (architectures: {arch}) is not hand-modelled and has no inventory yet; "
-            "vramlab builds one from transformers on first use (needs torch and transformers installed)")
+            f"vramlab builds one from transformers on first use (needs torch and transformers installed){remote}")
     try:
         with open(path, encoding="utf-8") as f:
             inv = json.load(f)
@@ -171,9 +189,7 @@ def _inventory_shape(cfg, label):
 def get_shape(name):
     """ModelShape for a catalog name or a config path (cached)."""
     path = resolve_config_path(name)
-    label = name if not os.path.exists(name) else path
-    if path.startswith(CONFIG_DIR):
-        label = os.path.basename(path)[: -len(".json")].replace("--", "/", 1)
+    label = shipped_repo(path) or (name if not os.path.exists(name) else path)
     return _shape_of(load_config(name), label)
 
 

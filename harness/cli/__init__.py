@@ -33,10 +33,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
+def _one_line_each(prog):
+    """`vramlab --help`: every command on one line (argparse would wrap them at the terminal's width)."""
+    return argparse.HelpFormatter(prog, max_help_position=16, width=160)
+
+
 def build_parser():
-    p = _Parser(prog="vramlab", description="How much GPU memory an LLM needs — predicted, traced, measured.")
+    p = _Parser(prog="vramlab", description="How much GPU memory an LLM needs — predicted, traced, measured.",
+                epilog="`vramlab COMMAND --help` lists a command's flags.", formatter_class=_one_line_each)
     p.add_argument("--version", action="version", version=f"vramlab {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
     for verb in VERBS:
         verb.add_parsers(sub)
     return p

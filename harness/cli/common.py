@@ -19,7 +19,17 @@ OPTIONAL_PACKAGES = {"torch": "torch", "transformers": "transformers", "accelera
                      "bitsandbytes": "bitsandbytes", "pynvml": "nvidia-ml-py", "pandas": "pandas", "numpy": "numpy",
                      "yaml": "pyyaml", "tqdm": "tqdm", "matplotlib": "matplotlib", "submitit": "submitit", "ray": "ray"}
 EXTRAS = {"submitit": "slurm", "ray": "ray"}  # `vramlab run --launcher slurm|ray`: extras of their own
-INSTALL_HINT = "pip install -e '.[harness]'"
+
+
+def install_hint(extra="harness"):
+    """How to add an extra: to the checkout (an editable install), or by name where vramlab is an installed wheel."""
+    import os
+
+    from ..paths import ROOT
+
+    if os.path.isfile(os.path.join(ROOT, "pyproject.toml")):
+        return f"pip install -e '.[{extra}]'"
+    return f"pip install 'vramlab[{extra}]'"
 
 
 def _targets(text):
@@ -229,6 +239,6 @@ def run_command(command, func, args):
         top = (e.name or "").split(".")[0]
         if top not in OPTIONAL_PACKAGES:
             raise
-        hint = f"pip install -e '.[{EXTRAS[top]}]'" if top in EXTRAS else INSTALL_HINT
+        hint = install_hint(EXTRAS.get(top, "harness"))
         print(f"vramlab {command}: needs {OPTIONAL_PACKAGES[top]}, which is not installed: {hint}", file=sys.stderr)
         return 2

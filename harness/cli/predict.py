@@ -64,14 +64,14 @@ def render_prediction(pred, gpu=None, stack=None):
 
 def checkpoint_of(model_arg, spec):
     """(StoredWeights, where read) of the model's checkpoint, from its safetensors headers."""
-    from formulas.catalog import CONFIG_DIR, get_shape, load_config, resolve_config_path
+    from formulas.catalog import get_shape, load_config, resolve_config_path, shipped_repo
     from formulas.checkpoint import stored_weights
 
     from ..hub import checkpoint_tensors
 
     path = resolve_config_path(spec.model)
     # a shipped config stands for its Hub repo (the file is named org--name.json)
-    source = os.path.basename(path)[:-len(".json")].replace("--", "/", 1) if path.startswith(CONFIG_DIR) else path
+    source = shipped_repo(path) or path
     tensors, where = checkpoint_tensors(source)
     return stored_weights(tensors, get_shape(spec.model), load_config(spec.model)), where
 

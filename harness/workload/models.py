@@ -115,6 +115,13 @@ def transformers_config(cfg):
     """A transformers config from a config.json dict, without quantization or remote code."""
     import transformers
 
+    from formulas.remote_code import REMOTE_CODE
+    from formulas.shapes import UnsupportedModelError
+
+    if cfg.get("model_type") in REMOTE_CODE:
+        raise UnsupportedModelError(f"model_type {cfg['model_type']!r} runs the repo's own remote code, which vramlab "
+                                    "does not run: it is predicted from that code's module tree (vramlab predict), not "
+                                    "built, traced or measured")
     cfg = dict(cfg)
     for key in _DROPPED_CONFIG_KEYS:
         cfg.pop(key, None)
