@@ -95,12 +95,14 @@ def test_plan_answers_quickly_at_the_largest_search(capsys):
     assert main(["plan", "--model", "DeepSeek-R1", "--mode", "train", "--seq", "8192", "--gpu", "RTX 3060",
                  "--max-gpus", "1048576", "--json"]) == 0
     assert time.perf_counter() - t0 < 1.0
-    assert json.loads(capsys.readouterr().out)["fewest"]["gpus"] is None
+    fewest = json.loads(capsys.readouterr().out)["fewest"]  # 671B trained in full on 12 GB cards: thousands of them
+    assert fewest["gpus"] is None or 1024 <= fewest["gpus"] <= 1048576
     t0 = time.perf_counter()  # a deadline that needs a million GPUs: the speed search stays short too
     assert main(["plan", "--model", "DeepSeek-R1", "--mode", "train", "--method", "lora", "--tokens", "10T",
                  "--deadline", "1h", "--gpu", "H100", "--json"]) == 0
     assert time.perf_counter() - t0 < 1.0
-    assert json.loads(capsys.readouterr().out)["time"]["gpus_for_deadline"] > 1_000_000
+    t = json.loads(capsys.readouterr().out)["time"]  # compute alone needs more GPUs than the search goes to
+    assert t["gpus_for_deadline"] is None and t["gpus_for_compute"] > 1_000_000
 
 
 # ------------------------------------------------------------------ sweeps
@@ -267,9 +269,10 @@ def test_markdown_report_is_escaped(tmp_path):
 
 def test_calibration_with_negative_overheads_is_refused(tmp_path, capsys):
     table = tmp_path / "cal.csv"
-    table.write_text("parameter,value,note\ncuda_context_bytes,-1000000000,\nworkspaces_bytes,0,\n"
-                     "allocator_slack_fraction,0.05,\nallocator_slack_min_bytes,0,\n")
-    one_line(capsys, ["predict", "--model", "gpt2", "--calibration", str(table)], needles=["cuda_context_bytes", "≥ 0"])
+    table.write_text("parameter,value,note\ncuda_context_bytes,-1000000000,\nkernel_images.gemm,0,\nkernel_images.bnb_int8,0,\n"
+                     "kernel_images.train,0,\n"
+                     "slack_share.inference,0.25,\nslack_share.train,0.25,\n")
+    one_line(capsys, ["predict", "--model", "gpt2", "--calibration", str(table)], needles=["context", "≥ 0"])
 
 
 def test_check_fails_when_the_sets_do_not_overlap(tmp_path, capsys):

@@ -15,7 +15,7 @@ from harness.records import SCHEMA_FILE, record_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # published measurement *sets* (the inputs `vramlab import` reads), not records
-_NOT_RECORDS = (os.path.join("results", "published", "engines") + os.sep,)
+_NOT_RECORDS = (os.path.join("results", "published", "engines") + os.sep, os.path.join("results", "allocator") + os.sep)
 
 
 def _python_api_blocks():

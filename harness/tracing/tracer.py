@@ -105,6 +105,18 @@ def cuda_sdpa_backend(query, key, value, attn_mask=None, enable_gqa=False, spec=
     return backend
 
 
+def installed_torch(spec):
+    """`spec` with the installed torch in its stack: the kernels the tracer runs are the installed torch's (its meta
+    functions, e.g. whether the memory-efficient kernel takes grouped K/V heads), whatever torch the spec asks for —
+    `vramlab trace` runs the installed libraries, and names the behaviours that differ from the asked stack."""
+    from ..env import installed_versions
+
+    version = installed_versions().get("torch")
+    if spec is None or not version:
+        return spec
+    return spec.replace(stack=tuple((p, v) for p, v in spec.stack if p != "torch") + (("torch", version),))
+
+
 @contextlib.contextmanager
 def _cuda_like_kernels(notes, spec=None, cc=None):
     """Route dropout and SDPA to the kernels CUDA would run (see the module docstring); `spec`: whose stack decides
@@ -370,7 +382,7 @@ def _trace_rank(spec, shape, rank, overheads=None, allocator_config=None, keep_s
     notes = []
     fake_mode = FakeTensorMode()
     ranks = fake_ranks(spec.gpus, rank) if rank is not None else contextlib.nullcontext()
-    with ranks, fake_mode, _cuda_like_kernels(notes, spec, (overheads or DEFAULT_OVERHEADS).cc):
+    with ranks, fake_mode, _cuda_like_kernels(notes, installed_torch(spec), (overheads or DEFAULT_OVERHEADS).cc):
         with _fake_module_conversions(fake_mode):
             model = build_model(spec)
         n_params = sum(p.numel() for p in model.parameters())
