@@ -26,10 +26,12 @@ def add_engine_arguments(p):
                    help="llama.cpp: total KV cells (-c); Ollama: num_ctx per sequence (default: the engine's)")
     g.add_argument("--parallel", type=int, default=None, help="llama.cpp -np / OLLAMA_NUM_PARALLEL")
     g.add_argument("--ubatch", type=int, default=512, help="llama.cpp -ub: tokens per compute graph (default 512)")
-    g.add_argument("--flash-attn", choices=("on", "off"), default=None,
-                   help="llama.cpp -fa (default off; Ollama: its version's default)")
-    g.add_argument("--gpu-layers", default="all", help="llama.cpp -ngl: layers on the GPUs, N or all (default)")
+    g.add_argument("--flash-attn", "-fa", choices=("on", "off", "auto"), default=None,
+                   help="llama.cpp -fa (default auto: on for CPU and CUDA; Ollama: its version's default)")
+    g.add_argument("--gpu-layers", "-ngl", "--n-gpu-layers", default="all",
+                   help="llama.cpp -ngl: layers on the GPUs, N or all (default)")
     g.add_argument("--ollama-version", default=None, help="Ollama release whose defaults apply (default: newest modelled)")
+    add_llamacpp_arguments(p)
     g.add_argument("--gpu-total", default=None, metavar="SIZE",
                    help="vLLM/SGLang: the card's total memory, e.g. 24GiB (default: --gpu's reported total)")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vLLM (default 0.9)")
@@ -41,6 +43,38 @@ def add_engine_arguments(p):
     g.add_argument("--vllm-version", default=None, help="vLLM release whose accounting applies (default: newest modelled)")
     g.add_argument("--mem-fraction-static", type=float, default=0.0, help="SGLang (default: its tp-based default)")
     g.add_argument("--max-total-tokens", type=int, default=0, help="SGLang --max-total-tokens")
+
+
+def add_llamacpp_arguments(p):
+    """llama.cpp's and Ollama's own flags (harness/cli/llamacpp.py reads them)."""
+    g = p.add_argument_group("llama.cpp and Ollama", "placement, --fit and Ollama's environment; --model may be a "
+                             ".gguf file (split files found from any part) or ORG/REPO with --gguf FILE")
+    g.add_argument("--gguf", default=None, metavar="FILE", help="a GGUF file in the Hub repo --model names (headers "
+                   "read by range requests)")
+    g.add_argument("--tensor-split", "-ts", default=None, help="llama.cpp -ts: proportions per GPU, e.g. 3,1")
+    g.add_argument("--split-mode", "-sm", default="layer", choices=("layer", "row", "none"), help="llama.cpp -sm")
+    g.add_argument("--override-tensor", "-ot", action="append", default=None, metavar="REGEX=BUFFER",
+                   help="llama.cpp -ot: tensors matching REGEX in buffer CPU or CUDA<n> (repeat, or comma lists)")
+    g.add_argument("--cpu-moe", "-cmoe", action="store_true", help="llama.cpp --cpu-moe: every expert tensor in host RAM")
+    g.add_argument("--n-cpu-moe", "-ncmoe", default=None, metavar="N",
+                   help="llama.cpp --n-cpu-moe: the expert tensors of the first N layers in host RAM")
+    g.add_argument("--swa-full", action="store_true", help="llama.cpp --swa-full: sliding-window layers keep every cell")
+    g.add_argument("--no-kv-offload", action="store_true", help="llama.cpp -nkvo: the KV cache in host RAM")
+    g.add_argument("--no-op-offload", action="store_true",
+                   help="llama.cpp --no-op-offload: big batches do not copy host weights to the GPU")
+    g.add_argument("--fit", action="store_true", help="llama.cpp --fit (llama-server's default): choose -c, -ngl, "
+                   "-ts and expert placement for the GPUs' free memory, as common/fit.cpp does")
+    g.add_argument("--fit-target", default=None, metavar="MIB[,MIB…]",
+                   help="llama.cpp --fit-target: free MiB kept per GPU (default 1024)")
+    g.add_argument("--fit-ctx", type=int, default=None, help="llama.cpp --fit-ctx: smallest context --fit may pick "
+                   "(default 4096)")
+    g.add_argument("--gpu-free", default=None, metavar="SIZE[,SIZE…]",
+                   help="free memory per GPU (default: the --gpu card's memory less a CUDA context)")
+    g.add_argument("--host-ram", default=None, metavar="SIZE", help="host RAM, e.g. 192GiB (to say whether the host "
+                   "part fits)")
+    g.add_argument("--ollama-env", action="append", default=None, metavar="KEY=VALUE",
+                   help="Ollama's environment: OLLAMA_NUM_PARALLEL, OLLAMA_FLASH_ATTENTION, OLLAMA_KV_CACHE_TYPE, "
+                   "OLLAMA_SCHED_SPREAD, OLLAMA_GPU_OVERHEAD, OLLAMA_CONTEXT_LENGTH")
 
 
 def engine_flags(a):
