@@ -26,6 +26,7 @@ MIB = 1 << 20
 
 _KV_TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1",
              "iq4_nl": "IQ4_NL", "q5_0": "Q5_0", "q5_1": "Q5_1"}  # common/arg.cpp kv_cache_types
+KV_CACHE_TYPES = tuple(_KV_TYPES)
 CPU_ALIGNMENT = 32  # ggml/src/ggml-impl.h TENSOR_ALIGNMENT (CPU and CUDA_Host buffer types)
 CUDA_ALIGNMENT = 128  # ggml-cuda.cu ggml_backend_cuda_buffer_type_get_alignment
 CUDA_MATRIX_ROW_PADDING = 512  # ggml-cuda/common.cuh MATRIX_ROW_PADDING: quantized rows padded (get_alloc_size)
@@ -307,6 +308,7 @@ def model_for(source, dtype=None, name="config"):
     converted file as convert_hf_to_gguf writes it."""
     from .convert import convert_config
     from .quantize import FTYPES, ftype_of, quantize_model
+    from .recipes import RECIPES
 
     if isinstance(source, GGUFModel):
         if dtype not in (None, "", "stored"):
@@ -314,6 +316,11 @@ def model_for(source, dtype=None, name="config"):
         return source
     src_dtype = None
     ftype = None
+    recipe = RECIPES.get(str(dtype).lower()) if dtype else None
+    if recipe:
+        model = convert_config(source, None, name)
+        return quantize_model(model, recipe["base"], quant_facts(hparams_of(model)), recipe["tensor_types"],
+                              recipe.get("output_type"), recipe.get("embd_type"))
     if dtype not in (None, "", "stored"):
         ftype = ftype_of(dtype)
         if ftype in ("f16", "bf16", "f32"):

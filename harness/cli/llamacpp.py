@@ -111,7 +111,8 @@ def parse_gpus(a, count_flag):
         except ValueError as e:
             raise ValueError(f"--gpu-free {a.gpu_free}: {e}") from None
     if not names and not free:
-        return []
+        # no card named: --gpus anonymous GPUs of unknown size (0: the CPU alone)
+        return [("GPU", 0, 0)] * count_flag
     if not names:
         names = ["GPU"] * len(free)
     ctx = DEFAULT_OVERHEADS.cuda_context_bytes
@@ -174,6 +175,10 @@ def settings_from_args(a, taken, n_gpus, for_fit=False):
     kw["flash_attn"] = None if a.flash_attn in (None, "auto") else a.flash_attn == "on"
     kv = taken.get("kv_dtype")
     if kv:
+        from formulas.engines.llamacpp import KV_CACHE_TYPES
+
+        if kv not in KV_CACHE_TYPES:
+            raise ValueError(f"--kv-dtype {kv}: llama.cpp's -ctk/-ctv take {', '.join(KV_CACHE_TYPES)}")
         kw["kv_dtype"] = kv
     return LlamaCppSettings(**kw)
 
@@ -185,10 +190,13 @@ def _device_lines(r, gpus, ctx_bytes):
     for g, (name, total, free) in enumerate(gpus):
         b = r.device_bytes(g)
         seen = b + ctx_bytes
-        verdict = "fits" if seen <= total else "does not fit"
-        out.append(f"  CUDA{g} {name}: model {_gib(r.model_buffer_bytes[g])} + KV {_gib(r.kv_buffer_bytes[g] + (r.rs_buffer_bytes[g] if r.rs_buffer_bytes else 0))} "
-                   f"+ compute {_gib(r.compute_buffer_bytes[g])} = {_gib(b)} GiB; with the CUDA context {_gib(seen)} "
-                   f"of {_gib(total)} GiB: {verdict}, margin {(total - seen) / GiB:+.2f} GiB")
+        rs = r.rs_buffer_bytes[g] if r.rs_buffer_bytes else 0
+        line = (f"  CUDA{g} {name}: model {_gib(r.model_buffer_bytes[g])} + KV {_gib(r.kv_buffer_bytes[g] + rs)} "
+                f"+ compute {_gib(r.compute_buffer_bytes[g])} = {_gib(b)} GiB; with the CUDA context {_gib(seen)} GiB")
+        if total:
+            verdict = "fits" if seen <= total else "does not fit"
+            line += f" of {_gib(total)} GiB: {verdict}, margin {(total - seen) / GiB:+.2f} GiB"
+        out.append(line)
     return out
 
 
@@ -262,7 +270,8 @@ def cmd_predict_llamacpp(a, taken):
                "settings": {k: v for k, v in dataclasses.asdict(s).items()}, "engine": r.to_json(),
                "devices": [{"name": n, "total_bytes": t, "free_bytes": f, "buffers_bytes": r.device_bytes(g),
                             "with_cuda_context_bytes": r.device_bytes(g) + ctx_bytes,
-                            "fits": r.device_bytes(g) + ctx_bytes <= t} for g, (n, t, f) in enumerate(gpus)],
+                            "fits": r.device_bytes(g) + ctx_bytes <= t if t else None}
+                           for g, (n, t, f) in enumerate(gpus)],
                "host_bytes": r.host_bytes, "host_ram_bytes": host_ram,
                "peak_device_bytes": max([r.device_bytes(g) + ctx_bytes for g in range(len(gpus))] or [0])}
         if fit:
