@@ -32,6 +32,8 @@ NOT_CONVERTED = {
     "deepseek_v32": "llama.cpp's deepseek32 (DSA lightning indexer, its own indexer key cache in "
                     "src/llama-kv-cache-dsa.cpp) is not modelled here",
 }
+# transformers' default of tie_word_embeddings where a config leaves it out (the config classes, 5.25)
+_TIED_BY_DEFAULT = ("gemma2", "gemma3", "gemma3_text", "smollm3", "gpt2", "gpt_bigcode")
 _SRC_TYPES = {"bf16": "BF16", "fp16": "F16", "f16": "F16", "fp32": "F32", "f32": "F32"}
 
 
@@ -141,8 +143,9 @@ def _experts(w, i, H, ff_exp, n_exp, shexp=0, shexp_gate=False, probs_bias=False
 def _dims(cfg):
     H = cfg["hidden_size"]
     nh = cfg["num_attention_heads"]
+    tied = _get(cfg, "tie_word_embeddings", default=cfg.get("model_type") in _TIED_BY_DEFAULT)
     return (H, nh, _get(cfg, "num_key_value_heads", default=nh), _get(cfg, "head_dim", default=H // nh),
-            cfg["num_hidden_layers"], cfg["vocab_size"], bool(_get(cfg, "tie_word_embeddings", default=False)),
+            cfg["num_hidden_layers"], cfg["vocab_size"], bool(tied),
             int(_get(cfg, "max_position_embeddings", default=4096)))
 
 

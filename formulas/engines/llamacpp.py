@@ -991,10 +991,9 @@ def predict_model(model, s):
             # ggml-backend.cpp L970: with op offload, an op whose weight is in host memory runs on the GPU when the
             # batch is ≥ 32 tokens (ggml-cuda.cu offload_op); the weight is copied into that GPU's compute buffer.
             copies = _host_weight_copies(pl, hp)
-            if copies:
-                first = min(g for g in range(gpus) if any(d == g for d in lay)) if any(d >= 0 for d in lay) else 0
-                gpu_compute[first] += copies
-                notes.append(f"CUDA{first} compute buffer includes {copies / MIB:.0f} MiB for one layer's host "
+            if copies:  # the scheduler offers the op to the backends in order: CUDA0 takes it
+                gpu_compute[0] += copies
+                notes.append(f"CUDA0 compute buffer includes {copies / MIB:.0f} MiB for one layer's host "
                              "weights copied for big batches (op offload; --no-op-offload avoids it)")
         notes.append("CUDA compute buffers: the CPU replay of the reserve graph per device, not calibrated on a GPU")
     host_kv = kv_dev.pop(-1, 0)
