@@ -188,6 +188,8 @@ class Hparams:
     ssm_dt_rank: int
     model_type_70b: bool
     attn_bias: bool = False  # separate q/k/v biases (Qwen2, gpt-oss, GLM-4)
+    n_expert_groups_bias: bool = False  # DeepSeek-V3's exp_probs_b: selection on biased probabilities
+    expert_weights_norm: bool = False  # the selected experts' weights renormalised (sum_rows, div)
     qk_norm: bool = False  # per-head q/k RMS norms (Qwen3, Gemma 3)
 
     def n_embd_k_gqa(self, il):
@@ -290,6 +292,8 @@ def hparams_of(model):
         ssm_dt_rank=int(m.key("ssm.time_step_rank") or 0), model_type_70b=is_70b,
         attn_bias=m.tensor("blk.0.attn_q.bias") is not None or any(t.name.endswith("attn_q.bias") for t in m.tensors[:64]),
         qk_norm=any(t.name.endswith("attn_q_norm.weight") for t in m.tensors),
+        n_expert_groups_bias=any(t.name.endswith("exp_probs_b.bias") for t in m.tensors),
+        expert_weights_norm=bool(m.key("expert_weights_norm")),
     )
 
 
@@ -447,13 +451,22 @@ def place(model, hp, s, gpus):
     return Placement(tuple(lay), out, tuple(where), tuple(dup))
 
 
-def model_buffers(placement, gpus, use_mmap=False):
-    """{buffer name: bytes} of the model buffers (ggml_backend_alloc_ctx_tensors_from_buft: each tensor padded)."""
+def model_buffers(placement, gpus, use_mmap=False, row_split=None):
+    """{buffer name: bytes} of the model buffers (ggml_backend_alloc_ctx_tensors_from_buft: each tensor padded).
+
+    row_split: with -sm row, the proportions by which the CUDA split buffer type spreads each layer's matrix rows
+    over the GPUs (llama-model.cpp make_gpu_buft_list puts it first in every GPU's list); approximated as exact
+    proportions of the bytes (ggml-cuda rounds each device's row range, which this does not)."""
     out = {}
     host = []
+    total = sum(row_split) if row_split else 0
     for t, b in list(placement.where) + list(placement.duplicated):
         if b == "CPU":
             host.append(t.nbytes)
+        elif row_split and t.layer >= 0 and len(t.shape) >= 2 and t.name.endswith(".weight") and "_norm" not in t.name:
+            size = _pad(_cuda_alloc_bytes(t), CUDA_ALIGNMENT)
+            for g, share in enumerate(row_split):
+                out[f"CUDA{g}"] = out.get(f"CUDA{g}", 0) + size * share // total
         else:
             out[b] = out.get(b, 0) + _pad(_cuda_alloc_bytes(t), CUDA_ALIGNMENT)
     if host:
@@ -565,6 +578,8 @@ class _Gallocr:
     def new(self, name, nbytes, uses=1, inplace_of=None, output=False):
         """Allocate `name` (reusing `inplace_of` when it is its parent's last use), then retire that parent."""
         size = _pad(max(nbytes, 1), self.align)
+        if name in self.at:
+            raise AssertionError(f"replay bug: {name} allocated while still alive")
         if inplace_of is not None and self.users.get(inplace_of) == 1 and self.at[inplace_of][1] >= size:
             off, psize = self.at.pop(inplace_of)
             self.users.pop(inplace_of)
@@ -627,7 +642,10 @@ def _attn_block(a, hp, g, il, x, arch):
     a.use(x)
     a.new("normw", H * T * f4, uses=3, inplace_of="norm")
     fused_qkv = arch in ("phi3", "gpt2", "starcoder", "gptneox")
+    if fused_qkv:
+        a.users["normw"] = 1  # one matmul reads it
     if hp.is_mla:
+        a.users["normw"] = 2  # q (or q_a) and kv_a_mqa read it
         if hp.q_lora_rank:
             a.new("qa", hp.q_lora_rank * T * f4)
             a.use("normw")
@@ -655,23 +673,37 @@ def _attn_block(a, hp, g, il, x, arch):
     else:
         widths = (("q", nh * hd_q), ("v", kvh * hd_v), ("k", kvh * hd_k))  # build_attn expands q, v, k
         if fused_qkv:
+            # llama-graph.cpp build_qkv L1663-1700: one matmul (+ bias in place); Q, K, V are views of it, roped
+            # into new tensors (a view is never overwritten in place); V goes to the cache from the view
             a.new("qkv", sum(w for _, w in widths) * T * f4, uses=3)
-            a.use("normw", "normw", "normw")
-        for name, width in widths:
-            a.new(name, width * T * f4)
-            a.use("qkv" if fused_qkv else "normw")
-            if hp.attn_bias and not fused_qkv:
-                a.new(name + "b", width * T * f4, inplace_of=name)
-                a.new(name, width * T * f4, inplace_of=name + "b")
-            if name != "v" and hp.qk_norm:  # q_norm / k_norm: RMS norm of the reshaped view, × weight
-                a.new(name + "n", width * T * f4)
-                a.use(name)
-                a.new(name, width * T * f4, inplace_of=name + "n")
-            if name != "v" and hp.n_rot:
-                a.new(name + "r", width * T * f4)  # rope of a reshaped view: measured not in place
-                a.use(name, "inp_pos")
-        a.use("kr" if hp.n_rot else "k", "k_idxs", "v", "v_idxs")  # ggml_set_rows into the cache
-        q_name = "qr" if hp.n_rot else "q"
+            a.use("normw")
+            if hp.attn_bias:
+                a.new("qkvb", sum(w for _, w in widths) * T * f4, uses=3, inplace_of="qkv")
+                a.at["qkv"], a.users["qkv"] = a.at.pop("qkvb"), a.users.pop("qkvb")
+            for name, width in widths:
+                if name != "v" and hp.n_rot:
+                    a.new(name + "r", width * T * f4)
+                    a.use("qkv", "inp_pos")
+            a.use("kr" if hp.n_rot else "qkv", "k_idxs", "qkv", "v_idxs")
+            q_name = "qr" if hp.n_rot else "qkv"
+            if not hp.n_rot:
+                a.add_uses("qkv", 1)  # Q, the view, is read by the scores
+        else:
+            for name, width in widths:
+                a.new(name, width * T * f4)
+                a.use("normw")
+                if hp.attn_bias:
+                    a.new(name + "b", width * T * f4, inplace_of=name)
+                    a.new(name, width * T * f4, inplace_of=name + "b")
+                if name != "v" and hp.qk_norm:  # q_norm / k_norm: RMS norm of the reshaped view, × weight
+                    a.new(name + "n", width * T * f4)
+                    a.use(name)
+                    a.new(name, width * T * f4, inplace_of=name + "n")
+                if name != "v" and hp.n_rot:
+                    a.new(name + "r", width * T * f4)  # rope of a reshaped view: measured not in place
+                    a.use(name, "inp_pos")
+            a.use("kr" if hp.n_rot else "k", "k_idxs", "v", "v_idxs")  # ggml_set_rows into the cache
+            q_name = "qr" if hp.n_rot else "q"
     mask = "kq_mask_swa" if swa else "kq_mask"
     if g.flash_attn:
         a.new("att", hd_v * nh * T * f4)  # flash_attn_ext output [hd, n_head, T]; reshape_2d is a view
@@ -696,34 +728,60 @@ def _attn_block(a, hp, g, il, x, arch):
     return "o"
 
 
+def _is_moe_layer(hp, il):
+    return bool(hp.n_expert) and il >= hp.n_layer_dense_lead
+
+
+def _ffn_readers(hp, il, arch):
+    """How many matmuls read the FFN's input (it is freed after the last)."""
+    if _is_moe_layer(hp, il):
+        return 3 + (2 if hp.n_ff_shexp else 0)  # router, up, gate (+ the shared expert's up and gate)
+    gated = arch not in ("gpt2", "starcoder", "gptneox", "nemotron_h")
+    return 2 if gated and arch not in ("phi3", "glm4") else 1
+
+
 def _ffn_block(a, hp, g, il, x, rows, arch):
     """Feed-forward of one layer: dense (gated or not) or mixture of experts (+ shared expert)."""
     H, f4 = hp.n_embd, 4
-    moe = hp.n_expert and il >= hp.n_layer_dense_lead and not (arch == "llama" and not hp.n_expert)
-    if moe:
+    if _is_moe_layer(hp, il):
+        # llama-graph.cpp build_moe_ffn L2007-2370: router logits, probabilities, top-k (a view of the argsort),
+        # the selected experts' weights, then up / gate / activation / down over [n_ff_exp, k, n_tokens]
         E, k, ff = hp.n_expert, hp.n_expert_used, hp.n_ff_exp
         a.new("logits", E * rows * f4)
         a.use(x)
-        a.new("probs", E * rows * f4, inplace_of="logits")
-        a.new("topk", k * rows * 4)  # argsort_top_k: I32
-        a.new("argsort", E * rows * 4)
-        a.use("argsort")
+        a.new("probs", E * rows * f4, uses=2, inplace_of="logits")  # soft_max / sigmoid in place
+        sel = "probs"
+        if arch == "deepseek2" and hp.n_expert_groups_bias:
+            a.new("sel", E * rows * f4)  # probs + exp_probs_b: a new tensor, probs is read again
+            a.use("probs")
+            sel = "sel"
+        a.new("argsort", E * rows * 4, uses=1)  # argsort_top_k: the top-k is a view of it
+        a.use(sel)
+        a.add_uses("argsort", 3)  # read by get_rows and the three expert matmuls
         a.new("w", k * rows * f4)
-        a.use("probs")
+        a.use("probs", "argsort")
+        if hp.expert_weights_norm:
+            a.new("wsum", rows * f4)
+            a.new("wn", k * rows * f4, inplace_of="w")
+            a.use("wsum")
         a.new("up", ff * k * rows * f4)
+        a.use(x, "argsort")
         a.new("gate", ff * k * rows * f4)
+        a.use(x, "argsort")
         a.new("act", ff * k * rows * f4)
         a.use("gate", "up")
         a.new("down", H * k * rows * f4)
-        a.use("act", "topk")
-        a.new("wd", H * k * rows * f4, inplace_of="down")
-        a.use("w")
-        a.new("moe", H * rows * f4)
+        a.use("act", "argsort")
+        a.new("wd", H * k * rows * f4, inplace_of="down")  # × weights, in place
+        a.use("wn" if hp.expert_weights_norm else "w")
+        a.new("moe", H * rows * f4)  # the first add of the per-expert views; the others add in place
         a.use("wd")
         out = "moe"
         if hp.n_ff_shexp:
             a.new("sup", hp.n_ff_shexp * rows * f4)
+            a.use(x)
             a.new("sgate", hp.n_ff_shexp * rows * f4)
+            a.use(x)
             a.new("sact", hp.n_ff_shexp * rows * f4)
             a.use("sgate", "sup")
             a.new("sdown", H * rows * f4)
@@ -731,7 +789,6 @@ def _ffn_block(a, hp, g, il, x, rows, arch):
             a.new("ffo", H * rows * f4, inplace_of="moe")
             a.use("sdown")
             out = "ffo"
-        a.use(x)
         return out
     ff = hp.n_ff[il]
     gated = arch not in ("gpt2", "starcoder", "gptneox", "nemotron_h")
@@ -805,7 +862,7 @@ def compute_buffer_estimate(hp, g, align=CPU_ALIGNMENT, arch=None):
         else:  # nemotron_h MLP-only layer
             a.new("norm", H * T * f4)
             a.use("x")
-            a.new("normw", H * T * f4, uses=2, inplace_of="norm")
+            a.new("normw", H * T * f4, uses=_ffn_readers(hp, il, arch), inplace_of="norm")
             _ffn_block(a, hp, g, il, "normw", T, arch)
             a.new("o", H * T * f4)
             a.use("down")
@@ -830,7 +887,7 @@ def compute_buffer_estimate(hp, g, align=CPU_ALIGNMENT, arch=None):
             continue
         a.new("fn", H * rows * f4)
         a.use("res")
-        a.new("fnw", H * rows * f4, uses=2, inplace_of="fn")
+        a.new("fnw", H * rows * f4, uses=_ffn_readers(hp, il, arch), inplace_of="fn")
         out = _ffn_block(a, hp, g, il, "fnw", rows, arch)
         a.new("x", H * rows * f4, uses=2, inplace_of=out)
         a.use("res")
@@ -946,8 +1003,14 @@ def predict_model(model, s):
     if type_v not in ("F16", "F32", "BF16") and not flash:
         raise ValueError(f"kv_dtype {s.kv_dtype_v or s.kv_dtype}: a quantized V cache requires flash attention "
                          "(llama.cpp refuses it without)")
+    notes = []
     pl = place(model, hp, s, gpus)
-    bufs = model_buffers(pl, gpus, s.use_mmap)
+    row = None
+    if s.split_mode == "row" and gpus > 1:
+        row = tuple(int(x * 1000) for x in (s.tensor_split or (1,) * gpus))
+        notes.append("-sm row: matrix rows spread over the GPUs in proportion (ggml-cuda's rounding of row ranges "
+                     "not modelled)")
+    bufs = model_buffers(pl, gpus, s.use_mmap, row)
     n_ctx, n_ctx_seq, n_ctx_asked = kv_cells(s)
     n_seq = s.parallel if s.parallel > 0 else 4
     unified = _unified(s)
@@ -967,7 +1030,6 @@ def predict_model(model, s):
         if hp.is_recr[il]:
             d = pl.layer_dev[il] if s.offload_kqv else -1
             rs_dev[d] = rs_dev.get(d, 0) + (hp.n_embd_r + hp.n_embd_s) * 4 * rows
-    notes = []
     gsh = dict(n_tokens=T, n_kv=n_ctx_seq, n_kv_swa=swa or n_ctx_seq, flash_attn=flash, n_seqs=n_seq,
                n_stream=n_stream)
     gpu_compute = [0] * gpus
