@@ -645,29 +645,33 @@ def _attn_block(a, hp, g, il, x, arch):
     if fused_qkv:
         a.users["normw"] = 1  # one matmul reads it
     if hp.is_mla:
+        # src/models/deepseek2.cpp (is_mla): q (via q_a, its norm and q_b with q-LoRA), q_nope × k_b (absorbed),
+        # rope of q_pe, concat; kv_a_mqa, the norm of its compressed part, rope of k_pe, concat into the cache row
         a.users["normw"] = 2  # q (or q_a) and kv_a_mqa read it
         if hp.q_lora_rank:
             a.new("qa", hp.q_lora_rank * T * f4)
             a.use("normw")
-            a.new("qan", hp.q_lora_rank * T * f4, inplace_of="qa")
-            a.new("qan2", hp.q_lora_rank * T * f4, inplace_of="qan")
-            a.new("q", nh * hd_q * T * f4)
-            a.use("qan2")
+            a.new("qan", hp.q_lora_rank * T * f4)  # rms_norm (a new tensor: q_a is read by it only once? no: in place)
+            a.use("qa")
+            a.new("q", nh * hd_q * T * f4, uses=2)
+            a.use("qan")
         else:
-            a.new("q", nh * hd_q * T * f4)
+            a.new("q", nh * hd_q * T * f4, uses=2)
             a.use("normw")
-        a.new("kva", hd_k * T * f4)  # kv_a_mqa: [kv_lora_rank + rope, T]
-        a.use("normw")
-        a.new("kvn", hp.kv_lora_rank * T * f4)  # rms_norm of the compressed part (a view → cont)
-        a.new("kvnw", hp.kv_lora_rank * T * f4, inplace_of="kvn")
-        a.new("kpe", hp.n_rot * T * f4)  # rope of k_pe
-        a.new("qpe", hp.n_rot * nh * T * f4)  # rope of q_pe
         a.new("qnope_abs", hp.kv_lora_rank * nh * T * f4)  # q_nope × k_b (absorbed)
         a.use("q")
+        a.new("qpe", hp.n_rot * nh * T * f4)  # rope of the q_pe view
+        a.use("q", "inp_pos")
         a.new("qcat", (hp.kv_lora_rank + hp.n_rot) * nh * T * f4)
         a.use("qnope_abs", "qpe")
+        a.new("kva", hd_k * T * f4, uses=2)  # kv_a_mqa: [kv_lora_rank + rope, T]
+        a.use("normw")
+        a.new("kvn", hp.kv_lora_rank * T * f4)  # rms_norm of the compressed view, × weight in place
+        a.use("kva")
+        a.new("kpe", hp.n_rot * T * f4)  # rope of the k_pe view
+        a.use("kva", "inp_pos")
         a.new("kcat", hd_k * T * f4)
-        a.use("kvnw", "kpe", "kva", "inp_pos", "inp_pos")
+        a.use("kvn", "kpe")
         a.use("kcat", "k_idxs")
         q_name = "qcat"
     else:
@@ -718,8 +722,12 @@ def _attn_block(a, hp, g, il, x, arch):
         a.new("att", nh * hd_v * T * f4)  # cont of the permuted kqv
         a.use("kqv")
     if hp.is_mla:
-        a.new("att_v", hp.head_v_mla * nh * T * f4)  # v_b decompression
+        a.new("att_v", hp.head_v_mla * nh * T * f4)  # v_b decompression (llama-graph.cpp build_attn_mha v_mla)
         a.use("att")
+        if g.flash_attn:
+            a.new("att_c", hp.head_v_mla * nh * T * f4)  # cont of its permutation
+            a.use("att_v")
+            a.at["att_v"], a.users["att_v"] = a.at.pop("att_c"), a.users.pop("att_c")
         a.new("o", H * T * f4)
         a.use("att_v")
     else:
