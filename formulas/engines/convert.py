@@ -456,6 +456,9 @@ def _qwen_hybrid(w, cfg, mt):
     w.kv("full_attention_interval", interval)
     if lt:
         w.kv("attention.recurrent_layers", recr)
+    if mt != "qwen3_next":  # Qwen3.5: interleaved M-RoPE; its sections are required (conversion/qwen.py L636-649)
+        sections = list(_rope(cfg).get("mrope_section") or [11, 11, 10])
+        w.kv("rope.dimension_sections", sections + [0] * (4 - len(sections)))
     w.kv("vocab_size", V)
     E = ff_exp = shexp = 0
     if moe:

@@ -188,6 +188,8 @@ class Hparams:
     ssm_dt_rank: int
     model_type_70b: bool
     attn_bias: bool = False  # separate q/k/v biases (Qwen2, gpt-oss, GLM-4)
+    shexp_gate: bool = False  # a sigmoid gate on the shared expert (ffn_gate_inp_shexp)
+    n_pos_per_embd: int = 1  # positions per token: 4 under M-RoPE (Qwen3.5, llama-hparams.cpp n_pos_per_embd)
     n_expert_groups_bias: bool = False  # DeepSeek-V3's exp_probs_b: selection on biased probabilities
     expert_weights_norm: bool = False  # the selected experts' weights renormalised (sum_rows, div)
     qk_norm: bool = False  # per-head q/k RMS norms (Qwen3, Gemma 3)
@@ -292,6 +294,8 @@ def hparams_of(model):
         ssm_dt_rank=int(m.key("ssm.time_step_rank") or 0), model_type_70b=is_70b,
         attn_bias=m.tensor("blk.0.attn_q.bias") is not None or any(t.name.endswith("attn_q.bias") for t in m.tensors[:64]),
         qk_norm=any(t.name.endswith("attn_q_norm.weight") for t in m.tensors),
+        shexp_gate=any(t.name.endswith("ffn_gate_inp_shexp.weight") for t in m.tensors),
+        n_pos_per_embd=4 if arch in ("qwen35", "qwen35moe", "qwen2vl", "qwen3vl", "qwen3vlmoe") else 1,
         n_expert_groups_bias=any(t.name.endswith("exp_probs_b.bias") for t in m.tensors),
         expert_weights_norm=bool(m.key("expert_weights_norm")),
     )
@@ -743,7 +747,7 @@ def _is_moe_layer(hp, il):
 def _ffn_readers(hp, il, arch):
     """How many matmuls read the FFN's input (it is freed after the last)."""
     if _is_moe_layer(hp, il):
-        return 3 + (2 if hp.n_ff_shexp else 0)  # router, up, gate (+ the shared expert's up and gate)
+        return 3 + (2 + hp.shexp_gate if hp.n_ff_shexp else 0)  # router, up, gate (+ the shared expert's)
     gated = arch not in ("gpt2", "starcoder", "gptneox", "nemotron_h")
     return 2 if gated and arch not in ("phi3", "glm4") else 1
 
@@ -772,9 +776,10 @@ def _ffn_block(a, hp, g, il, x, rows, arch):
             a.new("wsum", rows * f4)
             a.new("wn", k * rows * f4, inplace_of="w")
             a.use("wsum")
-        a.new("up", ff * k * rows * f4)
-        a.use(x, "argsort")
+        # graph order (GGML_SCHED_DEBUG=2 on the CPU): gate, up, their GLU, down — swiglu's sources expand in order
         a.new("gate", ff * k * rows * f4)
+        a.use(x, "argsort")
+        a.new("up", ff * k * rows * f4)
         a.use(x, "argsort")
         a.new("act", ff * k * rows * f4)
         a.use("gate", "up")
@@ -786,14 +791,21 @@ def _ffn_block(a, hp, g, il, x, rows, arch):
         a.use("wd")
         out = "moe"
         if hp.n_ff_shexp:
-            a.new("sup", hp.n_ff_shexp * rows * f4)
-            a.use(x)
+            if hp.shexp_gate:  # qwen2moe / qwen3next: sigmoid(ffn_gate_inp_shexp · x) scales the shared expert
+                a.new("sg", rows * f4)
+                a.use(x)
             a.new("sgate", hp.n_ff_shexp * rows * f4)
+            a.use(x)
+            a.new("sup", hp.n_ff_shexp * rows * f4)
             a.use(x)
             a.new("sact", hp.n_ff_shexp * rows * f4)
             a.use("sgate", "sup")
             a.new("sdown", H * rows * f4)
             a.use("sact")
+            if hp.shexp_gate:
+                a.new("sdg", H * rows * f4, inplace_of="sdown")
+                a.use("sg")
+                a.at["sdown"], a.users["sdown"] = a.at.pop("sdg"), a.users.pop("sdg")
             a.new("ffo", H * rows * f4, inplace_of="moe")
             a.use("sdown")
             out = "ffo"
@@ -807,9 +819,9 @@ def _ffn_block(a, hp, g, il, x, rows, arch):
         a.new("act", ff * rows * f4)
         a.use("upg")
     elif gated:
-        a.new("up", ff * rows * f4)
-        a.use(x)
         a.new("gate", ff * rows * f4)
+        a.use(x)
+        a.new("up", ff * rows * f4)
         a.use(x)
         a.new("act", ff * rows * f4)
         a.use("gate", "up")
@@ -842,7 +854,7 @@ def compute_buffer_estimate(hp, g, align=CPU_ALIGNMENT, arch=None):
         a.new("inp_embd", H * T * f4, output=True)  # the vector-embeddings input, built beside the tokens path
     if attn_layers:
         if hp.n_rot:
-            a.new("inp_pos", 4 * T, uses=2 * len(attn_layers))
+            a.new("inp_pos", 4 * T * hp.n_pos_per_embd, uses=2 * len(attn_layers))
         a.new("k_idxs", 8 * T, uses=len(attn_layers))
         if not hp.is_mla:
             vk = max(hp.n_embd_v_gqa(il) for il in attn_layers)

@@ -144,7 +144,10 @@ def source_model(cfg, label):
 def cached_gguf(cfg, label, dtype):
     """Path of a quantized random GGUF of config `cfg` at `dtype`, made once (keyed by the config's hash)."""
     src = source_model(cfg, label)
-    key = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
+    # keyed by the header written (metadata and tensors), so a changed conversion never reuses a stale file
+    header = json.dumps([sorted((k, repr(v)) for k, v in src.metadata.items()), [list(map(str, (t.name, t.ggml_type,
+                                                                                              t.shape))) for t in src.tensors]])
+    key = hashlib.sha256(header.encode()).hexdigest()[:12]
     stem = f"{label.replace('/', '--')}-L{src.key('block_count')}-{key}"
     d = cache_dir()
     f16 = os.path.join(d, stem + "-f16.gguf")
