@@ -297,6 +297,61 @@ def measure(model, dtype, settings, n_layers=0, config=None):
     }
 
 
+def write_header_only(model, path):
+    """A GGUF file of `model` with its real tensor types and shapes and no data (a hole of the right length):
+    enough for llama.cpp's no_alloc dry run, which reads the header and never the weights."""
+    import struct
+
+    from formulas.engines.gguf import GGML_TYPES
+
+    def kv(key, value):
+        k = key.encode()
+        out = struct.pack("<Q", len(k)) + k
+        if isinstance(value, bool):
+            return out + struct.pack("<I?", 7, value)
+        if isinstance(value, int):
+            return out + struct.pack("<II", 4, value)
+        if isinstance(value, float):
+            return out + struct.pack("<If", 6, value)
+        if isinstance(value, str):
+            v = value.encode()
+            return out + struct.pack("<IQ", 8, len(v)) + v
+        if value and isinstance(value[0], bool):
+            return out + struct.pack("<IIQ", 9, 7, len(value)) + struct.pack(f"<{len(value)}?", *value)
+        return out + struct.pack("<IIQ", 9, 5, len(value)) + struct.pack(f"<{len(value)}i", *value)
+
+    meta = dict(model.metadata)
+    meta["tokenizer.ggml.model"] = "no_vocab"
+    body = b"".join(kv(k, v) for k, v in meta.items() if not hasattr(v, "n"))
+    off, infos = 0, b""
+    for t in model.tensors:
+        n = t.name.encode()
+        infos += struct.pack("<Q", len(n)) + n + struct.pack("<I", len(t.shape))
+        infos += b"".join(struct.pack("<Q", d) for d in t.shape) + struct.pack("<IQ", GGML_TYPES[t.ggml_type][0], off)
+        off += -(-t.nbytes // GGUF_DEFAULT_ALIGNMENT) * GGUF_DEFAULT_ALIGNMENT
+    head = b"GGUF" + struct.pack("<IQQ", 3, len(model.tensors), len(meta)) + body + infos
+    head += b"\0" * (-len(head) % GGUF_DEFAULT_ALIGNMENT)
+    with open(path, "wb") as f:
+        f.write(head)
+        f.truncate(len(head) + off)
+    return path
+
+
+def dry_run(model, settings, path):
+    """llama.cpp's own no_alloc dry run (what common/fit.cpp measures with) of a header-only file of `model`, on
+    the CPU: (KV MiB as logged by `llama_kv_cache: size =`, RS MiB, compute MiB, cells), next to nothing allocated."""
+    write_header_only(model, path)
+    try:
+        log, size = load_and_log(path, settings, no_alloc=True)
+    finally:
+        os.remove(path)
+    b = parse_buffers(log)
+    rs = re.findall(r"llama_memory_recurrent: size = +([\d.]+) MiB", log)
+    return {"kv_mib": sum(x for x, _ in b["kv_sizes"]), "rs_mib": sum(float(x) for x in rs),
+            "compute_mib": _printed_sum(b["compute"].values()), "kv_cells": b["kv_cells"], "model_size_bytes": size,
+            "log_tail": [ln for ln in log.splitlines() if "size =" in ln][:12]}
+
+
 def run_experiment(exp):
     """The `engine` figures of a sweep experiment with `engine: llama.cpp` (harness.sweep.worker)."""
     if exp.engine != "llama.cpp":
@@ -378,6 +433,54 @@ def run_sweep(yaml_path, out_dir, only=None):
     return done
 
 
+DRY_RUN_MODELS = (  # full size, as published: (model, dtype); dtype None = the engine's default for the config
+    ("DeepSeek-R1", "ud-iq1_s"), ("DeepSeek-R1", "q4_k_m"), ("deepseek-ai/DeepSeek-V2-Lite", "q4_k_m"),
+    ("openai/gpt-oss-20b", "mxfp4_moe"), ("openai/gpt-oss-120b", "mxfp4_moe"), ("Qwen/Qwen3-30B-A3B", "q4_k_m"),
+    ("Qwen/Qwen3.5-35B-A3B", "q4_k_m"), ("Qwen/Qwen3.5-27B", "q4_k_m"), ("Qwen/Qwen3-Next-80B-A3B-Instruct", "q4_k_m"),
+    ("nvidia/Nemotron-H-56B-Base-8K", "q4_k_m"), ("mistralai/Mixtral-8x7B-v0.1", "q4_k_m"),
+    ("meta-llama/Llama-3.1-70B", "q4_k_m"), ("DeepSeek-R1-Distill-Qwen-32B", "q4_k_m"), ("Qwen/Qwen3-32B", "q4_k_m"),
+    ("experiments/llamacpp_configs/google--gemma-3-12b-it.text.json", "q4_k_m"),
+    ("experiments/llamacpp_configs/google--gemma-2-9b.json", "q4_k_m"),
+    ("experiments/llamacpp_configs/THUDM--GLM-4-9B-0414.json", "q4_k_m"),
+    ("experiments/llamacpp_configs/microsoft--Phi-3-mini-4k-instruct.json", "q4_k_m"),
+    ("EleutherAI/pythia-12b", "q4_k_m"), ("HuggingFaceTB/SmolLM3-3B", "q4_k_m"),
+)
+
+
+def run_dry_sweep(out_dir, contexts=(4096, 32768)):
+    """llama.cpp's no_alloc dry run (common/fit.cpp's measurement) of full-size models on the CPU: header-only
+    files with the formula's tensor types; the KV, RS and compute sizes llama.cpp computes, one record each."""
+    from formulas.catalog import load_config
+
+    from ..env import fingerprint
+
+    os.makedirs(out_dir, exist_ok=True)
+    env = fingerprint()
+    for name, dtype in DRY_RUN_MODELS:
+        cfg = load_config(name)
+        model = model_for(cfg, dtype, name)
+        for ctx in contexts:
+            for fa in (False, True):
+                s = LlamaCppSettings(ctx=ctx, flash_attn=fa, device="cpu")
+                h = hashlib.sha256(json.dumps([name, dtype, dataclasses.asdict(s)], sort_keys=True).encode()).hexdigest()[:12]
+                path = os.path.join(out_dir, f"{h}.json")
+                if os.path.exists(path):
+                    continue
+                d = dry_run(model, s, os.path.join(cache_dir(), f"dry-{h}.gguf"))
+                pred = predict_model(model, s)
+                rec = {"schema": "vramlab-llamacpp-dryrun-1", "id": h, "env": env, "model": name, "dtype": dtype,
+                       "arch": model.arch, "settings": dataclasses.asdict(s), "logged": d,
+                       "predicted": {"kv_bytes": pred.host_kv_buffer_bytes, "rs_bytes": pred.host_rs_buffer_bytes,
+                                     "compute_bytes": pred.host_compute_buffer_bytes, "kv_cells": pred.kv_cells,
+                                     "tensor_bytes": pred.model_tensor_bytes}}
+                tmp = f"{path}.{os.getpid()}.tmp"
+                with open(tmp, "w", encoding="utf-8") as f:
+                    json.dump(rec, f, indent=1, sort_keys=True)
+                os.replace(tmp, path)
+                print(f"{h} {name} {dtype} ctx={ctx} fa={fa}: KV {d['kv_mib']} / {pred.host_kv_buffer_bytes / MIB:.2f}"
+                      f", compute {d['compute_mib']} / {pred.host_compute_buffer_bytes / MIB:.2f}", flush=True)
+
+
 def summarize(folder):
     """Markdown table of a folder of engine records: per model × dtype, how many matched the bar."""
     import glob
@@ -417,6 +520,9 @@ if __name__ == "__main__":
     if len(args) == 2 and args[0] == "summary" and os.path.isdir(args[1]):
         print(summarize(args[1]))
         sys.exit(0)
+    if len(args) == 2 and args[0] == "dry-run":
+        run_dry_sweep(args[1])
+        sys.exit(0)
     if len(args) >= 3 and args[0] == "sweep":
         if not os.path.isfile(args[1]):
             print(f"{args[1]}: no such sweep file", file=sys.stderr)
@@ -424,5 +530,6 @@ if __name__ == "__main__":
         run_sweep(args[1], args[2], set(args[3:]) or None)
         sys.exit(0)
     print("usage: python -m harness.engines.llamacpp summary RECORD_FOLDER\n"
-          "       python -m harness.engines.llamacpp sweep SWEEP.yaml RECORD_FOLDER [GROUP …]", file=sys.stderr)
+          "       python -m harness.engines.llamacpp sweep SWEEP.yaml RECORD_FOLDER [GROUP …]\n"
+          "       python -m harness.engines.llamacpp dry-run RECORD_FOLDER", file=sys.stderr)
     sys.exit(2)
