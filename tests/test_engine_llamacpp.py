@@ -261,6 +261,28 @@ def test_placement_flags():
     assert sum(two.model_buffer_bytes) == sum(base.model_buffer_bytes) and sum(two.kv_buffer_bytes) == sum(base.kv_buffer_bytes)
 
 
+def test_scheduler_copies_on_gpus():
+    """ggml-backend's scheduler on GPUs (llama.cpp @0c1e57098): the graph inputs live in the host's compute buffer
+    (the KQ mask among them); with op offload a host layer is computed on CUDA0, which holds its cache views and
+    one host weight at a time; with several GPUs and every layer on them, 4 copies of each input (pipeline
+    parallelism), none with a tensor override."""
+    m = model_for(load_config("meta-llama/Llama-3.1-8B"), "q4_k_m")
+    s = dict(ctx=32768, flash_attn=False)
+    one = predict_model(m, LlamaCppSettings(**s))
+    mask = 32768 * 512 * 4
+    assert one.host_compute_buffer_bytes > mask
+    part = predict_model(m, LlamaCppSettings(gpu_layers=16, **s))
+    assert part.host_compute_buffer_bytes < one.host_compute_buffer_bytes + 16 * MIB  # inputs only: CUDA0 computes
+    assert part.compute_buffer_bytes[0] > one.compute_buffer_bytes[0]  # + the host caches' views, the weight copy
+    slow = predict_model(m, LlamaCppSettings(gpu_layers=16, op_offload=False, **s))
+    assert slow.host_compute_buffer_bytes > 32768 * 512 * 32 * 4  # the CPU computes its layers' scores
+    two = predict_model(m, LlamaCppSettings(gpus=2, **s))
+    assert two.host_compute_buffer_bytes - 4 * mask > 0 and any("pipeline" in n for n in two.notes)
+    assert min(two.compute_buffer_bytes) > 4 * mask
+    ot = predict_model(m, LlamaCppSettings(gpus=2, overrides=((r"blk\.0\.ffn_up", "CUDA1"),), **s))
+    assert not any("pipeline" in n for n in ot.notes) and ot.host_compute_buffer_bytes < 2 * mask
+
+
 def test_log_lines_format():
     r = predict_llamacpp(get_shape(QWEN32), "q4_k_m", LlamaCppSettings(ctx=1792, flash_attn=True))
     lines = log_lines(r)

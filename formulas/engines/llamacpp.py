@@ -582,6 +582,9 @@ class _Gallocr:
     def new(self, name, nbytes, uses=1, inplace_of=None, output=False):
         """Allocate `name` (reusing `inplace_of` when it is its parent's last use), then retire that parent."""
         size = _pad(max(nbytes, 1), self.align)
+        if name in self.at and self.users.get(name) == -1:  # an output under a reused name: it stays, renamed
+            k = f"{name}@{len(self.at)}"
+            self.at[k], self.users[k] = self.at.pop(name), self.users.pop(name)
         if name in self.at:
             raise AssertionError(f"replay bug: {name} allocated while still alive")
         if inplace_of is not None and self.users.get(inplace_of) == 1 and self.at[inplace_of][1] >= size:
@@ -624,6 +627,9 @@ class GraphShape:
     with_embd: bool = True  # the input layer (token rows) is here
     n_seqs: int = 1  # sequences of the reserve ubatch (n_seq_max)
     n_stream: int = 1
+    n_copies: int = 1  # pipeline parallelism: the scheduler keeps 4 copies of each input (ggml-backend.cpp L1411)
+    kv_copies: tuple = ()  # (layer, K bytes, V bytes) of host caches whose attention this device runs (op offload)
+    weight_copies: tuple = ()  # (layer, bytes): the largest host FFN weight of a layer this device runs; -1 output
 
 
 def _attn_block(a, hp, g, il, x, arch):
@@ -713,16 +719,23 @@ def _attn_block(a, hp, g, il, x, arch):
             a.use("kr" if hp.n_rot else "k", "k_idxs", "v", "v_idxs")  # ggml_set_rows into the cache
             q_name = "qr" if hp.n_rot else "q"
     mask = "kq_mask_swa" if swa else "kq_mask"
+    copied = {c[0]: c[1:] for c in g.kv_copies}.get(il)
+    if copied:  # a host cache read by this device: its K (and V) views copied in at the split's start
+        a.new("k_copy", copied[0])
+        if copied[1]:
+            a.new("v_copy", copied[1])
     if g.flash_attn:
         a.new("att", hd_v * nh * T * f4)  # flash_attn_ext output [hd, n_head, T]; reshape_2d is a view
         a.use(q_name, mask)
+        if copied:
+            a.use("k_copy", *(("v_copy",) if copied[1] else ()))
     else:
         a.new("kq", nkv * T * nh * f4)
-        a.use(q_name)
+        a.use(q_name, *(("k_copy",) if copied and copied[1] else ()))
         a.new("kqs", nkv * T * nh * f4, inplace_of="kq")  # soft_max_ext in place
         a.use(mask)
         a.new("kqv", hd_v * T * nh * f4)
-        a.use("kqs")
+        a.use("kqs", *((("v_copy",) if copied[1] else ("k_copy",)) if copied else ()))  # MLA: V is K's view
         a.new("att", nh * hd_v * T * f4)  # cont of the permuted kqv
         a.use("kqv")
     if hp.is_mla:
@@ -834,6 +847,36 @@ def _ffn_block(a, hp, g, il, x, rows, arch):
     return "down"
 
 
+def graph_inputs(hp, g):
+    """The reserve graph's inputs, in the order they are built: (name, bytes, consumers). Tokens and the
+    vector-embeddings input (llama-graph.cpp build_inp_embd L2376-2463), positions, the KV row indices (one per
+    value for a transposed V cache), the KQ masks — f32, f16 with flash attention — one per cache, the recurrent
+    state copies, the output ids. On a GPU they all live in the host's compute buffer (graph inputs go to the
+    CPU backend, ggml-backend.cpp L944-949) and each device holds a copy of those its layers read."""
+    T = g.n_tokens
+    attn_layers = [il for il in g.layers if not hp.is_recr[il] and (hp.n_head_kv[il] or hp.is_mla)]
+    out = []
+    if g.with_embd:
+        out += [("inp_tokens", 4 * T, 1), ("inp_embd", hp.n_embd * T * 4, 0)]
+    if attn_layers:
+        if hp.n_rot:
+            out.append(("inp_pos", 4 * T * hp.n_pos_per_embd, 2 * len(attn_layers)))
+        out.append(("k_idxs", 8 * T, len(attn_layers)))
+        if not hp.is_mla:
+            vk = max(hp.n_embd_v_gqa(il) for il in attn_layers)
+            out.append(("v_idxs", 8 * T * (1 if g.flash_attn else vk), len(attn_layers)))
+        n_swa_layers = sum(1 for il in attn_layers if hp.is_swa[il])
+        if n_swa_layers < len(attn_layers):
+            out.append(("kq_mask", g.n_kv * T * (2 if g.flash_attn else 4), len(attn_layers) - n_swa_layers))
+        if n_swa_layers:
+            out.append(("kq_mask_swa", g.n_kv_swa * T * (2 if g.flash_attn else 4), n_swa_layers))
+    if any(hp.is_recr[il] for il in g.layers):
+        out.append(("inp_s_copy", 4 * g.n_seqs, 1 << 20))
+    if g.n_outputs:
+        out.append(("out_ids", 4 * g.n_outputs, 2))
+    return out
+
+
 def compute_buffer_estimate(hp, g, align=CPU_ALIGNMENT, arch=None):
     """Bytes ggml-gallocr reserves for the worst-case graph of `g.layers` + (when here) the output.
 
@@ -846,31 +889,22 @@ def compute_buffer_estimate(hp, g, align=CPU_ALIGNMENT, arch=None):
     T, H, f4 = g.n_tokens, hp.n_embd, 4
     L = len(g.layers)
     attn_layers = [il for il in g.layers if not hp.is_recr[il] and (hp.n_head_kv[il] or hp.is_mla)]
-    has_swa = any(hp.is_swa[il] for il in attn_layers)
-    has_full = any(not hp.is_swa[il] for il in attn_layers)
     a = _Gallocr(align)
-    if g.with_embd:
-        a.new("inp_tokens", 4 * T)
-        a.new("inp_embd", H * T * f4, output=True)  # the vector-embeddings input, built beside the tokens path
-    if attn_layers:
-        if hp.n_rot:
-            a.new("inp_pos", 4 * T * hp.n_pos_per_embd, uses=2 * len(attn_layers))
-        a.new("k_idxs", 8 * T, uses=len(attn_layers))
-        if not hp.is_mla:
-            vk = max(hp.n_embd_v_gqa(il) for il in attn_layers)
-            a.new("v_idxs", 8 * T * (1 if g.flash_attn else vk), uses=len(attn_layers))
-        n_swa_layers = sum(1 for il in attn_layers if hp.is_swa[il])
-        if has_full:
-            a.new("kq_mask", g.n_kv * T * (2 if g.flash_attn else 4), uses=len(attn_layers) - n_swa_layers)
-        if has_swa:
-            a.new("kq_mask_swa", g.n_kv_swa * T * (2 if g.flash_attn else 4), uses=n_swa_layers)
-    if any(hp.is_recr[il] for il in g.layers):
-        a.new("inp_s_copy", 4 * g.n_seqs, uses=1 << 20)
-    if g.n_outputs:
-        a.new("out_ids", 4 * g.n_outputs, uses=2)
-    a.new("x", H * T * f4, uses=2)
+    for name, nbytes, uses in graph_inputs(hp, g):
+        if g.n_copies > 1 and not g.with_embd:
+            # pipeline parallelism (ggml-backend.cpp L1376-1386, L1563-1590): every input this device's splits
+            # take from another backend is held in n_copies copies, outputs that gallocr never frees
+            for c in range(g.n_copies):
+                a.new(name if c == 0 else f"{name}#{c}", nbytes, output=True)
+        else:
+            a.new(name, nbytes, uses=uses, output=name == "inp_embd")
+    if g.n_copies > 1 and not g.with_embd:
+        for c in range(1, g.n_copies):
+            a.new(f"x#{c}", H * T * f4, output=True)
+    a.new("x", H * T * f4, uses=2, output=g.n_copies > 1 and not g.with_embd)
     if g.with_embd:
         a.use("inp_tokens")
+    wcopy = dict(g.weight_copies)
     for n, il in enumerate(g.layers):
         last = n == L - 1 and g.n_outputs
         if hp.is_recr[il]:
@@ -883,7 +917,11 @@ def compute_buffer_estimate(hp, g, align=CPU_ALIGNMENT, arch=None):
             a.new("norm", H * T * f4)
             a.use("x")
             a.new("normw", H * T * f4, uses=_ffn_readers(hp, il, arch), inplace_of="norm")
+            if il in wcopy:
+                a.new("w_copy", wcopy[il])
             _ffn_block(a, hp, g, il, "normw", T, arch)
+            if il in wcopy:
+                a.use("w_copy")
             a.new("o", H * T * f4)
             a.use("down")
             a.new("x2", H * T * f4, uses=2, inplace_of="o")
@@ -908,14 +946,22 @@ def compute_buffer_estimate(hp, g, align=CPU_ALIGNMENT, arch=None):
         a.new("fn", H * rows * f4)
         a.use("res")
         a.new("fnw", H * rows * f4, uses=_ffn_readers(hp, il, arch), inplace_of="fn")
+        if il in wcopy:  # op offload: one host weight at a time is copied in for its op (held here over the FFN)
+            a.new("w_copy", wcopy[il])
         out = _ffn_block(a, hp, g, il, "fnw", rows, arch)
+        if il in wcopy:
+            a.use("w_copy")
         a.new("x", H * rows * f4, uses=2, inplace_of=out)
         a.use("res")
     if g.n_outputs:
         a.new("onorm", H * g.n_outputs * f4)
         a.use("x", "x")
         a.new("result_norm", H * g.n_outputs * f4, inplace_of="onorm", output=True)
+        if -1 in wcopy:
+            a.new("w_copy", wcopy[-1])
         a.new("result_output", hp.n_vocab * g.n_outputs * f4, output=True)
+        if -1 in wcopy:
+            a.use("w_copy")
     return a.max
 
 
@@ -1059,24 +1105,51 @@ def predict_model(model, s):
     else:
         host_layers = tuple(i for i in range(hp.n_layer) if lay[i] < 0)
         out_host = pl.out_dev < 0
-        host_compute = _pad(4 * T, CPU_ALIGNMENT) + _pad(hp.n_embd * T * 4, CPU_ALIGNMENT)
-        if host_layers or out_host:
+        # ggml-backend.cpp L951-990 with ggml-cuda.cu L5636-5655: with op offload (the default), an op whose weight
+        # is in host memory runs on the first GPU when its batch is ≥ 32 tokens; the ops around it follow it there
+        # (the scheduler's expansion passes), so a host layer is computed on CUDA0 and the host keeps the inputs
+        offload = s.op_offload and T >= 32
+        # llama-context.cpp L428-457: pipeline parallelism (4 copies of every input) with several GPUs, every layer
+        # and the output on them, layer split, KV offloaded and no tensor overrides
+        pp = (gpus > 1 and s.split_mode == "layer" and s.offload_kqv and not host_layers and not out_host
+              and not (s.overrides or s.cpu_moe or s.n_cpu_moe))
+        n_copies = 4 if pp else 1
+        if (host_layers or out_host) and not offload:
             host_compute = compute_buffer_estimate(hp, GraphShape(n_outputs=T if out_host else 0, layers=host_layers
                                                                   or (hp.n_layer - 1,), **gsh))
+        else:
+            full = GraphShape(n_outputs=T, layers=tuple(range(hp.n_layer)), **gsh)
+            host_compute = n_copies * sum(_pad(b, CPU_ALIGNMENT) for _, b, _ in graph_inputs(hp, full))
+            host_compute += _pad(hp.n_embd * T * 4, CPU_ALIGNMENT)  # the token rows (get_rows stays on the CPU)
+            cur = [_pad(hp.n_embd_k_gqa(il) * T * 4, CPU_ALIGNMENT) + _pad(hp.n_embd_v_gqa(il) * T * 4, CPU_ALIGNMENT)
+                   for il in host_layers if il in _attn_layers(hp)]
+            host_compute += max(cur, default=0)  # a host layer's K and V rows, copied back to store into its cache
+        attn = set(_attn_layers(hp))
         for gi in range(gpus):
             layers = tuple(i for i in range(hp.n_layer) if lay[i] == gi)
-            if layers or pl.out_dev == gi:
+            extra = host_layers if offload and gi == 0 else ()
+            here = pl.out_dev == gi or (offload and gi == 0 and out_host)
+            kv_copies = tuple((il, *kv_layer_bytes(hp, il, swa if hp.is_swa[il] else n_ctx_seq, n_stream, type_k,
+                                                   type_v, v_trans)) for il in extra if il in attn)
+            every = tuple(sorted(extra + layers))
+            wc = _host_weight_copies(pl, hp) if offload and gi == 0 else ()
+            if every or here:
                 gpu_compute[gi] = compute_buffer_estimate(
-                    hp, GraphShape(n_outputs=T if pl.out_dev == gi else 0, layers=layers or (hp.n_layer - 1,),
-                                   with_embd=False, **gsh), CUDA_ALIGNMENT)
-        if s.op_offload and T >= 32:
-            # ggml-backend.cpp L970: with op offload, an op whose weight is in host memory runs on the GPU when the
-            # batch is ≥ 32 tokens (ggml-cuda.cu offload_op); the weight is copied into that GPU's compute buffer.
-            copies = _host_weight_copies(pl, hp)
-            if copies:  # the scheduler offers the op to the backends in order: CUDA0 takes it
-                gpu_compute[0] += copies
-                notes.append(f"CUDA0 compute buffer includes {copies / MIB:.0f} MiB for one layer's host "
-                             "weights copied for big batches (op offload; --no-op-offload avoids it)")
+                    hp, GraphShape(n_outputs=T if here else 0, layers=every or (hp.n_layer - 1,), with_embd=False,
+                                   n_copies=n_copies, kv_copies=kv_copies, weight_copies=wc, **gsh), CUDA_ALIGNMENT)
+            if wc and gi == 0:
+                # the expert ops of layers on the other GPUs whose weights are in host memory run on CUDA0 as well
+                # (the first backend that takes the op), at a time CUDA0's own activations are gone
+                own = set(every)
+                g0 = GraphShape(n_outputs=0, layers=(0,), with_embd=False, **gsh)
+                foreign = [_offloaded_ffn_bytes(hp, g0, il, b) for il, b in wc if il >= 0 and il not in own]
+                gpu_compute[0] = max([gpu_compute[0], *foreign])
+            if wc:
+                notes.append(f"CUDA0 runs the big-batch ops of host-resident weights, holding a copy of one at a time "
+                             f"(up to {max(b for _, b in wc) / MIB:.0f} MiB; op offload, --no-op-offload avoids it)")
+        if pp:
+            notes.append("pipeline parallelism: each GPU and the host hold 4 copies of their graph inputs "
+                         "(llama-context.cpp L428-457)")
         notes.append("CUDA compute buffers: the CPU replay of the reserve graph per device, not calibrated on a GPU")
     host_kv = kv_dev.pop(-1, 0)
     host_rs = rs_dev.pop(-1, 0)
@@ -1092,13 +1165,30 @@ def predict_model(model, s):
     )
 
 
+def _offloaded_ffn_bytes(hp, g, il, weight_bytes):
+    """CUDA0's buffer while it runs layer `il`'s FFN for another device: the normed input copied in, the host
+    weight's copy and the FFN's intermediates (the replay of one FFN block)."""
+    a = _Gallocr(CUDA_ALIGNMENT)
+    a.new("fnw", hp.n_embd * g.n_tokens * 4, uses=_ffn_readers(hp, il, hp.arch))
+    a.new("w_copy", weight_bytes)
+    _ffn_block(a, hp, g, il, "fnw", g.n_tokens, hp.arch)
+    return a.max
+
+
 def _host_weight_copies(pl, hp):
-    """Bytes of the largest layer's host-resident weights whose ops a GPU runs (the copies of one split)."""
-    per_layer = {}
+    """(layer, bytes) of the largest host-resident FFN weight of each layer whose ops a GPU runs, and (-1, bytes)
+    for a host output matrix. Each such op starts a split of its own so that the previous copy's memory is reused
+    (ggml-backend.cpp L1324-1342): one copy at a time, of the tensor's full layout (MUL_MAT_ID copies only the
+    used experts, into a buffer sized for all of them). token_embd is read by get_rows, which stays on the CPU
+    (ggml-cuda.cu L5638); host attention weights are copied too, at ops below the attention's peak (not held)."""
+    out = {}
     for t, b in pl.where:
-        if b == "CPU" and t.layer >= 0 and pl.layer_dev[t.layer] >= 0 and len(t.shape) >= 2:
-            per_layer[t.layer] = per_layer.get(t.layer, 0) + _pad(_cuda_alloc_bytes(t), CUDA_ALIGNMENT)
-    return max(per_layer.values(), default=0)
+        if b != "CPU" or len(t.shape) < 2 or t.name.startswith("token_embd"):
+            continue
+        key = t.layer if t.layer >= 0 and ".ffn_" in t.name else (-1 if t.name.startswith("output") else None)
+        if key is not None:
+            out[key] = max(out.get(key, 0), _pad(_cuda_alloc_bytes(t), CUDA_ALIGNMENT))
+    return tuple(sorted(out.items()))
 
 
 def log_lines(result, use_mmap=None):
