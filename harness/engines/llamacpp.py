@@ -1,22 +1,25 @@
-"""llama.cpp measured on the CPU: a random-weight GGUF of a real architecture, loaded by the engine, its log read.
+"""llama.cpp measured on the CPU: a GGUF of a real architecture, loaded by the engine, its log read.
 
 llama.cpp prints the same model and KV buffer sizes on the CPU as on a GPU (only the device names
 differ), and its CPU compute buffer comes from the same ggml-gallocr reserve. So a CPU run checks
 formulas/engines/llamacpp.py without a GPU:
 
 1. `write_random_gguf`: the GGUF header formulas/engines/convert.py derives from a config.json (every
-   per-layer shape real, layers cut), written with gguf-py with random F16 weights (F32 norms, biases,
-   routers), tokenizer "no_vocab" with the model's vocabulary size, so no tokenizer is needed;
+   per-layer shape real, layers cut), written with gguf-py; the weights are zeros stored sparse (F16, F32
+   norms, biases, routers) — values change no buffer llama.cpp allocates —, tokenizer "no_vocab" with the
+   model's vocabulary size, so no tokenizer is needed;
 2. `quantize`: llama.cpp's own quantizer (llama_model_quantize) makes the Q4_K_M/Q8_0/… file — the types it
    picks are llama.cpp's, not the formula's;
 3. `load_and_log`: llama_model_load_from_file + llama_init_from_model with the settings, every log
    line captured (llama_log_set); `parse_buffers` reads the buffer lines into bytes.
+4. `dry_run`: a header-only file of a full-size model (no tensor data), loaded with no_alloc as common/fit.cpp
+   measures — the KV, RS and compute sizes of 671 B models on a small disk.
 
 A loader that accepts the file checks the tensor list and shapes against the architecture's
 load_arch_tensors (a missing, extra or mis-shaped tensor is an error there).
 
-Files are cached under $VRAMLAB_GGUF_CACHE (default ~/.cache/vramlab/gguf); nothing is downloaded.
-Needs the `engines` extra (llama-cpp-python, gguf, numpy).
+Files are cached under $VRAMLAB_GGUF_CACHE (default ~/.cache/vramlab/gguf; a quantized 4-layer file is up to a
+few GiB); nothing is downloaded. Needs the `engines` extra (llama-cpp-python, gguf, numpy).
 """
 
 import ctypes
