@@ -36,12 +36,17 @@ def _targets(text):
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
+class DefaultDtype(str):
+    """--dtype when the flag was left out: bf16 for transformers; an inference engine loads its own default
+    (llama.cpp / Ollama: Q4_K_M) and tells the two apart by this type."""
+
+
 def add_spec_arguments(p):
     """The workload flags of predict, trace and plan. Names are kept stable for scripts."""
     p.add_argument("--model", required=True, help="catalog name (e.g. Llama-3.1-8B), config.json path, model dir, or Hub id "
                         "org/name[@revision] (from the Hugging Face cache, else the Hub: config.json only)")
     p.add_argument("--mode", default="inference", help="inference | train")
-    p.add_argument("--dtype", default="bf16",
+    p.add_argument("--dtype", default=DefaultDtype("bf16"),
                    help="fp32 | bf16 | fp16 | fp8 | int8 | nf4 | fp4 | gptq-int4 | awq-int4 | q8_0 | q6_k | q5_k_m | "
                         "q4_k_m | q4_0 | q3_k_m | q2_k (with --method qlora: the compute dtype)")
     p.add_argument("--compute-dtype", default="bf16", help="compute dtype of quantized models (bf16 | fp16 | fp32)")

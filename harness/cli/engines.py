@@ -46,6 +46,21 @@ ENGINE_FLAGS = {
     "page_size": ("--page-size", ("sglang",), None),
     "disable_cuda_graph": ("--disable-cuda-graph", ("sglang",), False),
     "sglang_version": ("--sglang-version", ("sglang",), None),
+    "gguf": ("--gguf", _LLAMA, None),
+    "tensor_split": ("--tensor-split", _LLAMA, None),
+    "split_mode": ("--split-mode", _LLAMA, "layer"),
+    "override_tensor": ("--override-tensor", _LLAMA, None),
+    "cpu_moe": ("--cpu-moe", _LLAMA, False),
+    "n_cpu_moe": ("--n-cpu-moe", _LLAMA, None),
+    "swa_full": ("--swa-full", _LLAMA, False),
+    "no_kv_offload": ("--no-kv-offload", _LLAMA, False),
+    "no_op_offload": ("--no-op-offload", _LLAMA, False),
+    "fit": ("--fit", _LLAMA, False),
+    "fit_target": ("--fit-target", _LLAMA, None),
+    "fit_ctx": ("--fit-ctx", _LLAMA, None),
+    "gpu_free": ("--gpu-free", _LLAMA, None),
+    "host_ram": ("--host-ram", _LLAMA, None),
+    "ollama_env": ("--ollama-env", ("ollama",), None),
 }
 # Whole-number flags and their ranges (tokens bounded like --seq: formulas.spec.MAX_TOKENS).
 _MAX_TOKENS = 1 << 26
@@ -68,10 +83,12 @@ def add_engine_arguments(p):
                         "plan --engine: the context per user")
     g.add_argument("--parallel", type=int, default=None, help="llama.cpp -np / OLLAMA_NUM_PARALLEL")
     g.add_argument("--ubatch", type=int, default=512, help="llama.cpp -ub: tokens per compute graph (default 512)")
-    g.add_argument("--flash-attn", choices=("on", "off"), default=None,
-                   help="llama.cpp -fa (default off; Ollama: its version's default)")
-    g.add_argument("--gpu-layers", default="all", help="llama.cpp -ngl: layers on the GPUs, N or all (default)")
+    g.add_argument("--flash-attn", "-fa", choices=("on", "off", "auto"), default=None,
+                   help="llama.cpp -fa (default auto: on for CPU and CUDA; Ollama: its version's default)")
+    g.add_argument("--gpu-layers", "-ngl", "--n-gpu-layers", default="all",
+                   help="llama.cpp -ngl: layers on the GPUs, N or all (default)")
     g.add_argument("--ollama-version", default=None, help="Ollama release whose defaults apply (default: newest modelled)")
+    add_llamacpp_arguments(p)
     g.add_argument("--gpu-total", default=None, metavar="SIZE",
                    help="vLLM/SGLang: the card's total memory, e.g. 24GiB (default: --gpu's reported total)")
     g.add_argument("--model-dtype", default=None, choices=("auto", "bfloat16", "float16", "float32"),
@@ -108,6 +125,38 @@ def add_engine_arguments(p):
     g.add_argument("--disable-cuda-graph", action="store_true", help="SGLang: no CUDA graphs")
     g.add_argument("--sglang-version", default=None,
                    help="SGLang release whose defaults apply (default: newest modelled)")
+
+
+def add_llamacpp_arguments(p):
+    """llama.cpp's and Ollama's own flags (harness/cli/llamacpp.py reads them)."""
+    g = p.add_argument_group("llama.cpp and Ollama", "placement, --fit and Ollama's environment; --model may be a "
+                             ".gguf file (split files found from any part) or ORG/REPO with --gguf FILE")
+    g.add_argument("--gguf", default=None, metavar="FILE", help="a GGUF file in the Hub repo --model names (headers "
+                   "read by range requests)")
+    g.add_argument("--tensor-split", "-ts", default=None, help="llama.cpp -ts: proportions per GPU, e.g. 3,1")
+    g.add_argument("--split-mode", "-sm", default="layer", choices=("layer", "row", "none"), help="llama.cpp -sm")
+    g.add_argument("--override-tensor", "-ot", action="append", default=None, metavar="REGEX=BUFFER",
+                   help="llama.cpp -ot: tensors matching REGEX in buffer CPU or CUDA<n> (repeat, or comma lists)")
+    g.add_argument("--cpu-moe", "-cmoe", action="store_true", help="llama.cpp --cpu-moe: every expert tensor in host RAM")
+    g.add_argument("--n-cpu-moe", "-ncmoe", default=None, metavar="N",
+                   help="llama.cpp --n-cpu-moe: the expert tensors of the first N layers in host RAM")
+    g.add_argument("--swa-full", action="store_true", help="llama.cpp --swa-full: sliding-window layers keep every cell")
+    g.add_argument("--no-kv-offload", action="store_true", help="llama.cpp -nkvo: the KV cache in host RAM")
+    g.add_argument("--no-op-offload", action="store_true",
+                   help="llama.cpp --no-op-offload: big batches do not copy host weights to the GPU")
+    g.add_argument("--fit", action="store_true", help="llama.cpp --fit (llama-server's default): choose -c, -ngl, "
+                   "-ts and expert placement for the GPUs' free memory, as common/fit.cpp does")
+    g.add_argument("--fit-target", default=None, metavar="MIB[,MIB…]",
+                   help="llama.cpp --fit-target: free MiB kept per GPU (default 1024)")
+    g.add_argument("--fit-ctx", type=int, default=None, help="llama.cpp --fit-ctx: smallest context --fit may pick "
+                   "(default 4096)")
+    g.add_argument("--gpu-free", default=None, metavar="SIZE[,SIZE…]",
+                   help="free memory per GPU (default: the --gpu card's memory less a CUDA context)")
+    g.add_argument("--host-ram", default=None, metavar="SIZE", help="host RAM, e.g. 192GiB (to say whether the host "
+                   "part fits)")
+    g.add_argument("--ollama-env", action="append", default=None, metavar="KEY=VALUE",
+                   help="Ollama's environment: OLLAMA_NUM_PARALLEL, OLLAMA_FLASH_ATTENTION, OLLAMA_KV_CACHE_TYPE, "
+                   "OLLAMA_SCHED_SPREAD, OLLAMA_GPU_OVERHEAD, OLLAMA_CONTEXT_LENGTH")
 
 
 def _given(a, dest):

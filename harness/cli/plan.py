@@ -342,8 +342,12 @@ def _cmd_engine_plan(a, margin, overheads):
 
     from .engines import engine_flags, plan_engine, render_engine_plan
 
-    gpu = get_hardware(a.gpu)
     taken = engine_flags(a, "plan")
+    if a.engine in ("llama.cpp", "ollama"):  # the engine's own model (a GGUF), placement and default dtype
+        from .llamacpp import cmd_plan_llamacpp
+
+        return cmd_plan_llamacpp(a, taken, margin)
+    gpu = get_hardware(a.gpu)
     from formulas.spec import validate
 
     spec = spec_from_args(a)

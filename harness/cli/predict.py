@@ -108,8 +108,12 @@ def cmd_predict(a):
 
     from .engines import engine_answer, engine_flags, engine_json, render_engine
 
-    gpu = get_hardware(a.gpu) if a.gpu else None
     taken = engine_flags(a)
+    if a.engine in ("llama.cpp", "ollama"):  # the engine's own model (a GGUF), placement and defaults
+        from .llamacpp import cmd_predict_llamacpp
+
+        return cmd_predict_llamacpp(a, taken)
+    gpu = get_hardware(a.gpu) if a.gpu else None
     spec = spec_from_args(a)
     stack = stack_from_args(a)
     stored = where = None
