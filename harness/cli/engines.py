@@ -152,8 +152,9 @@ def add_llamacpp_arguments(p):
                    "(default 4096)")
     g.add_argument("--gpu-free", default=None, metavar="SIZE[,SIZE…]",
                    help="free memory per GPU (default: the --gpu card's memory less a CUDA context)")
-    g.add_argument("--host-ram", default=None, metavar="SIZE", help="host RAM, e.g. 192GiB (to say whether the host "
-                   "part fits)")
+    if "--host-ram" not in p._option_string_actions:  # plan has its own (CPU RAM per node), read the same way
+        g.add_argument("--host-ram", default=None, metavar="SIZE", help="host RAM, e.g. 192GiB (to say whether the "
+                       "host part fits)")
     g.add_argument("--ollama-env", action="append", default=None, metavar="KEY=VALUE",
                    help="Ollama's environment: OLLAMA_NUM_PARALLEL, OLLAMA_FLASH_ATTENTION, OLLAMA_KV_CACHE_TYPE, "
                    "OLLAMA_SCHED_SPREAD, OLLAMA_GPU_OVERHEAD, OLLAMA_CONTEXT_LENGTH")
@@ -177,8 +178,8 @@ def check_engine_flags(a, command="predict", shape=None, gpu_total=None):
     for dest, (flag, engines, _) in ENGINE_FLAGS.items():
         if command == "answer" or not _given(a, dest):
             continue
-        if dest == "ctx" and command == "plan":
-            continue  # plan --engine: the context per user, for every engine
+        if dest in ("ctx", "host_ram") and command == "plan":
+            continue  # plan --engine: the context per user, for every engine; plan's own --host-ram
         if dest == "max_model_len" and command == "plan":
             raise ValueError("--max-model-len: plan --engine searches the length itself; give --ctx per user")
         if a.engine not in engines:
