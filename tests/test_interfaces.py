@@ -14,8 +14,12 @@ import pytest
 from harness.records import SCHEMA_FILE, record_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# published measurement *sets* (the inputs `vramlab import` reads), not records
-_NOT_RECORDS = (os.path.join("results", "published", "engines") + os.sep, os.path.join("results", "allocator") + os.sep)
+# published measurement *sets* (the inputs `vramlab import` reads), the allocator's datasets and llama.cpp's own
+# measurements (their format: harness/engine_record.schema.json), not experiment records
+_ENGINE_RECORDS = os.path.join("results", "engines") + os.sep
+_NOT_RECORDS = (os.path.join("results", "published", "engines") + os.sep, os.path.join("results", "allocator") + os.sep,
+                _ENGINE_RECORDS)
+ENGINE_SCHEMA_FILE = os.path.join(ROOT, "harness", "engine_record.schema.json")
 
 
 def _python_api_blocks():
@@ -76,7 +80,7 @@ def test_the_schema_covers_every_source_the_records_use():
             sources.add(json.load(f)["source"])
     with open(SCHEMA_FILE, encoding="utf-8") as f:
         allowed = set(json.load(f)["properties"]["source"]["enum"])
-    assert sources <= allowed and {"measured", "published", "engine"} <= sources
+    assert sources <= allowed and {"measured", "published"} <= sources
 
 
 def _a_measured_record():
@@ -104,6 +108,43 @@ def test_the_schema_rejects_a_broken_record(damage, where):
     assert not list(v.iter_errors(rec))
     damage(rec)
     assert list(v.iter_errors(rec)), f"the schema accepts {where}"
+
+
+def _engine_validator():
+    with open(ENGINE_SCHEMA_FILE, encoding="utf-8") as f:
+        schema = json.load(f)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+def _engine_records():
+    files = record_files(os.path.join(ROOT, _ENGINE_RECORDS))
+    out = []
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            out.append((os.path.relpath(path, ROOT), json.load(f)))
+    return out
+
+
+def test_every_llamacpp_measurement_follows_its_schema():
+    v, recs = _engine_validator(), _engine_records()
+    assert {r["schema"] for _, r in recs} == {"vramlab-llamacpp-cpu-1", "vramlab-llamacpp-dryrun-1"}
+    bad = [f"{p}: {e.json_path}: {e.message[:200]}" for p, r in recs for e in list(v.iter_errors(r))[:1]]
+    assert not bad, f"{len(bad)} llama.cpp records do not follow {ENGINE_SCHEMA_FILE}:\n" + "\n".join(bad[:20])
+
+
+@pytest.mark.parametrize("schema, damage", [
+    ("vramlab-llamacpp-cpu-1", lambda r: r.pop("engine")),
+    ("vramlab-llamacpp-cpu-1", lambda r: r.__setitem__("outcome", "exploded")),
+    ("vramlab-llamacpp-dryrun-1", lambda r: r["predicted"].pop("compute_bytes")),
+    ("vramlab-llamacpp-dryrun-1", lambda r: r.__setitem__("schema", "vramlab-llamacpp-dryrun-2")),
+])
+def test_the_engine_schema_rejects_a_broken_record(schema, damage):
+    v = _engine_validator()
+    rec = copy.deepcopy(next(r for _, r in _engine_records() if r["schema"] == schema))
+    assert not list(v.iter_errors(rec))
+    damage(rec)
+    assert list(v.iter_errors(rec))
 
 
 def test_a_new_record_follows_the_schema():
