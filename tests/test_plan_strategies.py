@@ -118,17 +118,23 @@ def test_catalog_never_plans_tp_beyond_a_node_or_on_bitsandbytes():
 def test_catalog_plans_keep_tp_inside_the_node(gpu):
     """The whole answer (fewest, fastest, cheapest, runner-ups) for every catalog model, QLoRA and full training."""
     gpn = node_of(get_hardware(gpu)).gpus_per_node
+    refused = set()
     for name in catalog_names():
         for spec in (Spec(model=name, mode="train", method="qlora", attn="auto", lora_targets=("all-linear",)),
                      Spec(model=name, mode="train", attn="auto")):
-            pl = P.Planner(spec, gpu)
-            ans = pl.answer()
+            try:
+                pl = P.Planner(spec, gpu)
+                ans = pl.answer()
+            except SpecError:  # a model whose training vramlab refuses in one line (said, not planned)
+                refused.add(name)
+                continue
             for o in pl._options.values():
                 if o is not None:
                     assert o.strategy.tp <= gpn and not (o.spec.dtype in BNB_DTYPES and o.strategy.tp > 1), (name, o)
             for p in (ans["fewest"], ans.get("fastest"), ans.get("cheapest")):
                 if p and p.get("strategy_spec"):
                     assert p["strategy_spec"]["tp"] <= gpn
+    assert refused <= {"baichuan-inc/Baichuan2-13B-Chat"}, refused  # its ALiBi mask in training is not modelled
 
 
 # the heaviest plans of the catalog: the largest models, long sequences (context parallelism), MoE (experts)
