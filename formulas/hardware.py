@@ -7,10 +7,11 @@ capacity (every GDDR/HBM "GB" here is 2^30 bytes, see the file's `memory_gb_base
 Throughput is dense (not 2:4 sparse) tensor-core FLOP/s with FP32 accumulation.
 """
 
-import json
 import os
 from dataclasses import dataclass
 from functools import lru_cache
+
+from .documents import load_json
 
 CATALOG_PATH = os.path.join(os.path.dirname(__file__), "catalog", "hardware.json")
 
@@ -75,8 +76,7 @@ def _from_entry(e):
 
 @lru_cache(maxsize=1)
 def _catalog():
-    with open(CATALOG_PATH, encoding="utf-8") as f:
-        doc = json.load(f)
+    doc = load_json(CATALOG_PATH)
     return tuple(_from_entry(e) for e in doc["gpus"])
 
 

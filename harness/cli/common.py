@@ -97,10 +97,12 @@ def stack_from_args(a):
 
 def spec_from_args(a, resolve=True):
     """Build a Spec from parsed flags; resolve: a Hub id's config.json from the cache or the Hub (harness/hub.py)."""
-    from formulas.spec import Spec, SpecError
+    from formulas.spec import MAX_BATCH, Spec, SpecError
 
     if a.users is not None and a.batch is not None and a.users != a.batch:
         raise SpecError(f"--users {a.users}: --users is --batch under another name; give one (--batch {a.batch} too)")
+    if a.users is not None and not 1 <= a.users <= MAX_BATCH:  # checked here, or validate would name --batch
+        raise SpecError(f"--users {a.users:,}: must be an integer from 1 to {MAX_BATCH:,} (concurrent users)")
     batch = a.users if a.users is not None else (a.batch if a.batch is not None else 1)
     from ..hub import resolve_model
     from ..inventory import ensure_for_model

@@ -250,9 +250,13 @@ def _cmd_engine_plan(a, margin, overheads):
     """`plan --engine E --users N --ctx L --gpu G`: fewest GPUs, largest context per user, most users."""
     from formulas.catalog import get_shape
     from formulas.hardware import get_hardware
+    from formulas.spec import SpecError
 
     from .engines import engine_flags, plan_engine, render_engine_plan
 
+    if a.gpu.strip().lower() == "all" or "," in a.gpu:
+        raise SpecError(f"--gpu {a.gpu}: with --engine, name one GPU type (the engine plan is for one card; "
+                        "comparing GPU types is plan without --engine)")
     gpu = get_hardware(a.gpu)
     taken = engine_flags(a)
     from formulas.spec import validate
