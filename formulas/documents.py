@@ -87,16 +87,18 @@ def decode(data, where):
 
 def depth(obj, limit=MAX_DEPTH):
     """Nesting depth of parsed JSON/YAML (lists and mappings), counted without recursion; stops past `limit`."""
-    deepest, stack, seen = 0, [(obj, 1)], set()
+    if not isinstance(obj, (dict, list, tuple)):
+        return 0
+    deepest, stack, seen = 1, [(obj, 1)], {id(obj)}
     while stack:
         o, d = stack.pop()
-        if not isinstance(o, (dict, list, tuple)):
-            continue
-        deepest = max(deepest, d)
-        if deepest > limit or id(o) in seen:  # a YAML alias points at a node already counted
-            continue
-        seen.add(id(o))
-        stack.extend((v, d + 1) for v in (o.values() if isinstance(o, dict) else o))
+        for v in (o.values() if isinstance(o, dict) else o):
+            if isinstance(v, (dict, list, tuple)) and id(v) not in seen:  # a YAML alias: a node already counted
+                if d + 1 > limit:
+                    return d + 1
+                deepest = max(deepest, d + 1)
+                seen.add(id(v))
+                stack.append((v, d + 1))
     return deepest
 
 

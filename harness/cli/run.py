@@ -102,11 +102,11 @@ def cmd_run(a):
     else:
         from ..sweep.backends import make_backend, run_on
 
-        if mode == "measure" and not a.out:
+        if mode == "measure" and a.out is None:
             raise ValueError(f"--launcher {a.launcher} --mode measure: give --out, a folder every node can write "
                              "(the default is named after this machine's GPU)")
         backend = make_backend(a.launcher, mode, settings, job_name=f"vramlab-{name}")  # its package, its cluster
-    out = a.out or default_out_dir(name, mode)
+    out = a.out if a.out is not None else default_out_dir(name, mode)
     prepare_out_dir(out)
     print(f"{name}: {len(exps)} experiments → {out}", file=sys.stderr)
     if backend is None:
@@ -117,7 +117,12 @@ def cmd_run(a):
     parts = ", ".join(f"{k} {v}" for k, v in sorted(s.outcomes.items()))
     print(f"{name}: ran {s.ran}, skipped {s.skipped} already recorded" + (f" ({parts})" if parts else "")
           + (f"; {s.fresh_processes} warm reset(s) fell back to a fresh process" if s.fresh_processes else "")
-          + (f"; moved {len(s.corrupt_moved)} unreadable record(s) aside" if s.corrupt_moved else ""))
+          + (f"; moved {len(s.corrupt_moved)} unreadable record(s) aside" if s.corrupt_moved else "")
+          + (f"; left {len(s.newer)} record(s) written by a newer vramlab as they are (not rerun)" if s.newer else ""))
+    if s.busy:
+        print(f"vramlab run: {len(s.busy)} experiment(s) still being recorded by a process of an earlier run, not "
+              f"started: {', '.join(s.busy[:5])}{' …' if len(s.busy) > 5 else ''}; run the same command again once "
+              "they finish", file=sys.stderr)
     if s.interrupted:
         print(f"vramlab run: stopped by {s.signal} — records written so far are kept; run the same command to resume",
               file=sys.stderr)
@@ -188,7 +193,7 @@ def add_parsers(sub):
     p.add_argument("--process", default="warm", choices=("warm", "cold"),
                    help="warm: one long-lived worker per GPU, reset and checked between experiments (default); "
                         "cold: a fresh process per experiment")
-    p.add_argument("--jobs", type=int, default=None,
+    p.add_argument("--jobs", type=_at_least(1), default=None,
                    help="tracing or rehearsing: CPU workers at once (default: the CPU count, at most 4); a "
                         "rehearsed experiment of N ranks takes N of them (all, if fewer)")
     p.add_argument("--launcher", default="local", choices=("local", "slurm", "ray"),

@@ -40,11 +40,13 @@ from .launcher import (
     _tail,
     is_done,
     lock_out_dir,
+    not_busy,
     prepare_out_dir,
     record_stamp,
     recorded_outcome,
     run_isolated,
 )
+from .reaper import Reaper
 from .worker import SOURCE
 
 # A Slurm task's time beyond the longest experiment timeout: the worker's start-up, and submitit's
@@ -106,22 +108,28 @@ class SlurmBackend:
                 "timeout_min": self.time_min or math.ceil(longest / 60) + SLURM_MARGIN_MIN,
                 "slurm_partition": self.partition}
 
-    def submit(self, exps, out_dir, worker_cmd):
+    def submit(self, exps, out_dir, worker_cmd, reaper=None):
         # The task unpickles run_isolated: this checkout is importable there, installed or not.
         path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
         python = f"env PYTHONPATH={shlex.quote(path)} {shlex.quote(sys.executable)}"
+        folder = os.path.abspath(os.path.join(out_dir, ".slurm"))
         tasks = []
         try:
-            executor = self.submitit.AutoExecutor(folder=os.path.join(out_dir, ".slurm"), cluster=self.cluster,
+            executor = self.submitit.AutoExecutor(folder=folder, cluster=self.cluster,
                                                   **{f"{self.cluster}_python": python})
             for gpus in sorted({self.gpus_for(e) for e in exps}):  # one array per GPU count
                 group = [e for e in exps if self.gpus_for(e) == gpus]
                 executor.update_parameters(**self.parameters(group))
                 stale = [record_stamp(out_dir, e.spec_hash) for e in group]
-                with contextlib.redirect_stderr(io.StringIO()):  # submitit echoes sbatch's refusal; the error has it
+                with contextlib.redirect_stderr(io.StringIO()), _stderr_to(os.path.join(folder, "controllers.stderr")
+                                                                           if self.cluster == "local" else None):
+                    # submitit echoes sbatch's refusal (the error has it); local controllers print their tracebacks
+                    # when cancelled (SIGINT) to the stderr they inherit: their log, not the terminal
                     jobs = executor.map_array(run_isolated, group, [out_dir] * len(group), [self.mode] * len(group),
-                                              [worker_cmd] * len(group))
+                                              [worker_cmd] * len(group), stale)
                 tasks += [_Task(e, j, s) for e, j, s in zip(group, jobs, stale)]
+                if reaper is not None and self.cluster == "slurm":  # if this process dies, its arrays go with it
+                    reaper.on_death(["scancel", *sorted({j.job_id.split("_")[0] for j in jobs})])
         except RuntimeError as e:  # sbatch refused an array (a partition or GPU count it lacks), or no srun
             self.cancel(tasks)
             raise LauncherError(f"--launcher slurm: {_first_line(e)}") from None
@@ -174,6 +182,7 @@ class RayBackend:
     def start(self):
         if self.ray.is_initialized():  # a caller (a test) that holds a cluster already
             return
+        reachable(self.address)
         self.started = True  # set first: close() shuts down what an interrupted init left
         try:
             self.ray.init(address=self.address, include_dashboard=False, log_to_driver=False,
@@ -181,15 +190,16 @@ class RayBackend:
         except ConnectionError as e:
             raise LauncherError(f"--address {self.address}: {_first_line(e)}") from None
 
-    def submit(self, exps, out_dir, worker_cmd):
+    def submit(self, exps, out_dir, worker_cmd, reaper=None):
         remote = self.ray.remote(run_isolated)
         most = max(1, int(self.ray.cluster_resources().get("CPU", 1)))  # more would wait forever
         tasks = []
         for e in exps:  # max_retries=0: a task whose process died gets a fallback record, never a second run
             cpus = min(e.spec.gpus, most) if self.mode == "rehearse" else 1  # a CPU rehearsal: a process per rank
+            stamp = record_stamp(out_dir, e.spec_hash)
             ref = remote.options(num_cpus=cpus, num_gpus=task_gpus(e, self.mode), max_retries=0).remote(
-                e, out_dir, self.mode, worker_cmd)
-            tasks.append(_Task(e, ref, record_stamp(out_dir, e.spec_hash)))
+                e, out_dir, self.mode, worker_cmd, stamp)
+            tasks.append(_Task(e, ref, stamp))
         return tasks
 
     def finished(self, pending, poll_s):
@@ -220,6 +230,45 @@ class RayBackend:
         if self.started:
             self.ray.shutdown()
             self.started = False
+
+
+ADDRESS_TIMEOUT_S = 5.0  # a Ray address that does not accept a connection in this long is not a cluster
+
+
+def reachable(address):
+    """Refuse (LauncherError, in seconds) a Ray address whose host does not resolve or whose port does not accept a
+    connection: ray.init retries such an address for minutes. None, 'auto' and 'local' are Ray's to find."""
+    import socket
+
+    if address in (None, "", "auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1]
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise LauncherError(f"--address {address}: expected HOST:PORT (or ray://HOST:PORT, or auto)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=ADDRESS_TIMEOUT_S).close()
+    except OSError as e:
+        why = e.strerror or str(e) or type(e).__name__
+        raise LauncherError(f"--address {address}: no Ray cluster answers there ({why})") from None
+
+
+@contextlib.contextmanager
+def _stderr_to(path):
+    """File descriptor 2 goes to `path` (appended) for what starts inside, then back; nothing when path is None."""
+    if path is None:
+        yield
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    sys.stderr.flush()
+    saved, fd = os.dup(2), os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.dup2(fd, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(fd)
 
 
 def make_backend(launcher, mode, settings, job_name="vramlab"):
@@ -255,17 +304,19 @@ def run_on(backend, experiments, out_dir, mode="trace", retry=False, progress=Tr
     lock = lock_out_dir(out_dir)
     summary = SweepSummary(out_dir=out_dir, total=len(experiments))
     # every task gets the GPUs it asks for: a record left "unsupported" for want of GPUs by a local run reruns here
-    todo = [e for e in experiments if not is_done(out_dir, e, retry, summary.corrupt_moved, slots=math.inf)]
+    todo = [e for e in experiments if not is_done(out_dir, e, retry, summary.corrupt_moved, math.inf, summary.newer)]
     summary.skipped = len(experiments) - len(todo)
+    todo = not_busy(out_dir, todo, retry, summary, slots=math.inf)
     main_thread = threading.current_thread() is threading.main_thread()
-    pending, old, bar = [], {}, None
+    pending, old, bar, reaper = [], {}, None, None
     try:
         if todo:
+            reaper = Reaper()  # first: what starts from here on ends with this process (harness/sweep/reaper.py)
             backend.start()
         if main_thread:  # after ray.init, whose own SIGTERM handler would end this process without cancelling
             old = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGHUP)}
         if todo:
-            pending = backend.submit(todo, out_dir, worker_cmd)
+            pending = backend.submit(todo, out_dir, worker_cmd, reaper)
         bar = _progress(len(todo)) if progress else None
         while pending:
             for task in backend.finished(pending, poll_s):
@@ -284,7 +335,11 @@ def run_on(backend, experiments, out_dir, mode="trace", retry=False, progress=Tr
         summary.signal = str(e) if isinstance(e, _Stop) else "SIGINT"
         backend.cancel(pending)
     finally:
-        backend.close()
+        try:
+            backend.close()
+        finally:
+            if reaper is not None:
+                reaper.close()
         for s, h in old.items():
             signal.signal(s, signal.SIG_DFL if h is None else h)  # None: a handler set outside Python (Ray's)
         if bar is not None:
