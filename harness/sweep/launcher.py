@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..gpu import nvml
-from ..paths import ROOT, RUNS_DIR
+from ..paths import ROOT, RUNS_DIR, OutDirError, prepare_folder  # noqa: F401  (OutDirError re-exported)
 from ..records import (
     OUTCOMES,
     NewerSchemaError,
@@ -58,22 +58,9 @@ IDLE_TIMEOUT_S = 30.0
 SweepLocked = RecordsLocked  # another vramlab command is writing to the same output folder
 
 
-class OutDirError(ValueError):
-    """The output folder cannot hold records: a file, not writable, or the disk is full."""
-
-
 def prepare_out_dir(out_dir, flag="--out"):
     """Create the record folder if needed; OutDirError (one line) when it cannot be written."""
-    if not out_dir:
-        raise OutDirError(f"{flag} '': give a folder")
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise OutDirError(f"{flag} {out_dir}: is a file, not a folder")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise OutDirError(f"{flag} {out_dir}: cannot create it ({e.strerror or e})") from None
-    if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise OutDirError(f"{flag} {out_dir}: not writable")
+    prepare_folder(out_dir, flag)
 
 
 class _Stop(BaseException):
