@@ -23,7 +23,7 @@ from .hardware import get_hardware
 from .lora import lora_params, resolve_targets
 from .overhead import DEFAULT_OVERHEADS
 from .predict import predict
-from .spec import SpecError, validate
+from .spec import MAX_GPUS, SpecError, validate
 from .throughput import (
     decode_flops_per_token,
     gpus_for_deadline,
@@ -243,7 +243,7 @@ class Planner:
 
     def at_least(self, n_min, spec=None, limit=None):
         """The simplest fitting plan on the fewest GPUs ≥ n_min (GPUs added for speed), or None."""
-        limit = limit or max(2 * n_min, n_min + 64)
+        limit = min(limit or max(2 * n_min, n_min + 64), MAX_GPUS)  # past MAX_GPUS every spec is refused
         for n in range(max(1, n_min), limit + 1):
             ok = [o for o in self.options_at(n, spec, for_speed=True) if o.fits]
             if ok:

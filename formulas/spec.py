@@ -88,7 +88,7 @@ def _choice(flag, value, allowed):
 
 MAX_TOKENS = 1 << 26  # bound on --seq and --gen (67M tokens): beyond it nothing fits anywhere, and torch's sizes overflow
 MAX_BATCH = 1 << 20
-MAX_GPUS = 1 << 20  # bound on --gpus, --tp and --pp (as on plan's --max-gpus): figures per GPU of more mean nothing
+MAX_GPUS = 1 << 24  # bound on --gpus, --tp and --pp: 16.7M; the planner's deadline search reaches past its --max-gpus
 
 
 def _positive(flag, value, zero_ok=False, maximum=None):

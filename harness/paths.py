@@ -12,12 +12,23 @@ class OutDirError(ValueError):
     """An output path that cannot be written: a file where a folder should be, not writable, a full disk."""
 
 
-def prepare_folder(path, flag="--out"):
-    """Create the output folder `path` if needed; OutDirError (one line naming `flag`) when it cannot be written."""
+def prepare_folder(path, flag="--out", create=True):
+    """Create the output folder `path` if needed (with create=False, only check that it could be); OutDirError (one
+    line naming `flag`) when it cannot be written."""
     if not path:
         raise OutDirError(f"{flag} '': give a folder")
     if os.path.exists(path) and not os.path.isdir(path):
         raise OutDirError(f"{flag} {path}: is a file, not a folder")
+    if not create:
+        above = os.path.abspath(path)
+        while not os.path.exists(above):
+            above = os.path.dirname(above)
+        if not os.path.isdir(above):
+            raise OutDirError(f"{flag} {path}: cannot create it ({above} is a file)")
+        if not os.access(above, os.W_OK | os.X_OK):
+            raise OutDirError(f"{flag} {path}: " + ("not writable" if above == os.path.abspath(path) else
+                                                    f"cannot create it ({above} is not writable)"))
+        return path
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:

@@ -12,7 +12,12 @@ repeats). Statuses:
     unsupported                      neither side could run it in its mode (e.g. bitsandbytes when traced)
     not comparable                   a record of an older schema that cannot be migrated, or the same
                                      experiment label with another spec hash
+    unstable                         repeats of the experiment on one side disagree by more than the
+                                     thresholds: no verdict can be given (and the check fails)
     new | missing                    only in the new records / only in the baseline
+
+Repeats live in subfolders (run1/, run2/, …): two records of one experiment in the same folder are
+refused (CheckError naming both files), never one of them picked silently.
 
 Each record is compared on its own observation (harness.records.observed): measured records on
 their GPU figures, traced ones on theirs. For a changed experiment the components that moved are
@@ -20,11 +25,12 @@ named in the category vocabulary (CUDA context, workspaces, allocator slack, ten
 or as allocated per phase. A regression is `worse` or `new failure`.
 """
 
-import json
+import os
 import re
 from dataclasses import dataclass, field
 
 from formulas import categories as C
+from formulas.documents import DocumentError, load_json
 from formulas.units import MiB, parse_size
 
 from ..records import (
@@ -88,25 +94,32 @@ def coverage_problem(comparisons):
 
 def load_runs(path):
     """{spec_hash: [records]} under a file or folder. A record that cannot be read in the current schema
-    stays as a stand-in {spec_hash, outcome, unreadable: why}, so its experiment is named not comparable."""
+    stays as a stand-in {spec_hash, outcome, unreadable: why}, so its experiment is named not comparable.
+    Two records of one experiment in the same folder are a CheckError: repeats go in subfolders."""
     files = record_files(path)
     if not files:
         raise CheckError(f"{path}: no record files")
-    out = {}
+    out, where = {}, {}
     for f in files:
         try:
             rec = read_record(f)
         except RecordError as e:
             try:
-                with open(f, encoding="utf-8") as fh:
-                    raw = json.load(fh)
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                raw = load_json(f)
+            except DocumentError:
                 continue
-            if not (isinstance(raw, dict) and "spec_hash" in raw and "outcome" in raw):
+            if not (isinstance(raw, dict) and isinstance(raw.get("spec_hash"), str) and "outcome" in raw):
                 continue
-            rec = {"spec_hash": raw["spec_hash"], "spec": raw.get("spec"), "outcome": raw["outcome"],
-                   "group": raw.get("group", ""), "unreadable": str(e)}
-        out.setdefault(rec["spec_hash"], []).append(rec)
+            rec = {"spec_hash": raw["spec_hash"], "spec": raw.get("spec") if isinstance(raw.get("spec"), dict) else {},
+                   "outcome": raw["outcome"], "group": raw.get("group", ""), "unreadable": str(e)}
+        h = rec["spec_hash"]
+        folder = os.path.dirname(f)
+        twin = next((g for g in where.get(h, ()) if os.path.dirname(g) == folder), None)
+        if twin is not None:
+            raise CheckError(f"{twin} and {f} are both records of experiment {h} in one folder; one folder holds one "
+                             "record per experiment (repeats go in subfolders): remove one")
+        where.setdefault(h, []).append(f)
+        out.setdefault(h, []).append(rec)
     if not out:
         raise CheckError(f"{path}: no vramlab records")
     return out
@@ -216,6 +229,10 @@ def compare_experiment(h, base_recs, new_recs, thresholds):
         if not bv or not nv:
             continue
         b, n = _median(bv), _median(nv)
+        for side, vals, mid in (("baseline", bv, b), ("new", nv, n)):
+            if len(vals) > 1 and _exceeds(max(vals) - min(vals), mid, 0, rules):  # repeats that disagree: no verdict
+                return Comparison(h, label, "unstable", detail=f"{len(vals)} {side} records disagree on {metric}: "
+                                                               f"{min(vals) / MiB:,.0f} to {max(vals) / MiB:,.0f} MiB")
         spread = max(_spread(base_ok, metric), _spread(new_ok, metric))
         counted = _exceeds(n - b, b, spread, rules)
         cmp.metrics[metric] = (b, n, n - b, counted)

@@ -19,6 +19,11 @@ def cmd_check(a):
     if is_regression(comps):
         print("vramlab check: regression", file=sys.stderr)
         return 1
+    unstable = [c.spec_hash for c in comps if c.status == "unstable"]
+    if unstable:
+        print(f"vramlab check: cannot compare: the repeated records of {len(unstable)} experiment(s) disagree by more "
+              f"than the thresholds ({', '.join(unstable[:5])})", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -5,11 +5,16 @@ from .common import load_records_for
 
 def cmd_report(a):
     from ..analysis.report import write_report
+    from ..paths import prepare_folder
 
+    prepare_folder(a.out, "--out", create=False)
     recs = load_records_for("report", a.records)
     if recs is None:
         return 2
-    html, md = write_report(recs, a.out)
+    try:
+        html, md = write_report(recs, a.out)
+    except OSError as e:
+        raise ValueError(f"--out {a.out}: cannot write the report ({e.strerror or e})") from None
     print(f"{len(recs)} records → {html}, {md}")
     return 0
 

@@ -153,6 +153,10 @@ def cmd_results(a):
     from ..analysis.calibrate import calibration_for_environment, load_calibration
     from ..analysis.frame import records_frame
 
+    if a.csv and a.csv != "-":
+        from ..paths import check_output_file
+
+        check_output_file(a.csv, "--csv")
     lookup = calibration_for_environment
     if a.calibration:
         cal = load_calibration(a.calibration)
@@ -162,7 +166,10 @@ def cmd_results(a):
         return 2
     df = records_frame(recs, lookup)
     if a.csv:
-        df.to_csv(a.csv if a.csv != "-" else sys.stdout, index=False)
+        try:
+            df.to_csv(a.csv if a.csv != "-" else sys.stdout, index=False)
+        except OSError as e:
+            raise ValueError(f"--csv {a.csv}: cannot write it ({e.strerror or e})") from None
         if a.csv != "-":
             print(f"{len(df)} records → {a.csv}", file=sys.stderr)
         return 0
