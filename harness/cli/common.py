@@ -87,6 +87,21 @@ def add_stack_arguments(p):
         g.add_argument(f"--{package}", default=None, metavar="VERSION", help=f"{package} version, e.g. {STACK_NEWEST[package]}")
 
 
+def check_version_flags(a):
+    """Every `--…-version` flag given (the engines' releases) read by the one version parser: 'abc', '5.x' or '' is
+    one line naming the flag, before the engine's own range check."""
+    from formulas.spec import SpecError
+    from formulas.versions import parse_version
+
+    for name, value in sorted(vars(a).items()):
+        if name.endswith("_version") and value is not None:
+            try:
+                parse_version(value)
+            except ValueError:
+                flag = "--" + name.replace("_", "-")
+                raise SpecError(f"{flag} {value!r}: not a version; give a release like 0.6.6") from None
+
+
 def stack_from_args(a):
     """The formulas.stack.Stack the flags ask for, over what is installed."""
     from formulas.stack import make_stack

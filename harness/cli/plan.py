@@ -17,7 +17,14 @@ from formulas.units import (
     parse_size,
 )
 
-from .common import add_spec_arguments, calibration_line, flag_value, spec_from_args, warn_beyond_positions
+from .common import (
+    add_spec_arguments,
+    calibration_line,
+    check_version_flags,
+    flag_value,
+    spec_from_args,
+    warn_beyond_positions,
+)
 from .engines import add_engine_arguments
 
 
@@ -293,6 +300,7 @@ def cmd_plan(a):
     if a.table:
         return _cmd_table(a, P, margin, mfu, deadline, overheads)
     if a.engine != "transformers":
+        check_version_flags(a)
         return _cmd_engine_plan(a, margin, overheads(a.gpu))
     spec = spec_from_args(a)
     data_bytes = flag_value(parse_size, "--data", a.data, 1) if a.data else None

@@ -6,7 +6,15 @@ import os
 from formulas import categories as C
 from formulas.units import GiB
 
-from .common import add_spec_arguments, calibration_line, gib_cell, spec_from_args, stack_from_args, warn_beyond_positions
+from .common import (
+    add_spec_arguments,
+    calibration_line,
+    check_version_flags,
+    gib_cell,
+    spec_from_args,
+    stack_from_args,
+    warn_beyond_positions,
+)
 from .engines import add_engine_arguments
 
 # How the device categories are headed in the table, and what each means.
@@ -103,6 +111,7 @@ def cmd_predict(a):
 
     from .engines import engine_answer, engine_flags, engine_json, render_engine
 
+    check_version_flags(a)
     gpu = get_hardware(a.gpu) if a.gpu else None
     taken = engine_flags(a)
     spec = spec_from_args(a)

@@ -94,7 +94,7 @@ class SlurmBackend:
         self.submitit, self.cluster, self.mode = submitit, "local" if cluster == "local" else "slurm", mode
         self.partition, self.time_min, self.job_name, self.gpus = partition, time_min, job_name, gpus
 
-    def start(self):
+    def start(self, log_dir=None):
         pass
 
     def gpus_for(self, exp):
@@ -179,16 +179,26 @@ class RayBackend:
         self.ray, self.mode, self.address = ray, mode, address
         self.started = False
 
-    def start(self):
+    def start(self, log_dir=None):
+        """Join the cluster at the address (checked first: one that does not answer is refused in seconds), or start a
+        local one. Ray's own messages (its C++ core retrying an address that is no cluster) go to log_dir/ray.stderr."""
         if self.ray.is_initialized():  # a caller (a test) that holds a cluster already
             return
         reachable(self.address)
         self.started = True  # set first: close() shuts down what an interrupted init left
+        joining = self.address not in (None, "", "auto", "local")
+        saved = os.environ.get(GCS_WAIT_VAR)
+        if joining and saved is None:  # Ray retries an address for NUM_REDIS_GET_RETRIES (20) seconds by default
+            os.environ[GCS_WAIT_VAR] = str(GCS_WAIT_S)
         try:
-            self.ray.init(address=self.address, include_dashboard=False, log_to_driver=False,
-                          logging_level=logging.WARNING)
+            with _stderr_to(os.path.join(log_dir, "ray.stderr") if log_dir else None):
+                self.ray.init(address=self.address, include_dashboard=False, log_to_driver=False,
+                              logging_level=logging.WARNING)
         except ConnectionError as e:
             raise LauncherError(f"--address {self.address}: {_first_line(e)}") from None
+        finally:
+            if joining and saved is None:
+                os.environ.pop(GCS_WAIT_VAR, None)
 
     def submit(self, exps, out_dir, worker_cmd, reaper=None):
         remote = self.ray.remote(run_isolated)
@@ -233,6 +243,9 @@ class RayBackend:
 
 
 ADDRESS_TIMEOUT_S = 5.0  # a Ray address that does not accept a connection in this long is not a cluster
+# ray/_private/node.py (2.60) Node._init_gcs_client: tries to reach the GCS once a second for
+# RAY_gcs_server_port_wait_time_s attempts when set, else NUM_REDIS_GET_RETRIES (20).
+GCS_WAIT_VAR, GCS_WAIT_S = "RAY_gcs_server_port_wait_time_s", 8
 
 
 def reachable(address):
@@ -312,7 +325,7 @@ def run_on(backend, experiments, out_dir, mode="trace", retry=False, progress=Tr
     try:
         if todo:
             reaper = Reaper()  # first: what starts from here on ends with this process (harness/sweep/reaper.py)
-            backend.start()
+            backend.start(os.path.join(out_dir, ".logs"))
         if main_thread:  # after ray.init, whose own SIGTERM handler would end this process without cancelling
             old = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGHUP)}
         if todo:
