@@ -17,7 +17,7 @@ _VERSION = re.compile(r"""
     (?:-\d+|[-_.]?(?:post|rev|r)[-_.]?\d*)?                      # post-release
     (?:[-_.]?dev[-_.]?\d*)?                                      # development release
     (?:\+[a-z0-9]+(?:[-_.][a-z0-9]+)*)?                          # local label (+cu121)
-    """, re.VERBOSE | re.IGNORECASE)
+    """, re.VERBOSE | re.IGNORECASE | re.ASCII)
 MAX_PART = 10**6  # no package's version number is this large
 
 

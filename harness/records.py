@@ -255,8 +255,8 @@ def read_record(path):
     try:
         rec = load_json(path, MAX_RECORD_BYTES)
     except DocumentError as e:
-        raise RecordError(f"not a readable record: {e}" if str(e).startswith(str(path)) else
-                          f"{path}: not a readable record ({e})") from None
+        why = str(e)[len(f"{path}: "):] if str(e).startswith(f"{path}: ") else str(e)
+        raise RecordError(f"{path}: not a readable record ({why})") from None
     if not isinstance(rec, dict) or "spec_hash" not in rec or "outcome" not in rec:
         raise RecordError(f"{path}: not a vramlab record (no spec_hash/outcome)")
     return check_record(migrate(rec, path), path)

@@ -176,6 +176,7 @@ class RayBackend:
     def __init__(self, mode, address=None):
         import ray
 
+        reachable(address)  # before anything is written: an address that does not answer is one line in seconds
         self.ray, self.mode, self.address = ray, mode, address
         self.started = False
 
@@ -184,7 +185,6 @@ class RayBackend:
         local one. Ray's own messages (its C++ core retrying an address that is no cluster) go to log_dir/ray.stderr."""
         if self.ray.is_initialized():  # a caller (a test) that holds a cluster already
             return
-        reachable(self.address)
         self.started = True  # set first: close() shuts down what an interrupted init left
         joining = self.address not in (None, "", "auto", "local")
         saved = os.environ.get(GCS_WAIT_VAR)
