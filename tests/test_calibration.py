@@ -174,7 +174,7 @@ def test_check_catches_and_names_planted_regression(tmp_path):
     assert all(c.status in ("worse", "unchanged", "new failure") for c in comps.values())
 
 
-def test_check_statuses_fixed_and_not_comparable(tmp_path):
+def test_check_statuses_fixed_and_unreadable(tmp_path):
     exps = _experiments()[:3]
     rng = random.Random(4)
     base_recs = [_record(exps[0], rng, outcome="oom"), _record(exps[1], rng), _record(exps[2], rng)]
@@ -182,7 +182,7 @@ def test_check_statuses_fixed_and_not_comparable(tmp_path):
                 _record(exps[2], rng)]
     comps = {c.spec_hash: c.status for c in check(_write(tmp_path / "b", base_recs), _write(tmp_path / "n", new_recs))}
     assert comps[exps[0].spec_hash] == "fixed"
-    assert comps[exps[1].spec_hash] == "not comparable"
+    assert comps[exps[1].spec_hash] == "unreadable"  # a newer schema: named, never compared or skipped
     assert comps[exps[2].spec_hash] == "unchanged"
 
 

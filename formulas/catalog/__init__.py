@@ -56,6 +56,8 @@ def resolve_config_path(name):
         return path  # load_config refuses one that is not a file
     if os.path.exists(name):  # a file (load_config refuses a FIFO or a device)
         return name
+    if os.path.lexists(name):  # a link that leads nowhere
+        raise UnknownModelError(f"--model {name}: a link to nothing that exists (dangling, or a loop of links)")
     key = name.strip().lower()
     idx = _index()
     if key in idx:

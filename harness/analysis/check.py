@@ -10,10 +10,12 @@ repeats). Statuses:
     fixed                            baseline failed, now ok
     still failing                    both failed
     unsupported                      neither side could run it in its mode (e.g. bitsandbytes when traced)
-    not comparable                   a record of an older schema that cannot be migrated, or the same
-                                     experiment label with another spec hash
+    not comparable                   the same experiment label with another spec hash
     unstable                         repeats of the experiment on one side disagree by more than the
                                      thresholds: no verdict can be given (and the check fails)
+    unreadable                       a record file on either side cannot be read (named with the field: an
+                                     older schema that cannot be migrated, "written by a newer vramlab", a
+                                     NaN, …): the check fails, never skips it
     new | missing                    only in the new records / only in the baseline
 
 Repeats live in subfolders (run1/, run2/, …): two records of one experiment in the same folder are
@@ -82,8 +84,8 @@ MIN_OVERLAP = 0.5  # a check compares at least this share of the baseline's expe
 def coverage_problem(comparisons):
     """Why the two sets do not overlap enough to compare, or None: the new records must hold at least
     MIN_OVERLAP of the baseline's experiments."""
-    base = [c for c in comparisons if c.status != "new"]
-    missing = sum(c.status in ("missing", "not comparable") for c in base)
+    base = [c for c in comparisons if c.status != "new" and not c.file]
+    missing = sum(c.status in ("missing", "not comparable", "unreadable") for c in base)
     if not base:
         return "the baseline holds no experiment"
     if len(base) - missing < MIN_OVERLAP * len(base):
@@ -92,11 +94,13 @@ def coverage_problem(comparisons):
     return None
 
 
-def load_runs(path):
+def load_runs(path, unreadable=None):
     """{spec_hash: [records]} under a file or folder. A record that cannot be read in the current schema
-    stays as a stand-in {spec_hash, outcome, unreadable: why}, so its experiment is named not comparable.
+    stays as a stand-in {spec_hash, outcome, unreadable: why}, so its experiment is named unreadable; a file
+    that is no record at all (not JSON, no spec_hash) goes to `unreadable` as (path, why).
     Two records of one experiment in the same folder are a CheckError: repeats go in subfolders."""
-    files = record_files(path)
+    skipped = unreadable if unreadable is not None else []
+    files = record_files(path, on_skip=lambda p, e: skipped.append((p, str(e))))
     if not files:
         raise CheckError(f"{path}: no record files")
     out, where = {}, {}
@@ -107,8 +111,9 @@ def load_runs(path):
             try:
                 raw = load_json(f)
             except DocumentError:
-                continue
+                raw = None
             if not (isinstance(raw, dict) and isinstance(raw.get("spec_hash"), str) and "outcome" in raw):
+                skipped.append((f, str(e)))
                 continue
             rec = {"spec_hash": raw["spec_hash"], "spec": raw.get("spec") if isinstance(raw.get("spec"), dict) else {},
                    "outcome": raw["outcome"], "group": raw.get("group", ""), "unreadable": str(e)}
@@ -167,6 +172,7 @@ class Comparison:
     metrics: dict = field(default_factory=dict)  # metric → (baseline, new, delta, counted)
     moved: list = field(default_factory=list)  # "CUDA context +300 MiB", largest first
     detail: str = ""
+    file: str = ""  # a file that is no readable record at all (its experiment unknown)
 
     def line(self):
         parts = [f"{self.status:<15} {self.spec_hash}  {self.label}"]
@@ -206,9 +212,9 @@ def compare_experiment(h, base_recs, new_recs, thresholds):
     b0, n0 = base_recs[0], new_recs[0]
     s = n0.get("spec") or {}
     label = f"{s.get('model')} {s.get('mode')} {s.get('dtype')} b{s.get('batch')} s{s.get('seq')}"
-    unreadable = [r["unreadable"] for r in (b0, n0) if "unreadable" in r]
+    unreadable = [r["unreadable"] for r in base_recs + new_recs if "unreadable" in r]
     if unreadable:
-        return Comparison(h, label, "not comparable", detail=unreadable[0])
+        return Comparison(h, label, "unreadable", detail=unreadable[0])
     b_ok = any(r.get("outcome") == "ok" for r in base_recs)
     n_ok = any(r.get("outcome") == "ok" for r in new_recs)
     if b_ok and not n_ok:
@@ -251,8 +257,10 @@ def compare_experiment(h, base_recs, new_recs, thresholds):
 def check(baseline_path, new_path, thresholds=None):
     """[Comparison] for every experiment in either set, baseline order first."""
     thresholds = parse_thresholds(thresholds or DEFAULT_THRESHOLDS)
-    base, new = load_runs(baseline_path), load_runs(new_path)
-    out = []
+    skipped = []
+    base, new = load_runs(baseline_path, skipped), load_runs(new_path, skipped)
+    out = [Comparison(os.path.splitext(os.path.basename(p))[0], p, "unreadable", detail=why, file=p)
+           for p, why in skipped]
     base_labels = {_label(v[0]): h for h, v in base.items()}
     new_labels = {_label(v[0]): h for h, v in new.items()}
     for h in sorted(base):

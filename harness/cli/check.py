@@ -12,6 +12,11 @@ def cmd_check(a):
             print(c.line())
     for line in summarize(comps):
         print(line)
+    unreadable = [c for c in comps if c.status == "unreadable"]
+    if unreadable:
+        print(f"vramlab check: cannot compare: {len(unreadable)} record file(s) cannot be read, the first "
+              f"{unreadable[0].detail}", file=sys.stderr)
+        return 1
     problem = coverage_problem(comps)
     if problem:
         print(f"vramlab check: cannot compare: {problem}", file=sys.stderr)
