@@ -327,11 +327,28 @@ def lock_folder(folder, command="run"):
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").split() or ["?"]
-        os.close(fd)
-        what = f"vramlab {holder[1]}" if len(holder) > 1 else "vramlab command"
-        raise RecordsLocked(f"{folder}: another {what} (pid {holder[0]}) is writing here; wait for it or stop it") \
-            from None
+        _refuse(folder, fd)
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()} {command}\n".encode(), 0)
     return fd
+
+
+def _refuse(folder, fd):
+    holder = os.pread(fd, 64, 0).decode(errors="replace").split() or ["?"]
+    os.close(fd)
+    what = f"vramlab {holder[1]}" if len(holder) > 1 else "vramlab command"
+    raise RecordsLocked(f"{folder}: another {what} (pid {holder[0]}) is writing here; wait for it or stop it")
+
+
+def check_unlocked(folder):
+    """RecordsLocked (the same line lock_folder would give) if another command holds the folder's lock now; a check
+    before a command prints anything, the lock itself is taken later."""
+    try:
+        fd = os.open(os.path.join(folder, ".lock"), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        _refuse(folder, fd)
+    os.close(fd)

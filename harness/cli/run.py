@@ -67,6 +67,7 @@ def _launcher_settings(a):
 
 def cmd_run(a):
     from ..gpu import nvml
+    from ..records import check_unlocked
     from ..sweep.launcher import default_out_dir, prepare_out_dir, run_sweep
     from ..sweep.schema import MAX_EXPERIMENTS, load_sweep
 
@@ -108,6 +109,7 @@ def cmd_run(a):
         backend = make_backend(a.launcher, mode, settings, job_name=f"vramlab-{name}")  # its package, its cluster
     out = a.out if a.out is not None else default_out_dir(name, mode)
     prepare_out_dir(out)
+    check_unlocked(out)  # another writer: one line, before anything is printed
     print(f"{name}: {len(exps)} experiments → {out}", file=sys.stderr)
     if backend is None:
         s = run_sweep(exps, out, gpus=a.gpus, mode=mode, retry=a.retry, progress=not a.no_progress,

@@ -240,13 +240,10 @@ def run_experiment(exp):
 
 def summarize(folder):
     """Markdown table of a folder of engine records: per model × dtype, how many matched the bar."""
-    import glob
-    import json
+    from ..records import iter_records
 
     rows, worst = {}, {}
-    for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
-        with open(path, encoding="utf-8") as f:
-            rec = json.load(f)
+    for rec in iter_records(folder):  # the one record reader: unreadable files are left out
         eng = rec.get("engine")
         if rec.get("outcome") != "ok" or not eng:
             key = (rec.get("spec", {}).get("model", "?"), rec.get("spec", {}).get("dtype", "?"))

@@ -242,7 +242,10 @@ class RayBackend:
             self.started = False
 
 
-ADDRESS_TIMEOUT_S = 5.0  # a Ray address that does not accept a connection in this long is not a cluster
+ADDRESS_TIMEOUT_S = 5.0  # a Ray address that does not accept a connection, or answer it, in this long is not a cluster
+# The HTTP/2 client connection preface and an empty SETTINGS frame (RFC 9113 §3.4, §6.5): a gRPC server answers with
+# its own SETTINGS frame (frame type 0x4, the fourth byte of the 9-byte frame header).
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
 # ray/_private/node.py (2.60) Node._init_gcs_client: tries to reach the GCS once a second for
 # RAY_gcs_server_port_wait_time_s attempts when set, else NUM_REDIS_GET_RETRIES (20).
 GCS_WAIT_VAR, GCS_WAIT_S = "RAY_gcs_server_port_wait_time_s", 8
@@ -260,10 +263,21 @@ def reachable(address):
     if not sep or not port.isdigit() or not host:
         raise LauncherError(f"--address {address}: expected HOST:PORT (or ray://HOST:PORT, or auto)")
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=ADDRESS_TIMEOUT_S).close()
+        conn = socket.create_connection((host.strip("[]"), int(port)), timeout=ADDRESS_TIMEOUT_S)
     except OSError as e:
         why = e.strerror or str(e) or type(e).__name__
         raise LauncherError(f"--address {address}: no Ray cluster answers there ({why})") from None
+    try:  # Ray's GCS (and its client server) speak gRPC: HTTP/2 answers a client's preface with a SETTINGS frame
+        conn.settimeout(ADDRESS_TIMEOUT_S)
+        conn.sendall(_HTTP2_PREFACE)
+        reply = conn.recv(9)
+    except OSError:
+        reply = b""
+    finally:
+        conn.close()
+    if len(reply) < 4 or reply[3] != 0x4:
+        raise LauncherError(f"--address {address}: it accepts connections but does not answer as a Ray cluster does "
+                            f"(gRPC) within {ADDRESS_TIMEOUT_S:.0f} s")
 
 
 @contextlib.contextmanager
