@@ -13,7 +13,7 @@ and what is wrong with it — instead of hanging or ending in a traceback:
   in a RecursionError; nothing vramlab reads nests past a dozen levels);
 - integers longer than MAX_INT_DIGITS digits are refused (no byte count or length needs more).
 
-YAML (sweep files, published measurement sets) goes through harness/documents.py, which adds the
+YAML (sweep files, published measurement sets) goes through harness/sweep/documents.py, which adds the
 limits that only YAML needs (aliases, their expansion, keys given twice) on top of read_bytes.
 """
 

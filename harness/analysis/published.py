@@ -74,7 +74,7 @@ class PublishedError(ValueError):
 
 
 def _load_yaml(path):
-    from ..documents import DocumentError, load_yaml
+    from ..sweep.documents import DocumentError, load_yaml
 
     try:
         return load_yaml(path)

@@ -405,9 +405,9 @@ def _make(path, where, spec_fields, run, group):
 
 
 def _load(path):
-    """The sweep file's document (harness.documents: a regular file, UTF-8, no key twice, bounded aliases, size and
-    nesting); SweepError naming the file."""
-    from ..documents import DocumentError, load_yaml
+    """The sweep file's document (harness.sweep.documents: a regular file, UTF-8, no key twice, bounded aliases, size
+    and nesting); SweepError naming the file."""
+    from .documents import DocumentError, load_yaml
 
     if not os.path.exists(path):
         raise SweepError(f"{path}: no such sweep file")
