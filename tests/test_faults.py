@@ -646,6 +646,14 @@ def test_a_checkpoint_that_is_not_the_configs_is_refused(tmp_path, capsys):
 
 # ------------------------------------------------------------------ cluster launchers: nothing left, nothing twice
 
+def _cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
 def _tagged(tag):
     """PIDs of live processes whose environment carries VRAMLAB_TEST_TAG=tag."""
     pids = []
@@ -760,7 +768,7 @@ def test_sigkills_of_a_cluster_sweep_then_a_resume(tmp_path, launcher, settings)
         deadline = time.monotonic() + 10
         while _tagged(tag) and time.monotonic() < deadline:
             time.sleep(0.1)
-        left = {pid: open(f"/proc/{pid}/cmdline", "rb").read()[:200] for pid in _tagged(tag)}
+        left = {pid: _cmdline(pid)[:200] for pid in _tagged(tag)}
         assert not left, f"processes of the killed {launcher} sweep left after 10 s: {left}"
     assert len(records()) < n, "the sweep ended before the third SIGKILL: give it more experiments"
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=600, stderr=subprocess.DEVNULL)
@@ -768,6 +776,36 @@ def test_sigkills_of_a_cluster_sweep_then_a_resume(tmp_path, launcher, settings)
         completed = f.read().split()
     assert len(records()) == len(list(iter_records(out))) == n
     assert len(completed) == len(set(completed)) == n
+    deadline = time.monotonic() + 10
+    while _tagged(tag) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _tagged(tag)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc")
+def test_sigterm_of_a_local_slurm_sweep_prints_no_tracebacks(tmp_path):
+    """submitit's controllers print a traceback each when cancelled: they go to <out>/.slurm/controllers.stderr."""
+    pytest.importorskip("submitit")
+    out, tag = str(tmp_path), os.urandom(6).hex()
+    code = (f"import sys; sys.path.insert(0, {ROOT!r})\n"
+            "from harness.sweep.backends import make_backend, run_on\nfrom harness.sweep.schema import expand_sweep\n"
+            "exps = expand_sweep({'defaults': {'model': 'gpt2', 'seq': 11, 'timeout_s': 600}, "
+            "'grid': {'batch': [1, 2, 3, 4]}}, 't.yaml')\n"
+            "s = run_on(make_backend('slurm', 'trace', {'cluster': 'local'}), exps, "
+            f"{out!r}, worker_cmd={STANDIN + [out]!r}, progress=False, poll_s=0.05)\n"
+            "print('stopped by', s.signal)\n")
+    p = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=ROOT, VRAMLAB_TEST_TAG=tag),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while len([q for q in _tagged(tag) if b"standin_worker.py" in _cmdline(q)]) < 4 \
+            and time.monotonic() < deadline:  # every experiment is running (seq 11 hangs)
+        time.sleep(0.1)
+    assert time.monotonic() < deadline
+    time.sleep(0.5)
+    p.send_signal(signal.SIGTERM)
+    out_text, err = p.communicate(timeout=60)
+    assert "stopped by SIGTERM" in out_text and "Traceback" not in err, err
     deadline = time.monotonic() + 10
     while _tagged(tag) and time.monotonic() < deadline:
         time.sleep(0.1)

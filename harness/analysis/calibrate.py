@@ -253,7 +253,11 @@ def write_calibration(result, out_dir=CALIBRATION_DIR, records_path=""):
             w = csv.writer(f)
             w.writerow(("parameter", "value", "note"))
             w.writerows(rows)
-        load_calibration(tmp)  # a table its own reader would refuse is never written (and `fit` fails)
+        try:
+            load_calibration(tmp)  # a table its own reader would refuse is never written (and `fit` fails)
+        except CalibrationError as e:
+            why = str(e).split(": ", 1)[-1]
+            raise CalibrationError(f"the fitted table would not load ({why}); nothing written to {path}") from None
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
