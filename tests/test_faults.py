@@ -654,6 +654,34 @@ def _cmdline(pid):
         return b""
 
 
+def _stime(pid):
+    """A live process's start time (proc(5) stat field 22), None for one gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return None if fields[0] == b"Z" else int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _tree(root):
+    """{pid: start time} of root's descendants now (Ray's agents overwrite their environment, so a tag misses them)."""
+    kids = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat", "rb") as f:
+                    kids.setdefault(int(f.read().rsplit(b")", 1)[1].split()[1]), []).append(int(d))
+            except (OSError, IndexError, ValueError):
+                continue
+    out, todo = {}, [root]
+    while todo:
+        for k in kids.get(todo.pop(), []):
+            out[k] = _stime(k)
+            todo.append(k)
+    return out
+
+
 def _tagged(tag):
     """PIDs of live processes whose environment carries VRAMLAB_TEST_TAG=tag."""
     pids = []
@@ -763,13 +791,18 @@ def test_sigkills_of_a_cluster_sweep_then_a_resume(tmp_path, launcher, settings)
         before, t0 = len(records()), time.monotonic()
         while len(records()) < before + 2 and p.poll() is None and time.monotonic() - t0 < 120:
             time.sleep(0.05)
+        seen = _tree(p.pid)
         p.send_signal(signal.SIGKILL)
         p.wait()
+
+        def left():
+            return set(_tagged(tag)) | {q for q, t in seen.items() if t is not None and _stime(q) == t}
+
         deadline = time.monotonic() + 10
-        while _tagged(tag) and time.monotonic() < deadline:
+        while left() and time.monotonic() < deadline:
             time.sleep(0.1)
-        left = {pid: _cmdline(pid)[:200] for pid in _tagged(tag)}
-        assert not left, f"processes of the killed {launcher} sweep left after 10 s: {left}"
+        rest = {q: _cmdline(q)[:80] for q in left()}
+        assert not rest, f"processes of the killed {launcher} sweep left after 10 s: {rest}"
     assert len(records()) < n, "the sweep ended before the third SIGKILL: give it more experiments"
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=600, stderr=subprocess.DEVNULL)
     with open(os.path.join(out, ".completed")) as f:
