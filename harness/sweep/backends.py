@@ -9,6 +9,11 @@ must see — or the fallback record when the worker dies without one. A task tha
 limit, a lost node, a cancel from outside) gets its fallback record from the submitting process, so
 every submitted experiment ends with exactly one record.
 
+Nothing outlives a killed submitting process: a reaper (harness/sweep/reaper.py) ends every process it started on
+this machine and `scancel`s its arrays on a real cluster. A task holds its experiment's claim while it runs
+(launcher.claim); a resume never starts an experiment still claimed, and a task finding its experiment recorded
+since it was submitted does not run it again: each experiment is recorded once.
+
 Slurm: job arrays (submitit's map_array, one per GPU count), one task per experiment; submitit keeps
 its scripts, pickles and logs under <out>/.slurm/. Ray: one task per experiment (num_cpus=1), on a
 running cluster (an address) or on a local one started here and shut down after. A task asks for the
@@ -260,7 +265,7 @@ def reachable(address):
         return
     hostport = address.split("://", 1)[-1]
     host, sep, port = hostport.rpartition(":")
-    if not sep or not port.isdigit() or not host:
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
         raise LauncherError(f"--address {address}: expected HOST:PORT (or ray://HOST:PORT, or auto)")
     try:
         conn = socket.create_connection((host.strip("[]"), int(port)), timeout=ADDRESS_TIMEOUT_S)
