@@ -233,14 +233,14 @@ def claimed_by(out_dir, spec_hash):
         os.close(fd)
 
 
-def not_busy(out_dir, experiments, retry, summary, wait_s=CLAIM_WAIT_S, slots=None):
+def not_busy(out_dir, experiments, retry, summary, wait_s=None, slots=None):
     """The experiments to start: those still claimed by a process of an earlier run (a Slurm or Ray task being
     ended, or one on another node) after up to wait_s are left out and named in summary.busy; one that such a
     process recorded meanwhile counts as done."""
     held = [e for e in experiments if claimed_by(out_dir, e.spec_hash)] if os.path.isdir(
         os.path.join(out_dir, ".claims")) else []
     waited = {e.spec_hash for e in held}
-    deadline = time.monotonic() + wait_s
+    deadline = time.monotonic() + (CLAIM_WAIT_S if wait_s is None else wait_s)
     while held and time.monotonic() < deadline:
         time.sleep(0.1)
         held = [e for e in held if claimed_by(out_dir, e.spec_hash)]
