@@ -122,11 +122,42 @@ def _unused(name, shape, buffers):
     return None
 
 
+# A checkpoint whose loaded weights are outside this factor of what the config gives at the same --dtype is another
+# model's, or part of one: stored extras (MTP layers, untied heads, scales) move the total by tens of percent at most.
+SIZE_FACTOR = 2.0
+
+
+def check_layers(tensors, shape):
+    """CheckpointError unless the checkpoint stores every decoder layer the config has (0 … n_layers − 1)."""
+    found = set()
+    for name, _, _ in tensors:
+        m = _LAYER_INDEX.search(name)
+        if m and _part(name) == "layers":
+            found.add(int(m.group(1)))
+    missing = sorted(set(range(shape.n_layers)) - found)
+    if missing:
+        shown = ", ".join(map(str, missing[:6])) + (" …" if len(missing) > 6 else "")
+        raise CheckpointError(f"the checkpoint stores {shape.n_layers - len(missing)} of the config's {shape.n_layers} "
+                              f"decoder layers (missing layers {shown}): it is not this config's checkpoint, or only "
+                              "part of it")
+
+
+def check_checkpoint_size(stored, formula_bytes):
+    """CheckpointError where a checkpoint at the spec's own --dtype holds far more or less than the config's formula."""
+    if stored.dtype is None or not formula_bytes:
+        return  # a quantization the formula does not model: the stored bytes are the only count there is
+    ratio = stored.total_bytes / formula_bytes
+    if not 1 / SIZE_FACTOR <= ratio <= SIZE_FACTOR:
+        raise CheckpointError(f"the checkpoint's weights are {ratio:.2f}× what the config gives at --dtype "
+                              f"{stored.dtype} ({stored.total_bytes:,} against {formula_bytes:,} bytes): it is not this "
+                              "config's checkpoint, or only part of it")
+
+
 def stored_weights(tensors, shape=None, config=None):
     """StoredWeights from [(name, safetensors dtype, shape)].
 
-    `shape` (a formulas.shapes.ModelShape) sorts out what transformers does not load; `config`
-    (the config.json dict) names the checkpoint's --dtype."""
+    `shape` (a formulas.shapes.ModelShape) sorts out what transformers does not load, and every decoder layer
+    it has must be stored (check_layers); `config` (the config.json dict) names the checkpoint's --dtype."""
     if not tensors:
         raise CheckpointError("the checkpoint stores no tensors")
     sums = {"layers": 0, "embed": 0, "head": 0, "other": 0}
@@ -145,6 +176,8 @@ def stored_weights(tensors, shape=None, config=None):
         sums[part] += n
         if _is_quant(name):
             quant["layers" if part == "layers" else "other"] += n
+    if shape is not None:
+        check_layers(tensors, shape)
     sw = StoredWeights(layer_bytes=sums["layers"], layer_quant_bytes=quant["layers"], embed_bytes=sums["embed"],
                        head_bytes=sums["head"], other_bytes=sums["other"], other_quant_bytes=quant["other"],
                        by_dtype=tuple(sorted(dtypes.items(), key=lambda kv: -kv[1])),

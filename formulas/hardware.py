@@ -8,10 +8,11 @@ capacity (every GDDR/HBM "GB" here is 2^30 bytes, see the file's `memory_gb_base
 Throughput is dense (not 2:4 sparse) tensor-core FLOP/s with FP32 accumulation.
 """
 
-import json
 import os
 from dataclasses import dataclass
 from functools import lru_cache
+
+from .documents import load_json
 
 CATALOG_PATH = os.path.join(os.path.dirname(__file__), "catalog", "hardware.json")
 
@@ -112,8 +113,7 @@ def _node_from(key, e):
 
 @lru_cache(maxsize=1)
 def _document():
-    with open(CATALOG_PATH, encoding="utf-8") as f:
-        return json.load(f)
+    return load_json(CATALOG_PATH)
 
 
 @lru_cache(maxsize=1)

@@ -41,6 +41,7 @@ from .activations import (
 )
 from .catalog import get_shape
 from .device import sdpa_backend
+from .checkpoint import check_checkpoint_size
 from .dtypes import BNB_DTYPES, DTYPE_BYTES
 from .elementwise import pick as _pick
 from .elementwise import to_int, vmax, vmin
@@ -247,6 +248,7 @@ def _static(spec, checkpoint=None):
     # kbit prep casts every unquantized fp16/bf16 weight (embeddings, norms, lm_head, biases) to fp32
     st = weight_storage(shape, stored, "fp32" if kbit else spec.compute_dtype, spec.double_quant, spec.group_size)
     if checkpoint is not None and checkpoint_applies(spec, checkpoint):
+        check_checkpoint_size(checkpoint, st.weight_bytes + st.quant_state_bytes)
         # the checkpoint's own tensors, as its safetensors headers list them, in place of the formula's
         st = replace(st, weight_bytes=checkpoint.total_bytes - checkpoint.quant_bytes,
                      quant_state_bytes=checkpoint.quant_bytes, layer_bytes=checkpoint.layer_bytes,

@@ -78,9 +78,9 @@ class Spec:
 
     def __post_init__(self):
         if isinstance(self.stack, dict):  # from JSON: {package: version}
-            object.__setattr__(self, "stack", tuple((p, v) for p, v in self.stack.items() if v))
+            object.__setattr__(self, "stack", tuple((p, v) for p, v in self.stack.items() if v is not None))
         elif isinstance(self.stack, list):
-            object.__setattr__(self, "stack", tuple(tuple(x) for x in self.stack))
+            object.__setattr__(self, "stack", tuple(tuple(x) if isinstance(x, (list, tuple)) else x for x in self.stack))
 
     def replace(self, **changes):
         """A copy with some fields changed (dataclasses.replace's result, built without re-running __init__: the
@@ -112,6 +112,7 @@ def _choice(flag, value, allowed):
 
 MAX_TOKENS = 1 << 26  # bound on --seq and --gen (67M tokens): beyond it nothing fits anywhere, and torch's sizes overflow
 MAX_BATCH = 1 << 20
+MAX_GPUS = 1 << 24  # bound on --gpus, --tp and --pp: 16.7M; the planner's deadline search reaches past its --max-gpus
 
 
 def _positive(flag, value, zero_ok=False, maximum=None):
@@ -144,10 +145,11 @@ def validate(spec, shape):
     """Check `spec` against itself and the model; return it with 'auto' fields resolved."""
     _choice("mode", spec.mode, MODES)
     _choice("dtype", spec.dtype, WEIGHT_DTYPES)
-    for flag, v in (("lora-rank", spec.lora_rank), ("grad-accum", spec.grad_accum), ("gpus", spec.gpus),
-                    ("tp", spec.tp), ("pp", spec.pp), ("cp", spec.cp), ("ep", spec.ep), ("group-size", spec.group_size),
-                    ("grad-ckpt-every", spec.ckpt_every)):
+    for flag, v in (("lora-rank", spec.lora_rank), ("grad-accum", spec.grad_accum), ("cp", spec.cp), ("ep", spec.ep),
+                    ("group-size", spec.group_size), ("grad-ckpt-every", spec.ckpt_every)):
         _positive(flag, v)
+    for flag, v in (("gpus", spec.gpus), ("tp", spec.tp), ("pp", spec.pp)):
+        _positive(flag, v, maximum=MAX_GPUS)
     _positive("batch", spec.batch, maximum=MAX_BATCH)
     _positive("seq", spec.seq, maximum=MAX_TOKENS)
     _positive("gen", spec.gen, zero_ok=True, maximum=MAX_TOKENS)
@@ -164,6 +166,8 @@ def validate(spec, shape):
     groups = getattr(shape, "cache_groups", ())
     if groups and not any(g.kind in ("full", "sliding", "hybrid") for g in groups):
         spec = spec.replace(attn=supported[0])  # no attention layers (Mamba): the choice changes nothing
+    if not isinstance(spec.stack, tuple) or not all(isinstance(x, tuple) and len(x) == 2 for x in spec.stack):
+        raise SpecError(f"stack: {spec.stack!r} is not a mapping of package to version, e.g. {{'transformers': '4.40.2'}}")
     try:
         stack = tuple((p, check_version(p, v)) for p, v in spec.stack)
     except StackError as e:

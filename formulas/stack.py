@@ -11,9 +11,10 @@ is installed (harness/env.py reads importlib.metadata, without importing torch) 
 Pure Python: no torch, no I/O.
 """
 
-import re
 from dataclasses import dataclass, replace
 from functools import lru_cache
+
+from .versions import parse_version  # noqa: F401  (the one version parser; re-exported)
 
 PACKAGES = ("transformers", "peft", "torch", "bitsandbytes")
 # The versions modelled: about the last two and a half years (mid-2023, the QLoRA paper's stack, to now).
@@ -189,19 +190,6 @@ BEHAVIOURS = (
 _BY_KEY = {b.key: b for b in BEHAVIOURS}
 FLAGS = {p: f"--{p}" for p in PACKAGES}
 
-_VERSION = re.compile(r"^\s*v?(\d+)(?:\.(\d+))?(?:\.(\d+))?([.\-+]?[A-Za-z0-9.+\-]*)?\s*$")
-
-
-def parse_version(text):
-    """(major, minor, patch) of a version string: '4.40', '4.40.2', '2.2.0+cu121', '5.0.0rc1', '0.43.0.dev0'.
-
-    A pre-release counts as its release (5.0.0rc1 → (5, 0, 0)). ValueError on anything else."""
-    m = _VERSION.match(str(text))
-    if not m:
-        raise ValueError(f"{text!r} is not a version (like 4.40.2)")
-    return tuple(int(g) if g else 0 for g in m.groups()[:3])
-
-
 def _norm(text):
     return ".".join(map(str, parse_version(text)))
 
@@ -232,13 +220,19 @@ class StackError(ValueError):
     SpecError)."""
 
 
-def check_version(package, text):
-    """The version normalised ('4.40' → '4.40.0'); StackError naming the flag if it is not one or is older than OLDEST."""
-    flag = FLAGS[package]
+def check_version(package, text, flag=None):
+    """The version normalised ('4.40' → '4.40.0'); StackError naming the flag (or `flag`, e.g. a file's field) if it
+    is not one or is older than OLDEST."""
+    if package not in PACKAGES:
+        raise StackError(f"{flag or 'stack'}: {package!r} is not a package the stack table models "
+                         f"({', '.join(PACKAGES)})")
+    flag = flag or FLAGS[package]
     try:
         v = parse_version(text)
     except ValueError:
-        raise StackError(f"{flag} {text}: not a version; give one like {NEWEST[package]}") from None
+        shown = repr(text) if not isinstance(text, str) or not text.strip() or text != text.strip() else text
+        why = " (a number: give versions as text, in quotes)" if isinstance(text, (int, float)) else ""
+        raise StackError(f"{flag} {shown}: not a version{why}; give one like {NEWEST[package]}") from None
     if v < parse_version(OLDEST[package]):
         raise StackError(f"{flag} {text}: older than the oldest {package} vramlab models ({OLDEST[package]}); "
                         f"the stack table (formulas/stack.py) covers {OLDEST[package]} to {NEWEST[package]}")
@@ -253,7 +247,7 @@ def make_stack(asked=None, installed=None):
     asked, installed = asked or {}, installed or {}
     versions, origins = [], []
     for p in PACKAGES:
-        if asked.get(p):
+        if asked.get(p) is not None:  # '' is asked for too, and is no version
             versions.append((p, check_version(p, asked[p])))
             origins.append((p, "asked"))
             continue
@@ -269,6 +263,21 @@ def make_stack(asked=None, installed=None):
             versions.append((p, NEWEST[p]))
             origins.append((p, "newest modelled" + (f"; {v} installed is older than the table" if v else "")))
     return Stack(tuple(versions), tuple(origins))
+
+
+def stack_pairs(mapping, where="stack"):
+    """((package, "x.y.z"), ...) in PACKAGES order from a file's {package: version} mapping (a sweep's or a measurement
+    set's `stack:`); StackError naming `where` and the package for anything else: not a mapping, a package the table
+    does not model, a version that is not text (YAML reads 4.40 as the number 4.4) or not a version."""
+    if mapping is None:
+        return ()
+    if not isinstance(mapping, dict):
+        raise StackError(f"{where}: {mapping!r} is not a mapping of package to version, e.g. "
+                         f"{{transformers: '{NEWEST['transformers']}'}}")
+    for p in mapping:
+        if p not in PACKAGES:
+            raise StackError(f"{where}: {p!r} is not a package the stack table models ({', '.join(PACKAGES)})")
+    return tuple((p, check_version(p, mapping[p], f"{where}.{p}")) for p in PACKAGES if p in mapping)
 
 
 @lru_cache(maxsize=256)

@@ -21,11 +21,12 @@ download follows only when that answered. Every failure is a HubError: one line 
 not be reached or read, and what to pass instead.
 """
 
-import json
 import math
 import os
 import re
 import struct
+
+from formulas.documents import DocumentError, load_json, open_regular, parse_json, read_bytes
 
 MAX_HEADER = 100 * 2**20  # a header larger than this is not a safetensors header
 HEADER_PREFETCH = 100_000  # bytes asked for at once: most headers fit (huggingface_hub asks for the same)
@@ -95,11 +96,15 @@ def cached_snapshot(repo, revision="main"):
     """The cached snapshot folder of repo at revision (a branch or tag through refs/, or a commit), or None."""
     root = _repo_dir(repo)
     commit = revision
-    try:
-        with open(os.path.join(root, "refs", revision), encoding="utf-8") as f:
-            commit = f.read().strip()
-    except OSError:
-        pass
+    ref = os.path.join(root, "refs", revision)
+    if os.path.lexists(ref):
+        try:
+            text = read_bytes(ref, 4096).decode("utf-8")
+        except (DocumentError, UnicodeDecodeError) as e:
+            why = str(e).split(": ", 1)[-1] if isinstance(e, DocumentError) else "not UTF-8 text"
+            raise HubError(f"--model {repo}@{revision}: the Hugging Face cache's {ref} is no commit ({why}); "
+                           "delete it, or pass a path to the model's config.json") from None
+        commit = text.strip()
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", commit) or commit in (".", ".."):
         return None
     snap = os.path.join(root, "snapshots", commit)
@@ -215,10 +220,9 @@ def fetch_config(repo, revision="main"):
         raise HubError(f"--model {repo}@{revision}: the Hub repo has no config.json (not a transformers model)") \
             from None
     try:
-        with open(path, encoding="utf-8") as f:
-            json.load(f)
-    except (ValueError, OSError):
-        raise HubError(f"--model {repo}: the Hub's config.json is not readable JSON ({path})") from None
+        load_json(path)
+    except DocumentError as e:
+        raise HubError(f"--model {repo}: the Hub's config.json is not readable ({e})") from None
     return path
 
 
@@ -253,9 +257,9 @@ def parse_header(blob, where):
     if n > MAX_HEADER or len(blob) < 8 + n:
         raise HubError(f"{where}: not a safetensors file (header of {n:,} bytes)")
     try:
-        header = json.loads(blob[8:8 + n])
-    except (ValueError, UnicodeDecodeError):
-        raise HubError(f"{where}: not a safetensors file (its header is not JSON)") from None
+        header = parse_json(blob[8:8 + n], where)
+    except DocumentError as e:
+        raise HubError(f"{where}: not a safetensors file (its header is not JSON: {str(e).split(': ', 1)[-1]})") from None
     if not isinstance(header, dict):
         raise HubError(f"{where}: not a safetensors file (its header is not a JSON object)")
     out = {}
@@ -273,10 +277,12 @@ def parse_header(blob, where):
 
 def _local_header(path):
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             head = f.read(8)
             n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
             return parse_header(head + f.read(min(n, MAX_HEADER + 1)), path)
+    except DocumentError as e:
+        raise HubError(str(e)) from None
     except OSError as e:
         raise HubError(f"{path}: cannot read it ({e.strerror or e})") from None
 
@@ -295,8 +301,8 @@ def _remote_header(hf, repo, revision, filename):
 def _shards_of_index(blob, where):
     """The shard files a model.safetensors.index.json names: plain file names inside the checkpoint's folder."""
     try:
-        shards = sorted(set(json.loads(blob)["weight_map"].values()))
-    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        shards = sorted(set(parse_json(blob, where)["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError):  # a DocumentError is a ValueError
         raise HubError(f"{where}: a safetensors index without a weight_map of file names") from None
     for s in shards:
         if not isinstance(s, str) or not s or os.path.isabs(s) or ".." in re.split(r"[\\/]", s):
@@ -307,12 +313,11 @@ def _shards_of_index(blob, where):
 def _local_shards(folder):
     """The shard files of the checkpoint in folder, when all of them are there; else None."""
     index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index):
+    if os.path.lexists(index):
         try:
-            with open(index, "rb") as f:
-                shards = _shards_of_index(f.read(), index)
-        except OSError as e:
-            raise HubError(f"{index}: cannot read it ({e.strerror or e})") from None
+            shards = _shards_of_index(read_bytes(index), index)
+        except DocumentError as e:
+            raise HubError(str(e)) from None
     elif os.path.isfile(os.path.join(folder, "model.safetensors")):
         shards = ["model.safetensors"]
     else:
@@ -355,8 +360,11 @@ def checkpoint_tensors(model):
                        "directory that has them")
     hf = _huggingface_hub(repo, "its safetensors are", _HEADERS_INSTEAD)
     try:
-        with open(_download(repo, revision, "model.safetensors.index.json", _HEADERS_INSTEAD), "rb") as f:
-            shards = _shards_of_index(f.read(), f"{repo}/model.safetensors.index.json")
+        index = _download(repo, revision, "model.safetensors.index.json", _HEADERS_INSTEAD)
+        try:
+            shards = _shards_of_index(read_bytes(index), f"{repo}/model.safetensors.index.json")
+        except DocumentError as e:
+            raise HubError(str(e)) from None
     except FileNotFoundError:
         shards = ["model.safetensors"]
     try:

@@ -28,16 +28,27 @@ the most (harness.sweep.ranks.combine), so every reader treats it as a one-GPU r
 GPU do not change.
 
 Records of an older schema are read through `migrate`; one that cannot be migrated without
-guessing is refused as "older schema", never misread.
+guessing is refused as "older schema", never misread. A record of a newer schema is refused as
+"written by a newer vramlab" (NewerSchemaError): readers skip it, a resume leaves it alone and never
+reruns its experiment.
+
+Every reader reads records here (`read_record`, `iter_records`), through formulas/documents.py's
+limits (a regular file, MAX_RECORD_BYTES, UTF-8, nesting); every byte figure at any depth must be a
+whole number from 0 to MAX_BYTES. Every writer writes them here (`write_record_file`), in a folder
+it holds the lock of (`lock_folder`): `vramlab run`, `import` and `fit` take the same lock.
 
 The format is written down as a JSON Schema (draft 2020-12) in record.schema.json beside this module
 (SCHEMA_FILE, shipped in the wheel); tests/test_interfaces.py validates every committed record against it.
 """
 
-import glob
+import fcntl
 import json
+import math
 import os
+import stat
 import tempfile
+
+from formulas.documents import MAX_INT_DIGITS, DocumentError, load_json
 
 from formulas import categories as C
 from formulas.units import MiB
@@ -48,8 +59,22 @@ OUTCOMES = ("ok", "oom", "error", "timeout", "crashed", "unsupported")
 _NOT_RECORDS = ("machine.json", "sweep.json")  # what else a record folder may hold
 
 
+MAX_RECORD_BYTES = 64 * 2**20  # the largest record written (a measured run with its samples) is about 0.3 MiB
+MAX_BYTES = 2**60  # a byte figure beyond an exbibyte is no memory figure (and would overflow the tables' int64)
+SIGNED_BYTES = ("nvml_residual_bytes", "margin_bytes")  # byte figures that are differences, and may be negative
+MAX_INT = 2**63  # any other integer in a record: what the tables' int64 columns hold
+
+
 class RecordError(ValueError):
     """A record file that cannot be read as a record."""
+
+
+class NewerSchemaError(RecordError):
+    """A record written by a newer vramlab: left as it is, never read as something else nor rerun."""
+
+
+class RecordsLocked(ValueError):
+    """Another vramlab command is writing records into the same folder."""
 
 
 def record_path(out_dir, spec_hash):
@@ -132,6 +157,9 @@ def migrate(rec, path="record"):
     version = rec.get("schema_version")
     if version == SCHEMA_VERSION:
         return rec
+    if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
+        raise NewerSchemaError(f"{path}: written by a newer vramlab (record schema {version}; this one reads schemas "
+                               f"1 to {SCHEMA_VERSION}): left as it is")
     if version == 2:
         return _migrate_2(rec)
     if version != 1:
@@ -187,8 +215,38 @@ def _int_bytes(v):
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+_PARTS = ("predicted", "traced", "measured", "rehearsed", "published", "env", "error", "timings", "citation")
+
+
+def _check_numbers(obj, bad):
+    """Every number under `obj`, walked without recursion: a byte figure (a `*_bytes` key, or a value of a
+    `breakdown`, which maps categories to bytes) is null or a whole number from 0 to MAX_BYTES; no number is NaN or
+    infinite; no integer is past MAX_INT. bad(field, why) is called with the first that is not."""
+    def field(path):
+        return "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in path).lstrip(".")
+
+    stack = [(obj, (), False)]
+    while stack:
+        o, path, byte_figure = stack.pop()
+        items = o.items() if isinstance(o, dict) else enumerate(o)
+        for k, v in items:
+            figure = byte_figure or (isinstance(k, str) and (k == "breakdown" or k.endswith("_bytes"))
+                                     and k not in SIGNED_BYTES)
+            if isinstance(v, (dict, list)):
+                stack.append((v, path + (k,), figure))
+            elif v is None or isinstance(v, (str, bool)):
+                if figure and isinstance(v, str):
+                    bad(field(path + (k,)), f"{v!r} is not a whole number of bytes")
+            elif isinstance(v, float) and not math.isfinite(v):
+                bad(field(path + (k,)), f"{v!r} is not a number")
+            elif figure and not (isinstance(v, int) and 0 <= v <= MAX_BYTES):
+                bad(field(path + (k,)), f"{v!r} is not a whole number of bytes from 0 to {MAX_BYTES:,}")
+            elif isinstance(v, int) and not -MAX_INT < v < MAX_INT:
+                bad(field(path + (k,)), f"{v!r} is out of range (a record's integers fit in 64 bits)")
+
+
 def check_record(rec, path="record"):
-    """The record, if its fields have the types the readers rely on; else RecordError naming the field."""
+    """The record, if its fields have the types and ranges the readers rely on; else RecordError naming the field."""
     def bad(field, why):
         raise RecordError(f"{path}: field {field}: {why}")
 
@@ -198,13 +256,14 @@ def check_record(rec, path="record"):
         bad("outcome", f"{rec.get('outcome')!r} is not one of {', '.join(OUTCOMES)}")
     if not isinstance(rec.get("spec"), dict):
         bad("spec", f"{rec.get('spec')!r} is not a mapping of the experiment's fields")
-    for part in ("predicted", "traced", "measured", "rehearsed", "published", "env", "error", "timings"):
+    for part in _PARTS:  # mappings or null (`engine` is a run field's text, or an engine record's figures)
         if rec.get(part) is not None and not isinstance(rec[part], dict):
             bad(part, f"{rec[part]!r} is not a mapping (or null)")
-        for k, v in (rec.get(part) or {}).items() if part in ("predicted", "traced", "measured", "rehearsed",
-                                                                "published") else ():
-            if k.endswith("_bytes") and v is not None and not _int_bytes(v):
-                bad(f"{part}.{k}", f"{v!r} is not a whole number of bytes")
+    for part in ("gpu", "packages", "vramlab"):  # the environment's parts every table reads
+        v = (rec.get("env") or {}).get(part)
+        if v is not None and not isinstance(v, dict):
+            bad(f"env.{part}", f"{v!r} is not a mapping (or null)")
+    _check_numbers(rec, bad)
     if rec["outcome"] == "ok" and rec.get("source") in ("measured", "traced", "rehearsed"):
         peak = (rec.get(rec["source"]) or {}).get("peak_allocated_bytes")
         if not (_int_bytes(peak) and peak > 0):
@@ -221,32 +280,105 @@ def check_record(rec, path="record"):
 
 
 def read_record(path):
-    """Load one record in the current schema; a truncated, foreign, ill-typed or unmigratable file is a
-    RecordError naming it (and the field)."""
+    """Load one record in the current schema; a truncated, foreign, ill-typed, unmigratable or newer-schema file, or
+    one that is not a regular file, is a RecordError naming it (and the field)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            rec = json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError; so is NaN handling
-        raise RecordError(f"{path}: not a readable record ({e})") from None
+        rec = load_json(path, MAX_RECORD_BYTES)
+    except DocumentError as e:
+        why = str(e)[len(f"{path}: "):] if str(e).startswith(f"{path}: ") else str(e)
+        raise RecordError(f"{path}: not a readable record ({why})") from None
     if not isinstance(rec, dict) or "spec_hash" not in rec or "outcome" not in rec:
         raise RecordError(f"{path}: not a vramlab record (no spec_hash/outcome)")
     return check_record(migrate(rec, path), path)
 
 
-def record_files(path):
-    """Record files under a file or folder (recursively), in a stable order; temp files and fingerprints left out."""
-    if os.path.isfile(path):
+def record_files(path, on_skip=None):
+    """Record files under a file or folder (recursively, following links), in a stable order; temp files and
+    fingerprints left out. Each file and folder is visited once, however many links lead to it (a link back up the
+    tree is no loop); what is neither a file nor a folder (a FIFO, a socket, a device) is left out and passed to
+    on_skip(path, RecordError)."""
+    def skip(p, why):
+        if on_skip:
+            on_skip(p, RecordError(f"{p}: {why}; skipped"))
+
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        skip(path, f"cannot read it ({e.strerror or e})")
+        return []
+    if not stat.S_ISDIR(st.st_mode):
         return [path]
-    files = sorted(glob.glob(os.path.join(path, "**", "*.json"), recursive=True))
-    return [f for f in files if not os.path.basename(f).startswith((".tmp-", ".corrupt-"))
-            and os.path.basename(f) not in _NOT_RECORDS]
+    seen_dirs, seen_files, out = set(), set(), []
+    for root, dirs, files in os.walk(path, followlinks=True, onerror=lambda e: skip(e.filename, e.strerror or e)):
+        st = os.stat(root)
+        if (st.st_dev, st.st_ino) in seen_dirs:  # reached again through a link: its files are counted already
+            dirs[:] = []
+            continue
+        seen_dirs.add((st.st_dev, st.st_ino))
+        dirs.sort()
+        for name in files:
+            if not name.endswith(".json") or name.startswith((".tmp-", ".corrupt-")) or name in _NOT_RECORDS:
+                continue
+            f = os.path.join(root, name)
+            try:
+                fst = os.stat(f)
+            except OSError as e:  # a dangling link, a link loop
+                skip(f, f"cannot read it ({e.strerror or e})")
+                continue
+            if not stat.S_ISREG(fst.st_mode):
+                skip(f, "not a regular file (a FIFO, a socket or a device)")
+                continue
+            if (fst.st_dev, fst.st_ino) not in seen_files:
+                seen_files.add((fst.st_dev, fst.st_ino))
+                out.append(f)
+    return sorted(out)
 
 
 def iter_records(path, on_error=None):
-    """Records under a file or folder; unreadable ones go to on_error(path, exc)."""
-    for f in record_files(path):
+    """Records under a file or folder; unreadable ones and what is not a file go to on_error(path, exc)."""
+    for f in record_files(path, on_skip=on_error):
         try:
             yield read_record(f)
         except RecordError as e:
             if on_error:
                 on_error(f, e)
+
+
+# ------------------------------------------------------------------ the lock
+
+def lock_folder(folder, command="run"):
+    """Hold `<folder>/.lock` for this process (released when it exits, however it exits); RecordsLocked if another
+    vramlab command holds it. Every command that writes records or tables takes it on the folder it writes."""
+    path = os.path.join(folder, ".lock")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    except OSError as e:
+        raise RecordsLocked(f"{folder}: cannot take its lock ({e.strerror or e})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        _refuse(folder, fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} {command}\n".encode(), 0)
+    return fd
+
+
+def _refuse(folder, fd):
+    holder = os.pread(fd, 64, 0).decode(errors="replace").split() or ["?"]
+    os.close(fd)
+    what = f"vramlab {holder[1]}" if len(holder) > 1 else "vramlab command"
+    raise RecordsLocked(f"{folder}: another {what} (pid {holder[0]}) is writing here; wait for it or stop it")
+
+
+def check_unlocked(folder):
+    """RecordsLocked (the same line lock_folder would give) if another command holds the folder's lock now; a check
+    before a command prints anything, the lock itself is taken later."""
+    try:
+        fd = os.open(os.path.join(folder, ".lock"), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        _refuse(folder, fd)
+    os.close(fd)

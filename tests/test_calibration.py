@@ -244,7 +244,7 @@ def test_check_across_environments_names_context_and_workspaces_not_tensor_categ
     assert is_regression(check(base, _write(tmp_path / "h100-again", same)))
 
 
-def test_check_statuses_fixed_and_not_comparable(tmp_path):
+def test_check_statuses_fixed_and_unreadable(tmp_path):
     exps = _experiments()[:3]
     rng = random.Random(4)
     base_recs = [_record(exps[0], rng, outcome="oom"), _record(exps[1], rng), _record(exps[2], rng)]
@@ -252,7 +252,7 @@ def test_check_statuses_fixed_and_not_comparable(tmp_path):
                 _record(exps[2], rng)]
     comps = {c.spec_hash: c.status for c in check(_write(tmp_path / "b", base_recs), _write(tmp_path / "n", new_recs))}
     assert comps[exps[0].spec_hash] == "fixed"
-    assert comps[exps[1].spec_hash] == "not comparable"
+    assert comps[exps[1].spec_hash] == "unreadable"  # a newer schema: named, never compared or skipped
     assert comps[exps[2].spec_hash] == "unchanged"
 
 

@@ -13,6 +13,8 @@ import os
 from functools import lru_cache
 
 from ..remote_code import REMOTE_CODE, needs_remote_code, shape_from_remote_config
+from ..documents import DocumentError, load_json
+from ..versions import parse_version
 from ..shapes import FAMILIES, UnsupportedModelError, _config_dtype, shape_from_config, shape_from_inventory
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
@@ -61,11 +63,13 @@ def resolve_config_path(name):
     """Path of the config.json that `name` (catalog name, file, or model directory) refers to."""
     if os.path.isdir(name):
         path = os.path.join(name, "config.json")
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             raise UnknownModelError(f"--model {name}: directory has no config.json")
-        return path
-    if os.path.isfile(name):
+        return path  # load_config refuses one that is not a file
+    if os.path.exists(name):  # a file (load_config refuses a FIFO or a device)
         return name
+    if os.path.lexists(name):  # a link that leads nowhere
+        raise UnknownModelError(f"--model {name}: a link to nothing that exists (dangling, or a loop of links)")
     key = name.strip().lower()
     idx = _index()
     if key in idx:
@@ -88,12 +92,9 @@ def load_config(name):
     """The config.json dict for `name`."""
     path = resolve_config_path(name)
     try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UnknownModelError(f"--model {name}: {path} is not valid UTF-8 JSON ({e})") from None
-    except OSError as e:
-        raise UnknownModelError(f"--model {name}: cannot read {path} ({e.strerror})") from None
+        cfg = load_json(path, where=f"--model {name}: {path}" if name != path else f"--model {path}")
+    except DocumentError as e:
+        raise UnknownModelError(str(e)) from None
     if not isinstance(cfg, dict):
         kind = {"list": "a list", "str": "a string", "NoneType": "null"}.get(type(cfg).__name__, type(cfg).__name__)
         raise UnknownModelError(f"--model {name}: {path} must hold a JSON object, not {kind}")
@@ -112,7 +113,11 @@ def inventory_file_name(cfg, sha256, transformers_version):
 
 
 def _version_key(v):
-    return tuple(int(p) if p.isdigit() else 0 for p in v.replace("-", ".").split(".")[:3])
+    """Newest first among inventory file names' versions; a name that is no version sorts first."""
+    try:
+        return (1, parse_version(v))
+    except ValueError:
+        return (0, ())
 
 
 def config_sha256(cfg):
@@ -177,8 +182,7 @@ def _inventory_shape(cfg, label):
             f"{label}: model_type {mt!r} (architectures: {arch}) is not hand-modelled and has no inventory yet; "
             f"vramlab builds one from transformers on first use (needs torch and transformers installed){remote}")
     try:
-        with open(path, encoding="utf-8") as f:
-            inv = json.load(f)
+        inv = load_json(path)
         return shape_from_inventory(inv, label, _config_dtype(cfg))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # a damaged or older file
         raise UnsupportedModelError(f"{label}: the inventory {path} cannot be read ({str(e).splitlines()[0][:120]}); "

@@ -31,6 +31,8 @@ for that GPU's architecture.
 
 import csv
 import datetime
+import hashlib
+import io
 import os
 import re
 
@@ -281,10 +283,20 @@ def write_calibration(result, out_dir=CALIBRATION_DIR, records_path=""):
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, env_slug(result["environment_key"]) + ".csv")
     tmp = path + ".tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(("parameter", "value", "note"))
-        w.writerows(rows)
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(("parameter", "value", "note"))
+            w.writerows(rows)
+        try:
+            load_calibration(tmp)  # a table its own reader would refuse is never written (and `fit` fails)
+        except CalibrationError as e:
+            why = str(e).split(": ", 1)[-1]
+            raise CalibrationError(f"the fitted table would not load ({why}); nothing written to {path}") from None
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
     os.replace(tmp, path)
     return path
 
@@ -334,12 +346,13 @@ class Calibration:
 
 def load_calibration(path):
     """Read a calibration CSV → Calibration; a missing or foreign file is a CalibrationError naming it."""
+    from formulas.documents import DocumentError, decode, read_bytes
+
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f))
-    except OSError as e:
-        raise CalibrationError(f"{path}: cannot read calibration ({e.strerror})") from None
-    except (UnicodeDecodeError, csv.Error) as e:
+        rows = list(csv.reader(io.StringIO(decode(read_bytes(path, 2**20), path), newline="")))
+    except DocumentError as e:
+        raise CalibrationError(f"cannot read calibration: {e}") from None
+    except csv.Error as e:
         raise CalibrationError(f"{path}: not a calibration table ({e})") from None
     if not rows or rows[0][:2] != ["parameter", "value"]:
         raise CalibrationError(f"{path}: not a calibration table (header parameter,value,note expected)")

@@ -10,9 +10,16 @@ repeats). Statuses:
     fixed                            baseline failed, now ok
     still failing                    both failed
     unsupported                      neither side could run it in its mode (e.g. bitsandbytes when traced)
-    not comparable                   a record of an older schema that cannot be migrated, or the same
-                                     experiment label with another spec hash
+    not comparable                   the same experiment label with another spec hash
+    unstable                         repeats of the experiment on one side disagree by more than the
+                                     thresholds: no verdict can be given (and the check fails)
+    unreadable                       a record file on either side cannot be read (named with the field: an
+                                     older schema that cannot be migrated, "written by a newer vramlab", a
+                                     NaN, …): the check fails, never skips it
     new | missing                    only in the new records / only in the baseline
+
+Repeats live in subfolders (run1/, run2/, …): two records of one experiment in the same folder are
+refused (CheckError naming both files), never one of them picked silently.
 
 Each record is compared on its own observation (harness.records.observed): measured records on
 their GPU figures, traced ones on theirs. For a changed experiment the components that moved are
@@ -29,11 +36,12 @@ metric. The tensor level (peak allocated, and each tensor category at the peak, 
 thresholds) stays a regression as within one environment.
 """
 
-import json
+import os
 import re
 from dataclasses import dataclass, field
 
 from formulas import categories as C
+from formulas.documents import DocumentError, load_json
 from formulas.units import MiB, parse_size
 
 from ..records import (
@@ -87,8 +95,8 @@ MIN_OVERLAP = 0.5  # a check compares at least this share of the baseline's expe
 def coverage_problem(comparisons):
     """Why the two sets do not overlap enough to compare, or None: the new records must hold at least
     MIN_OVERLAP of the baseline's experiments."""
-    base = [c for c in comparisons if c.status != "new"]
-    missing = sum(c.status in ("missing", "not comparable") for c in base)
+    base = [c for c in comparisons if c.status != "new" and not c.file]
+    missing = sum(c.status in ("missing", "not comparable", "unreadable") for c in base)
     if not base:
         return "the baseline holds no experiment"
     if len(base) - missing < MIN_OVERLAP * len(base):
@@ -97,27 +105,37 @@ def coverage_problem(comparisons):
     return None
 
 
-def load_runs(path):
+def load_runs(path, unreadable=None):
     """{spec_hash: [records]} under a file or folder. A record that cannot be read in the current schema
-    stays as a stand-in {spec_hash, outcome, unreadable: why}, so its experiment is named not comparable."""
-    files = record_files(path)
+    stays as a stand-in {spec_hash, outcome, unreadable: why}, so its experiment is named unreadable; a file
+    that is no record at all (not JSON, no spec_hash) goes to `unreadable` as (path, why).
+    Two records of one experiment in the same folder are a CheckError: repeats go in subfolders."""
+    skipped = unreadable if unreadable is not None else []
+    files = record_files(path, on_skip=lambda p, e: skipped.append((p, str(e))))
     if not files:
         raise CheckError(f"{path}: no record files")
-    out = {}
+    out, where = {}, {}
     for f in files:
         try:
             rec = read_record(f)
         except RecordError as e:
             try:
-                with open(f, encoding="utf-8") as fh:
-                    raw = json.load(fh)
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                raw = load_json(f)
+            except DocumentError:
+                raw = None
+            if not (isinstance(raw, dict) and isinstance(raw.get("spec_hash"), str) and "outcome" in raw):
+                skipped.append((f, str(e)))
                 continue
-            if not (isinstance(raw, dict) and "spec_hash" in raw and "outcome" in raw):
-                continue
-            rec = {"spec_hash": raw["spec_hash"], "spec": raw.get("spec"), "outcome": raw["outcome"],
-                   "group": raw.get("group", ""), "unreadable": str(e)}
-        out.setdefault(rec["spec_hash"], []).append(rec)
+            rec = {"spec_hash": raw["spec_hash"], "spec": raw.get("spec") if isinstance(raw.get("spec"), dict) else {},
+                   "outcome": raw["outcome"], "group": raw.get("group", ""), "unreadable": str(e)}
+        h = rec["spec_hash"]
+        folder = os.path.dirname(f)
+        twin = next((g for g in where.get(h, ()) if os.path.dirname(g) == folder), None)
+        if twin is not None:
+            raise CheckError(f"{twin} and {f} are both records of experiment {h} in one folder; one folder holds one "
+                             "record per experiment (repeats go in subfolders): remove one")
+        where.setdefault(h, []).append(f)
+        out.setdefault(h, []).append(rec)
     if not out:
         raise CheckError(f"{path}: no vramlab records")
     return out
@@ -168,6 +186,7 @@ class Comparison:
     moved: list = field(default_factory=list)  # "CUDA context +300 MiB", largest first
     detail: str = ""
     environment: list = field(default_factory=list)  # across environments: device-level moves, "CUDA context -89 MiB"
+    file: str = ""  # a file that is no readable record at all (its experiment unknown)
 
     def line(self):
         parts = [f"{self.status:<15} {self.spec_hash}  {self.label}"]
@@ -223,9 +242,9 @@ def compare_experiment(h, base_recs, new_recs, thresholds):
     b0, n0 = base_recs[0], new_recs[0]
     s = n0.get("spec") or {}
     label = f"{s.get('model')} {s.get('mode')} {s.get('dtype')} b{s.get('batch')} s{s.get('seq')}"
-    unreadable = [r["unreadable"] for r in (b0, n0) if "unreadable" in r]
+    unreadable = [r["unreadable"] for r in base_recs + new_recs if "unreadable" in r]
     if unreadable:
-        return Comparison(h, label, "not comparable", detail=unreadable[0])
+        return Comparison(h, label, "unreadable", detail=unreadable[0])
     b_ok = any(r.get("outcome") == "ok" for r in base_recs)
     n_ok = any(r.get("outcome") == "ok" for r in new_recs)
     if b_ok and not n_ok:
@@ -248,6 +267,10 @@ def compare_experiment(h, base_recs, new_recs, thresholds):
         if not bv or not nv:
             continue
         b, n = _median(bv), _median(nv)
+        for side, vals, mid in (("baseline", bv, b), ("new", nv, n)):
+            if len(vals) > 1 and _exceeds(max(vals) - min(vals), mid, 0, rules):  # repeats that disagree: no verdict
+                return Comparison(h, label, "unstable", detail=f"{len(vals)} {side} records disagree on {metric}: "
+                                                               f"{min(vals) / MiB:,.0f} to {max(vals) / MiB:,.0f} MiB")
         spread = max(_spread(base_ok, metric), _spread(new_ok, metric))
         if across and metric in DEVICE_METRICS:
             cmp.metrics[metric] = (b, n, n - b, False)  # an environment effect, never a regression
@@ -286,8 +309,10 @@ def compare_experiment(h, base_recs, new_recs, thresholds):
 def check(baseline_path, new_path, thresholds=None):
     """[Comparison] for every experiment in either set, baseline order first."""
     thresholds = parse_thresholds(thresholds or DEFAULT_THRESHOLDS)
-    base, new = load_runs(baseline_path), load_runs(new_path)
-    out = []
+    skipped = []
+    base, new = load_runs(baseline_path, skipped), load_runs(new_path, skipped)
+    out = [Comparison(os.path.splitext(os.path.basename(p))[0], p, "unreadable", detail=why, file=p)
+           for p, why in skipped]
     base_labels = {_label(v[0]): h for h, v in base.items()}
     new_labels = {_label(v[0]): h for h, v in new.items()}
     for h in sorted(base):

@@ -29,12 +29,23 @@ measured (peak_allocated_bytes, peak_reserved_bytes or peak_device_bytes), `cita
 prediction at import time, and outcome `ok` — or `unsupported`, with the reason, for a case the
 predictor cannot express (the transcriber's reason, or the predictor's own refusal). fit, check,
 report and results read these records like any other.
+
+A transcription mistake is refused, never turned into a record: an unknown key, a key given twice,
+a misspelt or ill-typed spec field, a version that is not one, a name in `stack:` that looks like a
+modelled package but is not, a figure that is not a whole number of bytes up to a PiB.
+
+An import replaces exactly the records of the cases it imports (`ImportPlan`): each record names its
+set and its file (`source_file`); records of cases no longer in the file are listed and removed
+only when asked (`vramlab import --prune`); anything else in the folder is never touched, and a
+case whose file name another source's record holds is refused. The set's folder is locked while
+it is written (harness.records.lock_folder), like a sweep's.
 """
 
+import difflib
 import os
 import re
 
-from ..records import SCHEMA_VERSION
+from ..records import SCHEMA_VERSION, NewerSchemaError, RecordError, read_record
 
 MEASURED = {  # what the published number is → the record key it goes under
     "allocated": "peak_allocated_bytes",  # torch.cuda.max_memory_allocated
@@ -49,8 +60,13 @@ MEASURED = {  # what the published number is → the record key it goes under
     "allocated+context": "peak_allocated_context_bytes",
 }
 SOURCE_KEYS = ("set", "citation", "measured", "gpu", "cases")
+OPTIONAL_SOURCE_KEYS = ("measured_note", "stack", "stack_note", "defaults", "unsupported")
 CASE_KEYS = ("id", "spec", "published", "bytes", "note", "unsupported", "stack", "gpu", "measured", "also")
-ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # a file name: fullmatch (no trailing newline)
+PACKAGE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+# What people call the modelled packages, and what they are to vramlab: named in `stack:`, they would be ignored.
+PACKAGE_ALIASES = {"pytorch": "torch", "bnb": "bitsandbytes", "hf-transformers": "transformers"}
+MAX_PUBLISHED_BYTES = 2**50  # a published peak of one run: no device or node comes within a thousandth of a PiB
 
 
 class PublishedError(ValueError):
@@ -58,15 +74,68 @@ class PublishedError(ValueError):
 
 
 def _load_yaml(path):
-    import yaml
+    from ..sweep.documents import DocumentError, load_yaml
 
     try:
-        with open(path, encoding="utf-8") as f:
-            return yaml.safe_load(f)
-    except OSError as e:
-        raise PublishedError(f"{path}: {e.strerror or e}") from None
-    except yaml.YAMLError as e:
-        raise PublishedError(f"{path}: not YAML ({str(e).splitlines()[0]})") from None
+        return load_yaml(path)
+    except DocumentError as e:
+        raise PublishedError(str(e)) from None
+
+
+def _positive_bytes(v):
+    return isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_PUBLISHED_BYTES
+
+
+def _check_spec_fields(path, where, fields):
+    """Each spec field a vramlab Spec field of the right type (harness.sweep.schema's check); PublishedError else."""
+    from formulas.spec import Spec
+
+    from ..sweep.schema import RUN_FIELDS, SweepError, _coerce
+
+    known = set(Spec.__dataclass_fields__)
+    for k, v in fields.items():
+        if k not in known or k in RUN_FIELDS:
+            close = difflib.get_close_matches(str(k), sorted(known), n=1, cutoff=0.75)
+            raise PublishedError(f"{path}: {where}: {k!r} is not a vramlab spec field"
+                                 + (f" (did you mean {close[0]}?)" if close else f" (fields: {', '.join(sorted(known))})"))
+        if k == "stack":
+            raise PublishedError(f"{path}: {where}: stack: give the versions in the case's or the set's `stack:`, not "
+                                 "in spec")
+        try:
+            _coerce(path, where, k, v)
+        except SweepError as e:
+            raise PublishedError(str(e)) from None
+
+
+def _check_stack(where, mapping):
+    """A `stack:` mapping: the modelled packages' versions (formulas.stack.stack_pairs) and any other package the authors
+    ran, each a name and a version as text; a near-miss of a modelled package's name is refused, not ignored."""
+    from formulas.stack import PACKAGES, StackError, stack_pairs
+    from formulas.versions import parse_version
+
+    if mapping is None:
+        return
+    if not isinstance(mapping, dict):
+        raise PublishedError(f"{where}: {mapping!r} is not a mapping of package to version, e.g. "
+                             "{transformers: '4.40.0', peft: '0.10.0'}")
+    for p, v in mapping.items():
+        if p in PACKAGES:
+            continue
+        meant = PACKAGE_ALIASES.get(str(p).lower()) or next(iter(difflib.get_close_matches(str(p), PACKAGES, 1, 0.85)),
+                                                              None)
+        if meant:
+            raise PublishedError(f"{where}: {p!r} is not a package name vramlab reads; did you mean {meant}?")
+        if not isinstance(p, str) or not PACKAGE.fullmatch(p):
+            raise PublishedError(f"{where}: {p!r} is not a package name")
+        try:
+            parse_version(v)
+        except ValueError:
+            raise PublishedError(f"{where}.{p}: {v!r} is not a version (give one like 1.2.3, as text in quotes)") \
+                from None
+    try:
+        stack_pairs({p: v for p, v in mapping.items() if p in PACKAGES}, where)
+    except StackError as e:
+        raise PublishedError(str(e)) from None
 
 
 def load_source(path):
@@ -77,18 +146,27 @@ def load_source(path):
     for k in SOURCE_KEYS:
         if k not in d:
             raise PublishedError(f"{path}: no `{k}` (a measurement set needs {', '.join(SOURCE_KEYS)})")
-    if not isinstance(d["set"], str) or not ID.match(d["set"]):
+    unknown = sorted(map(str, set(d) - set(SOURCE_KEYS) - set(OPTIONAL_SOURCE_KEYS)))
+    if unknown:
+        raise PublishedError(f"{path}: unknown key {unknown[0]!r} (keys: {', '.join(SOURCE_KEYS + OPTIONAL_SOURCE_KEYS)})")
+    if not isinstance(d["set"], str) or not ID.fullmatch(d["set"]):
         raise PublishedError(f"{path}: set: {d['set']!r} is not a name (letters, digits, . _ -)")
     cit = d["citation"]
     if not isinstance(cit, dict) or not cit.get("url") or not cit.get("title"):
         raise PublishedError(f"{path}: citation: needs at least title and url")
+    for k, v in cit.items():
+        if not isinstance(v, (str, int)) or isinstance(v, bool):
+            raise PublishedError(f"{path}: citation.{k}: {v!r} is not text")
     _check_measured(path, "measured", d["measured"])
-    if not isinstance(d.get("stack") or {}, dict):
-        raise PublishedError(f"{path}: stack: {d['stack']!r} is not a mapping of package to version")
+    for k in ("gpu", "measured_note", "stack_note"):
+        if d.get(k) is not None and not isinstance(d[k], str):
+            raise PublishedError(f"{path}: {k}: {d[k]!r} is not text")
+    _check_stack(f"{path}: stack", d.get("stack"))
     if "unsupported" in d and not (isinstance(d["unsupported"], str) and d["unsupported"].strip()):
         raise PublishedError(f"{path}: unsupported: give the reason no case of the set can be predicted, as text")
     if not isinstance(d.get("defaults") or {}, dict):
         raise PublishedError(f"{path}: defaults: {d['defaults']!r} is not a mapping of spec fields")
+    _check_spec_fields(path, "defaults", d.get("defaults") or {})
     if not isinstance(d["cases"], list) or not d["cases"]:
         raise PublishedError(f"{path}: cases: needs a list of cases")
     seen = set()
@@ -96,33 +174,44 @@ def load_source(path):
         where = f"{path}: cases[{i}]"
         if not isinstance(c, dict):
             raise PublishedError(f"{where}: not a mapping")
-        unknown = sorted(set(c) - set(CASE_KEYS))
+        unknown = sorted(map(str, set(c) - set(CASE_KEYS)))
         if unknown:
             raise PublishedError(f"{where}: unknown field {unknown[0]!r} (fields: {', '.join(CASE_KEYS)})")
         cid = c.get("id")
-        if not isinstance(cid, str) or not ID.match(cid):
+        if not isinstance(cid, str) or not ID.fullmatch(cid):
             raise PublishedError(f"{where}: id: {cid!r} is not a name (letters, digits, . _ -)")
         if cid in seen:
             raise PublishedError(f"{where}: id {cid!r} appears twice")
         seen.add(cid)
+        where = f"{where} ({cid})"
         if not isinstance(c.get("spec"), dict) or not c["spec"].get("model") and not (d.get("defaults") or {}).get("model"):
-            raise PublishedError(f"{where} ({cid}): spec: needs a mapping with at least `model`")
+            raise PublishedError(f"{where}: spec: needs a mapping with at least `model`")
+        _check_spec_fields(path, f"cases[{i}].spec", c["spec"])
+        _check_stack(f"{path}: cases[{i}].stack", c.get("stack"))
         b = c.get("bytes")
-        if not isinstance(b, int) or isinstance(b, bool) or b <= 0:
-            raise PublishedError(f"{where} ({cid}): bytes: {b!r} is not a positive whole number of bytes")
+        if not _positive_bytes(b):
+            raise PublishedError(f"{where}: bytes: {b!r} is not a whole number of bytes from 1 to "
+                                 f"{MAX_PUBLISHED_BYTES:,}")
         if not isinstance(c.get("published"), str):
-            raise PublishedError(f"{where} ({cid}): published: give the number as printed, with its unit, as text")
+            raise PublishedError(f"{where}: published: give the number as printed, with its unit, as text")
+        for k in ("note", "gpu", "unsupported"):
+            if c.get(k) is not None and not isinstance(c[k], str):
+                raise PublishedError(f"{where}: {k}: {c[k]!r} is not text")
         if "measured" in c:
             _check_measured(path, f"cases[{i}].measured", c["measured"])
-        for kind, v in (c.get("also") or {}).items():
+        also = c.get("also") or {}
+        if not isinstance(also, dict):
+            raise PublishedError(f"{where}: also: {also!r} is not a mapping of what was measured to bytes")
+        for kind, v in also.items():
             _check_measured(path, f"cases[{i}].also", kind)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise PublishedError(f"{where} ({cid}): also.{kind}: {v!r} is not a positive whole number of bytes")
+            if not _positive_bytes(v):
+                raise PublishedError(f"{where}: also.{kind}: {v!r} is not a whole number of bytes from 1 to "
+                                     f"{MAX_PUBLISHED_BYTES:,}")
     return d
 
 
 def _check_measured(path, field, value):
-    if value not in MEASURED:
+    if not isinstance(value, str) or value not in MEASURED:
         raise PublishedError(f"{path}: {field}: {value!r} is not one of {', '.join(MEASURED)}")
 
 
@@ -141,16 +230,12 @@ def _spec_of(source, case):
         t = fields["lora_targets"]
         fields["lora_targets"] = (t,) if isinstance(t, str) else tuple(t)
     stack = {**(source.get("stack") or {}), **(case.get("stack") or {})}
-    fields["stack"] = tuple((p, str(stack[p])) for p in PACKAGES if stack.get(p))
-    known = set(Spec.__dataclass_fields__)
-    bad = sorted(set(fields) - known)
-    if bad:
-        raise ValueError(f"spec field {bad[0]!r} is not a vramlab spec field")
+    fields["stack"] = tuple((p, stack[p]) for p in PACKAGES if p in stack)  # as written (checked by load_source)
     return Spec(**fields)
 
 
-def case_record(source, case):
-    """The record of one published case (see the module docstring)."""
+def case_record(source, case, source_file=""):
+    """The record of one published case (see the module docstring); `source_file`: the set's file name."""
     from formulas.predict import predict
     from formulas.spec import SpecError
 
@@ -167,6 +252,8 @@ def case_record(source, case):
            "citation": {**source["citation"], "set": source["set"]}, "measured_note": source.get("measured_note", ""),
            "stack_note": source.get("stack_note", ""), "predicted": None, "traced": None, "measured": None,
            "error": None, "env": {"gpu": {"name": gpu}, "packages": {}}}
+    if source_file:
+        rec["source_file"] = source_file
     reason = case.get("unsupported") or source.get("unsupported")
     try:
         spec = _spec_of(source, case)
@@ -175,7 +262,8 @@ def case_record(source, case):
     if spec is not None:
         rec["spec"] = spec.to_dict()
         rec["spec_hash"] = spec_hash(spec, {})
-        rec["env"]["packages"] = dict(spec.stack)
+        stack = {**(source.get("stack") or {}), **(case.get("stack") or {})}
+        rec["env"]["packages"] = {**{p: str(v) for p, v in stack.items()}, **dict(spec.stack)}  # all the authors ran
         try:
             p = predict(spec)
             rec["predicted"] = {k: v for k, v in p.to_dict().items() if k != "spec"}
@@ -191,29 +279,90 @@ def case_record(source, case):
     return rec
 
 
-def import_source(path, out_root, progress=None):
-    """Write one record per case of the measurement set at `path` under out_root/<set>/<case id>.json.
+# ------------------------------------------------------------------ importing: replace exactly this set's records
 
-    Returns [(case id, outcome, record path)]. Files of cases no longer in the set are removed, so the
-    folder is the set as transcribed."""
-    from ..records import write_record_file
+def _ours(rec, set_name, source_file):
+    """Whether a record is one this set's file wrote (records written before `source_file` was kept count as the
+    set's)."""
+    return (rec.get("source") == "published" and rec.get("group") == set_name
+            and (rec.get("citation") or {}).get("set") == set_name
+            and rec.get("source_file", source_file) == source_file)
 
-    source = load_source(path)
-    out_dir = os.path.join(out_root, source["set"])
-    os.makedirs(out_dir, exist_ok=True)
-    done = []
-    for i, case in enumerate(source["cases"]):
-        rec = case_record(source, case)
-        target = os.path.join(out_dir, f"{case['id']}.json")
-        write_record_file(target, rec)
-        done.append((case["id"], rec["outcome"], target))
-        if progress:
-            progress(i + 1, len(source["cases"]), case["id"], rec)
-    keep = {f"{c['id']}.json" for c in source["cases"]}
-    for f in os.listdir(out_dir):
-        if f.endswith(".json") and f not in keep:
-            os.remove(os.path.join(out_dir, f))
-    return done
+
+class ImportPlan:
+    """What importing one measurement set will write, replace and leave: checked before anything is written."""
+
+    def __init__(self, path, out_root):
+        self.path, self.source = path, load_source(path)
+        self.source_file = os.path.basename(path)
+        self.set = self.source["set"]
+        self.out_dir = os.path.join(out_root, self.set)
+        self.cases = []  # (case id, record, target path)
+        for case in self.source["cases"]:
+            target = os.path.join(self.out_dir, f"{case['id']}.json")
+            self._check_target(target, case["id"])
+            self.cases.append((case["id"], case_record(self.source, case, self.source_file), target))
+        keep = {os.path.basename(t) for _, _, t in self.cases}
+        self.stale = []  # this set's records of cases no longer in its file
+        if os.path.isdir(self.out_dir):
+            for f in sorted(os.listdir(self.out_dir)):
+                p = os.path.join(self.out_dir, f)
+                if f.endswith(".json") and not f.startswith((".tmp-", ".corrupt-")) and f not in keep:
+                    try:
+                        if _ours(read_record(p), self.set, self.source_file):
+                            self.stale.append(p)
+                    except RecordError:
+                        continue  # not this set's: never touched
+
+    def _check_target(self, target, cid):
+        """A file already at `target` must be this set's record of that case (replaced); anything else stays."""
+        if not os.path.lexists(target):
+            return
+        try:
+            rec = read_record(target)
+        except NewerSchemaError as e:
+            raise PublishedError(f"{self.path}: case {cid}: {e}; import with a newer vramlab") from None
+        except RecordError as e:
+            raise PublishedError(f"{self.path}: case {cid}: {target} is not a record this set wrote ({e}); it is left "
+                                 "as it is: import into another --out") from None
+        if not _ours(rec, self.set, self.source_file):
+            theirs = rec.get("source_file") or (rec.get("citation") or {}).get("set") or rec.get("source", "?")
+            raise PublishedError(f"{self.path}: case {cid}: {target} holds a record of {theirs}, not of this file; it "
+                                 "is left as it is: give the set another name, or import into another --out")
+
+    def write(self, prune=False, progress=None):
+        """Write the cases' records; with `prune`, remove this set's records of cases no longer in its file. The caller
+        holds the folder's lock. Returns [(case id, outcome, path)]."""
+        from ..records import write_record_file
+
+        done = []
+        for i, (cid, rec, target) in enumerate(self.cases):
+            write_record_file(target, rec)
+            done.append((cid, rec["outcome"], target))
+            if progress:
+                progress(i + 1, len(self.cases), cid, rec)
+        if prune:
+            for p in self.stale:
+                os.remove(p)
+        return done
+
+
+def import_source(path, out_root, progress=None, prune=False):
+    """Write one record per case of the measurement set at `path` under out_root/<set>/<case id>.json, holding that
+    folder's lock. Returns [(case id, outcome, record path)].
+
+    Only this set's records of its own cases are replaced. Records of cases no longer in the set are kept unless
+    `prune`; the CLI names them. Anything else in the folder — another set's records, a sweep's, files of other
+    tools — is never touched, and a case whose file name it would take is refused (PublishedError)."""
+    from ..records import lock_folder
+
+    plan = ImportPlan(path, out_root)
+    os.makedirs(plan.out_dir, exist_ok=True)
+    lock = lock_folder(plan.out_dir, "import")
+    try:
+        return plan.write(prune, progress)
+    finally:
+        os.close(lock)
 
 
 def measured_view(rec):

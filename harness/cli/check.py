@@ -12,12 +12,22 @@ def cmd_check(a):
             print(c.line())
     for line in summarize(comps):
         print(line)
+    unreadable = [c for c in comps if c.status == "unreadable"]
+    if unreadable:
+        print(f"vramlab check: cannot compare: {len(unreadable)} record file(s) cannot be read, the first "
+              f"{unreadable[0].detail}", file=sys.stderr)
+        return 1
     problem = coverage_problem(comps)
     if problem:
         print(f"vramlab check: cannot compare: {problem}", file=sys.stderr)
         return 1
     if is_regression(comps):
         print("vramlab check: regression", file=sys.stderr)
+        return 1
+    unstable = [c.spec_hash for c in comps if c.status == "unstable"]
+    if unstable:
+        print(f"vramlab check: cannot compare: the repeated records of {len(unstable)} experiment(s) disagree by more "
+              f"than the thresholds ({', '.join(unstable[:5])})", file=sys.stderr)
         return 1
     return 0
 

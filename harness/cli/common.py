@@ -132,6 +132,21 @@ def add_stack_arguments(p):
         g.add_argument(f"--{package}", default=None, metavar="VERSION", help=f"{package} version, e.g. {STACK_NEWEST[package]}")
 
 
+def check_version_flags(a):
+    """Every `--…-version` flag given (the engines' releases) read by the one version parser: 'abc', '5.x' or '' is
+    one line naming the flag, before the engine's own range check."""
+    from formulas.spec import SpecError
+    from formulas.versions import parse_version
+
+    for name, value in sorted(vars(a).items()):
+        if name.endswith("_version") and value is not None:
+            try:
+                parse_version(value)
+            except ValueError:
+                flag = "--" + name.replace("_", "-")
+                raise SpecError(f"{flag} {value!r}: not a version; give a release like 0.6.6") from None
+
+
 def stack_from_args(a):
     """The formulas.stack.Stack the flags ask for, over what is installed."""
     from formulas.stack import make_stack
@@ -142,10 +157,12 @@ def stack_from_args(a):
 
 def spec_from_args(a, resolve=True):
     """Build a Spec from parsed flags; resolve: a Hub id's config.json from the cache or the Hub (harness/hub.py)."""
-    from formulas.spec import Spec, SpecError
+    from formulas.spec import MAX_BATCH, Spec, SpecError
 
     if a.users is not None and a.batch is not None and a.users != a.batch:
         raise SpecError(f"--users {a.users}: --users is --batch under another name; give one (--batch {a.batch} too)")
+    if a.users is not None and not 1 <= a.users <= MAX_BATCH:  # checked here, or validate would name --batch
+        raise SpecError(f"--users {a.users:,}: must be an integer from 1 to {MAX_BATCH:,} (concurrent users)")
     batch = a.users if a.users is not None else (a.batch if a.batch is not None else 1)
     from ..hub import resolve_model
     from ..inventory import ensure_for_model

@@ -1,5 +1,6 @@
 """`vramlab fit`: fit the device overheads per environment from measured records (logic in analysis/calibrate.py)."""
 
+import os
 import sys
 
 from formulas.units import MiB
@@ -12,14 +13,11 @@ def _pct(v):
 
 
 def cmd_fit(a):
-    from ..analysis.calibrate import (
-        CALIBRATION_DIR,
-        CalibrationError,
-        fit,
-        group_by_environment,
-        write_calibration,
-    )
+    from ..analysis.calibrate import CALIBRATION_DIR, group_by_environment
+    from ..paths import prepare_folder
+    from ..records import lock_folder
 
+    out = prepare_folder(a.out if a.out is not None else CALIBRATION_DIR, "--out", create=False)
     recs = load_records_for("fit", a.records, empty_ok=True)  # "no usable measured records" below says more
     if recs is None:
         return 2
@@ -37,15 +35,27 @@ def cmd_fit(a):
               + (f" for --env {a.env}" if a.env else "") + " (need outcome ok, source measured, device peaks)",
               file=sys.stderr)
         return 2
+    lock = lock_folder(prepare_folder(out, "--out"), "fit")  # the same lock as run and import: one writer per folder
+    try:
+        return _fit_groups(a, groups, out)
+    finally:
+        os.close(lock)
+
+
+def _fit_groups(a, groups, out):
+    from ..analysis.calibrate import CalibrationError, fit, write_calibration
+
     code = 0
     for key, rs in sorted(groups.items()):
         try:
             res = fit(rs)
-        except CalibrationError as e:
+            path = write_calibration(res, out, records_path=a.records)
+        except CalibrationError as e:  # no fit, or a table its own reader would refuse: nothing written
             print(f"vramlab fit: {key}: {e}", file=sys.stderr)
             code = 2
             continue
-        path = write_calibration(res, a.out or CALIBRATION_DIR, records_path=a.records)
+        except OSError as e:
+            raise ValueError(f"--out {out}: cannot write the table ({e.strerror or e})") from None
         ov, q = res["overheads"], res["fit_quality"]
         print(f"{key}: {q['n_fit']} records of {q['n_models']} models → {path}")
         images = " · ".join(f"{f} {v / MiB:,.0f} MiB" for f, v in ov.kernel_images)

@@ -11,17 +11,22 @@ DEFAULT_OUT = os.path.join(ROOT, "results", "published", "records")
 
 
 def _sources(paths):
-    out = []
+    """The measurement-set files named (a folder: its .yaml/.yml files), and what a folder holds under such a name
+    that is no file (skipped, with a word)."""
+    out, skipped = [], []
     for p in paths:
         if os.path.isdir(p):
-            out += sorted(os.path.join(p, f) for f in os.listdir(p) if f.endswith((".yaml", ".yml")))
-        elif os.path.exists(p):
-            out.append(p)
+            for f in sorted(os.listdir(p)):
+                full = os.path.join(p, f)
+                if f.endswith((".yaml", ".yml")):
+                    (out if os.path.isfile(full) else skipped).append(full)
+        elif os.path.lexists(p):
+            out.append(p)  # named: read as asked, and refused in one line if it is no file
         else:
             raise ValueError(f"{p}: no such file or folder")
     if not out:
         raise ValueError(f"{', '.join(paths)}: no measurement sets (.yaml) there")
-    return out
+    return out, skipped
 
 
 def corpus_lines(records):
@@ -59,19 +64,51 @@ def corpus_lines(records):
 
 
 def cmd_import(a):
-    from ..analysis.published import import_source
-    from ..records import read_record
+    """Check every set first (nothing is printed or written while one is bad), then write each set's records holding its
+    folder's lock, then print."""
+    from ..analysis.published import ImportPlan, PublishedError
+    from ..paths import prepare_folder
+    from ..records import lock_folder, read_record
 
-    files = _sources(a.sources)
-    records = []
-    for path in files:
-        def progress(i, n, cid, rec, path=path):
-            if a.verbose:
-                print(f"  [{i}/{n}] {cid}: {rec['outcome']}", file=sys.stderr)
-        done = import_source(path, a.out, progress=progress)
-        ok = sum(1 for _, o, _ in done if o == "ok")
-        print(f"{path}: {len(done)} cases → {os.path.dirname(done[0][2])} ({ok} predicted, {len(done) - ok} not expressible)")
-        records += [read_record(p) for _, _, p in done]
+    files, skipped = _sources(a.sources)
+    if os.path.exists(a.out) and not os.path.isdir(a.out):
+        raise ValueError(f"--out {a.out}: is a file, not a folder")
+    plans = [ImportPlan(path, a.out) for path in files]
+    taken = {}
+    for plan in plans:
+        for cid, _, target in plan.cases:
+            if target in taken:
+                raise PublishedError(f"{plan.path}: case {cid}: {taken[target]} has a case {cid} in set {plan.set} too; "
+                                     "one record cannot be both")
+            taken[target] = plan.path
+    prepare_folder(a.out, "--out")
+    locks = []
+    try:
+        for folder in sorted({p.out_dir for p in plans}):
+            prepare_folder(folder, "--out")
+            locks.append(lock_folder(folder, "import"))
+        for f in skipped:
+            print(f"vramlab import: skipped {f}: not a file", file=sys.stderr)
+        records = []
+        for plan in plans:
+            def progress(i, n, cid, rec):
+                if a.verbose:
+                    print(f"  [{i}/{n}] {cid}: {rec['outcome']}", file=sys.stderr)
+            try:
+                done = plan.write(prune=a.prune, progress=progress)
+            except OSError as e:
+                raise ValueError(f"--out {a.out}: cannot write the records of {plan.path} ({e.strerror or e}); those "
+                                 "written so far are kept") from None
+            ok = sum(1 for _, o, _ in done if o == "ok")
+            print(f"{plan.path}: {len(done)} cases → {plan.out_dir} ({ok} predicted, {len(done) - ok} not expressible)")
+            if plan.stale:
+                names = ", ".join(os.path.basename(p) for p in plan.stale)
+                print(f"  {len(plan.stale)} record(s) of cases no longer in {plan.source_file} "
+                      + (f"removed (--prune): {names}" if a.prune else f"kept: {names} (--prune removes them)"))
+            records += [read_record(p) for _, _, p in done]
+    finally:
+        for fd in locks:
+            os.close(fd)
     if not a.quiet:
         print("")
         print("\n".join(corpus_lines(records)))
@@ -88,6 +125,9 @@ def add_parsers(sub):
     p.add_argument("sources", nargs="+", metavar="SOURCE", help="measurement-set .yaml files or folders of them")
     p.add_argument("--out", default=DEFAULT_OUT,
                    help="folder for the records, one subfolder per set (default results/published/records)")
+    p.add_argument("--prune", action="store_true",
+                   help="remove the set's records of cases no longer in its file (without it they are kept and listed); "
+                        "records of other sets and sources are never touched")
     p.add_argument("--quiet", action="store_true", help="only the one line per set")
     p.add_argument("--verbose", action="store_true", help="progress per case on stderr")
     p.set_defaults(func=cmd_import)

@@ -17,7 +17,14 @@ from formulas.units import (
     parse_size,
 )
 
-from .common import add_spec_arguments, calibration_line, flag_value, spec_from_args, warn_beyond_positions
+from .common import (
+    add_spec_arguments,
+    calibration_line,
+    check_version_flags,
+    flag_value,
+    spec_from_args,
+    warn_beyond_positions,
+)
 from .engines import add_engine_arguments
 
 
@@ -339,9 +346,13 @@ def _cmd_engine_plan(a, margin, overheads):
     """`plan --engine E --users N --ctx L --gpu G`: fewest GPUs, largest context per user, most users."""
     from formulas.catalog import get_shape
     from formulas.hardware import get_hardware
+    from formulas.spec import SpecError
 
     from .engines import engine_flags, plan_engine, render_engine_plan
 
+    if a.gpu.strip().lower() == "all" or "," in a.gpu:
+        raise SpecError(f"--gpu {a.gpu}: with --engine, name one GPU type (the engine plan is for one card; "
+                        "comparing GPU types is plan without --engine)")
     taken = engine_flags(a, "plan")
     if a.engine in ("llama.cpp", "ollama"):  # the engine's own model (a GGUF), placement and default dtype
         from .llamacpp import cmd_plan_llamacpp
@@ -382,6 +393,7 @@ def cmd_plan(a):
     if a.table:
         return _cmd_table(a, P, margin, mfu, deadline, overheads)
     if a.engine != "transformers":
+        check_version_flags(a)
         return _cmd_engine_plan(a, margin, overheads(a.gpu))
     spec = spec_from_args(a)
     data_bytes = flag_value(parse_size, "--data", a.data, 1) if a.data else None

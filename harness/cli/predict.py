@@ -6,7 +6,15 @@ import os
 from formulas import categories as C
 from formulas.units import GiB
 
-from .common import add_spec_arguments, calibration_line, gib_cell, spec_from_args, stack_from_args, warn_beyond_positions
+from .common import (
+    add_spec_arguments,
+    calibration_line,
+    check_version_flags,
+    gib_cell,
+    spec_from_args,
+    stack_from_args,
+    warn_beyond_positions,
+)
 from .engines import add_engine_arguments
 from .trace import add_device_arguments
 
@@ -108,12 +116,13 @@ def cmd_predict(a):
 
     from .engines import engine_answer, engine_flags, engine_json, render_engine
 
+    check_version_flags(a)
+    gpu = get_hardware(a.gpu) if a.gpu else None
     taken = engine_flags(a)
     if a.engine in ("llama.cpp", "ollama"):  # the engine's own model (a GGUF), placement and defaults
         from .llamacpp import cmd_predict_llamacpp
 
         return cmd_predict_llamacpp(a, taken)
-    gpu = get_hardware(a.gpu) if a.gpu else None
     spec = spec_from_args(a)
     stack = stack_from_args(a)
     stored = where = None

@@ -5,7 +5,9 @@ from .common import load_records_for
 
 def cmd_report(a):
     from ..analysis.report import PCT, _table_md, boundary_table, category_table, write_report
+    from ..paths import prepare_folder
 
+    prepare_folder(a.out, "--out", create=False)
     recs = load_records_for("report", a.records)
     if recs is None:
         return 2
@@ -13,7 +15,10 @@ def cmd_report(a):
         rows = category_table(recs) if a.table == "categories" else boundary_table(recs)
         print(_table_md(rows, PCT), end="")
         return 0
-    html, md = write_report(recs, a.out)
+    try:
+        html, md = write_report(recs, a.out)
+    except OSError as e:
+        raise ValueError(f"--out {a.out}: cannot write the report ({e.strerror or e})") from None
     print(f"{len(recs)} records → {html}, {md}")
     return 0
 

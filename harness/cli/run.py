@@ -102,6 +102,7 @@ def select(exps, only):
 
 def cmd_run(a):
     from ..gpu import nvml
+    from ..records import check_unlocked
     from ..sweep.launcher import (
         default_out_dir,
         measured_elsewhere,
@@ -135,7 +136,7 @@ def cmd_run(a):
 
         for sr in searches:
             sr.overheads = overheads_for(sr.base.cap_gpu) if sr.base.cap_gpu else None
-    out = a.out or default_out_dir(name, mode)
+    out = a.out if a.out is not None else default_out_dir(name, mode)
     if a.order != "file":
         exps = order_experiments(exps, a.order, measured_elsewhere(os.path.dirname(os.path.abspath(out)), skip=out))
     if a.dry_run:
@@ -161,11 +162,12 @@ def cmd_run(a):
         if searches:
             raise ValueError(f"--launcher {a.launcher}: the sweep's search groups probe one value after another; run "
                              "them with the local launcher (or leave them out: --only group=NAME)")
-        if mode == "measure" and not a.out:
+        if mode == "measure" and a.out is None:
             raise ValueError(f"--launcher {a.launcher} --mode measure: give --out, a folder every node can write "
                              "(the default is named after this machine's GPU)")
         backend = make_backend(a.launcher, mode, settings, job_name=f"vramlab-{name}")  # its package, its cluster
     prepare_out_dir(out)
+    check_unlocked(out)  # another writer: one line, before anything is printed
     print(f"{name}: {len(exps)} experiments" + (f" and {len(searches)} boundary searches" if searches else "")
           + f" → {out}", file=sys.stderr)
     if backend is None:
@@ -176,7 +178,12 @@ def cmd_run(a):
     parts = ", ".join(f"{k} {v}" for k, v in sorted(s.outcomes.items()))
     print(f"{name}: ran {s.ran}, skipped {s.skipped} already recorded" + (f" ({parts})" if parts else "")
           + (f"; {s.fresh_processes} warm reset(s) fell back to a fresh process" if s.fresh_processes else "")
-          + (f"; moved {len(s.corrupt_moved)} unreadable record(s) aside" if s.corrupt_moved else ""))
+          + (f"; moved {len(s.corrupt_moved)} unreadable record(s) aside" if s.corrupt_moved else "")
+          + (f"; left {len(s.newer)} record(s) written by a newer vramlab as they are (not rerun)" if s.newer else ""))
+    if s.busy:
+        print(f"vramlab run: {len(s.busy)} experiment(s) still being recorded by a process of an earlier run, not "
+              f"started: {', '.join(s.busy[:5])}{' …' if len(s.busy) > 5 else ''}; run the same command again once "
+              "they finish", file=sys.stderr)
     for sr in searches:
         r = sr.result()
         state = ("settled" if r["done"] else r["stopped"] or "not finished: run the same command to go on")
@@ -212,6 +219,10 @@ def cmd_results(a):
     from ..analysis.calibrate import calibration_for_environment, load_calibration
     from ..analysis.frame import records_frame
 
+    if a.csv and a.csv != "-":
+        from ..paths import check_output_file
+
+        check_output_file(a.csv, "--csv")
     lookup = calibration_for_environment
     if a.calibration:
         cal = load_calibration(a.calibration)
@@ -221,7 +232,10 @@ def cmd_results(a):
         return 2
     df = records_frame(recs, lookup)
     if a.csv:
-        df.to_csv(a.csv if a.csv != "-" else sys.stdout, index=False)
+        try:
+            df.to_csv(a.csv if a.csv != "-" else sys.stdout, index=False)
+        except OSError as e:
+            raise ValueError(f"--csv {a.csv}: cannot write it ({e.strerror or e})") from None
         if a.csv != "-":
             print(f"{len(df)} records → {a.csv}", file=sys.stderr)
         return 0
@@ -252,7 +266,7 @@ def add_parsers(sub):
     p.add_argument("--process", default="warm", choices=("warm", "cold"),
                    help="warm: one long-lived worker per GPU, reset and checked between experiments (default); "
                         "cold: a fresh process per experiment")
-    p.add_argument("--jobs", type=int, default=None,
+    p.add_argument("--jobs", type=_at_least(1), default=None,
                    help="tracing or rehearsing: CPU workers at once (default: the CPU count, at most 4); a "
                         "rehearsed experiment of N ranks takes N of them (all, if fewer)")
     p.add_argument("--launcher", default="local", choices=("local", "slurm", "ray"),

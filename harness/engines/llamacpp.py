@@ -488,10 +488,11 @@ def summarize(folder):
     """Markdown table of a folder of engine records: per model × dtype, how many matched the bar."""
     import glob
 
+    from formulas.documents import load_json
+
     rows, worst = {}, {}
-    for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
-        with open(path, encoding="utf-8") as f:
-            rec = json.load(f)
+    for path in sorted(glob.glob(os.path.join(folder, "*.json"))):  # llama.cpp's records (engine_record.schema.json)
+        rec = load_json(path)
         eng = rec.get("engine")
         if rec.get("outcome") != "ok" or not eng:
             exp = rec.get("experiment") or rec.get("spec") or {}

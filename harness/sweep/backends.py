@@ -9,6 +9,11 @@ must see — or the fallback record when the worker dies without one. A task tha
 limit, a lost node, a cancel from outside) gets its fallback record from the submitting process, so
 every submitted experiment ends with exactly one record.
 
+Nothing outlives a killed submitting process: a reaper (harness/sweep/reaper.py) ends every process it started on
+this machine and `scancel`s its arrays on a real cluster. A task holds its experiment's claim while it runs
+(launcher.claim); a resume never starts an experiment still claimed, and a task finding its experiment recorded
+since it was submitted does not run it again: each experiment is recorded once.
+
 Slurm: job arrays (submitit's map_array, one per GPU count), one task per experiment; submitit keeps
 its scripts, pickles and logs under <out>/.slurm/. Ray: one task per experiment (num_cpus=1), on a
 running cluster (an address) or on a local one started here and shut down after. A task asks for the
@@ -40,11 +45,13 @@ from .launcher import (
     _tail,
     is_done,
     lock_out_dir,
+    not_busy,
     prepare_out_dir,
     record_stamp,
     recorded_outcome,
     run_isolated,
 )
+from .reaper import Reaper
 from .worker import SOURCE
 
 # A Slurm task's time beyond the longest experiment timeout: the worker's start-up, and submitit's
@@ -92,7 +99,7 @@ class SlurmBackend:
         self.submitit, self.cluster, self.mode = submitit, "local" if cluster == "local" else "slurm", mode
         self.partition, self.time_min, self.job_name, self.gpus = partition, time_min, job_name, gpus
 
-    def start(self):
+    def start(self, log_dir=None):
         pass
 
     def gpus_for(self, exp):
@@ -106,22 +113,28 @@ class SlurmBackend:
                 "timeout_min": self.time_min or math.ceil(longest / 60) + SLURM_MARGIN_MIN,
                 "slurm_partition": self.partition}
 
-    def submit(self, exps, out_dir, worker_cmd):
+    def submit(self, exps, out_dir, worker_cmd, reaper=None):
         # The task unpickles run_isolated: this checkout is importable there, installed or not.
         path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
         python = f"env PYTHONPATH={shlex.quote(path)} {shlex.quote(sys.executable)}"
+        folder = os.path.abspath(os.path.join(out_dir, ".slurm"))
         tasks = []
         try:
-            executor = self.submitit.AutoExecutor(folder=os.path.join(out_dir, ".slurm"), cluster=self.cluster,
+            executor = self.submitit.AutoExecutor(folder=folder, cluster=self.cluster,
                                                   **{f"{self.cluster}_python": python})
             for gpus in sorted({self.gpus_for(e) for e in exps}):  # one array per GPU count
                 group = [e for e in exps if self.gpus_for(e) == gpus]
                 executor.update_parameters(**self.parameters(group))
                 stale = [record_stamp(out_dir, e.spec_hash) for e in group]
-                with contextlib.redirect_stderr(io.StringIO()):  # submitit echoes sbatch's refusal; the error has it
+                with contextlib.redirect_stderr(io.StringIO()), _stderr_to(os.path.join(folder, "controllers.stderr")
+                                                                           if self.cluster == "local" else None):
+                    # submitit echoes sbatch's refusal (the error has it); local controllers print their tracebacks
+                    # when cancelled (SIGINT) to the stderr they inherit: their log, not the terminal
                     jobs = executor.map_array(run_isolated, group, [out_dir] * len(group), [self.mode] * len(group),
-                                              [worker_cmd] * len(group))
+                                              [worker_cmd] * len(group), stale)
                 tasks += [_Task(e, j, s) for e, j, s in zip(group, jobs, stale)]
+                if reaper is not None and self.cluster == "slurm":  # if this process dies, its arrays go with it
+                    reaper.on_death(["scancel", *sorted({j.job_id.split("_")[0] for j in jobs})])
         except RuntimeError as e:  # sbatch refused an array (a partition or GPU count it lacks), or no srun
             self.cancel(tasks)
             raise LauncherError(f"--launcher slurm: {_first_line(e)}") from None
@@ -168,28 +181,40 @@ class RayBackend:
     def __init__(self, mode, address=None):
         import ray
 
+        reachable(address)  # before anything is written: an address that does not answer is one line in seconds
         self.ray, self.mode, self.address = ray, mode, address
         self.started = False
 
-    def start(self):
+    def start(self, log_dir=None):
+        """Join the cluster at the address (checked first: one that does not answer is refused in seconds), or start a
+        local one. Ray's own messages (its C++ core retrying an address that is no cluster) go to log_dir/ray.stderr."""
         if self.ray.is_initialized():  # a caller (a test) that holds a cluster already
             return
         self.started = True  # set first: close() shuts down what an interrupted init left
+        joining = self.address not in (None, "", "auto", "local")
+        saved = os.environ.get(GCS_WAIT_VAR)
+        if joining and saved is None:  # Ray retries an address for NUM_REDIS_GET_RETRIES (20) seconds by default
+            os.environ[GCS_WAIT_VAR] = str(GCS_WAIT_S)
         try:
-            self.ray.init(address=self.address, include_dashboard=False, log_to_driver=False,
-                          logging_level=logging.WARNING)
+            with _stderr_to(os.path.join(log_dir, "ray.stderr") if log_dir else None):
+                self.ray.init(address=self.address, include_dashboard=False, log_to_driver=False,
+                              logging_level=logging.WARNING)
         except ConnectionError as e:
             raise LauncherError(f"--address {self.address}: {_first_line(e)}") from None
+        finally:
+            if joining and saved is None:
+                os.environ.pop(GCS_WAIT_VAR, None)
 
-    def submit(self, exps, out_dir, worker_cmd):
+    def submit(self, exps, out_dir, worker_cmd, reaper=None):
         remote = self.ray.remote(run_isolated)
         most = max(1, int(self.ray.cluster_resources().get("CPU", 1)))  # more would wait forever
         tasks = []
         for e in exps:  # max_retries=0: a task whose process died gets a fallback record, never a second run
             cpus = min(e.spec.gpus, most) if self.mode == "rehearse" else 1  # a CPU rehearsal: a process per rank
+            stamp = record_stamp(out_dir, e.spec_hash)
             ref = remote.options(num_cpus=cpus, num_gpus=task_gpus(e, self.mode), max_retries=0).remote(
-                e, out_dir, self.mode, worker_cmd)
-            tasks.append(_Task(e, ref, record_stamp(out_dir, e.spec_hash)))
+                e, out_dir, self.mode, worker_cmd, stamp)
+            tasks.append(_Task(e, ref, stamp))
         return tasks
 
     def finished(self, pending, poll_s):
@@ -220,6 +245,62 @@ class RayBackend:
         if self.started:
             self.ray.shutdown()
             self.started = False
+
+
+ADDRESS_TIMEOUT_S = 5.0  # a Ray address that does not accept a connection, or answer it, in this long is not a cluster
+# The HTTP/2 client connection preface and an empty SETTINGS frame (RFC 9113 §3.4, §6.5): a gRPC server answers with
+# its own SETTINGS frame (frame type 0x4, the fourth byte of the 9-byte frame header).
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+# ray/_private/node.py (2.60) Node._init_gcs_client: tries to reach the GCS once a second for
+# RAY_gcs_server_port_wait_time_s attempts when set, else NUM_REDIS_GET_RETRIES (20).
+GCS_WAIT_VAR, GCS_WAIT_S = "RAY_gcs_server_port_wait_time_s", 8
+
+
+def reachable(address):
+    """Refuse (LauncherError, in seconds) a Ray address whose host does not resolve or whose port does not accept a
+    connection: ray.init retries such an address for minutes. None, 'auto' and 'local' are Ray's to find."""
+    import socket
+
+    if address in (None, "", "auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1]
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+        raise LauncherError(f"--address {address}: expected HOST:PORT (or ray://HOST:PORT, or auto)")
+    try:
+        conn = socket.create_connection((host.strip("[]"), int(port)), timeout=ADDRESS_TIMEOUT_S)
+    except OSError as e:
+        why = e.strerror or str(e) or type(e).__name__
+        raise LauncherError(f"--address {address}: no Ray cluster answers there ({why})") from None
+    try:  # Ray's GCS (and its client server) speak gRPC: HTTP/2 answers a client's preface with a SETTINGS frame
+        conn.settimeout(ADDRESS_TIMEOUT_S)
+        conn.sendall(_HTTP2_PREFACE)
+        reply = conn.recv(9)
+    except OSError:
+        reply = b""
+    finally:
+        conn.close()
+    if len(reply) < 4 or reply[3] != 0x4:
+        raise LauncherError(f"--address {address}: it accepts connections but does not answer as a Ray cluster does "
+                            f"(gRPC) within {ADDRESS_TIMEOUT_S:.0f} s")
+
+
+@contextlib.contextmanager
+def _stderr_to(path):
+    """File descriptor 2 goes to `path` (appended) for what starts inside, then back; nothing when path is None."""
+    if path is None:
+        yield
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    sys.stderr.flush()
+    saved, fd = os.dup(2), os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.dup2(fd, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(fd)
 
 
 def make_backend(launcher, mode, settings, job_name="vramlab"):
@@ -255,17 +336,19 @@ def run_on(backend, experiments, out_dir, mode="trace", retry=False, progress=Tr
     lock = lock_out_dir(out_dir)
     summary = SweepSummary(out_dir=out_dir, total=len(experiments))
     # every task gets the GPUs it asks for: a record left "unsupported" for want of GPUs by a local run reruns here
-    todo = [e for e in experiments if not is_done(out_dir, e, retry, summary.corrupt_moved, slots=math.inf)]
+    todo = [e for e in experiments if not is_done(out_dir, e, retry, summary.corrupt_moved, math.inf, summary.newer)]
     summary.skipped = len(experiments) - len(todo)
+    todo = not_busy(out_dir, todo, retry, summary, slots=math.inf)
     main_thread = threading.current_thread() is threading.main_thread()
-    pending, old, bar = [], {}, None
+    pending, old, bar, reaper = [], {}, None, None
     try:
         if todo:
-            backend.start()
+            reaper = Reaper()  # first: what starts from here on ends with this process (harness/sweep/reaper.py)
+            backend.start(os.path.join(out_dir, ".logs"))
         if main_thread:  # after ray.init, whose own SIGTERM handler would end this process without cancelling
             old = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGHUP)}
         if todo:
-            pending = backend.submit(todo, out_dir, worker_cmd)
+            pending = backend.submit(todo, out_dir, worker_cmd, reaper)
         bar = _progress(len(todo)) if progress else None
         while pending:
             for task in backend.finished(pending, poll_s):
@@ -284,7 +367,11 @@ def run_on(backend, experiments, out_dir, mode="trace", retry=False, progress=Tr
         summary.signal = str(e) if isinstance(e, _Stop) else "SIGINT"
         backend.cancel(pending)
     finally:
-        backend.close()
+        try:
+            backend.close()
+        finally:
+            if reaper is not None:
+                reaper.close()
         for s, h in old.items():
             signal.signal(s, signal.SIG_DFL if h is None else h)  # None: a handler set outside Python (Ray's)
         if bar is not None:

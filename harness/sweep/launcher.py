@@ -45,10 +45,13 @@ import time
 from dataclasses import dataclass, field
 
 from ..gpu import nvml
-from ..paths import ROOT, RUNS_DIR
+from ..paths import ROOT, RUNS_DIR, OutDirError, prepare_folder  # noqa: F401  (OutDirError re-exported)
 from ..records import (
     OUTCOMES,
+    NewerSchemaError,
     RecordError,
+    RecordsLocked,
+    lock_folder,
     new_record,
     read_record,
     record_path,
@@ -60,24 +63,12 @@ IDLE_TOLERANCE_BYTES = 64 * 2**20  # "back where it began": within this of the G
 IDLE_TIMEOUT_S = 30.0
 
 
-class SweepLocked(ValueError):
-    """Another launcher is writing to the same output folder."""
+SweepLocked = RecordsLocked  # another vramlab command is writing to the same output folder
 
 
-class OutDirError(ValueError):
-    """The output folder cannot hold records: a file, not writable, or the disk is full."""
-
-
-def prepare_out_dir(out_dir):
+def prepare_out_dir(out_dir, flag="--out"):
     """Create the record folder if needed; OutDirError (one line) when it cannot be written."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise OutDirError(f"--out {out_dir}: is a file, not a folder")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise OutDirError(f"--out {out_dir}: cannot create it ({e.strerror})") from None
-    if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise OutDirError(f"--out {out_dir}: not writable")
+    prepare_folder(out_dir, flag)
 
 
 class _Stop(BaseException):
@@ -96,6 +87,8 @@ class SweepSummary:
     interrupted: bool = False
     signal: str = ""  # the signal that stopped it, if one did
     corrupt_moved: list = field(default_factory=list)
+    newer: list = field(default_factory=list)  # records written by a newer vramlab: left alone, not rerun
+    busy: list = field(default_factory=list)  # experiments an earlier run's process is still recording: not started
     fresh_processes: int = 0  # warm workers replaced because a reset left memory behind
 
 
@@ -104,16 +97,21 @@ def worker_command(out_dir, mode):
     return [sys.executable, "-m", "harness.sweep.worker", "--out", out_dir, "--mode", mode]
 
 
-def is_done(out_dir, exp, retry=False, moved=None, slots=None):
+def is_done(out_dir, exp, retry=False, moved=None, slots=None, newer=None):
     """True if a readable record exists (with retry, only an ok/oom/unsupported record counts).
 
-    An unreadable record is moved aside (`.corrupt-<hash>.json`) and the experiment reruns; so does one
-    recorded unsupported for want of GPUs when this run has `slots` enough."""
+    An unreadable record (or a FIFO, a folder, … in its place) is moved aside (`.corrupt-<hash>.json`) and the
+    experiment reruns; so does one recorded unsupported for want of GPUs when this run has `slots` enough. A record
+    written by a newer vramlab is left as it is and counts as done (its path goes to `newer`)."""
     path = record_path(out_dir, exp.spec_hash)
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         return False
     try:
         rec = read_record(path)
+    except NewerSchemaError:
+        if newer is not None:
+            newer.append(path)
+        return True
     except RecordError:
         aside = os.path.join(out_dir, f".corrupt-{exp.spec_hash}-{int(time.time())}.json")
         os.replace(path, aside)
@@ -252,24 +250,102 @@ def recorded_outcome(out_dir, spec_hash, stale=None):
         return None
 
 
-def run_isolated(exp, out_dir, mode, worker_cmd=None):
+# ------------------------------------------------------------------ claims: one process records an experiment
+
+CLAIM_WAIT_S = 5.0  # how long a run waits for an earlier run's processes (being ended) to let go of an experiment
+_UNSEEN = object()
+
+
+def _claim_path(out_dir, spec_hash):
+    return os.path.join(out_dir, ".claims", spec_hash)
+
+
+def claim(out_dir, spec_hash):
+    """Hold the experiment's claim (`<out>/.claims/<hash>`, flock) for this process, waiting while another holds it;
+    the fd. A worker given the fd (pass_fds) holds it too, so the claim lasts until the last of them is gone."""
+    os.makedirs(os.path.join(out_dir, ".claims"), exist_ok=True)
+    fd = os.open(_claim_path(out_dir, spec_hash), os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} {os.uname().nodename}\n".encode(), 0)
+    return fd
+
+
+def claimed_by(out_dir, spec_hash):
+    """'pid N on HOST' of the process recording the experiment now, or None (nothing is made on disk)."""
+    try:
+        fd = os.open(_claim_path(out_dir, spec_hash), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        who = os.pread(fd, 200, 0).decode(errors="replace").split()
+        return f"pid {who[0]} on {who[1]}" if len(who) > 1 else "another process"
+    finally:
+        os.close(fd)
+
+
+def not_busy(out_dir, experiments, retry, summary, wait_s=None, slots=None):
+    """The experiments to start: those still claimed by a process of an earlier run (a Slurm or Ray task being
+    ended, or one on another node) after up to wait_s are left out and named in summary.busy; one that such a
+    process recorded meanwhile counts as done."""
+    held = [e for e in experiments if claimed_by(out_dir, e.spec_hash)] if os.path.isdir(
+        os.path.join(out_dir, ".claims")) else []
+    waited = {e.spec_hash for e in held}
+    deadline = time.monotonic() + (CLAIM_WAIT_S if wait_s is None else wait_s)
+    while held and time.monotonic() < deadline:
+        time.sleep(0.1)
+        held = [e for e in held if claimed_by(out_dir, e.spec_hash)]
+    held = {e.spec_hash: who for e in held if (who := claimed_by(out_dir, e.spec_hash))}
+    summary.busy += [f"{h} ({who})" for h, who in held.items()]
+    out = []
+    for e in experiments:
+        if e.spec_hash in held:
+            continue
+        if e.spec_hash in waited and is_done(out_dir, e, retry, summary.corrupt_moved, slots, summary.newer):
+            summary.skipped += 1  # recorded while we waited
+            continue
+        out.append(e)
+    return out
+
+
+def run_isolated(exp, out_dir, mode, worker_cmd=None, seen=_UNSEEN):
     """Run one experiment in a fresh cold worker, waiting up to its timeout; returns its outcome.
 
     What a Slurm or Ray task runs (harness.sweep.backends): the worker writes the record; if it dies
     without one (killed, crashed, past its timeout) this writes the fallback record, as the local
     launcher does. If the task itself is stopped (scancel, ray.cancel) the worker goes with it (it dies
-    with this process) and no record is written: the experiment is not done."""
+    with this process) and no record is written: the experiment is not done.
+
+    The task holds the experiment's claim while it runs (shared with its worker), and first waits for any
+    other process that holds it. `seen`: the record's stamp when the experiment was submitted; a record
+    written since (by a task of an earlier run) is the experiment's, and it is not run again."""
     logs = os.path.join(out_dir, ".logs")
     os.makedirs(logs, exist_ok=True)
+    held = claim(out_dir, exp.spec_hash)
+    try:
+        stale = record_stamp(out_dir, exp.spec_hash)
+        if seen is not _UNSEEN and stale != seen:
+            recorded = recorded_outcome(out_dir, exp.spec_hash)
+            if recorded:
+                return recorded
+        return _run_claimed(exp, out_dir, mode, worker_cmd, stale, held, logs)
+    finally:
+        os.close(held)
+
+
+def _run_claimed(exp, out_dir, mode, worker_cmd, stale, held, logs):
     err_path = os.path.join(logs, f"{exp.spec_hash}.stderr")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                VRAMLAB_LAUNCHER_PID=str(os.getpid()), VRAMLAB_LAUNCHED_AT=repr(time.time()))
     set_alloc_conf(env, exp.alloc_conf)
-    stale, t0 = record_stamp(out_dir, exp.spec_hash), time.monotonic()
+    t0 = time.monotonic()
     with open(err_path, "ab") as err:
         proc = subprocess.Popen((worker_cmd or worker_command(out_dir, mode)) + [json.dumps(exp.to_dict())], cwd=ROOT,
                                 env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                                start_new_session=True)
+                                start_new_session=True, pass_fds=(held,))
     outcome = "crashed"
     try:
         rc = proc.wait(timeout=exp.timeout_s)
@@ -316,18 +392,8 @@ def _progress(total):
 
 
 def lock_out_dir(out_dir):
-    """Hold `<out>/.lock` for this process (released when it exits, however it exits); SweepLocked if taken."""
-    path = os.path.join(out_dir, ".lock")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise SweepLocked(f"{out_dir}: another vramlab run (pid {holder}) is writing here; wait for it or stop it") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
+    """Hold `<out>/.lock` for this run (harness.records.lock_folder); SweepLocked if another command holds it."""
+    return lock_folder(out_dir, "run")
 
 
 def wait_for_idle(index, baseline, timeout_s=IDLE_TIMEOUT_S, tolerance=IDLE_TOLERANCE_BYTES, poll_s=0.2,
@@ -511,10 +577,14 @@ def run_sweep(experiments, out_dir, gpus=None, mode="trace", worker_cmd=None, re
     else:
         slots = [_Slot(None, f"cpu{j}") for j in range(max(1, jobs))]
     todo, too_big = [], []
+    waiting = []
     for e in experiments:
-        if is_done(out_dir, e, retry, summary.corrupt_moved, len(slots)):
+        if is_done(out_dir, e, retry, summary.corrupt_moved, len(slots), summary.newer):
             summary.skipped += 1
-        elif slots_needed(e, mode, len(slots)) > len(slots):
+        else:
+            waiting.append(e)
+    for e in not_busy(out_dir, waiting, retry, summary, slots=len(slots)):
+        if slots_needed(e, mode, len(slots)) > len(slots):
             too_big.append(e)
         else:
             todo.append((e, None))

@@ -172,10 +172,12 @@ def _kill_all(proc, tmp):
 
 
 def _read_json(path):
+    """A rank's result file (formulas.documents: a regular file, bounded), or None when it is missing or unreadable."""
+    from formulas.documents import DocumentError, load_json
+
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
+        return load_json(path)
+    except DocumentError:
         return None
 
 

@@ -44,6 +44,7 @@ from itertools import product
 from formulas.catalog import UnknownModelError, get_shape
 from formulas.shapes import UnsupportedModelError
 from formulas.spec import Spec, SpecError, check_positions, validate
+from formulas.stack import StackError, stack_pairs
 
 from ..inventory import ensure_for_model
 
@@ -75,6 +76,10 @@ RUN_FIELDS = {
 }
 RUN_MINIMUMS = {"steps": 1, "timeout_s": 1, "sample_interval_ms": 0.01, "sample_max_interval_ms": 0.01, "cap_bytes": 0,
                 "ctx": 0, "parallel": 1, "ubatch": 1, "cut_layers": 0}
+# Upper bounds: a week per experiment, a sample a minute, and what a record's integers hold (harness.records).
+RUN_MAXIMUMS = {"steps": 1_000_000, "timeout_s": 7 * 24 * 3600, "sample_interval_ms": 60_000.0,
+                "sample_max_interval_ms": 60_000.0, "cap_bytes": 2**60, "ctx": 1 << 26, "parallel": 1 << 20,
+                "ubatch": 1 << 26, "cut_layers": 1 << 20}
 RUN_CHOICES = {"engine": ("", "llama.cpp"), "engine_kv_dtype": ("f16", "q8_0", "q4_0"), "track_window": ("last", "all")}
 # `strategy:` is sugar over the Spec's parallel fields (resolved before hashing, so it names nothing new):
 # ddp → zero 0 (or the zero 1 given), fsdp → zero 3 (or the zero 2 given), tp → tp = gpus (or the tp given),
@@ -82,6 +87,7 @@ RUN_CHOICES = {"engine": ("", "llama.cpp"), "engine_kv_dtype": ("f16", "q8_0", "
 STRATEGIES = ("ddp", "fsdp", "tp", "layer_split")
 SPEC_FIELDS = {f.name: f for f in fields(Spec)}
 MAX_EXPERIMENTS = 10_000  # a bigger sweep needs `vramlab run --yes` (each experiment costs seconds to minutes)
+HARD_MAX_EXPERIMENTS = 1_000_000  # refused even with --yes (counted before expanding): years of GPU time
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a sweep's name is a folder name under results/runs
 TOP_KEYS = {"name", "description", "defaults", "groups", "grid", "zip", "launcher"}
 GROUP_KEYS = {"name", "set", "grid", "zip", "search"}
@@ -214,9 +220,15 @@ def _coerce(path, where, key, value):
                 value = get_hardware(value).name
             except UnknownGPUError as e:
                 raise SweepError(f"{path}: {where}: cap_gpu: {str(e).replace('--gpu ', '', 1)}") from None
-        minimum = RUN_MINIMUMS.get(key)
+        minimum, maximum = RUN_MINIMUMS.get(key), RUN_MAXIMUMS.get(key)
         if minimum is not None and not value >= minimum:  # `not >=`: NaN fails too
             raise SweepError(f"{path}: {where}: {key}: {value!r} must be ≥ {minimum}")
+        if maximum is not None and not value <= maximum:  # .inf too
+            raise SweepError(f"{path}: {where}: {key}: {value!r} must be at most {maximum:,}")
+        if key == "real_model_dir" and value and not os.path.isfile(os.path.join(value, "config.json")):
+            why = "no such folder" if not os.path.isdir(value) else "a folder without config.json"
+            raise SweepError(f"{path}: {where}: real_model_dir: {value!r}: {why} (give a local model folder with "
+                             "config.json and its weights)")
         if key == "engine" and value in ("ollama", "vllm", "sglang"):
             raise SweepError(f"{path}: {where}: engine: {value!r}: measured {value} sweeps need a GPU and the engine "
                              "itself and are not built; `vramlab predict/plan --engine` predicts it, `engine: "
@@ -234,6 +246,11 @@ def _coerce(path, where, key, value):
     if key not in SPEC_FIELDS:
         allowed = ", ".join(sorted(set(SPEC_FIELDS) | set(RUN_FIELDS) | {"strategy"}))
         raise SweepError(f"{path}: {where}: unknown field {key!r}; allowed: {allowed}")
+    if key == "stack":
+        try:
+            return stack_pairs(value, f"{where}: stack")
+        except StackError as e:
+            raise SweepError(f"{path}: {e}") from None
     if key == "lora_targets":
         if isinstance(value, str):
             value = tuple(v.strip() for v in value.split(",") if v.strip())
@@ -328,6 +345,9 @@ def expand_sweep(doc, path="<sweep>", limit=MAX_EXPERIMENTS):
     if not isinstance(groups, list) or not groups:
         raise SweepError(f"{path}: groups: must be a non-empty list")
     n = _count(path, groups)
+    if n > HARD_MAX_EXPERIMENTS:
+        raise SweepError(f"{path}: {n:,} experiments; at most {HARD_MAX_EXPERIMENTS:,} run in one sweep, even with "
+                         "--yes (split it, or shorten the axes)")
     if limit is not None and n > limit:
         raise SweepError(f"{path}: {n:,} experiments; more than {limit:,} needs `vramlab run --yes`")
     out, seen, searches = Experiments(), set(), []
@@ -477,47 +497,28 @@ def _make(path, where, spec_fields, run, group):
     return Experiment(spec=spec, group=group, **run)
 
 
-def _strict_loader():
-    """yaml's SafeLoader, refusing a key given twice in one mapping (it would silently keep the last)."""
-    import yaml
+def _load(path):
+    """The sweep file's document (harness.sweep.documents: a regular file, UTF-8, no key twice, bounded aliases, size
+    and nesting); SweepError naming the file."""
+    from .documents import DocumentError, load_yaml
 
-    class StrictLoader(yaml.SafeLoader):
-        def construct_mapping(self, node, deep=False):
-            keys = set()
-            for key_node, _ in node.value:
-                key = self.construct_object(key_node, deep=deep)
-                if key in keys:
-                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-                keys.add(key)
-            return super().construct_mapping(node, deep)
-
-    return StrictLoader
+    if not os.path.exists(path):
+        raise SweepError(f"{path}: no such sweep file")
+    try:
+        return load_yaml(path)
+    except DocumentError as e:
+        raise SweepError(str(e)) from None
 
 
 def load_sweep(path, limit=MAX_EXPERIMENTS):
     """Read and expand a sweep YAML file; invalid YAML or content is a SweepError naming the file."""
-    import yaml
-
-    if not os.path.isfile(path):
-        raise SweepError(f"{path}: no such sweep file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            doc = yaml.load(f, Loader=_strict_loader())  # noqa: S506 (a SafeLoader subclass)
-    except UnicodeDecodeError as e:
-        raise SweepError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise SweepError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
+    doc = _load(path)
     return sweep_name(path, doc), expand_sweep(doc, path, limit)
 
 
 def load_launcher_settings(path):
     """The validated `launcher:` block of a sweep file that load_sweep has read without error."""
-    import yaml
-
-    with open(path, encoding="utf-8") as f:
-        return launcher_settings(yaml.load(f, Loader=_strict_loader()), path)  # noqa: S506 (a SafeLoader subclass)
+    return launcher_settings(_load(path), path)
 
 
 def sweep_name(path, doc=None):

@@ -162,9 +162,10 @@ def _dtype_keyword():
     """`from_config`'s dtype keyword: `dtype` from transformers 4.56, `torch_dtype` before (older
     versions pass an unknown `dtype=` on to the model's __init__, which refuses it)."""
     import transformers
-    from packaging.version import Version
 
-    return "dtype" if Version(transformers.__version__).release >= (4, 56) else "torch_dtype"
+    from formulas.versions import parse_version
+
+    return "dtype" if parse_version(transformers.__version__) >= (4, 56, 0) else "torch_dtype"
 
 
 def build_model(spec):
