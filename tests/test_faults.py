@@ -400,13 +400,13 @@ def test_a_newer_schema_record_is_left_alone_said_and_never_rerun(tmp_path, caps
 
     exps = expand_sweep({"defaults": {"model": "gpt2", "timeout_s": 30}, "grid": {"seq": [32, 33]}}, "t.yaml")
     newer = tmp_path / f"{exps[0].spec_hash}.json"
-    newer.write_text(json.dumps({**_good_record(exps[0].spec_hash), "schema_version": 3, "something_new": 1}))
+    newer.write_text(json.dumps({**_good_record(exps[0].spec_hash), "schema_version": 4, "something_new": 1}))
     before = newer.read_bytes()
     s = run_sweep(exps, str(tmp_path), worker_cmd=STANDIN + [str(tmp_path)], progress=False, poll_s=0.05)
     assert s.ran == 1 and s.skipped == 1 and s.newer == [str(newer)] and not s.corrupt_moved
     assert newer.read_bytes() == before and not [f for f in os.listdir(tmp_path) if f.startswith(".corrupt-")]
     assert main(["results", str(tmp_path)]) == 0
-    assert "written by a newer vramlab (record schema 3" in capsys.readouterr().err
+    assert "written by a newer vramlab (record schema 4" in capsys.readouterr().err
 
 
 def test_a_symlink_loop_counts_each_record_once(tmp_path, capsys):
@@ -589,14 +589,14 @@ def test_fit_never_writes_a_table_its_reader_refuses(tmp_path, capsys, monkeypat
 
     write_record(str(tmp_path / "recs"), _good_record(env={"gpu": {"name": "H100"}}))
     monkeypatch.setattr(calibrate, "group_by_environment", lambda recs: {"H100|x": recs})
-    result = {"overheads": Overheads(cuda_context_bytes=1, workspaces_bytes=1, allocator_slack_fraction=1.5,
-                                     allocator_slack_min_bytes=0),
-              "corrections": {}, "heldout": {}, "environment_key": "H100|x", "fitted_at": "now",
-              "fit_quality": {"n_fit": 2, "n_heldout": 0, "residual_mad_bytes": 0}, "formula_hashes": [],
-              "fit_spec_hashes": [], "heldout_spec_hashes": []}
+    result = {"overheads": Overheads(cc=(9, 0), cuda_context_bytes=1,
+                                     slack_share=(("load", 0.0), ("inference", 12.0), ("train", 0.2))),
+              "cc": (9, 0), "heldout": {}, "heldout_rows": [], "environment_key": "H100|x", "fitted_at": "now",
+              "fit_quality": {"n_fit": 2, "n_models": 1}, "models": ["gpt2"], "formula_hashes": [],
+              "fit_spec_hashes": []}
     monkeypatch.setattr(calibrate, "fit", lambda recs: result)
     assert main(["fit", str(tmp_path / "recs"), "--out", str(tmp_path / "cal")]) == 2
-    assert "allocator_slack_fraction 1.5 must be in [0, 1)" in capsys.readouterr().err
+    assert "slack shares must be in [0, 10)" in capsys.readouterr().err
     assert [f for f in os.listdir(tmp_path / "cal") if not f.startswith(".")] == []
 
 

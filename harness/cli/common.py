@@ -139,6 +139,8 @@ def check_version_flags(a):
     from formulas.versions import parse_version
 
     for name, value in sorted(vars(a).items()):
+        if name == "recipe_version" and value == "":
+            continue  # --recipe-version's default: the recipe's newest modelled release (formulas/recipes.py)
         if name.endswith("_version") and value is not None:
             try:
                 parse_version(value)
