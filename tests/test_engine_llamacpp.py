@@ -588,3 +588,15 @@ def test_committed_dry_runs_are_re_predicted():
         assert abs(pred.host_compute_buffer_bytes / MIB / logged["compute_mib"] - 1) <= tolerance, path
         archs.add(model.arch)
     assert {"deepseek2", "gpt-oss", "qwen3moe", "qwen35moe", "nemotron_h", "gemma3"} <= archs, sorted(archs)
+
+
+def test_the_committed_summary_is_what_the_records_say():
+    """results/engines/llamacpp-cpu/SUMMARY.md is harness.engines.llamacpp.summarize of the committed records (the
+    module's reading of its own records needs no llama.cpp installed)."""
+    from harness.engines.llamacpp import summarize
+
+    folder = os.path.join(ROOT, "results", "engines", "llamacpp-cpu")
+    table = summarize(folder)
+    with open(os.path.join(folder, "SUMMARY.md"), encoding="utf-8") as f:
+        committed = f.read()
+    assert table.count("\n") > 20 and table.strip() in committed
