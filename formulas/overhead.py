@@ -28,6 +28,7 @@ from .device import (
     cuda_context_at_init,
     kernel_families,
 )
+from .dtypes import DTYPE_BYTES, FLOAT_DTYPES
 from .elementwise import to_int, vmax
 from .units import MiB
 
@@ -142,7 +143,7 @@ def load_slack_bytes(shape, dtype, compute_dtype="bf16", double_quant=True, grou
     from .allocator import DEFAULT_CONFIG, CachingAllocatorModel
     from .weights import _is_layer, _tensor_storage
 
-    cb = {"fp32": 4, "bf16": 2, "fp16": 2}.get(dtype) or {"fp32": 4}.get(compute_dtype, 2)
+    cb = DTYPE_BYTES[dtype if dtype in FLOAT_DTYPES else compute_dtype]  # quantized weights: the compute dtype's
     sim = CachingAllocatorModel(config or DEFAULT_CONFIG)
     exact = 0
     key = 0

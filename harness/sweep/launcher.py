@@ -610,10 +610,6 @@ def run_sweep(experiments, out_dir, gpus=None, mode="trace", worker_cmd=None, re
             return
 
     for search in searches:
-        if search.overheads is None and search.base.cap_gpu:  # the overheads `vramlab plan --gpu CAP` uses
-            from ..analysis.calibrate import overheads_for
-
-            search.overheads = overheads_for(search.base.cap_gpu)
         next_probe(search)
     logs = os.path.join(out_dir, ".logs")
     os.makedirs(logs, exist_ok=True)

@@ -127,7 +127,7 @@ class BoundarySearch:
 def planned_boundary(spec, axis, gpu, overheads=None):
     """`vramlab plan --gpu GPU`'s answer for one GPU: the largest micro-batch (inference: concurrent sequences) at the
     spec's sequence, or the longest sequence at its batch; None without a GPU. `overheads`: what `vramlab plan`
-    uses for that GPU (harness.analysis.calibrate.overheads_for: the launcher and the report pass it); not given,
+    uses for that GPU (harness.analysis.calibrate.overheads_for: `vramlab run` and the report pass it); not given,
     the uncalibrated defaults of the GPU's architecture."""
     if not gpu:
         return None
