@@ -50,12 +50,6 @@ def grid():
     return out
 
 
-def _spec_fields(d):
-    """A stored spec dict's fields as Spec takes them (lists back to tuples)."""
-    return {k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
-            for k, v in d.items()}
-
-
 def _grid_key(d):
     """What tells the grid's specs apart (a row's or a Spec's fields): the resume key, stable when Spec gains fields."""
     return tuple(d[k] for k in ("model", "mode", "method", "dtype", "batch", "seq", "grad_ckpt"))
@@ -144,16 +138,16 @@ def fit(rows):
     import statistics
 
     from formulas.allocator import parse_alloc_conf
-    from formulas.spec import Spec
     from formulas.catalog import get_shape
     from formulas.overhead import load_slack_bytes
+    from harness.analysis.repredict import spec_of
 
     out = {}
     for config, text in CONFIGS.items():
         cfg = parse_alloc_conf(text) if text else None
         ratios, cache = {}, {}
         for r in rows:
-            f = features(Spec(**_spec_fields(json.loads(r["spec"]))))  # the formulas as they are now
+            f = features(spec_of({"spec": json.loads(r["spec"])}))  # the formulas as they are now
             pk = f["phases"][f["peak_phase"]]
             sim = r["simulated"][config]
             reserved = max(v["max_reserved_bytes"] for v in sim.values())
